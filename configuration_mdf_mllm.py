@@ -1,0 +1,150 @@
+"""MDF-MLLM configuration: Mllama's configuration plus the U-Net, the fusion map and the label space.
+
+This file is copied into every exported model folder and imported by `trust_remote_code`, so it imports only
+transformers and the standard library and does nothing at import time.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import MllamaConfig
+
+
+# The label space of the paper's "dual-type" task: (name, verbalizer, disease type). The verbalizer is the text the
+# model is trained to answer and that `classify()` scores; the type is the second level of the label.
+DISEASE_TYPES = ["normal", "acquired", "inherited"]
+DEFAULT_LABELS = [
+    ("normal", "normal", "normal"),
+    ("amd", "age-related macular degeneration", "acquired"),
+    ("dr", "diabetic retinopathy", "acquired"),
+    ("glaucoma", "glaucoma", "acquired"),
+    ("retinitis_pigmentosa", "retinitis pigmentosa", "inherited"),
+    ("stargardt", "stargardt disease", "inherited"),
+    ("choroideremia", "choroideremia", "inherited"),
+    ("best_disease", "best vitelliform macular dystrophy", "inherited"),
+]
+DEFAULT_UNET_CONFIG = {"in_channels": 3, "base_channels": 32, "image_size": 512, "use_decoder": True}
+UNET_DEPTHS = 4
+
+
+def default_fusion_layers(cross_attention_layers: list[int]) -> dict[int, int]:
+    """Spread the cross-attention layers over depths 1..4 in order: fine features go to early layers.
+
+    For the 11B layout [3, 8, 13, 18, 23, 28, 33, 38] this gives depths 1, 1, 2, 2, 3, 3, 4, 4.
+    """
+    n = len(cross_attention_layers)
+    return {layer: 1 + (UNET_DEPTHS * i) // n for i, layer in enumerate(sorted(cross_attention_layers))}
+
+
+@strict
+class MdfMllmConfig(MllamaConfig):
+    r"""
+    unet_config (`dict`, *optional*):
+        The U-Net beside Mllama: `in_channels`, `base_channels` (stage k has `base_channels * 2**(k-1)` channels),
+        `image_size` S (the side of `unet_pixel_values`), `use_decoder` (bottleneck, decoder and vessel head).
+    fusion_layers (`dict[int, int]`, *optional*):
+        Cross-attention layer index -> U-Net depth (1..4) it reads. Defaults to the cross-attention layers spread
+        over the four depths in order. `{}` is plain Mllama (the baseline).
+    fusion_grid (`int`, defaults to 16):
+        G: every depth is cut into a G x G grid of patches, so each fused layer reads G**2 U-Net tokens.
+    projector_dim (`int`, *optional*, defaults to 256):
+        Bottleneck width of the patch projector (flattened patch -> projector_dim -> hidden size); `None` projects
+        straight to the hidden size.
+    use_film (`bool`, defaults to `True`):
+        Condition the U-Net on the prompt's mean token embedding with FiLM.
+    film_hidden_dim (`int`, defaults to 256):
+        Width of each FiLM MLP.
+    seg_loss_weight (`float`, defaults to 0.1):
+        Weight of the vessel-segmentation loss added when `vessel_mask` is given (needs `use_decoder`).
+    verbalizers (`list[str]`, *optional*):
+        The answer text of each label id, scored by `classify()`.
+    disease_types (`list[str]`, *optional*):
+        The disease type of each label id, one of `DISEASE_TYPES`.
+    verbalizer_token_ids (`list[list[int]]`, *optional*):
+        Each verbalizer tokenised as it appears in an answer (with the end-of-turn token), written by the training
+        script so that `classify()` needs no tokenizer.
+    """
+
+    model_type = "mdf_mllm"
+
+    unet_config: dict | None = None
+    fusion_layers: dict | None = None
+    fusion_grid: int = 16
+    projector_dim: int | None = 256
+    use_film: bool = True
+    film_hidden_dim: int = 256
+    seg_loss_weight: float = 0.1
+    verbalizers: list[str] | None = None
+    disease_types: list[str] | None = None
+    verbalizer_token_ids: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        # No labels, or transformers' generic LABEL_0/LABEL_1 (what a Mllama config carries): the MDF label space.
+        given = kwargs.get("id2label", self.id2label)
+        if given is None or all(str(name) == f"LABEL_{i}" for i, name in dict(given).items()):
+            kwargs.pop("num_labels", None)
+            kwargs.pop("label2id", None)
+            kwargs["id2label"] = {i: name for i, (name, _, _) in enumerate(DEFAULT_LABELS)}
+            self.verbalizers = self.verbalizers or [verbalizer for _, verbalizer, _ in DEFAULT_LABELS]
+            self.disease_types = self.disease_types or [kind for _, _, kind in DEFAULT_LABELS]
+        # A config read from a Mllama config.json arrives with model_type="mllama": it is an MDF config now.
+        kwargs.pop("model_type", None)
+        super().__post_init__(**kwargs)
+        self.label2id = {name: i for i, name in self.id2label.items()}
+        self.unet_config = {**DEFAULT_UNET_CONFIG, **(self.unet_config or {})}
+        if self.fusion_layers is None:
+            self.fusion_layers = default_fusion_layers(self.text_config.cross_attention_layers)
+        # JSON turns integer keys into strings.
+        self.fusion_layers = {int(layer): int(depth) for layer, depth in self.fusion_layers.items()}
+        if self.verbalizers is None:
+            self.verbalizers = [self.id2label[i] for i in range(self.num_labels)]
+        if self.disease_types is None:
+            raise ValueError("disease_types: give the disease type of each label when you give your own labels")
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = {
+                "AutoConfig": "configuration_mdf_mllm.MdfMllmConfig",
+                "AutoModel": "modeling_mdf_mllm.MdfMllmForConditionalGeneration",
+                "AutoModelForImageTextToText": "modeling_mdf_mllm.MdfMllmForConditionalGeneration",
+            }
+        self.validate_fusion()
+
+    def validate_fusion(self):
+        """Raise a `ValueError` naming the field for a fusion map, grid or label space that cannot work."""
+        cross_layers = self.text_config.cross_attention_layers
+        for layer, depth in self.fusion_layers.items():
+            if layer not in cross_layers:
+                raise ValueError(
+                    f"fusion_layers: layer {layer} is not a cross-attention layer (those are {cross_layers})"
+                )
+            if not 1 <= depth <= UNET_DEPTHS:
+                raise ValueError(f"fusion_layers: layer {layer} maps to depth {depth}, outside 1..{UNET_DEPTHS}")
+        size, grid = self.unet_config["image_size"], self.fusion_grid
+        if grid < 1 or size % (grid * 2 ** (UNET_DEPTHS - 1)):
+            raise ValueError(
+                f"unet_config.image_size: {size} must be divisible by fusion_grid * 8 = {grid * 8}, so that "
+                f"every U-Net depth (S, S/2, S/4, S/8) is cut into the same {grid}x{grid} grid"
+            )
+        if self.unet_config["use_decoder"] and size % 2**UNET_DEPTHS:
+            raise ValueError(f"unet_config.image_size: {size} must be divisible by 16 for the U-Net decoder")
+        for field in ("verbalizers", "disease_types"):
+            if len(getattr(self, field)) != self.num_labels:
+                raise ValueError(f"{field}: {len(getattr(self, field))} entries for {self.num_labels} labels")
+        duplicates = sorted({v for v in self.verbalizers if self.verbalizers.count(v) > 1})
+        if duplicates:
+            raise ValueError(f"verbalizers: duplicate verbalizers {duplicates}; each label needs its own answer")
+        unknown = sorted(set(self.disease_types) - set(DISEASE_TYPES))
+        if unknown:
+            raise ValueError(f"disease_types: {unknown} not in {DISEASE_TYPES}")
+
+    @property
+    def label_names(self) -> list[str]:
+        return [self.id2label[i] for i in range(self.num_labels)]
+
+    @classmethod
+    def from_mllama_config(cls, config: MllamaConfig, **mdf_kwargs) -> "MdfMllmConfig":
+        """An MDF-MLLM config with `config`'s vision and text towers and the given MDF fields."""
+        config_dict = config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            config_dict.pop(key, None)
+        return cls.from_dict({**config_dict, **mdf_kwargs})
+
+
+__all__ = ["MdfMllmConfig", "DEFAULT_LABELS", "DISEASE_TYPES"]

@@ -1,0 +1,624 @@
+"""MDF-MLLM: Llama 3.2 Vision (Mllama) reading multi-depth U-Net features through extra gated cross-attention.
+
+Reads top to bottom: U-Net building blocks and FiLM, the U-Net, the patch projector, the fused cross-attention
+layer, then the models. Everything Mllama already does is inherited; only what the fusion changes is overridden.
+This file is copied into every exported model folder and imported by `trust_remote_code`: it imports only torch,
+transformers and its sibling configuration file, and does no I/O at import time.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast, MultimodalCausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.models.mllama.configuration_mllama import MllamaTextConfig
+from transformers.models.mllama.modeling_mllama import (
+    MllamaCrossAttentionDecoderLayer,
+    MllamaForConditionalGeneration,
+    MllamaModel,
+    MllamaPreTrainedModel,
+    MllamaTextCrossAttention,
+    MllamaTextModel,
+    MllamaVisionModel,
+    eager_attention_forward,
+)
+from transformers.utils import can_return_tuple, logging
+
+
+try:
+    from .configuration_mdf_mllm import UNET_DEPTHS, MdfMllmConfig
+except ImportError:  # imported as a top-level module from the repository rather than as remote code
+    from configuration_mdf_mllm import UNET_DEPTHS, MdfMllmConfig
+
+
+logger = logging.get_logger(__name__)
+
+# Checkpoint key renames are registered per model_type and class: without these a plain Mllama checkpoint's
+# `language_model.lm_head.weight`, `language_model.model.*` (etc.) would not be renamed for us and would stay random.
+for ours, mllamas in (("mdf_mllm", "mllama"), ("MdfMllmModel", "MllamaModel")):
+    register_checkpoint_conversion_mapping(ours, get_checkpoint_conversion_mapping(mllamas), overwrite=True)
+
+
+def is_mdf_parameter(name: str) -> bool:
+    """Whether a parameter / checkpoint key belongs to the MDF modules rather than to the Mllama base."""
+    return "unet" in name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# U-Net building blocks
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm rather than BatchNorm: batches are small and sharded, and statistics must not depend on them.
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class MdfMllmConvBlock(nn.Sequential):
+    """Two 3x3 conv + GroupNorm + SiLU. `stride=2` on the first conv halves the resolution (a down-sampling stage)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+            group_norm(out_channels),
+            nn.SiLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            group_norm(out_channels),
+            nn.SiLU(),
+        )
+
+
+class MdfMllmZeroLinear(nn.Linear):
+    """A Linear initialised to zero (see `MdfMllmPreTrainedModel._init_weights`)."""
+
+
+class MdfMllmFiLM(nn.Module):
+    """Text-conditioned feature-wise modulation of one U-Net stage: `x * (1 + gamma) + beta`.
+
+    The last layer is zero-initialised, so FiLM is the identity until training moves it.
+    """
+
+    def __init__(self, text_dim: int, hidden_dim: int, channels: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.SiLU(), MdfMllmZeroLinear(hidden_dim, 2 * channels))
+
+    def forward(self, features: torch.Tensor, text_context: torch.Tensor) -> torch.Tensor:
+        """features (B, C, H, W), text_context (B, D) -> (B, C, H, W)."""
+        scale, shift = self.mlp(text_context.to(features.dtype))[:, :, None, None].chunk(2, dim=1)
+        return features * (1 + scale) + shift
+
+
+class MdfMllmUNet(nn.Module):
+    """Plain U-Net: four encoder stages (base * (1, 2, 4, 8) channels at S, S/2, S/4, S/8), FiLM after each, and an
+    optional bottleneck + decoder with skip concatenation ending in a 1-channel vessel-segmentation head."""
+
+    def __init__(self, config: MdfMllmConfig):
+        super().__init__()
+        unet = config.unet_config
+        widths = [unet["base_channels"] * 2**k for k in range(UNET_DEPTHS)]
+        self.widths = widths
+        self.stages = nn.ModuleList(
+            MdfMllmConvBlock(c_in, c_out, stride=1 if k == 0 else 2)
+            for k, (c_in, c_out) in enumerate(zip([unet["in_channels"], *widths[:-1]], widths))
+        )
+        text_dim = config.text_config.hidden_size
+        self.film = (
+            nn.ModuleList(MdfMllmFiLM(text_dim, config.film_hidden_dim, width) for width in widths)
+            if config.use_film
+            else None
+        )
+        if unet["use_decoder"]:
+            self.bottleneck = MdfMllmConvBlock(widths[-1], 2 * widths[-1], stride=2)
+            self.upsample = nn.ModuleList(nn.ConvTranspose2d(2 * w, w, 2, stride=2) for w in reversed(widths))
+            self.decoder = nn.ModuleList(MdfMllmConvBlock(2 * w, w) for w in reversed(widths))
+            self.vessel_head = nn.Conv2d(widths[0], 1, 1)
+
+    def encode(self, pixel_values: torch.Tensor, text_context: torch.Tensor | None) -> list[torch.Tensor]:
+        """pixel_values (B, C_in, S, S), text_context (B, D) -> skips s_1..s_4, s_k of shape (B, C_k, S/2^(k-1), ...)."""
+        skips, features = [], pixel_values
+        for k, stage in enumerate(self.stages):
+            features = stage(features)
+            if self.film is not None:
+                features = self.film[k](features, text_context)
+            skips.append(features)
+        return skips
+
+    def decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """skips -> vessel logits (B, 1, S, S)."""
+        features = self.bottleneck(skips[-1])
+        for upsample, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
+            features = block(torch.cat([upsample(features), skip], dim=1))
+        return self.vessel_head(features)
+
+
+class MdfMllmUnetProjector(nn.Module):
+    """Cuts each fused depth's skip features into a G x G grid of patches and projects them to the text width.
+
+    s_k (B, C_k, S_k, S_k) -> patches (B, G^2, C_k * p_k^2), p_k = S_k / G -> Linear (through `projector_dim`
+    when set) -> LayerNorm -> + 2-D position embedding + depth embedding -> U_k (B, G^2, D).
+    """
+
+    def __init__(self, config: MdfMllmConfig, widths: list[int]):
+        super().__init__()
+        grid, size, hidden = config.fusion_grid, config.unet_config["image_size"], config.text_config.hidden_size
+        self.grid = grid
+        self.depths = sorted(set(config.fusion_layers.values()))
+        self.projections = nn.ModuleDict()
+        for depth in self.depths:
+            patch = size // 2 ** (depth - 1) // grid
+            patch_dim = widths[depth - 1] * patch * patch
+            linears = (
+                [nn.Linear(patch_dim, config.projector_dim), nn.Linear(config.projector_dim, hidden)]
+                if config.projector_dim
+                else [nn.Linear(patch_dim, hidden)]
+            )
+            self.projections[str(depth)] = nn.Sequential(*linears, nn.LayerNorm(hidden))
+        self.position_embedding = nn.Parameter(torch.empty(grid * grid, hidden))
+        self.depth_embedding = nn.Parameter(torch.empty(UNET_DEPTHS, hidden))
+
+    def patchify(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, G^2, C * p * p), row-major over the grid: token i covers grid cell (i // G, i % G)."""
+        batch, channels, height, width = features.shape
+        grid = self.grid
+        patches = features.reshape(batch, channels, grid, height // grid, grid, width // grid)
+        return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, grid * grid, -1)
+
+    def forward(self, skips: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """skips s_1..s_4 -> {depth k: U_k (B, G^2, D)} for every depth some fusion layer reads."""
+        return {
+            depth: self.projections[str(depth)](self.patchify(skips[depth - 1]))
+            + self.position_embedding
+            + self.depth_embedding[depth - 1]
+            for depth in self.depths
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fused cross-attention layer
+
+
+def _unet_cache_layer(cache: Cache, index: int) -> DynamicLayer:
+    # DynamicCache(config=...) holds one slot per decoder layer; the U-Net branches keep theirs after those.
+    while len(cache.layers) <= index:
+        cache.layers.append(DynamicLayer())
+    return cache.layers[index]
+
+
+class MdfMllmUnetCrossAttention(nn.Module):
+    """The U-Net branch of a fused layer: the layer's own queries over the U-Net tokens, scaled by a learnable tau.
+
+    a_u = softmax(q_norm(W_q x) . k_norm(W_k^u U)^T * tau / sqrt(d)) . W_v^u U, then W_o. W_q, q_norm, k_norm and
+    W_o are the stock cross-attention's (passed in, not owned); W_k^u, W_v^u and tau are this module's.
+    """
+
+    def __init__(self, config: MllamaTextConfig, cache_index: int):
+        super().__init__()
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.ones(1))
+        self.cache_index = cache_index
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        shared: MllamaTextCrossAttention,
+        unet_states: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, T, D), unet_states (B, G^2, D) or None to read the cached keys/values -> (B, T, D)."""
+        batch, length, _ = hidden_states.shape
+        query = shared.q_proj(hidden_states).view(batch, length, shared.num_heads, shared.head_dim).transpose(1, 2)
+        query = shared.q_norm(query) * self.logit_scale
+        if unet_states is not None:
+            key = self.k_proj(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim).transpose(1, 2)
+            value = self.v_proj(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
+            key, value = shared.k_norm(key), value.transpose(1, 2)
+            if cache is not None:
+                key, value = _unet_cache_layer(cache, self.cache_index).update(key, value)
+        else:
+            key, value = cache.layers[self.cache_index].keys, cache.layers[self.cache_index].values
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            shared.config._attn_implementation, eager_attention_forward
+        )
+        # Every U-Net token is visible to every row; rows that may not see the image are zeroed by the caller.
+        attn_output, attn_weights = attention_interface(
+            shared,
+            query,
+            key,
+            value,
+            None,
+            dropout=0.0 if not self.training else shared.dropout,
+            scaling=shared.scaling,
+            is_causal=False,
+            **kwargs,
+        )
+        return shared.o_proj(attn_output.reshape(batch, length, -1)), attn_weights
+
+
+class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
+    """Mllama's tanh-gated cross-attention layer, plus (when `unet_depth` is set) a gated, scaled U-Net branch:
+
+        h <- h + rowmask * (tanh(g_attn) * a_v + tanh(g_u) * a_u)
+        h <- h + rowmask * tanh(g_mlp) * MLP(post_attention_layernorm(h))
+
+    g_u starts at 0, so a fresh layer computes what the stock layer computes. `rowmask` zeroes the update of text
+    tokens that may not see the image (those before the image token), as in Meta's reference implementation; stock
+    transformers Mllama applies it to the MLP only and lets those tokens attend uniformly to the image
+    (transformers issue #39379).
+    """
+
+    def __init__(self, config: MllamaTextConfig, layer_idx: int, unet_depth: int | None = None, cache_index=None):
+        super().__init__(config, layer_idx)
+        self.unet_depth = unet_depth
+        if unet_depth is not None:
+            self.unet_attn = MdfMllmUnetCrossAttention(config, cache_index)
+            self.cross_attn_unet_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cross_attention_states: torch.Tensor,
+        cross_attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+        full_text_row_masked_out_mask: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: torch.Tensor | None = None,
+        unet_states: dict[int, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        row_mask = full_text_row_masked_out_mask[:, 0] if full_text_row_masked_out_mask is not None else 1.0
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        vision_update, _ = self.cross_attn(
+            hidden_states=hidden_states,
+            attention_mask=cross_attention_mask,
+            cross_attention_states=cross_attention_states,
+            cache=cache,
+            **kwargs,
+        )
+        update = self.cross_attn_attn_gate.tanh() * vision_update
+        if self.unet_depth is not None:
+            unet = unet_states[self.unet_depth] if unet_states is not None else None
+            unet_update, _ = self.unet_attn(hidden_states, self.cross_attn, unet, cache=cache, **kwargs)
+            update = update + self.cross_attn_unet_gate.tanh() * unet_update
+        hidden_states = residual + row_mask * update
+
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + row_mask * self.cross_attn_mlp_gate.tanh() * hidden_states
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class MdfMllmModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+    """Mllama's output plus `vessel_logits` (B, 1, S, S), present when the decoder ran."""
+
+    vessel_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class MdfMllmCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    """Mllama's output plus `vessel_logits` (B, 1, S, S); `loss` includes the weighted segmentation loss."""
+
+    vessel_logits: torch.FloatTensor | None = None
+
+
+class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
+    config: MdfMllmConfig
+    _no_split_modules = [*MllamaPreTrainedModel._no_split_modules, "MdfMllmCrossAttentionDecoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.get_text_config().initializer_range
+        if isinstance(module, MdfMllmCrossAttentionDecoderLayer) and module.unet_depth is not None:
+            init.zeros_(module.cross_attn_unet_gate)
+        elif isinstance(module, MdfMllmUnetCrossAttention):
+            init.ones_(module.logit_scale)
+        elif isinstance(module, MdfMllmZeroLinear):
+            # A marker class rather than a branch on MdfMllmFiLM: transformers skips the init of custom-code modules
+            # that hold no parameters of their own, which FiLM is.
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MdfMllmUnetProjector):
+            init.normal_(module.position_embedding, std=std)
+            init.normal_(module.depth_embedding, std=std)
+
+
+class MdfMllmTextModel(MdfMllmPreTrainedModel, MllamaTextModel):
+    """Mllama's text model with every cross-attention layer an `MdfMllmCrossAttentionDecoderLayer`.
+
+    Its own `PreTrainedModel` (as Mllama's is), so that `from_pretrained` initialises the new gates and scales.
+    """
+
+    config: MllamaTextConfig
+
+    def __init__(self, config: MllamaTextConfig, fusion_layers: dict[int, int]):
+        super().__init__(config)
+        fused = sorted(fusion_layers)
+        for layer_idx in config.cross_attention_layers:
+            cache_index = config.num_hidden_layers + fused.index(layer_idx) if layer_idx in fused else None
+            self.layers[layer_idx] = MdfMllmCrossAttentionDecoderLayer(
+                config, layer_idx, fusion_layers.get(layer_idx), cache_index
+            )
+        self.post_init()
+
+
+class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
+    """Mllama plus the U-Net (FiLM-conditioned on the prompt) whose skips the fused layers read."""
+
+    def __init__(self, config: MdfMllmConfig):
+        # MllamaModel.__init__ would build a stock text model only for us to replace it: build the parts here.
+        MllamaPreTrainedModel.__init__(self, config)
+        self.vocab_size = config.text_config.vocab_size
+        self.hidden_size = config.text_config.hidden_size
+        self.max_num_tiles = config.vision_config.max_num_tiles
+        self.vision_output_dim = config.vision_config.vision_output_dim
+        self.vision_model = MllamaVisionModel._from_config(config.vision_config)
+        self.language_model = MdfMllmTextModel(config.text_config, config.fusion_layers)
+        self.multi_modal_projector = nn.Linear(self.vision_output_dim, self.hidden_size, bias=True)
+        self.unet = MdfMllmUNet(config)
+        self.unet_projector = MdfMllmUnetProjector(config, self.unet.widths) if config.fusion_layers else None
+        self.post_init()
+
+    def text_context(self, input_ids, inputs_embeds, prompt_mask) -> torch.Tensor:
+        """c = sum_t m_t E[x_t] / sum_t m_t over the prompt tokens: (B, T) -> (B, D)."""
+        embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+        mask = prompt_mask.to(embeds.dtype).unsqueeze(-1)
+        return (embeds * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        unet_pixel_values: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        output_vessel_logits: bool = False,
+        **kwargs,
+    ) -> MdfMllmModelOutputWithPast:
+        r"""
+        unet_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, S, S)`):
+            The field-of-view crop the U-Net reads (`MdfMllmImageProcessor` makes it). Required with `pixel_values`.
+        prompt_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            1 on the tokens whose mean embedding conditions the U-Net (FiLM). Defaults to `attention_mask`; the
+            causal-LM head removes the answer tokens (labels != -100) so that the answer never steers the U-Net.
+        output_vessel_logits (`bool`):
+            Run the U-Net decoder and return `vessel_logits`.
+        """
+        if pixel_values is not None and self.config.fusion_layers and unet_pixel_values is None:
+            raise ValueError(
+                "unet_pixel_values: MDF-MLLM needs the U-Net view of the image with pixel_values; "
+                "MdfMllmProcessor returns it"
+            )
+        unet_states, vessel_logits = None, None
+        if unet_pixel_values is not None:
+            if prompt_mask is None:
+                prompt_mask = attention_mask if attention_mask is not None else torch.ones(
+                    (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2], device=unet_pixel_values.device
+                )
+            text_context = self.text_context(input_ids, inputs_embeds, prompt_mask)
+            skips = self.unet.encode(unet_pixel_values.to(self.dtype), text_context)
+            if self.unet_projector is not None:
+                unet_states = self.unet_projector(skips)
+            if output_vessel_logits:
+                vessel_logits = self.unet.decode(skips)
+
+        outputs = super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            unet_states=unet_states,
+            **kwargs,
+        )
+        return MdfMllmModelOutputWithPast(**outputs, vessel_logits=vessel_logits)
+
+
+class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForConditionalGeneration):
+    """MDF-MLLM with Mllama's language-modelling head, a vessel-segmentation loss and `classify()`."""
+
+    def __init__(self, config: MdfMllmConfig):
+        # As in MdfMllmModel: Mllama's __init__ would build a stock MllamaModel to be thrown away.
+        MllamaPreTrainedModel.__init__(self, config)
+        self.model = MdfMllmModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load an MDF-MLLM checkpoint, or a plain Mllama one with `unet_config=...`, `fusion_layers=...`: every base
+        weight must load (else `ValueError`); the MDF modules a Mllama checkpoint lacks are initialised and logged."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        base_missing = sorted(key for key in loading_info["missing_keys"] if not is_mdf_parameter(key))
+        if base_missing or loading_info["mismatched_keys"]:
+            raise ValueError(
+                f"base weights did not load from {args[0] if args else kwargs.get('pretrained_model_name_or_path')}: "
+                f"missing {base_missing}, wrong shape {sorted(map(str, loading_info['mismatched_keys']))}"
+            )
+        if loading_info["missing_keys"]:
+            logger.warning(
+                "Initialised the MDF-MLLM modules the checkpoint does not hold: %s",
+                ", ".join(sorted(loading_info["missing_keys"])),
+            )
+        return (model, loading_info) if output_loading_info else model
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        unet_pixel_values: torch.Tensor | None = None,
+        vessel_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MdfMllmCausalLMOutputWithPast:
+        r"""
+        Mllama's inputs, plus `unet_pixel_values` and `prompt_mask` (see `MdfMllmModel.forward`) and:
+
+        vessel_mask (`torch.FloatTensor` of shape `(batch_size, 1, S, S)`, *optional*):
+            The vessel mask cropped like `unet_pixel_values`; adds `config.seg_loss_weight` x BCE of the U-Net
+            decoder's vessel logits to the loss.
+        """
+        if prompt_mask is None and labels is not None:
+            keep = attention_mask if attention_mask is not None else torch.ones_like(labels)
+            prompt_mask = keep * (labels == -100)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            aspect_ratio_mask=aspect_ratio_mask,
+            aspect_ratio_ids=aspect_ratio_ids,
+            attention_mask=attention_mask,
+            cross_attention_mask=cross_attention_mask,
+            cross_attention_states=cross_attention_states,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            unet_pixel_values=unet_pixel_values,
+            prompt_mask=prompt_mask,
+            output_vessel_logits=vessel_mask is not None and self.config.unet_config["use_decoder"],
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
+        if outputs.vessel_logits is not None:
+            segmentation_loss = F.binary_cross_entropy_with_logits(
+                outputs.vessel_logits.float(), vessel_mask.to(outputs.vessel_logits.device, torch.float32)
+            )
+            segmentation_loss = self.config.seg_loss_weight * segmentation_loss
+            loss = segmentation_loss if loss is None else loss + segmentation_loss
+
+        return MdfMllmCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            vessel_logits=outputs.vessel_logits,
+        )
+
+    def prepare_inputs_for_generation(self, *args, unet_pixel_values=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        # Like pixel_values: the U-Net runs at pre-fill; decoding steps read its cached keys/values.
+        if kwargs.get("use_cache") and not kwargs.get("is_first_iteration"):
+            unet_pixel_values = None
+        model_inputs["unet_pixel_values"] = unet_pixel_values
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder, **kwargs):
+        # Generated tokens never join the FiLM context, so decoding without a cache (which reruns the U-Net every
+        # step) conditions the U-Net exactly as decoding with one does.
+        prompt_mask = model_kwargs.get("prompt_mask", model_kwargs.get("attention_mask"))
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, **kwargs)
+        if prompt_mask is not None:
+            model_kwargs["prompt_mask"] = F.pad(prompt_mask, (0, 1))
+        return model_kwargs
+
+    @torch.no_grad()
+    def classify(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        verbalizer_ids: list[list[int]] | None = None,
+        **inputs,
+    ) -> torch.Tensor:
+        """Per-class probabilities (B, K) from the summed log-likelihood of each class's verbalizer given the prompt.
+
+        The prompt runs once; its cache is repeated for the K verbalizers, which then run together as B*K rows of
+        length L-1 (L = the longest verbalizer), so no text is generated or parsed. `verbalizer_ids` defaults to
+        `config.verbalizer_token_ids` (the processor's `verbalizer_token_ids`).
+        """
+        verbalizer_ids = verbalizer_ids or self.config.verbalizer_token_ids
+        if not verbalizer_ids:
+            raise ValueError(
+                "verbalizer_ids: pass processor.verbalizer_token_ids or set config.verbalizer_token_ids"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch, num_classes = input_ids.shape[0], len(verbalizer_ids)
+        length = max(map(len, verbalizer_ids))
+        device = input_ids.device
+        answers = torch.zeros(num_classes, length, dtype=torch.long, device=device)
+        answer_mask = torch.zeros(num_classes, length, dtype=attention_mask.dtype, device=device)
+        for k, ids in enumerate(verbalizer_ids):
+            answers[k, : len(ids)] = torch.tensor(ids, device=device)
+            answer_mask[k, : len(ids)] = 1
+
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        prompt = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cross_attention_mask=cross_attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **inputs,
+        )
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # last real prompt token per row
+        first_logprobs = prompt.logits[torch.arange(batch, device=device), last].float().log_softmax(-1)
+        scores = first_logprobs[:, answers[:, 0]]  # (B, K)
+        def answer_rows(cross_attention_mask):
+            # Answer tokens see the image exactly as the last prompt token does.
+            rows = cross_attention_mask[torch.arange(batch, device=device), last][:, None]
+            return rows.repeat_interleave(num_classes, 0).expand(-1, length - 1, -1, -1)
+
+        if length > 1:
+            cache = prompt.cache
+            cache.batch_repeat_interleave(num_classes)
+            step_mask = answer_mask[:, :-1].repeat(batch, 1)
+            step = self(
+                input_ids=answers[:, :-1].repeat(batch, 1),
+                attention_mask=torch.cat([attention_mask.repeat_interleave(num_classes, 0), step_mask], dim=1),
+                position_ids=position_ids.gather(1, last[:, None]).repeat_interleave(num_classes, 0)
+                + torch.arange(1, length, device=device),
+                cross_attention_mask=None if cross_attention_mask is None else answer_rows(cross_attention_mask),
+                cache=cache,
+                use_cache=True,
+            )
+            logprobs = step.logits.float().log_softmax(-1)
+            targets = answers[:, 1:].repeat(batch, 1)
+            token_logprobs = logprobs.gather(-1, targets[..., None]).squeeze(-1) * answer_mask[:, 1:].repeat(batch, 1)
+            scores = scores + token_logprobs.sum(-1).view(batch, num_classes)
+        return scores.softmax(-1)
+
+
+MdfMllmConfig.register_for_auto_class()
+MdfMllmForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "MdfMllmPreTrainedModel",
+    "MdfMllmTextModel",
+    "MdfMllmModel",
+    "MdfMllmForConditionalGeneration",
+    "MdfMllmCrossAttentionDecoderLayer",
+]

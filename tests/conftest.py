@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny Mllama / MDF-MLLM layouts that build and run in well under a second on a CPU."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import MllamaConfig  # noqa: E402
+
+
+def tiny_mllama_config(
+    cross_attention_layers=(1, 3),
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vision_image_size=28,
+    max_num_tiles=1,
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=4,
+) -> MllamaConfig:
+    """A Mllama of the 11B layout's shape, shrunk: vision tiles of `vision_image_size` px (patch 14)."""
+    supported = [[1, 1]] if max_num_tiles == 1 else [[1, 1], [1, 2], [2, 1], [2, 2]][: max_num_tiles + 1]
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=vision_image_size,
+        patch_size=14,
+        max_num_tiles=max_num_tiles,
+        supported_aspect_ratios=supported,
+        intermediate_layers_indices=[0],
+        vision_output_dim=32,
+    )
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        cross_attention_layers=list(cross_attention_layers),
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        max_position_embeddings=256,
+    )
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=vocab_size)
+
+
+# Two layouts that differ in cross-attention indices, head counts (GQA) and vision size.
+LAYOUTS = {
+    "a": dict(cross_attention_layers=(1, 3), num_attention_heads=4, num_key_value_heads=2, vision_image_size=28),
+    "b": dict(
+        cross_attention_layers=(1, 2, 4),
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vision_image_size=42,
+        num_hidden_layers=5,
+        hidden_size=64,
+    ),
+}
+
+TINY_UNET = {"in_channels": 3, "base_channels": 4, "image_size": 32, "use_decoder": True}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def mdf_config(layout: str = "a", **mdf_kwargs):
+    """The MDF config of tiny layout `layout`: tiny U-Net (S=32), 2x2 grid."""
+    from configuration_mdf_mllm import MdfMllmConfig
+
+    kwargs = dict(unet_config=TINY_UNET, fusion_grid=2, projector_dim=8, film_hidden_dim=8)
+    return MdfMllmConfig.from_mllama_config(tiny_mllama_config(**LAYOUTS[layout]), **{**kwargs, **mdf_kwargs})
+
+
+def make_inputs(config, batch=2, length=9, image_at=3, seed=0):
+    """Random token ids with the image token at `image_at`, one 1-tile image per row, and the U-Net view."""
+    generator = torch.Generator().manual_seed(seed)
+    text, vision = config.text_config, config.vision_config
+    input_ids = torch.randint(3, text.vocab_size, (batch, length), generator=generator)
+    input_ids[:, image_at] = config.image_token_index
+    cross_attention_mask = torch.zeros(batch, length, 1, vision.max_num_tiles, dtype=torch.long)
+    cross_attention_mask[:, image_at:, 0, 0] = 1
+    size = vision.image_size
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones(batch, length, dtype=torch.long),
+        cross_attention_mask=cross_attention_mask,
+        pixel_values=torch.randn(batch, 1, vision.max_num_tiles, 3, size, size, generator=generator),
+        aspect_ratio_ids=torch.ones(batch, 1, dtype=torch.long),
+        aspect_ratio_mask=torch.nn.functional.pad(torch.ones(batch, 1, 1, dtype=torch.long), (0, vision.max_num_tiles - 1)),
+    )
+    if hasattr(config, "unet_config"):
+        unet_size = config.unet_config["image_size"]
+        inputs["unet_pixel_values"] = torch.randn(batch, 3, unet_size, unet_size, generator=generator)
+    return inputs
+
+
+def move_off_init(model, value=0.5):
+    """Set every zero-initialised gate and FiLM output layer non-zero, as training would."""
+    for name, param in model.named_parameters():
+        if name.endswith(("_gate", "mlp.2.weight", "mlp.2.bias")) and ("film" in name or "gate" in name):
+            with torch.no_grad():
+                param.copy_(value * torch.randn_like(param) if "film" in name else torch.full_like(param, value))

@@ -1,0 +1,333 @@
+"""MDF-MLLM model: identity at initialisation, the fusion's effects, caching, classify(), loading and export."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import LAYOUTS, make_inputs, mdf_config, move_off_init, tiny_mllama_config
+from safetensors.torch import load_file, save_file
+from transformers import MllamaForConditionalGeneration
+
+from configuration_mdf_mllm import MdfMllmConfig, default_fusion_layers
+from modeling_mdf_mllm import MdfMllmForConditionalGeneration, is_mdf_parameter
+
+
+def stock_and_mdf(layout, attn="sdpa", **mdf_kwargs):
+    """A random stock Mllama with non-zero cross-attention gates, and an MDF-MLLM holding the same base weights."""
+    stock = MllamaForConditionalGeneration(tiny_mllama_config(**LAYOUTS[layout])).eval()
+    move_off_init(stock, value=0.7)
+    mdf = MdfMllmForConditionalGeneration(mdf_config(layout, **mdf_kwargs)).eval()
+    result = mdf.load_state_dict(stock.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(is_mdf_parameter(key) for key in result.missing_keys)
+    stock.set_attn_implementation(attn)
+    mdf.set_attn_implementation(attn)
+    return stock, mdf
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_identity_at_initialisation(layout, attn):
+    stock, mdf = stock_and_mdf(layout, attn)
+    # Image token first: every row may see the image, where stock transformers Mllama and Meta's reference agree.
+    inputs = make_inputs(mdf.config, image_at=0)
+    expected = logits(stock, {k: v for k, v in inputs.items() if k != "unet_pixel_values"})
+    for seed in (1, 2):
+        inputs["unet_pixel_values"] = torch.randn_like(inputs["unet_pixel_values"]) * seed * 10
+        torch.testing.assert_close(logits(mdf, inputs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_zero_unet_gate_is_the_baseline_with_text_before_the_image(layout):
+    _, mdf = stock_and_mdf(layout)
+    baseline = MdfMllmForConditionalGeneration(mdf_config(layout, fusion_layers={})).eval()
+    baseline.load_state_dict(mdf.state_dict(), strict=False)
+    inputs = make_inputs(mdf.config, image_at=3)
+    torch.testing.assert_close(logits(mdf, inputs), logits(baseline, inputs), atol=1e-5, rtol=0)
+
+
+def test_text_before_the_image_sees_neither_vision_nor_unet_tokens():
+    _, mdf = stock_and_mdf("a")
+    move_off_init(mdf)
+    inputs = make_inputs(mdf.config, image_at=4)
+    reference = logits(mdf, inputs)
+    for key in ("pixel_values", "unet_pixel_values"):
+        changed = logits(mdf, {**inputs, key: torch.randn_like(inputs[key])})
+        torch.testing.assert_close(changed[:, :4], reference[:, :4], atol=0, rtol=0)
+        assert (changed[:, 4:] - reference[:, 4:]).abs().max() > 1e-4, key
+
+
+def test_open_gates_let_the_unet_change_the_logits():
+    _, mdf = stock_and_mdf("b")
+    inputs = make_inputs(mdf.config, image_at=0)
+    other = {**inputs, "unet_pixel_values": torch.randn_like(inputs["unet_pixel_values"])}
+    torch.testing.assert_close(logits(mdf, inputs), logits(mdf, other), atol=1e-6, rtol=0)  # closed gates
+    move_off_init(mdf)
+    assert (logits(mdf, inputs) - logits(mdf, other)).abs().max() > 1e-3
+
+
+def test_prompt_text_steers_the_unet_through_film():
+    _, mdf = stock_and_mdf("a")
+    move_off_init(mdf)
+    captured = []
+    mdf.model.unet_projector.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    inputs = make_inputs(mdf.config)
+    logits(mdf, inputs)
+    other_text = inputs["input_ids"].clone()
+    other_text[:, 5:] = (other_text[:, 5:] + 7) % (mdf.config.text_config.vocab_size - 3) + 3
+    logits(mdf, {**inputs, "input_ids": other_text})
+    logits(mdf, inputs)
+    for depth in range(4):
+        assert (captured[0][depth] - captured[1][depth]).abs().max() > 1e-4, depth
+        torch.testing.assert_close(captured[0][depth], captured[2][depth], atol=0, rtol=0)
+
+
+def test_one_backward_pass_reaches_every_new_parameter():
+    _, mdf = stock_and_mdf("a")
+    move_off_init(mdf)
+    mdf.train()
+    inputs = make_inputs(mdf.config)
+    labels = inputs["input_ids"].masked_fill(torch.arange(9) < 6, -100)
+    size = mdf.config.unet_config["image_size"]
+    vessel_mask = (torch.rand(2, 1, size, size) > 0.8).float()
+    output = mdf(**inputs, labels=labels, vessel_mask=vessel_mask)
+    assert output.vessel_logits.shape == (2, 1, size, size)
+    output.loss.backward()
+    new = {name: p for name, p in mdf.named_parameters() if is_mdf_parameter(name)}
+    assert len(new) > 50
+    without_gradient = [name for name, p in new.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert without_gradient == []
+
+
+def test_segmentation_loss_is_weighted_by_the_config():
+    _, mdf = stock_and_mdf("a")
+    inputs = make_inputs(mdf.config)
+    size = mdf.config.unet_config["image_size"]
+    vessel_mask = (torch.rand(2, 1, size, size) > 0.8).float()
+    with torch.no_grad():
+        output = mdf(**inputs, vessel_mask=vessel_mask)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(output.vessel_logits, vessel_mask)
+    torch.testing.assert_close(output.loss, mdf.config.seg_loss_weight * bce)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, mdf = stock_and_mdf("a")
+    move_off_init(mdf)
+    mdf.train()
+    inputs = make_inputs(mdf.config)
+    labels = inputs["input_ids"].masked_fill(torch.arange(9) < 6, -100)
+
+    def gradients():
+        mdf.zero_grad()
+        mdf(**inputs, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in mdf.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    mdf.gradient_checkpointing_enable()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_forward_is_finite_and_close_to_fp32():
+    _, mdf = stock_and_mdf("a")
+    move_off_init(mdf)
+    inputs = make_inputs(mdf.config)
+    reference = logits(mdf, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = logits(mdf, inputs)
+    half = logits(mdf.to(torch.bfloat16), inputs)
+    for result in (autocast, half):
+        assert torch.isfinite(result).all()
+        assert (result.float() - reference).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_generate_with_and_without_cache_agree(layout):
+    _, mdf = stock_and_mdf(layout)
+    move_off_init(mdf)
+    inputs = make_inputs(mdf.config)
+    with torch.no_grad():
+        cached = mdf.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = mdf.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 15)
+    assert torch.equal(cached, uncached)
+
+
+def separate_scores(model, inputs, verbalizers):
+    """Each verbalizer scored in its own full forward pass: summed log-likelihood after the prompt."""
+    length = inputs["input_ids"].shape[1]
+    scores = []
+    for answer in verbalizers:
+        answer = torch.tensor(answer).repeat(2, 1)
+        rows = inputs["cross_attention_mask"][:, -1:].expand(-1, answer.shape[1], -1, -1)
+        full = {
+            **inputs,
+            "input_ids": torch.cat([inputs["input_ids"], answer], 1),
+            "attention_mask": torch.ones(2, length + answer.shape[1], dtype=torch.long),
+            "cross_attention_mask": torch.cat([inputs["cross_attention_mask"], rows], 1),
+            "labels": torch.cat([torch.full((2, length), -100), answer], 1),
+        }
+        with torch.no_grad():
+            logprobs = model(**full).logits[:, length - 1 : -1].log_softmax(-1)
+        scores.append(logprobs.gather(-1, answer[..., None]).squeeze(-1).sum(-1))
+    return torch.stack(scores, 1)
+
+
+def test_classify_matches_scoring_each_verbalizer_alone():
+    _, mdf = stock_and_mdf("b")
+    move_off_init(mdf)
+    verbalizers = [[5, 6, 1], [7, 1], [8, 9, 10, 1], [5, 7, 1]]
+    inputs = make_inputs(mdf.config)
+    probabilities = mdf.classify(**inputs, verbalizer_ids=verbalizers)
+    assert probabilities.shape == (2, 4)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(2))
+    reference = separate_scores(mdf, inputs, verbalizers)
+    assert torch.equal(probabilities.argmax(-1), reference.argmax(-1))
+    torch.testing.assert_close(probabilities, reference.softmax(-1), atol=1e-5, rtol=1e-4)
+
+
+def test_classify_without_verbalizers_names_the_field():
+    _, mdf = stock_and_mdf("a")
+    with pytest.raises(ValueError, match="verbalizer_ids"):
+        mdf.classify(**make_inputs(mdf.config))
+
+
+def test_missing_unet_view_is_a_clear_error():
+    _, mdf = stock_and_mdf("a")
+    inputs = make_inputs(mdf.config)
+    del inputs["unet_pixel_values"]
+    with pytest.raises(ValueError, match="unet_pixel_values"):
+        mdf(**inputs)
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from importlib.abc import MetaPathFinder
+
+    class NotThisProject(MetaPathFinder):  # the exported folder must be enough
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm"}:
+                raise ImportError(name)
+
+    sys.meta_path.insert(0, NotThisProject())
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    folder, inputs_file, out_file = sys.argv[1:]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert type(AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)).__name__ == type(model).__name__
+    assert AutoConfig.from_pretrained(folder, trust_remote_code=True).model_type == "mdf_mllm"
+    with torch.no_grad():
+        save_file({"logits": model(**load_file(inputs_file)).logits.contiguous()}, out_file)
+    """
+)
+
+
+def test_export_loads_with_automodel_in_a_fresh_process(tmp_path):
+    _, mdf = stock_and_mdf("a")
+    move_off_init(mdf)
+    folder = tmp_path / "exported"
+    mdf.save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == [
+        "config.json",
+        "configuration_mdf_mllm.py",
+        "generation_config.json",
+        "model.safetensors",
+        "modeling_mdf_mllm.py",
+    ]
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    inputs = make_inputs(mdf.config)
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_PROCESS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "inputs.safetensors"), str(tmp_path / "out.st")],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert torch.equal(load_file(tmp_path / "out.st")["logits"], logits(mdf, inputs))
+
+
+def test_plain_mllama_checkpoint_loads_with_exactly_the_new_keys_reported(tmp_path):
+    stock = MllamaForConditionalGeneration(tiny_mllama_config())
+    stock.save_pretrained(tmp_path)
+    mdf, info = MdfMllmForConditionalGeneration.from_pretrained(
+        tmp_path, unet_config=mdf_config().unet_config, fusion_grid=2, output_loading_info=True
+    )
+    assert mdf.config.model_type == "mdf_mllm"
+    new_parameters = {name for name, _ in mdf.named_parameters() if is_mdf_parameter(name)}
+    assert set(info["missing_keys"]) == new_parameters
+    assert info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    stock_weights = stock.state_dict()
+    assert all(torch.equal(stock_weights[key], mdf.state_dict()[key]) for key in stock_weights)
+    # What transformers leaves uninitialised after from_pretrained shows up as huge values or NaN.
+    assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in mdf.parameters())
+    gates = [p for name, p in mdf.named_parameters() if name.endswith("unet_gate")]
+    assert len(gates) == 2 and all(torch.equal(g, torch.zeros(1)) for g in gates)
+    assert all(torch.equal(f.mlp[-1].weight, torch.zeros_like(f.mlp[-1].weight)) for f in mdf.model.unet.film)
+
+
+def test_checkpoint_missing_a_base_weight_is_an_error(tmp_path):
+    MllamaForConditionalGeneration(tiny_mllama_config()).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["language_model.lm_head.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"base weights did not load.*lm_head\.weight"):
+        MdfMllmForConditionalGeneration.from_pretrained(tmp_path, unet_config=mdf_config().unet_config, fusion_grid=2)
+
+
+def test_checkpoint_of_the_wrong_shape_is_an_error(tmp_path):
+    MllamaForConditionalGeneration(tiny_mllama_config(hidden_size=48)).save_pretrained(tmp_path)
+    config = MdfMllmConfig.from_mllama_config(tiny_mllama_config(), unet_config=mdf_config().unet_config, fusion_grid=2)
+    with pytest.raises((ValueError, RuntimeError), match="size|shape"):
+        MdfMllmForConditionalGeneration.from_pretrained(tmp_path, config=config)
+
+
+def test_default_fusion_map_of_the_11b_layout():
+    config = MdfMllmConfig()
+    assert config.fusion_layers == {3: 1, 8: 1, 13: 2, 18: 2, 23: 3, 28: 3, 33: 4, 38: 4}
+    assert default_fusion_layers([1, 3]) == {1: 1, 3: 3}
+
+
+def test_config_json_round_trip_keeps_integer_fusion_keys(tmp_path):
+    config = mdf_config("b", fusion_layers={1: 2, 4: 4})
+    config.save_pretrained(tmp_path)
+    loaded = MdfMllmConfig.from_pretrained(tmp_path)
+    assert loaded.fusion_layers == {1: 2, 4: 4}
+    assert loaded.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(fusion_layers={2: 1}), "fusion_layers: layer 2 is not a cross-attention layer"),
+        (dict(fusion_layers={1: 0}), "fusion_layers: layer 1 maps to depth 0"),
+        (dict(fusion_layers={1: 5}), "fusion_layers: layer 1 maps to depth 5"),
+        (dict(fusion_grid=3), "unet_config.image_size: 32 must be divisible by fusion_grid"),
+        (dict(verbalizers=["normal"] * 8), r"verbalizers: duplicate verbalizers \['normal'\]"),
+        (dict(verbalizers=["a", "b"]), "verbalizers: 2 entries for 8 labels"),
+        (dict(disease_types=["normal"] * 7 + ["viral"]), r"disease_types: \['viral'\]"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        mdf_config("a", **kwargs)
