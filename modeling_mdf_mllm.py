@@ -193,7 +193,8 @@ class MdfMllmUnetCrossAttention(nn.Module):
     """The U-Net branch of a fused layer: the layer's own queries over the U-Net tokens, scaled by a learnable tau.
 
     a_u = softmax(q_norm(W_q x) . k_norm(W_k^u U)^T * tau / sqrt(d)) . W_v^u U, then W_o. W_q, q_norm, k_norm and
-    W_o are the stock cross-attention's (passed in, not owned); W_k^u, W_v^u and tau are this module's.
+    W_o are the stock cross-attention's (passed in, not owned); W_k^u, W_v^u, tau and the branch's tanh gate g_u
+    (zero-initialised, applied by the layer) are this module's, so that one module holds every new weight of a layer.
     """
 
     def __init__(self, config: MllamaTextConfig, cache_index: int):
@@ -202,6 +203,7 @@ class MdfMllmUnetCrossAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.ones(1))
+        self.gate = nn.Parameter(torch.zeros(1))
         self.cache_index = cache_index
 
     def forward(
@@ -260,7 +262,6 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
         self.unet_depth = unet_depth
         if unet_depth is not None:
             self.unet_attn = MdfMllmUnetCrossAttention(config, cache_index)
-            self.cross_attn_unet_gate = nn.Parameter(torch.zeros(1))
 
     def forward(
         self,
@@ -290,7 +291,7 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
         if self.unet_depth is not None:
             unet = unet_states[self.unet_depth] if unet_states is not None else None
             unet_update, _ = self.unet_attn(hidden_states, self.cross_attn, unet, cache=cache, **kwargs)
-            update = update + self.cross_attn_unet_gate.tanh() * unet_update
+            update = update + self.unet_attn.gate.tanh() * unet_update
         hidden_states = residual + row_mask * update
 
         residual = hidden_states
@@ -323,10 +324,9 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.get_text_config().initializer_range
-        if isinstance(module, MdfMllmCrossAttentionDecoderLayer) and module.unet_depth is not None:
-            init.zeros_(module.cross_attn_unet_gate)
-        elif isinstance(module, MdfMllmUnetCrossAttention):
+        if isinstance(module, MdfMllmUnetCrossAttention):
             init.ones_(module.logit_scale)
+            init.zeros_(module.gate)
         elif isinstance(module, MdfMllmZeroLinear):
             # A marker class rather than a branch on MdfMllmFiLM: transformers skips the init of custom-code modules
             # that hold no parameters of their own, which FiLM is.
@@ -369,7 +369,8 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         self.vision_model = MllamaVisionModel._from_config(config.vision_config)
         self.language_model = MdfMllmTextModel(config.text_config, config.fusion_layers)
         self.multi_modal_projector = nn.Linear(self.vision_output_dim, self.hidden_size, bias=True)
-        self.unet = MdfMllmUNet(config)
+        # An empty fusion map is plain Mllama (the baseline): no U-Net at all.
+        self.unet = MdfMllmUNet(config) if config.fusion_layers else None
         self.unet_projector = MdfMllmUnetProjector(config, self.unet.widths) if config.fusion_layers else None
         self.post_init()
 
@@ -405,15 +406,14 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
                 "MdfMllmProcessor returns it"
             )
         unet_states, vessel_logits = None, None
-        if unet_pixel_values is not None:
+        if unet_pixel_values is not None and self.unet is not None:
             if prompt_mask is None:
                 prompt_mask = attention_mask if attention_mask is not None else torch.ones(
                     (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2], device=unet_pixel_values.device
                 )
             text_context = self.text_context(input_ids, inputs_embeds, prompt_mask)
             skips = self.unet.encode(unet_pixel_values.to(self.dtype), text_context)
-            if self.unet_projector is not None:
-                unet_states = self.unet_projector(skips)
+            unet_states = self.unet_projector(skips)
             if output_vessel_logits:
                 vessel_logits = self.unet.decode(skips)
 
@@ -502,7 +502,8 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             use_cache=use_cache,
             unet_pixel_values=unet_pixel_values,
             prompt_mask=prompt_mask,
-            output_vessel_logits=vessel_mask is not None and self.config.unet_config["use_decoder"],
+            output_vessel_logits=vessel_mask is not None and self.model.unet is not None
+            and self.config.unet_config["use_decoder"],
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))

@@ -114,6 +114,6 @@ def make_inputs(config, batch=2, length=9, image_at=3, seed=0):
 def move_off_init(model, value=0.5):
     """Set every zero-initialised gate and FiLM output layer non-zero, as training would."""
     for name, param in model.named_parameters():
-        if name.endswith(("_gate", "mlp.2.weight", "mlp.2.bias")) and ("film" in name or "gate" in name):
+        if name.endswith(("_gate", ".gate", "mlp.2.weight", "mlp.2.bias")) and ("film" in name or "gate" in name):
             with torch.no_grad():
                 param.copy_(value * torch.randn_like(param) if "film" in name else torch.full_like(param, value))

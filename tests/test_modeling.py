@@ -281,7 +281,7 @@ def test_plain_mllama_checkpoint_loads_with_exactly_the_new_keys_reported(tmp_pa
     assert all(torch.equal(stock_weights[key], mdf.state_dict()[key]) for key in stock_weights)
     # What transformers leaves uninitialised after from_pretrained shows up as huge values or NaN.
     assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in mdf.parameters())
-    gates = [p for name, p in mdf.named_parameters() if name.endswith("unet_gate")]
+    gates = [p for name, p in mdf.named_parameters() if name.endswith("unet_attn.gate")]
     assert len(gates) == 2 and all(torch.equal(g, torch.zeros(1)) for g in gates)
     assert all(torch.equal(f.mlp[-1].weight, torch.zeros_like(f.mlp[-1].weight)) for f in mdf.model.unet.film)
 
