@@ -23,6 +23,19 @@ DEFAULT_LABELS = [
 ]
 DEFAULT_UNET_CONFIG = {"in_channels": 3, "base_channels": 32, "image_size": 512, "use_decoder": True}
 UNET_DEPTHS = 4
+MDF_FIELDS = (
+    "unet_config",
+    "fusion_layers",
+    "fusion_grid",
+    "projector_dim",
+    "use_film",
+    "film_hidden_dim",
+    "seg_loss_weight",
+    "verbalizers",
+    "disease_types",
+    "verbalizer_token_ids",
+    "id2label",
+)
 
 
 def default_fusion_layers(cross_attention_layers: list[int]) -> dict[int, int]:
@@ -137,6 +150,13 @@ class MdfMllmConfig(MllamaConfig):
     @property
     def label_names(self) -> list[str]:
         return [self.id2label[i] for i in range(self.num_labels)]
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "MdfMllmConfig":
+        # MDF fields given to from_pretrained (e.g. a Mllama checkpoint with unet_config=...) go through __init__,
+        # which merges defaults and validates, rather than being set on the finished config.
+        mdf_fields = {key: kwargs.pop(key) for key in MDF_FIELDS if key in kwargs}
+        return super().from_dict({**config_dict, **mdf_fields}, **kwargs)
 
     @classmethod
     def from_mllama_config(cls, config: MllamaConfig, **mdf_kwargs) -> "MdfMllmConfig":

@@ -331,3 +331,12 @@ def test_config_json_round_trip_keeps_integer_fusion_keys(tmp_path):
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         mdf_config("a", **kwargs)
+
+
+def test_mdf_fields_given_to_from_pretrained_are_merged_and_validated(tmp_path):
+    MllamaForConditionalGeneration(tiny_mllama_config()).save_pretrained(tmp_path)
+    config = MdfMllmConfig.from_pretrained(tmp_path, unet_config={"image_size": 64}, fusion_grid=2)
+    assert config.unet_config == {"in_channels": 3, "base_channels": 32, "image_size": 64, "use_decoder": True}
+    assert config.fusion_layers == {1: 1, 3: 3}
+    with pytest.raises(ValueError, match="fusion_layers: layer 2 is not a cross-attention layer"):
+        MdfMllmForConditionalGeneration.from_pretrained(tmp_path, fusion_layers={2: 1}, fusion_grid=2)

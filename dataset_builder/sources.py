@@ -1,0 +1,337 @@
+"""Readers for the on-disk layouts of FIVES, HRF, StoneRounds and labelled image folders (see DATA.md).
+
+Each reader walks its folder and returns `(records, skipped)`: a `Record` per usable image (label, case, text, mask
+path, official split) and a `Skipped(path, reason)` per file it could not use. Nothing is decoded here;
+`validate_images` decodes every image once (in threads), hashes its pixels and moves unreadable ones to `skipped`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from configuration_mdf_mllm import DEFAULT_LABELS
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".gif", ".webp"}
+SPLITS = ("train", "validation", "test")
+FIVES_LABELS = {"a": "amd", "d": "dr", "g": "glaucoma", "n": "normal"}
+HRF_LABELS = {"h": "normal", "dr": "dr", "g": "glaucoma"}
+LABEL_ALIASES = {"healthy": "normal"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example before it is read: where its image and mask are, and its label, case and text."""
+
+    source: str
+    case_id: str
+    label: str
+    text: str = ""
+    image_path: str | None = None
+    mask_path: str | None = None
+    official_split: str | None = None  # "train"/"test" (FIVES, manifests with a split) or None: ours to choose
+    synthetic: object | None = None  # a synthetic.SyntheticItem, rendered instead of read
+    content_hash: str | None = None  # of the decoded pixels, set by validate_images
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+def resolve_label(diagnosis: str) -> str | None:
+    """Label name for a diagnosis, case-insensitive on the name or verbalizer ("Stargardt disease" -> "stargardt")."""
+    key = " ".join(str(diagnosis).lower().replace("_", " ").split())
+    key = LABEL_ALIASES.get(key, key)
+    for name, verbalizer, _ in DEFAULT_LABELS:
+        if key in (name.replace("_", " "), verbalizer.lower()):
+            return name
+    return None
+
+
+def case_text(case: dict) -> str:
+    """The clinical text of a StoneRounds-style case: "34-year-old male. <history> Gene: RHO." (empty if no fields)."""
+    age, sex, history, gene = (case.get(key) for key in ("age", "sex", "history", "gene"))
+    parts = []
+    if age and sex:
+        parts.append(f"{age}-year-old {sex}.")
+    elif age or sex:
+        parts.append(f"Age {age}." if age else f"Sex: {sex}.")
+    if history:
+        parts.append(str(history).strip())
+    if gene:
+        parts.append(f"Gene: {gene}.")
+    return " ".join(parts)
+
+
+def require_dir(path: str | None, what: str) -> str:
+    """`path` if it is a folder holding at least one file, else a clear error naming it."""
+    if path is None:
+        raise ValueError(f"{what}: no data_dir given")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} data_dir {path!r} does not exist or is not a folder")
+    if not any(files for _, _, files in os.walk(path)):
+        raise ValueError(f"{what} data_dir {path!r} is empty")
+    return path
+
+
+def _child(folder: str, *names: str) -> str | None:
+    """The sub-folder of `folder` whose name matches one of `names`, case-insensitively (e.g. FIVES' 'Groud truth')."""
+    if not os.path.isdir(folder):
+        return None
+    entries = {entry.lower(): entry for entry in os.listdir(folder) if os.path.isdir(os.path.join(folder, entry))}
+    for name in names:
+        if name.lower() in entries:
+            return os.path.join(folder, entries[name.lower()])
+    return None
+
+
+def _files(folder: str) -> list[str]:
+    """Visible files of `folder`, sorted."""
+    return sorted(f for f in os.listdir(folder) if not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _images_by_stem(folder: str | None) -> dict[str, str]:
+    """Image files of `folder` by lower-case name without suffix (masks may be .png, .tif, .gif...); {} if no folder."""
+    if folder is None:
+        return {}
+    return {os.path.splitext(name)[0].lower(): os.path.join(folder, name) for name in _files(folder) if _is_image(name)}
+
+
+def _suffix_skip(path: str) -> Skipped:
+    suffix = os.path.splitext(path)[1]
+    return Skipped(path, f"unknown file-name suffix {suffix!r} (not one of {sorted(IMAGE_SUFFIXES)})")
+
+
+def read_fives(root: str | None) -> tuple[list[Record], list[Skipped]]:
+    """FIVES: `{train,test}/Original/<n>_<A|D|G|N>.png`, masks of the same name in `Ground truth` or `Groud truth`."""
+    root = require_dir(root, "fives")
+    records, skipped = [], []
+    split_dirs = {split: _child(root, split) for split in ("train", "test")}
+    if not any(_child(d, "original") for d in split_dirs.values() if d):
+        raise ValueError(f"fives data_dir {root!r} has no train/Original or test/Original folder")
+    for split, split_dir in split_dirs.items():
+        originals = _child(split_dir, "original") if split_dir else None
+        if originals is None:
+            continue
+        masks = _images_by_stem(_child(split_dir, "ground truth", "groud truth", "groundtruth"))
+        for name in _files(originals):
+            path = os.path.join(originals, name)
+            stem = os.path.splitext(name)[0]
+            match = re.fullmatch(r"\d+_([adgn])", stem, re.IGNORECASE)
+            if not _is_image(name):
+                skipped.append(_suffix_skip(path))
+            elif match is None:
+                skipped.append(Skipped(path, "FIVES file name must be <number>_<A|D|G|N> (AMD, DR, glaucoma, normal)"))
+            else:
+                label = FIVES_LABELS[match.group(1).lower()]
+                records.append(
+                    Record("fives", f"fives/{split}/{stem}", label, "", path, masks.get(stem.lower()), split)
+                )
+    return records, skipped
+
+
+def read_hrf(root: str | None) -> tuple[list[Record], list[Skipped]]:
+    """HRF: `[all/]images/<nn>_<h|dr|g>.jpg|JPG`, vessel masks `manual1/<stem>.tif`; the number is the patient."""
+    root = require_dir(root, "hrf")
+    base = root if _child(root, "images") else (_child(root, "all") or root)
+    images = _child(base, "images")
+    if images is None:
+        raise ValueError(f"hrf data_dir {root!r} has no images/ (or all/images/) folder")
+    masks = _images_by_stem(_child(base, "manual1"))
+    records, skipped = [], []
+    for name in _files(images):
+        path = os.path.join(images, name)
+        stem = os.path.splitext(name)[0]
+        match = re.fullmatch(r"(\d+)_(h|dr|g)", stem, re.IGNORECASE)
+        if not _is_image(name):
+            skipped.append(_suffix_skip(path))
+        elif match is None:
+            skipped.append(Skipped(path, "HRF file name must be <number>_<h|dr|g> (healthy, DR, glaucoma)"))
+        else:
+            label = HRF_LABELS[match.group(2).lower()]
+            case_id = f"hrf/{int(match.group(1)):02d}"
+            records.append(Record("hrf", case_id, label, "", path, masks.get(stem.lower())))
+    return records, skipped
+
+
+def read_stonerounds(root: str | None) -> tuple[list[Record], list[Skipped]]:
+    """StoneRounds: `<root>/<case_id>/case.json` (`diagnosis`, `gene`, `history`, `age`, `sex`) beside its images."""
+    root = require_dir(root, "stonerounds")
+    records, skipped = [], []
+    for name in sorted(os.listdir(root)):
+        case_dir = os.path.join(root, name)
+        if name.startswith("."):
+            continue
+        if not os.path.isdir(case_dir):
+            skipped.append(Skipped(case_dir, "not inside a case folder (<root>/<case_id>/)"))
+            continue
+        case_json = os.path.join(case_dir, "case.json")
+        try:
+            with open(case_json, encoding="utf-8") as f:
+                case = json.load(f)
+            label = resolve_label(case["diagnosis"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            skipped.append(Skipped(case_json, f"case.json missing or unreadable ({type(error).__name__}: {error})"))
+            continue
+        if label is None:
+            skipped.append(Skipped(case_json, f"unknown diagnosis {case['diagnosis']!r}"))
+            continue
+        text = case_text(case)
+        for file in _files(case_dir):
+            path = os.path.join(case_dir, file)
+            if file == "case.json":
+                continue
+            if not _is_image(file):
+                skipped.append(_suffix_skip(path))
+            else:
+                records.append(Record("stonerounds", f"stonerounds/{name}", label, text, path))
+    return records, skipped
+
+
+MANIFEST = "metadata.jsonl"
+
+
+def read_manifest(root: str | None) -> tuple[list[Record], list[Skipped]]:
+    """An image folder with `metadata.jsonl` (`file_name`, `label`, optional `text`, `case_id`, `mask_file_name`,
+    `source`, `split`) at its root or in `train/`, `validation/`, `test/` (as `export_imagefolder` writes it)."""
+    root = require_dir(root, "manifest")
+    manifests = [(os.path.join(root, MANIFEST), None)] + [
+        (os.path.join(root, split, MANIFEST), split) for split in SPLITS
+    ]
+    manifests = [(path, split) for path, split in manifests if os.path.isfile(path)]
+    if not manifests:
+        raise ValueError(f"manifest data_dir {root!r} has no {MANIFEST} (nor train/{MANIFEST}, ...)")
+    records, skipped = [], []
+    for manifest, folder_split in manifests:
+        with open(manifest, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    record = _manifest_row(manifest, line_number, line, folder_split)
+                    (records if isinstance(record, Record) else skipped).append(record)
+    return records, skipped
+
+
+def _manifest_row(manifest: str, line_number: int, line: str, folder_split: str | None) -> Record | Skipped:
+    where = f"{manifest}:{line_number}"
+    try:
+        row = json.loads(line)
+        file_name, diagnosis = row["file_name"], row["label"]
+    except (ValueError, KeyError, TypeError) as error:
+        return Skipped(where, f"bad metadata row, needs file_name and label ({type(error).__name__}: {error})")
+    folder = os.path.dirname(manifest)
+    path = os.path.join(folder, file_name)
+    label = resolve_label(diagnosis)
+    split = row.get("split") or folder_split
+    if label is None:
+        return Skipped(path, f"unknown label {diagnosis!r} ({where})")
+    if not _is_image(file_name):
+        return _suffix_skip(path)
+    if not os.path.isfile(path):
+        return Skipped(path, f"file not found ({where})")
+    if split not in (None, *SPLITS):
+        return Skipped(path, f"unknown split {split!r} ({where})")
+    mask_name = row.get("mask_file_name") or row.get("vessel_mask_file_name")
+    return Record(
+        source=row.get("source") or "manifest",
+        case_id=str(row.get("case_id") or f"manifest/{file_name}"),
+        label=label,
+        text=row.get("text") or "",
+        image_path=path,
+        mask_path=os.path.join(folder, mask_name) if mask_name else None,
+        official_split=split,
+    )
+
+
+READERS: dict[str, Callable[[str | None], tuple[list[Record], list[Skipped]]]] = {
+    "fives": read_fives,
+    "hrf": read_hrf,
+    "stonerounds": read_stonerounds,
+    "manifest": read_manifest,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding: every image is decoded once, to find the unreadable ones and hash the readable ones.
+
+
+def ordered_map(fn: Callable, items: Iterable, num_workers: int, window: int | None = None) -> Iterator:
+    """`map(fn, items)` on `num_workers` threads, in order, with at most `window` results held at once.
+
+    PIL's decoders/encoders and numpy release the GIL, so threads scale on image work without pickling.
+    """
+    if num_workers <= 1:
+        yield from map(fn, items)
+        return
+    window = window or 4 * num_workers
+    with ThreadPoolExecutor(num_workers) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def default_num_workers() -> int:
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def decode_file(path: str) -> Image.Image:
+    """Read and fully decode an image file; a clear `ValueError` naming the problem if it is empty or unreadable."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # a truncated file fails here, not at open()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
+    return image
+
+
+def _check(record: Record) -> tuple[Record | None, list[Skipped]]:
+    """Decode a record's image (and mask): (record with its pixel hash, or None if unreadable; problems found)."""
+    try:
+        image = decode_file(record.image_path)
+    except (OSError, ValueError) as error:
+        return None, [Skipped(record.image_path, str(error))]
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())  # sha256: hardware-accelerated on most CPUs
+    digest.update(image.tobytes())
+    mask_path, problems = record.mask_path, []
+    if mask_path is not None:
+        try:
+            decode_file(mask_path)
+        except (OSError, ValueError) as error:
+            problems.append(Skipped(mask_path, f"vessel mask {error}; the image is kept without a mask"))
+            mask_path = None
+    return replace(record, mask_path=mask_path, content_hash=digest.hexdigest()[:32]), problems
+
+
+def validate_images(records: list[Record], num_workers: int | None = None) -> tuple[list[Record], list[Skipped]]:
+    """Decode every record's image (and mask) once: keep the readable ones with a pixel hash, report the rest."""
+    kept, skipped = [], []
+    results = ordered_map(_check, records, num_workers or default_num_workers())
+    for record, problems in tqdm(results, total=len(records), desc="decoding images", unit="img", leave=False):
+        skipped.extend(problems)
+        if record is not None:
+            kept.append(record)
+    return kept, skipped

@@ -1,0 +1,771 @@
+"""A seeded generator of fundus-like photographs with exact vessel masks and clinical texts (the offline default set).
+
+Every image is rendered from `numpy.random.default_rng([seed, part, index])`, so the set is identical for one seed,
+different for another, and any image can be rendered on its own (in any order, on any thread).
+
+Anatomy (sizes in units of the image side S, so they hold at 512 px and at 128 px alike): circular field of view on
+black (diameter 0.94 S), orange-red background with vignetting and choroidal texture, an optic disc (diameter
+0.11-0.14 S) with a cup, a branching artery/vein tree leaving the disc and arching around a darker macula with a
+foveal reflex (0.25-0.29 S from the disc).
+
+Disease signs:
+
+- dr: 10-40 microaneurysms (radius 0.002-0.004 S, small on purpose), 3-12 blot haemorrhages (0.008-0.02 S), 8-40
+  hard exudates in 1-3 clusters near the macula (0.003-0.009 S), 0-3 cotton-wool spots (0.012-0.025 S).
+- amd: 15-60 soft drusen around the macula (radius 0.004-0.013 S), 2-8 pigment clumps, geographic atrophy
+  (0.03-0.06 S) in 35 % of eyes.
+- glaucoma: cup-to-disc ratio 0.65-0.9 (normal 0.2-0.5) with a rim notch, sometimes peripapillary atrophy.
+- retinitis_pigmentosa: 60-180 bone-spicule pigment clusters (arms 0.006-0.018 S) in the mid-periphery, attenuated
+  vessels (0.45 x the width, fewer branches), waxy pale disc.
+- stargardt: macular atrophy (radius 0.035-0.075 S) with 20-70 yellow pisciform flecks (0.012-0.032 S long) over the
+  posterior pole.
+- choroideremia: scalloped chorioretinal atrophy from the periphery inward, exposing choroidal vessels on white
+  sclera, around a spared, lobed central island (radius 0.12-0.26 S plus scallops); vessels 0.8 x the width.
+- best_disease: a yellow egg-yolk vitelliform lesion at the fovea (radius 0.05-0.09 S), intact (60 %), layered
+  (pseudohypopyon, 20 %) or scrambled (20 %).
+
+Difficulty (fixed module constants, set before any model comparison; ranges are drawn per image):
+
+- `LESION_COUNTS`, `LESION_RADII`: the lesion count and radius ranges above.
+- `NOISE_SIGMA` = (0.005, 0.02): standard deviation of the (uniform, per channel) pixel noise, in units of full
+  intensity.
+- `BLUR_SIGMA` = (0.2, 0.8) px at 512 (scaled with S): Gaussian blur of the whole photo (binomial approximation).
+- `ILLUMINATION`: gain 0.75-1.15, vignetting 0.15-0.45, a linear gradient of amplitude up to 0.2 in a random
+  direction and low-frequency blotches of 0.05; a colour cast of +-0.04 per channel.
+- Confounders drawn for every class: tessellated (visible choroidal vessel) fundus in 20 % of images, 0-2 faint
+  dust shadows, left/right eye, disc position and vessel tree.
+
+The vessel mask is exact: vessels are drawn last (nothing occludes them) and the mask is the drawn binary mask
+clipped to the field of view.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+
+from configuration_mdf_mllm import DEFAULT_LABELS
+
+from .sources import case_text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Difficulty constants (see the module docstring). Radii are fractions of the image side S.
+LESION_COUNTS = {
+    "microaneurysm": (10, 40),
+    "haemorrhage": (3, 12),
+    "exudate": (8, 40),
+    "cotton_wool": (0, 3),
+    "drusen": (15, 60),
+    "pigment_clump": (2, 8),
+    "bone_spicule": (60, 180),
+    "fleck": (20, 70),
+}
+LESION_RADII = {
+    "microaneurysm": (0.002, 0.004),
+    "haemorrhage": (0.008, 0.02),
+    "exudate": (0.003, 0.009),
+    "cotton_wool": (0.012, 0.025),
+    "drusen": (0.004, 0.013),
+    "pigment_clump": (0.003, 0.008),
+    "geographic_atrophy": (0.03, 0.06),
+    "bone_spicule": (0.006, 0.018),  # arm length
+    "fleck": (0.006, 0.016),  # half length
+    "stargardt_atrophy": (0.035, 0.075),
+    "vitelliform": (0.05, 0.09),
+}
+NOISE_SIGMA = (0.005, 0.02)
+BLUR_SIGMA = (0.2, 0.8)
+ILLUMINATION = {"gain": (0.75, 1.15), "vignetting": (0.15, 0.45), "gradient": 0.2, "blotches": 0.05, "cast": 0.04}
+TESSELLATION_PROBABILITY = 0.2
+CUP_TO_DISC = {"normal": (0.2, 0.5), "glaucoma": (0.65, 0.9)}
+
+FOV_RADIUS = 0.47  # of S
+LABEL_NAMES = [name for name, _, _ in DEFAULT_LABELS]
+LABEL_TYPES = {name: kind for name, _, kind in DEFAULT_LABELS}
+
+# The paper's mix: FIVES (800, four acquired classes, no text), HRF (45, no text), StoneRounds (about 460, text).
+DEFAULT_COMPOSITION = {
+    "fives": {"normal": 200, "amd": 200, "dr": 200, "glaucoma": 200},
+    "hrf": {"normal": 15, "dr": 15, "glaucoma": 15},
+    "stonerounds": {
+        "retinitis_pigmentosa": 130,
+        "stargardt": 110,
+        "choroideremia": 70,
+        "best_disease": 70,
+        "normal": 20,
+        "amd": 20,
+        "dr": 20,
+        "glaucoma": 20,
+    },
+}
+TINY_COMPOSITION = {  # 43 images; every split gets every class of every part
+    "fives": {"normal": 4, "amd": 4, "dr": 4, "glaucoma": 4},
+    "hrf": {"normal": 3, "dr": 3, "glaucoma": 3},
+    "stonerounds": {"retinitis_pigmentosa": 4, "stargardt": 4, "choroideremia": 4, "best_disease": 4, "dr": 2},
+}
+FIVES_TRAIN_FRACTION = 0.75  # FIVES' official 600 / 200 split
+SECOND_EYE_PROBABILITY = 0.35  # a StoneRounds-like case shows both eyes this often
+ACQUIRED_TEXT_PROBABILITY = 0.25  # StoneRounds-like acquired / normal cases with a (short) history
+
+# Reflectance colours (RGB in [0, 1]) before illumination.
+COLOURS = {
+    "background": (0.78, 0.34, 0.15),
+    "macula": (0.55, 0.2, 0.09),
+    "disc": (0.95, 0.72, 0.48),
+    "waxy_disc": (0.97, 0.88, 0.66),
+    "cup": (1.0, 0.93, 0.78),
+    "artery": (0.72, 0.16, 0.08),
+    "vein": (0.48, 0.07, 0.05),
+    "blood": (0.42, 0.04, 0.03),
+    "exudate": (0.98, 0.88, 0.38),
+    "cotton_wool": (0.95, 0.9, 0.8),
+    "drusen": (0.93, 0.78, 0.42),
+    "pigment": (0.16, 0.09, 0.05),
+    "atrophy": (0.9, 0.72, 0.52),
+    "sclera": (0.97, 0.92, 0.82),
+    "choroid": (0.8, 0.3, 0.14),
+    "fleck": (0.96, 0.86, 0.46),
+    "yolk": (1.0, 0.76, 0.16),
+    "shadow": (0.3, 0.12, 0.06),
+}
+
+
+@dataclass(frozen=True)
+class SyntheticItem:
+    """One image to render: its place in the plan and its example fields (the image itself is rendered lazily)."""
+
+    part: str  # "fives" | "hrf" | "stonerounds"
+    index: int  # position within its part; with the seed and part it fixes the image
+    label: str
+    case_id: str
+    text: str
+    official_split: str | None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Planning: which images, labels, cases and texts.
+
+
+def scale_composition(num_images: int, composition: dict | None = None) -> dict:
+    """Scale a composition (part -> label -> count) to `num_images` in total, by largest remainders."""
+    composition = composition or DEFAULT_COMPOSITION
+    cells = [(part, label, count) for part, counts in composition.items() for label, count in counts.items()]
+    total = sum(count for _, _, count in cells)
+    exact = [count * num_images / total for _, _, count in cells]
+    floors = [int(x) for x in exact]
+    by_remainder = sorted(range(len(cells)), key=lambda i: (floors[i] - exact[i], i))
+    for i in by_remainder[: num_images - sum(floors)]:
+        floors[i] += 1
+    scaled = {}
+    for (part, label, _), count in zip(cells, floors):
+        if count:
+            scaled.setdefault(part, {})[label] = count
+    return scaled
+
+
+def plan(num_images: int | None = None, seed: int = 0, composition: dict | None = None) -> list[SyntheticItem]:
+    """List the images of the set: labels, case grouping, texts and FIVES-like official splits, all seeded."""
+    if composition is None:
+        composition = DEFAULT_COMPOSITION if num_images is None else scale_composition(num_images)
+    elif num_images is not None:
+        composition = scale_composition(num_images, composition)
+    if not sum(sum(counts.values()) for counts in composition.values()):
+        raise ValueError(f"num_images / composition: the synthetic set would be empty ({composition})")
+    unknown = {label for counts in composition.values() for label in counts} - set(LABEL_NAMES)
+    if unknown or set(composition) - {"fives", "hrf", "stonerounds"}:
+        raise ValueError(
+            f"composition: parts must be fives/hrf/stonerounds and labels in {LABEL_NAMES}, got {composition}"
+        )
+    planners = {"fives": _plan_fives, "hrf": _plan_hrf, "stonerounds": _plan_stonerounds}
+    items = []
+    for part, counts in composition.items():
+        rng = np.random.default_rng([seed, _PART_IDS[part], 1_000_003])
+        items.extend(planners[part](counts, rng))
+    return items
+
+
+_PART_IDS = {"fives": 0, "hrf": 1, "stonerounds": 2}
+
+
+def _plan_fives(counts: dict, rng: np.random.Generator) -> list[SyntheticItem]:
+    items = []
+    for label, count in counts.items():
+        num_train = round(count * FIVES_TRAIN_FRACTION)
+        for k in range(count):
+            split = "train" if k < num_train else "test"
+            case_id = f"synthetic_fives/{label}_{k:03d}"
+            items.append(SyntheticItem("fives", len(items), label, case_id, "", split))
+    return items
+
+
+def _plan_hrf(counts: dict, rng: np.random.Generator) -> list[SyntheticItem]:
+    # HRF's image number is the patient: patient k has the k-th image of every class.
+    items = []
+    for label, count in counts.items():
+        for k in range(count):
+            items.append(SyntheticItem("hrf", len(items), label, f"synthetic_hrf/{k + 1:02d}", "", None))
+    return items
+
+
+def _plan_stonerounds(counts: dict, rng: np.random.Generator) -> list[SyntheticItem]:
+    items = []
+    num_cases = 0
+    for label, count in counts.items():
+        left = count
+        while left:
+            eyes = 2 if left >= 2 and rng.random() < SECOND_EYE_PROBABILITY else 1
+            num_cases += 1
+            case_id = f"synthetic_stonerounds/case_{num_cases:04d}"
+            text = case_text(clinical_case(label, rng))
+            for _ in range(eyes):
+                items.append(SyntheticItem("stonerounds", len(items), label, case_id, text, None))
+            left -= eyes
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Clinical texts (StoneRounds-like): the fields of a case.json.
+
+_INHERITED_HISTORIES = {
+    "retinitis_pigmentosa": {
+        "onset": (6, 25),
+        "complaints": [
+            "Night blindness since age {onset}, with a slowly shrinking visual field.",
+            "Difficulty seeing in dim light since age {onset}; bumps into objects at the sides.",
+            "Progressive nyctalopia from age {onset} and peripheral field loss on perimetry.",
+        ],
+        "families": [
+            ("Father and paternal aunt are affected (autosomal dominant).", "RHO"),
+            ("Parents unaffected; a sister has night blindness and congenital hearing loss.", "USH2A"),
+            ("A maternal uncle is affected; the mother is unaffected.", "RPGR"),
+            ("No known family history.", "PRPH2"),
+        ],
+        "acuity": ["20/25", "20/30", "20/40", "20/60"],
+        "extra": ["ERG shows markedly reduced rod responses.", "Goldmann fields constricted to 15 degrees."],
+    },
+    "stargardt": {
+        "onset": (7, 22),
+        "complaints": [
+            "Gradual loss of central vision since age {onset}; difficulty reading and recognising faces.",
+            "Blurred central vision noticed at school at age {onset}; no night blindness.",
+        ],
+        "families": [
+            ("Parents unaffected; a brother has similar central vision loss.", "ABCA4"),
+            ("Parents are first cousins; no other affected relatives.", "ABCA4"),
+            ("No known family history.", "ABCA4"),
+        ],
+        "acuity": ["20/80", "20/100", "20/200", "20/400"],
+        "extra": ["Fluorescein angiography shows a dark choroid.", "Central scotoma on perimetry."],
+    },
+    "choroideremia": {
+        "onset": (5, 15),
+        "complaints": [
+            "Night blindness since childhood (age {onset}) and progressive peripheral field loss; reading is fine.",
+            "Poor vision in the dark since age {onset}; the side vision has narrowed over the years.",
+        ],
+        "families": [
+            ("The maternal grandfather had the same condition; the mother has mild peripheral pigment changes.", "CHM"),
+            ("A maternal cousin (male) is affected (X-linked).", "CHM"),
+        ],
+        "acuity": ["20/20", "20/25", "20/30", "20/50"],
+        "extra": ["ERG is reduced in a rod-cone pattern.", "Central vision preserved."],
+    },
+    "best_disease": {
+        "onset": (4, 40),
+        "complaints": [
+            "Mild blur and distortion of central vision noticed at age {onset}.",
+            "Found on a routine examination at age {onset}; reading vision slightly reduced.",
+        ],
+        "families": [
+            ("Father and paternal grandmother are affected (autosomal dominant).", "BEST1"),
+            ("Mother and a sibling have similar macular lesions.", "BEST1"),
+        ],
+        "acuity": ["20/20", "20/25", "20/40", "20/60"],
+        "extra": ["EOG Arden ratio reduced (1.2) with a normal ERG.", "OCT shows subretinal yellow material."],
+    },
+}
+_ACQUIRED_HISTORIES = {
+    "normal": ["Routine examination, no visual complaints.", "Referred for a family history screening; asymptomatic."],
+    "amd": ["Gradual central blur and distortion over two years.", "Difficulty reading fine print; smoker."],
+    "dr": ["Type 2 diabetes for {years} years, HbA1c 8.9 %.", "Type 1 diabetes since childhood ({years} years)."],
+    "glaucoma": ["Elevated intraocular pressure ({iop} mmHg) on screening.", "Family history of glaucoma; IOP {iop}."],
+}
+GENE_REPORTED_PROBABILITY = 0.75
+
+
+def clinical_case(label: str, rng: np.random.Generator) -> dict:
+    """A StoneRounds-like case record (`age`, `sex`, `history`, `gene`) for `label`; most acquired cases have none."""
+    if LABEL_TYPES[label] != "inherited":
+        if rng.random() >= ACQUIRED_TEXT_PROBABILITY:
+            return {}
+        history = _pick(rng, _ACQUIRED_HISTORIES[label]).format(years=rng.integers(5, 30), iop=rng.integers(23, 34))
+        return {"age": int(rng.integers(45, 85)), "sex": _pick(rng, ["male", "female"]), "history": history}
+    spec = _INHERITED_HISTORIES[label]
+    onset = int(rng.integers(*spec["onset"]))
+    family, gene = spec["families"][rng.integers(len(spec["families"]))]
+    sex = "male" if label == "choroideremia" or gene == "RPGR" else _pick(rng, ["male", "female"])
+    history = " ".join(
+        [
+            _pick(rng, spec["complaints"]).format(onset=onset),
+            family,
+            f"Visual acuity {_pick(rng, spec['acuity'])} OD, {_pick(rng, spec['acuity'])} OS.",
+            _pick(rng, spec["extra"]),
+        ]
+    )
+    case = {"age": onset + int(rng.integers(1, 30)), "sex": sex, "history": history}
+    if rng.random() < GENE_REPORTED_PROBABILITY:
+        case["gene"] = gene
+    return case
+
+
+def _pick(rng: np.random.Generator, options: list):
+    return options[rng.integers(len(options))]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def render(item: SyntheticItem, image_size: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Render one planned item: (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255})."""
+    rng = np.random.default_rng([seed, _PART_IDS[item.part], item.index])
+    return render_fundus(item.label, rng, image_size)
+
+
+def generate(
+    num_images: int | None = None, image_size: int = 512, seed: int = 0, composition: dict | None = None
+) -> Iterator[dict]:
+    """Yield examples (`image` and `vessel_mask` as numpy arrays, `label`, `text`, `source`, `case_id`).
+
+    `num_images=None` and `composition=None` give the paper's mix (`DEFAULT_COMPOSITION`, 1,305 images);
+    `num_images` alone scales it; `composition` (part -> label -> count, e.g. `TINY_COMPOSITION`) replaces it.
+    """
+    for item in plan(num_images, seed, composition):
+        image, mask = render(item, image_size, seed)
+        yield {
+            "image": image,
+            "vessel_mask": mask,
+            "label": item.label,
+            "text": item.text,
+            "source": f"synthetic_{item.part}",
+            "case_id": item.case_id,
+        }
+
+
+FULL = (slice(None), slice(None))
+
+
+class _Canvas:
+    """Reflectance image (S, S, 3) float32, and soft layers drawn with PIL and blended in where they are non-zero."""
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size, self.rng = size, rng
+        self.rgb = np.empty((size, size, 3), np.float32)
+
+    def px(self, fraction) -> float:
+        return float(fraction) * self.size
+
+    def layer(self, draw_fn, blur: float = 0.0, region=None):
+        """Draw with `draw_fn(ImageDraw)` on a black 'L' layer and blur it by `blur` px, only within its bounding box
+        (or `region`): (alpha (h, w) float32 in [0, 1], region (row slice, column slice)); (None, None) if empty."""
+        layer = Image.new("L", (self.size, self.size), 0)
+        draw_fn(ImageDraw.Draw(layer))
+        if region is None:
+            box = layer.getbbox()
+            if box is None:
+                return None, None
+            margin = int(3 * blur) + 1
+            box = (max(0, box[0] - margin), max(0, box[1] - margin),
+                   min(self.size, box[2] + margin), min(self.size, box[3] + margin))
+            region = (slice(box[1], box[3]), slice(box[0], box[2]))
+        rows, cols = region
+        layer = layer.crop((cols.start, rows.start, cols.stop, rows.stop))
+        if blur > 0:
+            layer = layer.filter(ImageFilter.GaussianBlur(float(blur)))
+        return np.asarray(layer, np.float32) * np.float32(1 / 255), region
+
+    def blend(self, alpha, region, colour, opacity: float = 1.0) -> None:
+        """rgb <- rgb + opacity * alpha * (colour - rgb) in `region`; alpha (h, w), colour (3,) or (h, w, 3)."""
+        if alpha is None:
+            return
+        rgb = self.rgb[region]
+        colour = np.asarray(colour, np.float32)
+        if alpha.dtype == bool:  # a sparse binary layer (vessels, ribbons): touch only its pixels
+            picked = rgb[alpha]
+            picked += np.float32(opacity) * ((colour[alpha] if colour.ndim == 3 else colour) - picked)
+            rgb[alpha] = picked
+            return
+        change = colour - rgb
+        change *= (alpha * np.float32(opacity))[..., None]
+        rgb += change
+
+
+def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Zero-mean, unit-ish noise with features about size/cells wide: a (cells, cells) field upsampled bicubically."""
+    field = Image.fromarray(rng.standard_normal((cells, cells)).astype(np.float32), mode="F")
+    return np.asarray(field.resize((size, size), Image.BICUBIC), np.float32)
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in units of S, centred: x (1, S) and y (S, 1) for broadcasting."""
+    axis = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+    return axis[None, :], axis[:, None]
+
+
+def _window(centre, half: float, size: int):
+    """The region of the square of half-side `half` (units of S) around `centre`, and its x (1, w), y (h, 1) grids."""
+    x, y = _grid(size)
+    (c0, r0), (c1, r1) = ((np.asarray(centre) + 0.5 + sign * half) * size for sign in (-1, 1))
+    rows = slice(max(0, int(r0)), min(size, int(r1) + 1))
+    cols = slice(max(0, int(c0)), min(size, int(c1) + 1))
+    return (rows, cols), x[:, cols], y[rows]
+
+
+def render_fundus(label: str, rng: np.random.Generator, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Render a fundus photo of class `label`: (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255})."""
+    if label not in LABEL_TYPES:
+        raise ValueError(f"label: {label!r} is not one of {LABEL_NAMES}")
+    canvas = _Canvas(size, rng)
+    # Anatomy: right or left eye, the macula near the centre and the disc 0.25-0.29 S nasal to it.
+    eye = float(rng.choice([-1.0, 1.0]))
+    macula = np.array([rng.uniform(-0.03, 0.03) - eye * 0.12, rng.uniform(-0.04, 0.04)])
+    angle = rng.uniform(-0.2, 0.2)
+    disc = macula + rng.uniform(0.25, 0.29) * np.array([eye * math.cos(angle), math.sin(angle)])
+
+    _background(canvas, tessellated=label == "choroideremia" or rng.random() < TESSELLATION_PROBABILITY)
+    if label == "choroideremia":
+        _choroideremia(canvas, macula)
+    _macula(canvas, macula, dim=label in ("stargardt", "best_disease"))
+    if label in SIGNS:
+        SIGNS[label](canvas, macula, disc)
+    _dust(canvas)
+    _optic_disc(canvas, disc, rng.uniform(0.055, 0.07), label)
+    attenuation = {"retinitis_pigmentosa": 0.45, "choroideremia": 0.8}.get(label, 1.0)
+    vessel_mask = _vessels(canvas, disc, macula, attenuation)
+    return _photograph(canvas), vessel_mask
+
+
+def _background(canvas: _Canvas, tessellated: bool) -> None:
+    rng, size = canvas.rng, canvas.size
+    colour = np.array(COLOURS["background"], np.float32) * np.float32(rng.uniform(0.88, 1.08))
+    colour += rng.uniform(-ILLUMINATION["cast"], ILLUMINATION["cast"], 3).astype(np.float32)
+    texture = 1 + 0.04 * smooth_noise(rng, size, 24)
+    np.multiply(texture[..., None], colour, out=canvas.rgb)
+    if tessellated:
+        # Choroidal vessels showing through a thin RPE: dark gaps between orange ribbons.
+        canvas.blend(np.abs(smooth_noise(rng, size, 40)) < 0.25, FULL, COLOURS["pigment"], opacity=0.22)
+
+
+def _macula(canvas: _Canvas, macula, dim: bool) -> None:
+    """A darker macula (Gaussian, sigma 0.04-0.06 S) with a small bright foveal reflex."""
+    region, x, y = _window(macula, 0.2, canvas.size)
+    r2 = ((x - macula[0]) ** 2 + (y - macula[1]) ** 2) / np.float32(canvas.rng.uniform(0.06, 0.08) ** 2)
+    canvas.blend(np.exp(-r2), region, COLOURS["macula"], opacity=0.5 if dim else 0.7)
+    canvas.blend(np.exp(-r2 * 60), region, (1.0, 0.85, 0.6), opacity=canvas.rng.uniform(0.15, 0.35))
+
+
+def _optic_disc(canvas: _Canvas, disc, radius: float, label: str) -> None:
+    rng = canvas.rng
+    cx, cy = (disc + 0.5) * canvas.size
+    r = canvas.px(radius)
+    colour = COLOURS["waxy_disc"] if label == "retinitis_pigmentosa" else COLOURS["disc"]
+    if label == "glaucoma" and rng.random() < 0.5:
+        # Peripapillary atrophy: a pale halo around the disc.
+        halo = canvas.layer(lambda d: d.ellipse([cx - 1.35 * r, cy - 1.25 * r, cx + 1.35 * r, cy + 1.25 * r], 200),
+                            blur=0.15 * r)
+        canvas.blend(*halo, COLOURS["atrophy"], opacity=0.5)
+    disc_layer = canvas.layer(lambda d: d.ellipse([cx - r, cy - 1.08 * r, cx + r, cy + 1.08 * r], 255), 0.12 * r)
+    canvas.blend(*disc_layer, colour)
+    cup_r = rng.uniform(*CUP_TO_DISC["glaucoma" if label == "glaucoma" else "normal"]) * r
+    pole = float(rng.choice([-1.0, 1.0]))
+
+    def draw_cup(draw):
+        draw.ellipse([cx - cup_r, cy - 1.05 * cup_r, cx + cup_r, cy + 1.05 * cup_r], 255)
+        if label == "glaucoma":
+            # Rim notch: the cup reaches the rim at the inferior or superior pole.
+            notch, ny = 0.3 * r, cy + pole * 0.7 * r
+            draw.ellipse([cx - notch, ny - notch, cx + notch, ny + notch], 255)
+
+    cup_layer = canvas.layer(draw_cup, blur=0.1 * r, region=disc_layer[1])
+    canvas.blend(*cup_layer, COLOURS["cup"], opacity=0.4 if label == "retinitis_pigmentosa" else 0.85)
+
+
+ARTERY_WIDTH, VEIN_WIDTH = 0.007, 0.0095  # of S, where they leave the disc
+MAX_BRANCH_DEPTH = 3
+BRANCH_PROBABILITY = 0.07  # per step, times the attenuation
+
+
+def _vessels(canvas: _Canvas, disc, macula, attenuation: float) -> np.ndarray:
+    """Draw an artery and a vein tree from the disc; return the exact binary vessel mask (S, S) uint8."""
+    rng, size = canvas.rng, canvas.size
+    toward_macula = math.atan2(macula[1] - disc[1], macula[0] - disc[0])
+    start = tuple((disc + 0.5) * size)
+    x, y = _grid(size)
+    fov = x**2 + y**2 < (FOV_RADIUS - 0.004) ** 2
+    mask = np.zeros((size, size), bool)
+    for colour, width in ((COLOURS["artery"], ARTERY_WIDTH), (COLOURS["vein"], VEIN_WIDTH)):
+        layer = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(layer)
+        width *= attenuation * size
+        for side in (-1.0, 1.0):
+            # Temporal arcades leave the disc steeply and bend back around the macula; nasal branches run outwards.
+            temporal = toward_macula + side * rng.uniform(1.1, 1.45)
+            _branch(draw, rng, start, temporal, -side * rng.uniform(1.2, 1.7), width, 0.7 * size, 0, attenuation)
+            nasal = toward_macula + math.pi - side * rng.uniform(0.5, 0.9)
+            _branch(draw, rng, start, nasal, rng.normal(0, 0.3), 0.7 * width, 0.4 * size, 1, attenuation)
+        drawn = np.asarray(layer) > 0
+        canvas.blend(drawn, FULL, colour, opacity=0.88)
+        mask |= drawn
+    return (mask & fov).astype(np.uint8) * 255
+
+
+def _branch(draw, rng, start, angle, curvature, width, length, depth, attenuation) -> None:
+    """Grow one vessel as a gently wiggling polyline of total turn `curvature` that tapers, spawning thinner, shorter
+    side branches (fewer when attenuated); draws onto `draw`."""
+    step = 0.012 * draw.im.size[0]
+    steps = max(2, int(length / step))
+    x, y = start
+    points = [(x, y)]
+    wiggles = rng.normal(0, 0.06, steps)
+    for i in range(steps):
+        angle += curvature / steps + wiggles[i]
+        x, y = x + step * math.cos(angle), y + step * math.sin(angle)
+        points.append((x, y))
+        if depth < MAX_BRANCH_DEPTH and i > 1 and rng.random() < BRANCH_PROBABILITY * attenuation:
+            side = float(rng.choice([-1.0, 1.0]))
+            _branch(draw, rng, (x, y), angle + side * rng.uniform(0.5, 1.1), rng.normal(0, 0.6),
+                    width * 0.7, length * rng.uniform(0.3, 0.5), depth + 1, attenuation)
+    # Taper: three chunks of decreasing width (at least 1 px, so the mask never loses a vessel).
+    per = max(1, len(points) // 3)
+    for chunk in range(3):
+        segment = points[chunk * per : (chunk + 1) * per + 1] if chunk < 2 else points[2 * per :]
+        if len(segment) >= 2:
+            draw.line(segment, fill=255, width=max(1, round(width * (1 - 0.22 * chunk))), joint="curve")
+
+
+ILLUMINATION_GRID = 64  # illumination is smooth: computed on a 64 x 64 grid and upsampled
+
+
+def _photograph(canvas: _Canvas) -> np.ndarray:
+    """Illumination, field of view, blur and noise: the reflectance becomes an 8-bit photo (S, S, 3)."""
+    rng, size = canvas.rng, canvas.size
+    x, y = _grid(ILLUMINATION_GRID)
+    direction = rng.uniform(0, 2 * math.pi)
+    gradient = rng.uniform(0, ILLUMINATION["gradient"]) * 2
+    illumination = (
+        rng.uniform(*ILLUMINATION["gain"])
+        - rng.uniform(*ILLUMINATION["vignetting"]) * (x**2 + y**2) / FOV_RADIUS**2
+        + gradient * (math.cos(direction) * x + math.sin(direction) * y)
+        + ILLUMINATION["blotches"] * smooth_noise(rng, ILLUMINATION_GRID, 6)
+    ).astype(np.float32)
+    illumination = Image.fromarray(illumination * np.float32(255), mode="F").resize((size, size), Image.BILINEAR)
+    rgb = canvas.rgb
+    rgb *= (np.asarray(illumination) * _field_of_view(size))[..., None]
+    _blur(rgb, float(rng.uniform(*BLUR_SIGMA)) * size / 512)
+    noise = rng.integers(-128, 128, (size, size, 3), dtype=np.int8).astype(np.float32)
+    noise *= (_field_of_view(size) * np.float32(rng.uniform(*NOISE_SIGMA) * 255 / UNIFORM_INT8_STD))[..., None]
+    rgb += noise
+    return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
+
+
+UNIFORM_INT8_STD = 73.9  # standard deviation of integers uniform on [-128, 127]
+
+
+@functools.lru_cache(maxsize=8)
+def _field_of_view(size: int) -> np.ndarray:
+    """(S, S) float32: 1 inside the circular field of view, 0 outside, with about one pixel of anti-aliased edge."""
+    x, y = _grid(size)
+    fov = np.clip((1 - np.sqrt(x**2 + y**2) / np.float32(FOV_RADIUS)) * np.float32(size * FOV_RADIUS), 0, 1)
+    fov.flags.writeable = False
+    return fov
+
+
+def _blur(rgb: np.ndarray, sigma: float) -> None:
+    """Gaussian blur of standard deviation `sigma` px in place, as repeated 3-tap binomial passes [w, 1 - 2w, w]
+    along both axes (each pass adds variance 2w; w <= 1/3 keeps the kernel positive and peaked)."""
+    passes = max(1, math.ceil(sigma**2 / (2 / 3)))
+    w = np.float32(sigma**2 / (2 * passes))
+    for _ in range(passes):
+        for axis in (0, 1):
+            inner = [slice(None)] * 2
+            inner[axis] = slice(1, -1)
+            before, after = list(inner), list(inner)
+            before[axis], after[axis] = slice(None, -2), slice(2, None)
+            neighbours = rgb[tuple(before)] + rgb[tuple(after)]
+            neighbours -= 2 * rgb[tuple(inner)]
+            neighbours *= w
+            rgb[tuple(inner)] += neighbours
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Disease signs. Each draws on the canvas around the macula / disc; positions are in units of S, centred.
+
+
+def _around(rng, centre, r_min, r_max, n) -> np.ndarray:
+    """n points (n, 2) (units of S) at distance r_min..r_max from `centre`, pulled inside the field of view."""
+    angle = rng.uniform(0, 2 * math.pi, n)
+    radius = np.sqrt(rng.uniform(r_min**2, r_max**2, n))
+    points = centre + np.stack([np.cos(angle), np.sin(angle)], 1) * radius[:, None]
+    norm = np.linalg.norm(points, axis=1, keepdims=True)
+    limit = FOV_RADIUS - 0.03
+    return np.where(norm > limit, points * limit / np.maximum(norm, 1e-6), points)
+
+
+def _count(rng, kind) -> int:
+    low, high = LESION_COUNTS[kind]
+    return int(rng.integers(low, high + 1))
+
+
+def _radii(rng, kind, n) -> np.ndarray:
+    return rng.uniform(*LESION_RADII[kind], n)
+
+
+def _dots(canvas: _Canvas, centres, radii, colour, opacity=1.0, blur=0.0) -> None:
+    """Blend filled ellipses (centres (n, 2) and radii (n,) in units of S) of one colour, each of its own strength."""
+    rng, size = canvas.rng, canvas.size
+    squash = rng.uniform(0.7, 1.0, len(radii))
+    strength = rng.integers(170, 256, len(radii))
+
+    def draw(d):
+        for (cx, cy), r, s, v in zip((centres + 0.5) * size, radii * size, squash, strength):
+            r = max(r, 0.6)
+            d.ellipse([cx - r, cy - r * s, cx + r, cy + r * s], int(v))
+
+    canvas.blend(*canvas.layer(draw, blur), colour, opacity=opacity)
+
+
+def _strokes(canvas: _Canvas, centres, lengths, width, colour, opacity, blur, arms) -> None:
+    """Blend short strokes of `width` px: `arms` strokes of `lengths` (units of S) leave each centre (n, 2)."""
+    rng, size = canvas.rng, canvas.size
+    angles = rng.uniform(0, 2 * math.pi, (len(centres), arms))
+    strength = rng.integers(170, 256, len(centres))
+
+    def draw(d):
+        for (cx, cy), length, row, v in zip((centres + 0.5) * size, lengths * size, angles, strength):
+            for a in row:
+                d.line([(cx, cy), (cx + length * math.cos(a), cy + length * math.sin(a))], int(v), width)
+
+    canvas.blend(*canvas.layer(draw, blur), colour, opacity=opacity)
+
+
+def _dr(canvas: _Canvas, macula, disc) -> None:
+    rng = canvas.rng
+    # Blot haemorrhages: two overlapping ellipses each, so they are irregular.
+    n = _count(rng, "haemorrhage")
+    centres = _around(rng, macula, 0.03, 0.3, n)
+    radii = _radii(rng, "haemorrhage", n)
+    second = centres + rng.normal(0, 0.5, (n, 2)) * radii[:, None]
+    _dots(canvas, np.concatenate([centres, second]), np.concatenate([radii, radii * 0.7]), COLOURS["blood"], 0.85,
+          blur=0.15 * canvas.px(radii.mean()))
+    n = _count(rng, "microaneurysm")
+    _dots(canvas, _around(rng, macula, 0.02, 0.28, n), _radii(rng, "microaneurysm", n), COLOURS["blood"], 0.9, 0.3)
+    # Hard exudates in 1-3 (circinate) clusters near the macula.
+    n = _count(rng, "exudate")
+    clusters = _around(rng, macula, 0.04, 0.16, int(rng.integers(1, 4)))
+    centres = clusters[rng.integers(len(clusters), size=n)] + rng.normal(0, 0.022, (n, 2))
+    _dots(canvas, centres, _radii(rng, "exudate", n), COLOURS["exudate"], 0.95, 0.3)
+    n = _count(rng, "cotton_wool")
+    if n:
+        radii = _radii(rng, "cotton_wool", n)
+        centres = _around(rng, disc, 0.06, 0.2, n)
+        _dots(canvas, centres, radii, COLOURS["cotton_wool"], 0.6, 0.4 * canvas.px(radii.mean()))
+
+
+def _amd(canvas: _Canvas, macula, disc) -> None:
+    rng = canvas.rng
+    n = _count(rng, "drusen")
+    radii = _radii(rng, "drusen", n)
+    _dots(canvas, _around(rng, macula, 0.0, 0.11, n), radii, COLOURS["drusen"], 0.9, 0.35 * canvas.px(radii.mean()))
+    n = _count(rng, "pigment_clump")
+    _dots(canvas, _around(rng, macula, 0.0, 0.05, n), _radii(rng, "pigment_clump", n), COLOURS["pigment"], 0.7, 0.8)
+    if rng.random() < 0.35:
+        radius = _radii(rng, "geographic_atrophy", 1)
+        centre = macula[None] + rng.normal(0, 0.01, (1, 2))
+        _dots(canvas, centre, radius, COLOURS["atrophy"], 0.85, 0.15 * canvas.px(radius[0]))
+
+
+def _retinitis_pigmentosa(canvas: _Canvas, macula, disc) -> None:
+    """Bone spicules (3-5 pigment arms from a point) over a depigmented mid-periphery; the posterior pole is spared."""
+    rng, size = canvas.rng, canvas.size
+    x, y = _grid(size)
+    ring = np.clip((np.sqrt(x**2 + y**2) - 0.18) * 8, 0, 1)
+    canvas.blend(ring, FULL, COLOURS["atrophy"], opacity=0.25)
+    n = _count(rng, "bone_spicule")
+    lengths = _radii(rng, "bone_spicule", n)
+    width = max(1, round(canvas.px(0.004)))
+    _strokes(canvas, _around(rng, np.zeros(2), 0.2, 0.44, n), lengths, width, COLOURS["pigment"], 0.85, 0.4,
+             arms=int(rng.integers(3, 6)))
+
+
+def _stargardt(canvas: _Canvas, macula, disc) -> None:
+    """Macular atrophy ("beaten bronze") ringed by yellow pisciform flecks over the posterior pole."""
+    rng = canvas.rng
+    radius = _radii(rng, "stargardt_atrophy", 1)
+    _dots(canvas, macula[None], radius, (0.6, 0.42, 0.27), 0.85, 0.2 * canvas.px(radius[0]))
+    n = _count(rng, "fleck")
+    centres = _around(rng, macula, radius[0] * 1.1, 0.2, n)
+    lengths = _radii(rng, "fleck", n)
+    _strokes(canvas, centres, lengths, max(1, round(canvas.px(0.006))), COLOURS["fleck"], 0.9, 0.5, arms=2)
+
+
+def _choroideremia(canvas: _Canvas, macula) -> None:
+    """Scalloped atrophy: outside a lobed central island the RPE and choriocapillaris are gone, exposing choroidal
+    vessels (orange ribbons) on white sclera."""
+    rng, size = canvas.rng, canvas.size
+    x, y = _grid(size)
+    dx, dy = x - np.float32(macula[0]), y - np.float32(macula[1])
+    theta = np.arctan2(dy, dx)
+    island = np.float32(rng.uniform(0.12, 0.26))
+    for lobes in (5, 7, 11):
+        island = island + np.float32(rng.uniform(0.01, 0.035)) * np.abs(np.sin(lobes * theta / 2 + rng.uniform(0, 3)))
+    edge = np.clip((np.sqrt(dx**2 + dy**2) - island) * np.float32(size * 0.08), 0, 1)
+    ribbons = np.clip(1 - np.abs(smooth_noise(rng, size, 36)) * 3, 0, 1)[..., None]
+    sclera = np.float32(COLOURS["sclera"])
+    canvas.blend(edge, FULL, sclera + ribbons * (np.float32(COLOURS["choroid"]) - sclera), opacity=0.92)
+
+
+def _best_disease(canvas: _Canvas, macula, disc) -> None:
+    """A yellow egg-yolk lesion at the fovea with a dark rim: intact, layered (pseudohypopyon) or scrambled."""
+    rng, size = canvas.rng, canvas.size
+    radius = float(_radii(rng, "vitelliform", 1)[0])
+    rim, region = canvas.layer(lambda d: d.ellipse(_box(macula, radius * 1.12, size), 255), 0.2 * canvas.px(radius))
+    yolk, _ = canvas.layer(lambda d: d.ellipse(_box(macula, radius, size), 255), 0.15 * canvas.px(radius), region)
+    stage = rng.random()
+    if stage < 0.2:  # pseudohypopyon: the material settles in the lower half
+        _, y = _grid(size)
+        yolk = yolk * np.clip(0.35 + (y[region[0]] - np.float32(macula[1])) / np.float32(radius), 0.25, 1)
+    elif stage < 0.4:  # scrambled egg
+        yolk = yolk * np.clip(0.6 + smooth_noise(rng, size, 60)[region], 0.2, 1)
+    canvas.blend(np.clip(rim - yolk, 0, 1), region, COLOURS["pigment"], opacity=0.4)
+    canvas.blend(yolk, region, COLOURS["yolk"], opacity=0.95)
+
+
+def _box(centre, radius, size, squash=0.9) -> list[float]:
+    cx, cy = (centre + 0.5) * size
+    r = radius * size
+    return [cx - r, cy - r * squash, cx + r, cy + r * squash]
+
+
+def _dust(canvas: _Canvas) -> None:
+    """Faint, blurred dust shadows on every class, so that a dark blob alone means nothing."""
+    n = int(canvas.rng.integers(0, 3))
+    if n:
+        radii = canvas.rng.uniform(0.01, 0.025, n)
+        _dots(canvas, _around(canvas.rng, np.zeros(2), 0.0, 0.4, n), radii, COLOURS["shadow"], 0.25,
+              0.6 * canvas.px(radii.mean()))
+
+
+SIGNS = {
+    "dr": _dr,
+    "amd": _amd,
+    "retinitis_pigmentosa": _retinitis_pigmentosa,
+    "stargardt": _stargardt,
+    "best_disease": _best_disease,
+}

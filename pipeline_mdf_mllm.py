@@ -1,0 +1,117 @@
+"""The `fundus-classification` pipeline: fundus photo(s) + optional clinical text -> classes scored by `classify()`.
+
+    from transformers import pipeline
+    classify = pipeline("fundus-classification", model="path/or/repo", trust_remote_code=True)
+    classify("fundus.png", clinical_text="Night blindness since childhood.")
+    # [{"label": "retinitis_pigmentosa", "score": 0.91, "disease_type": "inherited"}, ...]
+
+`register_pipeline(folder)` writes the `custom_pipelines` entry into an exported model's config.json and copies this
+file beside it, which is how `pipeline(task, model=folder, trust_remote_code=True)` finds the class. This file is
+copied into exported model folders, so it imports only torch/transformers/stdlib and does no I/O at import time.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from transformers import Pipeline
+
+
+TASK = "fundus-classification"
+
+
+class FundusClassificationPipeline(Pipeline):
+    """Scores every class of an MDF-MLLM model for each fundus photo, highest first.
+
+    Call with one photo (PIL image, array, tensor or path) or a list, and `clinical_text` (one string for every
+    photo, or one per photo, None/"" for none). Returns, per photo, `[{"label", "score", "disease_type"}, ...]`
+    sorted by score (the scores of all classes sum to 1); `top_k=` keeps the first k. One photo in -> one list out;
+    a list in -> a list of lists. `batch_size=` batches the model calls (left-padded prompts, as the processor pads).
+    """
+
+    # The MDF-MLLM processor carries the tokenizer and image processor: load it, and nothing separately.
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The batching collator pads token ids on the tokenizer's side; classify() expects what the processor does.
+        self.tokenizer.padding_side = "left"
+
+    def _sanitize_parameters(self, top_k=None, **kwargs):
+        postprocess_params = {} if top_k is None else {"top_k": top_k}
+        return {}, {}, postprocess_params
+
+    def __call__(self, images, clinical_text=None, **kwargs):
+        single = not isinstance(images, (list, tuple))
+        photos = [images] if single else list(images)
+        if isinstance(clinical_text, (list, tuple)):
+            if len(clinical_text) != len(photos):
+                raise ValueError(f"clinical_text: {len(clinical_text)} texts for {len(photos)} images")
+            texts = list(clinical_text)
+        else:
+            texts = [clinical_text] * len(photos)
+        items = [{"image": photo, "clinical_text": text} for photo, text in zip(photos, texts)]
+        results = super().__call__(items, **kwargs)
+        return results[0] if single else results
+
+    def preprocess(self, item):
+        return self.processor(images=[item["image"]], clinical_text=[item["clinical_text"]], return_tensors="pt")
+
+    def _forward(self, model_inputs):
+        # Images arrive as float32; the model may have been loaded in bf16/fp16 (`dtype=`).
+        inputs = {
+            key: value.to(self.model.dtype) if torch.is_floating_point(value) else value
+            for key, value in model_inputs.items()
+        }
+        return {"probabilities": self.model.classify(**inputs).float()}
+
+    def postprocess(self, model_outputs, top_k=None):
+        config = self.model.config
+        probabilities = model_outputs["probabilities"][0].tolist()
+        order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:top_k]
+        return [
+            {"label": config.id2label[i], "score": probabilities[i], "disease_type": config.disease_types[i]}
+            for i in order
+        ]
+
+
+def load_pipeline(model, **pipeline_kwargs) -> FundusClassificationPipeline:
+    """`pipeline("fundus-classification", model=model, trust_remote_code=True, **pipeline_kwargs)`, also for a model
+    folder whose config.json has no `custom_pipelines` entry (the task is registered here for this process)."""
+    from transformers import AutoModel, pipeline
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+        PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=FundusClassificationPipeline, pt_model=AutoModel)
+    return pipeline(TASK, model=model, trust_remote_code=True, **pipeline_kwargs)
+
+
+def register_pipeline(model_folder: str | os.PathLike) -> None:
+    """Make an exported model folder serve `pipeline("fundus-classification", model=folder, trust_remote_code=True)`.
+
+    Writes `custom_pipelines` into its config.json (the entry `Pipeline.save_pretrained` writes for a registered
+    pipeline: implementation `module.Class` and the auto class that loads the model) and copies this file there.
+    """
+    config_path = os.path.join(model_folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"model_folder: no config.json in {os.fspath(model_folder)}; save the model first")
+    with open(config_path, encoding="utf-8") as file:
+        config = json.load(file)
+    module = os.path.splitext(os.path.basename(__file__))[0]
+    config["custom_pipelines"] = {
+        TASK: {"impl": f"{module}.{FundusClassificationPipeline.__name__}", "pt": ["AutoModel"], "type": "multimodal"}
+    }
+    with open(config_path, "w", encoding="utf-8") as file:
+        json.dump(config, file, indent=2, sort_keys=True)
+        file.write("\n")
+    target = os.path.join(model_folder, os.path.basename(__file__))
+    if os.path.abspath(target) != os.path.abspath(__file__):
+        shutil.copyfile(__file__, target)
+
+
+__all__ = ["FundusClassificationPipeline", "load_pipeline", "register_pipeline", "TASK"]

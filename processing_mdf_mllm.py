@@ -1,0 +1,825 @@
+"""MDF-MLLM processing: fundus photo + clinical text -> everything `MdfMllmForConditionalGeneration` takes.
+
+* `MdfMllmImageProcessor`: Mllama's tiles for the vision tower, plus the U-Net view: a square crop centred on the
+  fundus field of view (the bright disc on a dark background), resized to S x S and normalised.
+* `MdfMllmProcessor`: the chat prompt (image token, instruction, optional clinical history), left-padded token ids,
+  Mllama's cross-attention mask, and answer-only `labels` for training.
+* `build_tokenizer()`: a small offline Llama-3-style tokenizer for the default model; `build_default_processor()`.
+* `MdfMllmDataCollator`: batches already-processed single examples for the `Trainer`.
+
+This file is copied into every exported model folder and imported by `trust_remote_code`, so it imports only
+torch/transformers/numpy/PIL/stdlib and does nothing at import time but define things.
+"""
+
+import functools
+import inspect
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from transformers import BatchFeature, MllamaProcessor, PreTrainedTokenizerFast
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.models.mllama.processing_mllama import (
+    build_string_from_input,
+    convert_sparse_cross_attention_mask_to_dense,
+    get_cross_attention_token_mask,
+)
+from transformers.utils import is_torchvision_available
+
+
+# Subclass what `AutoImageProcessor` gives for mllama by default: the torchvision backend when torchvision is
+# installed, the PIL backend otherwise. Only `_preprocess_image_like_inputs` is overridden, which both share.
+if is_torchvision_available():
+    from transformers.models.mllama.image_processing_mllama import MllamaImageProcessor, MllamaImageProcessorKwargs
+else:
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        MllamaImageProcessorKwargs,
+        MllamaImageProcessorPil as MllamaImageProcessor,
+    )
+
+try:
+    from .configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES
+except ImportError:
+    from configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES
+
+
+IMAGE_TOKEN = "<|image|>"
+END_OF_TURN = "<|eot_id|>"
+IGNORE_INDEX = -100
+DEFAULT_INSTRUCTION = "What retinal disease does this fundus photograph show?"
+DEFAULT_CLINICAL_TEXT_TEMPLATE = "Clinical history: {clinical_text}"
+
+# Llama 3.2 Vision's chat layout, without its system-prompt and tool branches.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] | trim }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] | trim }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any photo -> upright RGB uint8 PIL image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (phone and camera photos are often stored sideways)."""
+    if image.getexif().get(0x0112, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    return image
+
+
+def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
+    """8-bit, 16-bit, bool and float (0..1 or 0..255) pixel values -> uint8 0..255.
+
+    Other integer types (PIL's 32-bit "I" mode) are read as 8-bit when no value exceeds 255, else as 16-bit.
+    """
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if array.dtype == np.uint16:
+        return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        top = int(array.max(initial=0))
+        if array.min(initial=0) < 0 or top > 65535:
+            raise ValueError(f"{name}: integer pixel values must lie in 0..65535, got {array.min()}..{top}")
+        return _to_uint8(array.astype(np.uint8 if top <= 255 else np.uint16), name)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name}: the image holds NaN or infinite pixel values")
+        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
+        return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+    raise ValueError(f"{name}: unsupported pixel type {array.dtype}")
+
+
+def _as_hwc(image, name: str) -> np.ndarray:
+    """A numpy array, torch tensor or PIL image -> (H, W, C) array, C in 1, 3, 4 (channels-first is detected)."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[..., None]
+    elif array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{name}: expected an image of shape (H, W), (H, W, C) or (C, H, W), C in 1/3/4; got "
+                         f"{tuple(array.shape)}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name}: the image is empty ({array.shape[1]}x{array.shape[0]} pixels)")
+    return array
+
+
+def _open(image, name: str):
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"{name}: no image file at {os.fspath(image)}")
+        return Image.open(image)
+    return image
+
+
+def to_rgb_image(image, name: str = "image") -> Image.Image:
+    """Any photo -> upright RGB uint8 PIL image.
+
+    Accepts PIL images in any mode (L, P, RGBA, CMYK, 16-bit I;16, ...), (H, W[, C]) or (C, H, W) arrays and tensors
+    of uint8/uint16/bool/float, and file paths. Transparency is composited onto black, the fundus background.
+    """
+    image = _open(image, name)
+    if isinstance(image, Image.Image):
+        image = _upright(image)
+        if image.mode == "RGB":
+            return image
+        if image.has_transparency_data:  # RGBA, LA, PA, P with a transparent colour, ...
+            image = image.convert("RGBA")
+        elif image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+            return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+    array = _to_uint8(_as_hwc(image, name), name)
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:].astype(np.uint16)
+        array = ((array[..., :3] * alpha + 127) // 255).astype(np.uint8)
+    elif array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def to_binary_mask(mask, name: str = "vessel_mask") -> Image.Image:
+    """A vessel mask (any image type; 0/1, 0/255, bool, grey or colour) -> upright 'L' image of 0/255."""
+    mask = _open(mask, name)
+    if isinstance(mask, Image.Image):
+        mask = _upright(mask)
+    array = _as_hwc(mask, name)[..., :3].max(axis=-1)  # colour channels only: alpha is no vessel
+    top = array.max(initial=0)
+    return Image.fromarray(((array > top / 2) & (top > 0)).astype(np.uint8) * 255)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Field of view: threshold a thumbnail, keep the largest blob, fit a circle to its outer edge
+
+
+MIN_CONTRAST = 8  # grey levels between background and fundus below which the image has no field of view
+DARK_BACKGROUND = 0.5  # the background is darker than this fraction of the fundus' typical brightness
+MIN_FOV_FRACTION = 0.02  # the fundus blob must cover at least this fraction of the image
+THIN_STRUCTURE = 0.02  # bright structures thinner than this fraction of the image side (text strokes) are dropped
+
+
+def _fov_levels(value: np.ndarray) -> tuple[float, float]:
+    """Brightness of the background and of the fundus' typical pixel.
+
+    The fundus level is the median of the clearly bright pixels, which the fundus dominates even beside a burned-in
+    white bar, and which scales with dim photos.
+    """
+    background, top = np.percentile(value, [1, 99])
+    if top - background < MIN_CONTRAST:
+        raise ValueError(
+            f"no field of view found: the image is uniform (brightness {background:.0f}..{top:.0f} of 255), "
+            "e.g. all black"
+        )
+    return float(background), float(np.median(value[value > background + 0.1 * (top - background)]))
+
+
+def _square_filter(mask: np.ndarray, size: int, combine) -> np.ndarray:
+    """Erosion (`np.logical_and`) or dilation (`np.logical_or`) by a size x size square, edges replicated."""
+    radius, (height, width) = size // 2, mask.shape
+    padded = np.pad(mask, radius, mode="edge")
+    rows = functools.reduce(combine, (padded[:, i : i + width] for i in range(size)))
+    return functools.reduce(combine, (rows[i : i + height] for i in range(size)))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The 8-connected component of `mask` with the most pixels, by union-find over row runs (no scipy)."""
+    height, width = mask.shape
+    edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    run_rows, run_starts = np.nonzero(edges == 1)
+    run_ends = np.nonzero(edges == -1)[1]  # exclusive
+    parent = list(range(len(run_rows)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    row_begin = np.searchsorted(run_rows, np.arange(height + 1)).tolist()
+    starts, ends = run_starts.tolist(), run_ends.tolist()
+    for y in range(1, height):
+        i, i_end, j, j_end = row_begin[y - 1], row_begin[y], row_begin[y], row_begin[y + 1]
+        while i < i_end and j < j_end:  # two sorted run lists: link runs that touch, diagonals included
+            if starts[j] <= ends[i] and starts[i] <= ends[j]:
+                parent[root(j)] = root(i)
+            if ends[i] < ends[j]:
+                i += 1
+            else:
+                j += 1
+    roots = np.array([root(i) for i in range(len(parent))])
+    largest = roots == np.bincount(roots, weights=run_ends - run_starts).argmax()
+    component = np.zeros_like(mask)
+    for row, start, end in zip(run_rows[largest], run_starts[largest], run_ends[largest]):
+        component[row, start:end] = True
+    return component
+
+
+def _row_edge_points(component: np.ndarray, value: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right ends of the component in every row, at the sub-pixel threshold crossing, as (x, y).
+
+    Ends on the image border are left out: there the disc is cut by the frame, not by its own edge.
+    """
+    width = component.shape[1]
+    rows = np.nonzero(component.any(axis=1))[0]
+    left = component[rows].argmax(axis=1)
+    right = width - 1 - component[rows, ::-1].argmax(axis=1)
+    value = value.astype(np.float32)
+    xs, ys = [], []
+    for inside, step, keep in ((left, -1, left > 0), (right, 1, right < width - 1)):
+        y, x = rows[keep], inside[keep]
+        v_in, v_out = value[y, x], value[y, x + step]
+        fraction = np.clip((v_in - threshold) / np.maximum(v_in - v_out, 1e-6), 0.0, 1.0)
+        xs.append(x + step * fraction)
+        ys.append(y.astype(np.float32))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _circles_through(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Circles through point triples: x, y of shape (..., 3) -> centre x, centre y, radius of shape (...)."""
+    (x1, x2, x3), (y1, y2, y3) = np.moveaxis(x, -1, 0), np.moveaxis(y, -1, 0)
+    det = 2 * (x1 * (y2 - y3) + x2 * (y3 - y1) + x3 * (y1 - y2))
+    det = np.where(np.abs(det) < 1e-9, np.nan, det)  # collinear triples give no circle
+    s1, s2, s3 = x1**2 + y1**2, x2**2 + y2**2, x3**2 + y3**2
+    cx = (s1 * (y2 - y3) + s2 * (y3 - y1) + s3 * (y1 - y2)) / det
+    cy = (s1 * (x3 - x2) + s2 * (x1 - x3) + s3 * (x2 - x1)) / det
+    return cx, cy, np.hypot(x1 - cx, y1 - cy)
+
+
+def _fit_circle(x: np.ndarray, y: np.ndarray, tolerance: float = 1.0, trials: int = 128):
+    """Circle through edge points that may include outliers (a bar touching the disc, a notch), or None.
+
+    RANSAC picks the circle through three points that most points lie on (seeded: deterministic), then a
+    least-squares (Kasa) fit on its inliers refines it.
+    """
+    if len(x) < 3:
+        return None
+    triples = np.random.default_rng(0).integers(0, len(x), size=(trials, 3))
+    cx, cy, radius = _circles_through(x[triples], y[triples])
+    sample = slice(None, None, max(1, len(x) // 256))  # score the candidates on a few hundred points
+    residual = np.abs(np.hypot(x[None, sample] - cx[:, None], y[None, sample] - cy[:, None]) - radius[:, None])
+    best = (np.nan_to_num(residual, nan=np.inf) <= tolerance).sum(axis=1).argmax()
+    keep = np.abs(np.hypot(x - cx[best], y - cy[best]) - radius[best]) <= tolerance
+    for _ in range(2):
+        if keep.sum() < 3:
+            return None
+        design = np.stack([x[keep], y[keep], np.ones(keep.sum())], axis=1)
+        (a, b, c), *_ = np.linalg.lstsq(design, -(x[keep] ** 2 + y[keep] ** 2), rcond=None)
+        center_x, center_y = -a / 2, -b / 2
+        if center_x**2 + center_y**2 - c <= 0:
+            return None
+        fitted_radius = np.sqrt(center_x**2 + center_y**2 - c)
+        keep = np.abs(np.hypot(x - center_x, y - center_y) - fitted_radius) <= tolerance
+    return float(center_x), float(center_y), float(fitted_radius)
+
+
+def detect_field_of_view(image: Image.Image, working_size: int = 256, name: str = "image") -> tuple[float, ...]:
+    """Circle `(center_x, center_y, radius)` of the fundus field of view, in `image`'s pixel coordinates.
+
+    Works on a thumbnail of at most `working_size` pixels a side (cost independent of the photo's size): threshold
+    its brightness, drop thin bright structures (burned-in text), keep the largest blob, and fit a circle to the
+    left/right/top/bottom ends of its rows and columns that do not touch the image border, so a disc cut by the
+    frame (HRF) is fitted from its visible arc. A photo cropped inside the field of view (no dark surround) gets
+    the circle centred on the image with half its longer side as radius.
+
+    Raises `ValueError` when there is no field of view (uniform, e.g. all-black, image).
+    """
+    factor = -(-max(image.size) // working_size)  # ceil
+    thumbnail = image.reduce(factor) if factor > 1 else image  # block means: the fastest downsampling PIL has
+    small_size = thumbnail.size
+    value = np.asarray(thumbnail).max(axis=2)  # brightest channel: works for red-free and grey photos alike
+    try:
+        background, fundus = _fov_levels(value)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    if background > DARK_BACKGROUND * fundus:  # no dark surround: the photo is cropped inside the field of view
+        return (image.width - 1) / 2, (image.height - 1) / 2, max(image.size) / 2
+    threshold = background + 0.15 * (fundus - background)
+    mask = value > threshold
+    thin = 2 * round(THIN_STRUCTURE * max(small_size) / 2) + 1
+    if thin >= 3:
+        mask = _square_filter(_square_filter(mask, thin, np.logical_and), thin, np.logical_or)
+    component = _largest_component(mask) if mask.any() else mask
+    if component.sum() < MIN_FOV_FRACTION * component.size:
+        raise ValueError(f"{name}: no field of view found: the largest bright region covers "
+                         f"{component.mean():.1%} of the image")
+
+    x_rows, y_rows = _row_edge_points(component, value, threshold)
+    y_cols, x_cols = _row_edge_points(component.T, value.T, threshold)
+    circle = _fit_circle(np.concatenate([x_rows, x_cols]), np.concatenate([y_rows, y_cols]))
+    if circle is None or not 0 < circle[2] < 2 * max(small_size):  # too few free edge points: the blob's box
+        ys, xs = np.nonzero(component)
+        circle = ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, (max(np.ptp(xs), np.ptp(ys)) + 1) / 2)
+    # Thumbnail pixel i averages full pixels i * factor .. (i + 1) * factor - 1: its centre is (i + 0.5) * factor - 0.5.
+    cx, cy, radius = circle
+    return (cx + 0.5) * factor - 0.5, (cy + 0.5) * factor - 0.5, radius * factor
+
+
+def crop_to_circle(image: Image.Image, circle: tuple[float, float, float], size: int, resample) -> Image.Image:
+    """The square circumscribing `circle`, resized to `size` x `size`; what lies outside the image is black."""
+    cx, cy, radius = circle
+    left, top, side = cx + 0.5 - radius, cy + 0.5 - radius, 2 * radius  # continuous coordinates (pixel i: [i, i+1))
+    box = (max(left, 0.0), max(top, 0.0), min(left + side, image.width), min(top + side, image.height))
+    scale = size / side
+    target = [round((box[0] - left) * scale), round((box[1] - top) * scale),
+              round((box[2] - left) * scale), round((box[3] - top) * scale)]
+    canvas = Image.new(image.mode, (size, size), 0)
+    if target[2] > target[0] and target[3] > target[1]:
+        patch = image.resize((target[2] - target[0], target[3] - target[1]), resample, box=box, reducing_gap=1.5)
+        canvas.paste(patch, (target[0], target[1]))
+    return canvas
+
+
+def nest_images(images) -> list[list]:
+    """One image, a list of images, or a list of per-sample lists -> a list of per-sample lists."""
+    if isinstance(images, (list, tuple)):
+        return [list(sample) if isinstance(sample, (list, tuple)) else [sample] for sample in images]
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return [[image] for image in images]
+    return [[images]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image processor
+
+
+class MdfMllmImageProcessorKwargs(MllamaImageProcessorKwargs, total=False):
+    """
+    unet_image_size (`int`):
+        S, the side of `unet_pixel_values` (the U-Net's input).
+    unet_image_mean (`list[float]`), unet_image_std (`list[float]`):
+        Per-channel normalisation of the U-Net view (after scaling pixels to 0..1).
+    fov_detection_size (`int`):
+        Longest side of the thumbnail the field of view is detected on.
+    """
+
+    unet_image_size: int
+    unet_image_mean: float | list[float] | tuple[float, ...]
+    unet_image_std: float | list[float] | tuple[float, ...]
+    fov_detection_size: int
+
+
+class MdfMllmImageProcessor(MllamaImageProcessor):
+    r"""Mllama's image processor plus the U-Net view of the fundus.
+
+    Returns the stock `pixel_values` (B, 1, max_image_tiles, 3, tile, tile), `aspect_ratio_ids`, `aspect_ratio_mask`,
+    `num_tiles`, and `unet_pixel_values` (B, 3, S, S) float32: the square around the detected field of view,
+    resized to S = `unet_image_size` and normalised with `unet_image_mean`/`unet_image_std`. With
+    `vessel_masks=` (one mask per image, same size as the image) also `vessel_mask` (B, 1, S, S) of 0./1.,
+    cropped exactly like the photo. Each sample holds one fundus photo.
+    """
+
+    unet_image_size = 512
+    unet_image_mean = IMAGENET_DEFAULT_MEAN
+    unet_image_std = IMAGENET_DEFAULT_STD
+    fov_detection_size = 256
+    valid_kwargs = MdfMllmImageProcessorKwargs
+    model_input_names = MllamaImageProcessor.model_input_names + ["unet_pixel_values"]
+
+    def preprocess(self, images, vessel_masks=None, **kwargs) -> BatchFeature:
+        return super().preprocess(images, image_like_kwargs={"vessel_masks": vessel_masks}, **kwargs)
+
+    def field_of_view(self, image) -> tuple[float, float, float]:
+        """`(center_x, center_y, radius)` of the fundus disc in `image`'s pixel coordinates (after EXIF rotation)."""
+        return detect_field_of_view(to_rgb_image(image), self.fov_detection_size)
+
+    def _preprocess_image_like_inputs(self, images, vessel_masks=None, **kwargs) -> BatchFeature:
+        samples = nest_images(images)
+        for i, sample in enumerate(samples):
+            if len(sample) != 1:
+                raise ValueError(f"images[{i}]: MDF-MLLM reads one fundus photo per sample, got {len(sample)}")
+        photos = [to_rgb_image(sample[0], f"images[{i}]") for i, sample in enumerate(samples)]
+        circles = [
+            detect_field_of_view(photo, kwargs["fov_detection_size"], f"images[{i}]") for i, photo in enumerate(photos)
+        ]
+        outputs = super()._preprocess_image_like_inputs([[photo] for photo in photos], **kwargs)
+
+        size, resample = kwargs["unet_image_size"], Image.Resampling.BILINEAR
+        views = np.stack([np.asarray(crop_to_circle(p, c, size, resample)) for p, c in zip(photos, circles)])
+        views = views.astype(np.float32)  # (B, S, S, 3) 0..255, normalised in place: (x / 255 - mean) / std
+        views -= 255 * np.asarray(kwargs["unet_image_mean"], np.float32)
+        views *= 1 / (255 * np.asarray(kwargs["unet_image_std"], np.float32))
+        data = {key: value for key, value in outputs.items() if key != "num_tiles"}
+        data["unet_pixel_values"] = np.ascontiguousarray(views.transpose(0, 3, 1, 2))
+        if vessel_masks is not None:
+            data["vessel_mask"] = self._crop_vessel_masks(vessel_masks, photos, circles, size)
+        encoded = BatchFeature(data, tensor_type=kwargs.get("return_tensors"))
+        encoded["num_tiles"] = outputs["num_tiles"]
+        return encoded
+
+    @staticmethod
+    def _crop_vessel_masks(vessel_masks, photos, circles, size) -> np.ndarray:
+        """(B, 1, S, S) float32 0/1: each mask cropped with its photo's circle (antialiased, then thresholded)."""
+        masks = [sample[0] for sample in nest_images(vessel_masks)]
+        if len(masks) != len(photos):
+            raise ValueError(f"vessel_masks: {len(masks)} masks for {len(photos)} images")
+        crops = []
+        for i, (mask, photo, circle) in enumerate(zip(masks, photos, circles)):
+            mask = to_binary_mask(mask, f"vessel_masks[{i}]")
+            if mask.size != photo.size:
+                raise ValueError(f"vessel_masks[{i}]: mask is {mask.width}x{mask.height} pixels but its image is "
+                                 f"{photo.width}x{photo.height}")
+            crops.append(np.asarray(crop_to_circle(mask, circle, size, Image.Resampling.BILINEAR)) >= 128)
+        return np.stack(crops)[:, None].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offline tokenizer for the small default model
+
+
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# `<|image|>` last: Llama 3.2 Vision's lm_head has vocab_size rows and the image token's id equals vocab_size.
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|finetune_right_pad_id|>",
+    IMAGE_TOKEN,
+]
+CLINICAL_VOCABULARY = """
+what which does this that the a an of in on with and or to is are was were has had have by for from at as no not yes
+fundus photograph photo image retina retinal eye eyes left right both bilateral unilateral optic disc nerve cup
+macula macular fovea foveal vessel vessels artery arteries vein veins arteriolar attenuation attenuated narrowing
+hemorrhage hemorrhages haemorrhage exudate exudates hard soft cotton wool spots drusen microaneurysm microaneurysms
+pigment pigmentary pigmentation bone spicule spicules atrophy atrophic flecks fleck pallor pale waxy cupping notch
+notching rim neovascularization edema oedema scar lesion lesions periphery peripheral central
+patient male female man woman boy girl child children adult years year old aged age onset early late childhood
+adolescence teenage infancy birth history family father mother brother sister son daughter sibling siblings parents
+grandfather grandmother uncle aunt cousin consanguineous inherited acquired autosomal dominant recessive linked
+x-linked gene genes mutation mutations genetic testing variant variants carrier
+night blindness nyctalopia photophobia glare color colour vision visual acuity field fields loss constriction
+tunnel scotoma blurred blurry blurring reading difficulty progressive progression slowly slow gradual gradually
+sudden decreased decrease reduced poor worse worsening normal mild moderate severe stable diabetes diabetic
+type insulin hypertension hypertensive glaucoma intraocular pressure elevated myopia myopic hyperopia cataract
+surgery electroretinogram erg extinguished oct thinning presents presented presenting complains complaint reports
+noted denies since months weeks days ago first diagnosed diagnosis disease disorder condition findings examination
+answer healthy abnormal user assistant system
+"""
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer with Llama 3's special tokens, built offline and deterministically.
+
+    Trained on the project's label and clinical vocabulary; byte-level, so any text (unicode included) encodes.
+    Every special token comes after the BPE vocabulary and `<|image|>` has the last id, as in Llama 3.2 Vision:
+    use `text_config.vocab_size = image_token_index = tokenizer.convert_tokens_to_ids("<|image|>")`.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    words = CLINICAL_VOCABULARY.split() + DISEASE_TYPES + [w for label in DEFAULT_LABELS for w in label]
+    words += (DEFAULT_INSTRUCTION + " " + DEFAULT_CLINICAL_TEXT_TEMPLATE).split()
+    words += [word.capitalize() for word in words]
+    # Each word after a space and at the start of a line ("\n\n" + answer follows the assistant header).
+    lines = [" ".join(words), "\n\n".join(words), "0 1 2 3 4 5 6 7 8 9 10 20 20/20 20/40 20/200 . , : ; ( ) - ? ! ' \""]
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000, min_frequency=1, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(lines, trainer)
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+        special_tokens=[("<|begin_of_text|>", tokenizer.token_to_id("<|begin_of_text|>"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|begin_of_text|>",
+        eos_token=END_OF_TURN,
+        pad_token="<|finetune_right_pad_id|>",
+        padding_side="left",
+        chat_template=LLAMA3_CHAT_TEMPLATE,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processor
+
+
+def _per_sample(value, batch_size: int, field: str) -> list:
+    """None / one value / a list of `batch_size` values -> a list of `batch_size` values."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != batch_size:
+            raise ValueError(f"{field}: {len(value)} entries for a batch of {batch_size}")
+        return list(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
+        return _per_sample(value.tolist(), batch_size, field)
+    if value is not None and batch_size != 1:
+        raise ValueError(f"{field}: one value for a batch of {batch_size}; give a list with one per sample")
+    return [value.item() if isinstance(value, (np.ndarray, torch.Tensor)) else value] * batch_size
+
+
+class MdfMllmProcessor(MllamaProcessor):
+    r"""Fundus photos + clinical text (+ labels) -> MDF-MLLM's inputs, for training and inference.
+
+    The prompt is the chat template applied to one user turn: the image token, `instruction`, and, when the
+    sample has clinical text, `clinical_text_template` on a new line; the assistant header follows. With `labels`
+    the answer (the label's verbalizer, then `<|eot_id|>`) is appended and `labels` is -100 everywhere else.
+    Padding is on the left, so batched `generate()` continues every row at its end.
+
+    Args:
+        image_processor ([`MdfMllmImageProcessor`]), tokenizer: any tokenizer with Llama 3's `<|image|>`,
+            `<|eot_id|>` tokens and a pad token (`build_tokenizer()`, or a Llama 3.2 Vision tokenizer unchanged).
+        chat_template (`str`, *optional*): defaults to the tokenizer's, else a Llama 3 template.
+        label_names, verbalizers (`list[str]`, *optional*): label id -> name / answer text; `DEFAULT_LABELS`.
+        instruction (`str`), clinical_text_template (`str` with `{clinical_text}`): the prompt's text.
+    """
+
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        chat_template=None,
+        label_names=None,
+        verbalizers=None,
+        instruction=DEFAULT_INSTRUCTION,
+        clinical_text_template=DEFAULT_CLINICAL_TEXT_TEMPLATE,
+    ):
+        self.label_names = list(label_names or [name for name, _, _ in DEFAULT_LABELS])
+        self.verbalizers = list(verbalizers or [verbalizer for _, verbalizer, _ in DEFAULT_LABELS])
+        self.instruction = instruction
+        self.clinical_text_template = clinical_text_template
+        if len(self.label_names) != len(self.verbalizers):
+            raise ValueError(f"verbalizers: {len(self.verbalizers)} for {len(self.label_names)} label_names")
+        for field in ("label_names", "verbalizers"):
+            values = getattr(self, field)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{field}: entries must be unique, got {values}")
+        if "{clinical_text}" not in clinical_text_template:
+            raise ValueError("clinical_text_template: must contain '{clinical_text}'")
+        for token in (IMAGE_TOKEN, END_OF_TURN):
+            if token not in tokenizer.get_vocab():
+                raise ValueError(f"tokenizer: has no {token} token, which MDF-MLLM's prompts need")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer: has no pad token (Llama 3 uses <|finetune_right_pad_id|>)")
+        chat_template = chat_template or getattr(tokenizer, "chat_template", None) or LLAMA3_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self._verbalizer_token_ids = None
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # The image processor is this file's own class: loading it through AutoImageProcessor would demand
+        # `trust_remote_code` even from `MdfMllmProcessor.from_pretrained`.
+        subfolder = kwargs.pop("subfolder", "")
+        tokenizer = cls._load_tokenizer_from_pretrained(
+            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        image_processor = MdfMllmImageProcessor.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        return [image_processor, tokenizer]
+
+    # -- labels ---------------------------------------------------------------------------------------------------
+
+    def label_id(self, label) -> int:
+        """A label id, name or verbalizer -> the label id."""
+        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            if not 0 <= label < len(self.label_names):
+                raise ValueError(f"labels: label id {label} outside 0..{len(self.label_names) - 1}")
+            return int(label)
+        for names in (self.label_names, self.verbalizers):
+            if label in names:
+                return names.index(label)
+        raise ValueError(f"labels: unknown label {label!r}; known: {self.label_names}")
+
+    def label_from_answer(self, answer: str) -> int | None:
+        """Generated answer text -> label id, or None if it is no verbalizer."""
+        answer = answer.replace(END_OF_TURN, "").strip().lower()
+        matches = [i for i, verbalizer in enumerate(self.verbalizers) if verbalizer.lower() == answer]
+        return matches[0] if matches else None
+
+    def answer_text(self, label) -> str:
+        return self.verbalizers[self.label_id(label)] + END_OF_TURN
+
+    @property
+    def verbalizer_token_ids(self) -> list[list[int]]:
+        """For each label id, the token ids of its answer (verbalizer + `<|eot_id|>`) as they follow the prompt."""
+        if self._verbalizer_token_ids is None:
+            prompt = self.build_prompt()
+            prompt_ids = self._encode(prompt)
+            answers = []
+            for verbalizer in self.verbalizers:
+                ids = self._encode(prompt + verbalizer + END_OF_TURN)
+                if ids[: len(prompt_ids)] != prompt_ids:
+                    raise ValueError(f"verbalizers: the tokenizer merges the answer {verbalizer!r} into the prompt")
+                answers.append(ids[len(prompt_ids) :])
+            self._verbalizer_token_ids = answers
+        return self._verbalizer_token_ids
+
+    # -- prompts --------------------------------------------------------------------------------------------------
+
+    def build_prompt(self, clinical_text: str | None = None) -> str:
+        """The chat prompt for one photo, up to and including the assistant header."""
+        content = self.instruction
+        if clinical_text and clinical_text.strip():
+            content += "\n" + self.clinical_text_template.format(clinical_text=clinical_text.strip())
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": content}]}]
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        # Special tokens come from the prompt text itself (the template writes <|begin_of_text|>).
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        clinical_text=None,
+        labels=None,
+        vessel_masks=None,
+        return_tensors="pt",
+        **images_kwargs,
+    ) -> BatchFeature:
+        r"""
+        Args:
+            images: one fundus photo or a list, one per sample (PIL, array, tensor or path).
+            text (`str` or `list[str]`, *optional*): raw prompts instead of the built ones; each must hold one
+                `<|image|>` per image of its sample.
+            clinical_text (`str`, `list[str | None]`, *optional*): clinical history per sample; None/"" for none.
+            labels (label ids or names, *optional*): append the answer and return answer-only `labels`.
+            vessel_masks (*optional*): one vessel mask per image, returned as `vessel_mask` (B, 1, S, S).
+            images_kwargs: overrides for the image processor (e.g. `max_image_tiles`).
+
+        Returns:
+            [`BatchFeature`] with `input_ids`, `attention_mask` (B, L) left-padded, `pixel_values`,
+            `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask` (B, L, 1, max_image_tiles),
+            `unet_pixel_values` (B, 3, S, S), and `vessel_mask`, `labels` (B, L) when asked for.
+        """
+        if images is None and text is None:
+            raise ValueError("give images, text or both")
+        samples = nest_images(images) if images is not None else None
+        batch_size = len(samples) if samples is not None else len(text if isinstance(text, (list, tuple)) else [text])
+        if text is None:
+            prompts = [self.build_prompt(c) for c in _per_sample(clinical_text, batch_size, "clinical_text")]
+        else:
+            if clinical_text is not None:
+                raise ValueError("clinical_text: give it or a raw text prompt, not both")
+            prompts = self._check_prompts(_per_sample(text, batch_size, "text"), samples)
+
+        sequences = [self._encode(prompt) for prompt in prompts]
+        targets = None
+        if labels is not None:
+            answers = [self.verbalizer_token_ids[self.label_id(label)]
+                       for label in _per_sample(labels, batch_size, "labels")]
+            targets = [[IGNORE_INDEX] * len(ids) + answer for ids, answer in zip(sequences, answers)]
+            sequences = [ids + answer for ids, answer in zip(sequences, answers)]
+
+        data = self._left_pad(sequences, targets)
+        if samples is not None:
+            image_inputs = self.image_processor(samples, vessel_masks=vessel_masks, **images_kwargs)
+            num_tiles = image_inputs.pop("num_tiles")
+            data.update(image_inputs)
+            data["cross_attention_mask"] = convert_sparse_cross_attention_mask_to_dense(
+                [get_cross_attention_token_mask(ids, self.image_token_id) for ids in data["input_ids"]],
+                num_tiles=num_tiles,
+                max_num_tiles=images_kwargs.get("max_image_tiles", self.image_processor.max_image_tiles),
+                length=len(data["input_ids"][0]),
+            )
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_prompts(self, prompts: list[str], samples: list[list] | None) -> list[str]:
+        """Raw prompts must hold one image token per image; <|begin_of_text|> is added as Mllama does."""
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"text[{i}]: expected a string, got {type(prompt).__name__}")
+            found, expected = prompt.count(self.image_token), len(samples[i]) if samples is not None else 0
+            if found != expected:
+                raise ValueError(f"text[{i}]: the prompt holds {found} {self.image_token} token(s) for {expected} "
+                                 f"image(s); put one {self.image_token} where each image goes")
+        return [build_string_from_input(prompt, self.bos_token, self.image_token) for prompt in prompts]
+
+    def _left_pad(self, sequences: list[list[int]], targets: list[list[int]] | None) -> dict[str, list]:
+        length, pad_id = max(len(ids) for ids in sequences), self.tokenizer.pad_token_id
+        padding = [length - len(ids) for ids in sequences]
+        data = {
+            "input_ids": [[pad_id] * n + ids for n, ids in zip(padding, sequences)],
+            "attention_mask": [[0] * n + [1] * len(ids) for n, ids in zip(padding, sequences)],
+        }
+        if targets is not None:
+            data["labels"] = [[IGNORE_INDEX] * n + target for n, target in zip(padding, targets)]
+        return data
+
+
+def build_default_processor(image_size=112, max_image_tiles=1, unet_image_size=128, **kwargs) -> MdfMllmProcessor:
+    """The processor of the small default model: `build_tokenizer()`, tiles of `image_size`, U-Net view of
+    `unet_image_size`. `kwargs` go to `MdfMllmProcessor` when it takes them (label_names, verbalizers, instruction,
+    ...), otherwise to `MdfMllmImageProcessor` (unet_image_mean, fov_detection_size, ...)."""
+    processor_args = set(inspect.signature(MdfMllmProcessor.__init__).parameters)
+    image_processor = MdfMllmImageProcessor(
+        size={"height": image_size, "width": image_size},
+        max_image_tiles=max_image_tiles,
+        unet_image_size=unet_image_size,
+        **{key: value for key, value in kwargs.items() if key not in processor_args},
+    )
+    return MdfMllmProcessor(
+        image_processor, build_tokenizer(), **{key: value for key, value in kwargs.items() if key in processor_args}
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data collator
+
+
+# name -> (dimensions of one example, padding value or None to stack unpadded, pad the first dimension on the left)
+PAD_TOKEN = "pad_token_id"
+_COLLATED_INPUTS = {
+    "input_ids": (1, PAD_TOKEN, True),
+    "attention_mask": (1, 0, True),
+    "labels": (1, IGNORE_INDEX, True),
+    "cross_attention_mask": (3, 0, True),  # (L, images, tiles)
+    "pixel_values": (5, 0.0, False),  # (images, tiles, 3, tile, tile)
+    "aspect_ratio_ids": (1, 0, False),  # (images,)
+    "aspect_ratio_mask": (2, 0, False),  # (images, tiles)
+    "unet_pixel_values": (3, None, False),  # (3, S, S): stacked, never padded
+    "vessel_mask": (3, None, False),  # (1, S, S)
+}
+
+
+def _pad_and_stack(tensors: list[torch.Tensor], value, left: bool) -> torch.Tensor:
+    """Pad every dimension to the batch maximum (the first on the left when `left`, the rest on the right)."""
+    shape = [max(sizes) for sizes in zip(*(tensor.shape for tensor in tensors))]
+    batch = torch.full((len(tensors), *shape), value, dtype=tensors[0].dtype)
+    for row, tensor in zip(batch, tensors):
+        start = shape[0] - tensor.shape[0] if left else 0
+        row[(slice(start, start + tensor.shape[0]), *(slice(0, size) for size in tensor.shape[1:]))] = tensor
+    return batch
+
+
+class MdfMllmDataCollator:
+    """Batches examples the processor made one at a time (dicts of tensors or lists, with or without their batch
+    dimension of 1) for the `Trainer`, without recomputing anything: left-pads token ids, masks and labels; pads
+    images and tiles with zeros as Mllama does; stacks `unet_pixel_values` and `vessel_mask`. Keys that are no
+    model input (e.g. `num_tiles`, dataset columns) are dropped.
+    """
+
+    def __init__(self, processor_or_pad_token_id):
+        if isinstance(processor_or_pad_token_id, (int, np.integer)):
+            self.pad_token_id = int(processor_or_pad_token_id)
+        else:
+            self.pad_token_id = processor_or_pad_token_id.tokenizer.pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for key, (ndim, value, left) in _COLLATED_INPUTS.items():
+            present = [key in feature for feature in features]
+            if not any(present):
+                continue
+            if not all(present):
+                raise ValueError(f"{key}: present in {sum(present)} of {len(features)} examples; give it in all")
+            tensors = [self._example(f[key], ndim, f"features[{i}][{key!r}]") for i, f in enumerate(features)]
+            if value is None:
+                shapes = {tuple(tensor.shape) for tensor in tensors}
+                if len(shapes) > 1:
+                    raise ValueError(f"{key}: examples have different shapes {sorted(shapes)}")
+                batch[key] = torch.stack(tensors)
+            else:
+                batch[key] = _pad_and_stack(tensors, self.pad_token_id if value == PAD_TOKEN else value, left)
+        if "aspect_ratio_mask" in batch:
+            # Mllama marks the first tile of every image slot, padded slots included.
+            batch["aspect_ratio_mask"][:, :, 0] = 1
+        return batch
+
+    @staticmethod
+    def _example(value, ndim: int, name: str) -> torch.Tensor:
+        tensor = torch.as_tensor(np.asarray(value) if isinstance(value, list) else value)
+        if tensor.ndim == ndim + 1 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.ndim != ndim:
+            raise ValueError(f"{name}: expected one example with {ndim} dimensions, got shape {tuple(tensor.shape)}")
+        return tensor
+
+
+__all__ = [
+    "MdfMllmImageProcessor",
+    "MdfMllmProcessor",
+    "MdfMllmDataCollator",
+    "build_tokenizer",
+    "build_default_processor",
+    "detect_field_of_view",
+]
+
+MdfMllmImageProcessor.register_for_auto_class("AutoImageProcessor")
+MdfMllmProcessor.register_for_auto_class("AutoProcessor")
