@@ -4,8 +4,29 @@ This file is copied into every exported model folder and imported by `trust_remo
 transformers and the standard library and does nothing at import time.
 """
 
+import transformers
 from huggingface_hub.dataclasses import strict
+from packaging.version import Version
 from transformers import MllamaConfig
+
+
+# The transformers releases this code was tested with. It subclasses Mllama's internals (its layers, cache layout and
+# checkpoint key mapping), which change between minor releases, so other versions are refused rather than half-working.
+SUPPORTED_TRANSFORMERS = (">=5.24", "<5.25")
+
+
+def check_transformers_version(version: str = transformers.__version__) -> None:
+    """Raise an ImportError that names both versions when `version` is outside SUPPORTED_TRANSFORMERS."""
+    low, high = (Version(bound.lstrip("<>=")) for bound in SUPPORTED_TRANSFORMERS)
+    if not low <= Version(Version(version).base_version) < high:
+        supported = ",".join(SUPPORTED_TRANSFORMERS)
+        raise ImportError(
+            f"MDF-MLLM supports transformers {supported}, but transformers {version} is installed: "
+            f"pip install 'transformers{supported}'"
+        )
+
+
+check_transformers_version()
 
 
 # The label space of the paper's "dual-type" task: (name, verbalizer, disease type). The verbalizer is the text the

@@ -3,14 +3,15 @@
     mdf-mllm predict IMAGE... --model DIR [--text "..."] [--json] [--top-k K] [--batch-size N]
     mdf-mllm explain IMAGE --model DIR [--text "..."] --out map.png [--label NAME]
 
-Bad input (a missing or unreadable image, an image with no fundus in it, a missing model folder) ends with a
-one-line message naming the path and exit status 2.
+Bad input (a missing, unreadable or decompression-bomb image, an image with no fundus in it, a missing model
+folder) ends with a one-line message naming the path (control characters escaped) and exit status 2.
 """
 
 import argparse
 import json
 import os
 import sys
+import warnings
 
 from PIL import Image, UnidentifiedImageError
 
@@ -38,15 +39,28 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def shown(text: str) -> str:
+    """`text` on one line: control characters and undecodable bytes of file names as escapes (\\n, \\x01, \\udcff)."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
 def open_image(path: str) -> Image.Image:
-    """Load and decode a photo fully now, so that a missing or corrupt file is reported before the model loads."""
+    """Load and decode a photo fully now, so that a missing or corrupt file is reported before the model loads.
+
+    A decompression bomb (a small file declaring more than `Image.MAX_IMAGE_PIXELS` pixels) is refused from its
+    header, before its pixels are allocated.
+    """
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such image file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to 2x the limit
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InputError(f"{path}: refused as a possible decompression bomb ({error})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise InputError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
 
 
@@ -113,8 +127,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         {"predict": predict, "explain": explain}[args.command](args)
-    except InputError as error:
-        print(f"mdf-mllm: error: {error}", file=sys.stderr)
+    except (InputError, ValueError, OSError) as error:  # bad input, or an unwritable --out: one line, no traceback
+        print(f"mdf-mllm: error: {shown(error)}", file=sys.stderr)
         return 2
     return 0
 

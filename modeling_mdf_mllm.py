@@ -400,6 +400,9 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         output_vessel_logits (`bool`):
             Run the U-Net decoder and return `vessel_logits`.
         """
+        for name, value in (("pixel_values", pixel_values), ("unet_pixel_values", unet_pixel_values)):
+            if value is not None and not torch.isfinite(value).all():
+                raise ValueError(f"{name}: contains NaN or Inf; MdfMllmProcessor gives finite values")
         if pixel_values is not None and self.config.fusion_layers and unet_pixel_values is None:
             raise ValueError(
                 "unet_pixel_values: MDF-MLLM needs the U-Net view of the image with pixel_values; "

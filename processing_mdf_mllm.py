@@ -14,6 +14,7 @@ torch/transformers/numpy/PIL/stdlib and does nothing at import time but define t
 import functools
 import inspect
 import os
+import struct
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ END_OF_TURN = "<|eot_id|>"
 IGNORE_INDEX = -100
 DEFAULT_INSTRUCTION = "What retinal disease does this fundus photograph show?"
 DEFAULT_CLINICAL_TEXT_TEMPLATE = "Clinical history: {clinical_text}"
+DEFAULT_MAX_CLINICAL_TEXT_TOKENS = 512  # clinical histories run to a few sentences; this bounds memory and time
 
 # Llama 3.2 Vision's chat layout, without its system-prompt and tool branches.
 LLAMA3_CHAT_TEMPLATE = (
@@ -68,6 +70,10 @@ LLAMA3_CHAT_TEMPLATE = (
 
 # ----------------------------------------------------------------------------------------------------------------
 # Any photo -> upright RGB uint8 PIL image
+
+
+# PIL's premultiplied-alpha modes -> the mode of their colour bands.
+PREMULTIPLIED = {"La": "L", "RGBa": "RGB"}
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -118,12 +124,44 @@ def _as_hwc(image, name: str) -> np.ndarray:
     return array
 
 
-def _open(image, name: str):
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f"{name}: no image file at {os.fspath(image)}")
-        return Image.open(image)
+def _describe(image, name: str) -> str:
+    """`name`, plus the file an opened PIL image came from, for error messages."""
+    filename = getattr(image, "filename", None)
+    return f"{name} ({filename})" if filename else name
+
+
+def _decoded(image: Image.Image, name: str) -> Image.Image:
+    """`image` with its pixels decoded, after checking that their count is sane.
+
+    A decompression bomb (a small file declaring e.g. 50,000 x 50,000 pixels) is refused from its header, before any
+    pixel memory is allocated: above PIL's `Image.MAX_IMAGE_PIXELS` (PIL itself only warns up to twice that).
+    Truncated and corrupt files fail here, as a `ValueError` naming the image, not deep inside a later conversion.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise ValueError(f"{_describe(image, name)}: {image.width}x{image.height} pixels exceeds the limit of {limit} "
+                         "(PIL.Image.MAX_IMAGE_PIXELS); refused as a possible decompression bomb")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, struct.error, MemoryError) as error:  # what PIL's decoders raise
+        raise ValueError(f"{_describe(image, name)}: cannot decode the image ({type(error).__name__}: {error})") from None
     return image
+
+
+def _open(image, name: str):
+    """A path -> the decoded PIL image (errors name `name` and the path); anything else is returned as it is."""
+    if not isinstance(image, (str, os.PathLike)):
+        return image
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: no image file at {path}")
+    try:
+        opened = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{name} ({path}): refused as a possible decompression bomb ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:  # empty, not an image, unknown format
+        raise ValueError(f"{name} ({path}): not a readable image ({type(error).__name__}: {error})") from None
+    return _decoded(opened, name)
 
 
 def to_rgb_image(image, name: str = "image") -> Image.Image:
@@ -134,13 +172,18 @@ def to_rgb_image(image, name: str = "image") -> Image.Image:
     """
     image = _open(image, name)
     if isinstance(image, Image.Image):
-        image = _upright(image)
+        image = _upright(_decoded(image, name))
         if image.mode == "RGB":
             return image
-        if image.has_transparency_data:  # RGBA, LA, PA, P with a transparent colour, ...
-            image = image.convert("RGBA")
-        elif image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
-            return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+        if image.mode in PREMULTIPLIED:  # colour already multiplied by alpha: on black, that is the colour itself
+            image = Image.merge(PREMULTIPLIED[image.mode], image.split()[:-1])
+        try:
+            if image.has_transparency_data:  # RGBA, LA, PA, P with a transparent colour, ...
+                image = image.convert("RGBA")
+            elif image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+                return image.convert("RGB")  # L, 1, P, RGBX, CMYK, YCbCr, LAB, HSV
+        except ValueError as error:  # a mode PIL cannot convert
+            raise ValueError(f"{_describe(image, name)}: cannot convert mode {image.mode} to RGB ({error})") from None
     array = _to_uint8(_as_hwc(image, name), name)
     if array.shape[-1] == 4:
         alpha = array[..., 3:].astype(np.uint16)
@@ -154,7 +197,7 @@ def to_binary_mask(mask, name: str = "vessel_mask") -> Image.Image:
     """A vessel mask (any image type; 0/1, 0/255, bool, grey or colour) -> upright 'L' image of 0/255."""
     mask = _open(mask, name)
     if isinstance(mask, Image.Image):
-        mask = _upright(mask)
+        mask = _upright(_decoded(mask, name))
     array = _as_hwc(mask, name)[..., :3].max(axis=-1)  # colour channels only: alpha is no vessel
     top = array.max(initial=0)
     return Image.fromarray(((array > top / 2) & (top > 0)).astype(np.uint8) * 255)
@@ -538,12 +581,23 @@ class MdfMllmProcessor(MllamaProcessor):
     the answer (the label's verbalizer, then `<|eot_id|>`) is appended and `labels` is -100 everywhere else.
     Padding is on the left, so batched `generate()` continues every row at its end.
 
+    Clinical text is untrusted input, so two rules keep the prompt's structure intact whatever it holds:
+
+    * it may not contain a special token's text (`<|image|>`, `<|eot_id|>`, `<|start_header_id|>`, ...), which the
+      tokenizer would read as that token and so add an image slot or end the user turn: a `ValueError` names it;
+    * it is truncated to its first `max_clinical_text_tokens` tokens (cut at a token boundary, leading and trailing
+      whitespace dropped), so a 20,000-token history costs what a 512-token one does. Only the clinical text is cut:
+      the image token, the instruction, the assistant header and, in training, the answer are always whole, and a
+      prompt is at most `max_clinical_text_tokens` tokens longer than the same prompt with a one-word history.
+
     Args:
         image_processor ([`MdfMllmImageProcessor`]), tokenizer: any tokenizer with Llama 3's `<|image|>`,
             `<|eot_id|>` tokens and a pad token (`build_tokenizer()`, or a Llama 3.2 Vision tokenizer unchanged).
         chat_template (`str`, *optional*): defaults to the tokenizer's, else a Llama 3 template.
         label_names, verbalizers (`list[str]`, *optional*): label id -> name / answer text; `DEFAULT_LABELS`.
         instruction (`str`), clinical_text_template (`str` with `{clinical_text}`): the prompt's text.
+        max_clinical_text_tokens (`int` or `None`, defaults to 512): the clinical text's token budget (`None`: no
+            limit); saved with the processor.
     """
 
     def __init__(
@@ -555,11 +609,18 @@ class MdfMllmProcessor(MllamaProcessor):
         verbalizers=None,
         instruction=DEFAULT_INSTRUCTION,
         clinical_text_template=DEFAULT_CLINICAL_TEXT_TEMPLATE,
+        max_clinical_text_tokens=DEFAULT_MAX_CLINICAL_TEXT_TOKENS,
     ):
         self.label_names = list(label_names or [name for name, _, _ in DEFAULT_LABELS])
         self.verbalizers = list(verbalizers or [verbalizer for _, verbalizer, _ in DEFAULT_LABELS])
         self.instruction = instruction
         self.clinical_text_template = clinical_text_template
+        self.max_clinical_text_tokens = max_clinical_text_tokens
+        if max_clinical_text_tokens is not None and (
+            not isinstance(max_clinical_text_tokens, int) or isinstance(max_clinical_text_tokens, bool)
+            or max_clinical_text_tokens < 1
+        ):
+            raise ValueError(f"max_clinical_text_tokens: expected a positive int or None, got {max_clinical_text_tokens!r}")
         if len(self.label_names) != len(self.verbalizers):
             raise ValueError(f"verbalizers: {len(self.verbalizers)} for {len(self.label_names)} label_names")
         for field in ("label_names", "verbalizers"):
@@ -629,15 +690,45 @@ class MdfMllmProcessor(MllamaProcessor):
 
     # -- prompts --------------------------------------------------------------------------------------------------
 
-    def build_prompt(self, clinical_text: str | None = None) -> str:
-        """The chat prompt for one photo, up to and including the assistant header."""
+    def build_prompt(self, clinical_text: str | None = None, name: str = "clinical_text") -> str:
+        """The chat prompt for one photo, up to and including the assistant header (clinical text checked and
+        truncated as the class docstring says; errors name `name`)."""
         content = self.instruction
-        if clinical_text and clinical_text.strip():
-            content += "\n" + self.clinical_text_template.format(clinical_text=clinical_text.strip())
+        clinical_text = self.clean_clinical_text(clinical_text, name)
+        if clinical_text:
+            content += "\n" + self.clinical_text_template.format(clinical_text=clinical_text)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": content}]}]
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
+
+    def clean_clinical_text(self, clinical_text: str | None, name: str = "clinical_text") -> str:
+        """`clinical_text` stripped and cut to `max_clinical_text_tokens` tokens ("" for None); a `ValueError` naming
+        `name` for a non-string or a text holding a special token."""
+        if clinical_text is None:
+            return ""
+        if not isinstance(clinical_text, str):
+            raise ValueError(f"{name}: expected a string or None, got {type(clinical_text).__name__}")
+        special = [token for token in self.tokenizer.added_tokens_encoder if token in clinical_text]
+        if special:
+            raise ValueError(f"{name}: contains the special token(s) {special}, which would change the prompt's "
+                             "structure; remove them")
+        try:
+            size = len(clinical_text.encode("utf-8"))
+        except UnicodeEncodeError as error:  # a lone surrogate, e.g. from bytes decoded with errors="surrogateescape"
+            raise ValueError(f"{name}: not valid Unicode text ({error.reason} at character {error.start})") from None
+        clinical_text = clinical_text.strip()
+        limit = self.max_clinical_text_tokens
+        if limit is None or size <= limit:  # every token holds at least one byte
+            return clinical_text
+        while True:
+            offsets = self.tokenizer(clinical_text, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = offsets["offset_mapping"]
+            if len(offsets) <= limit:
+                return clinical_text
+            # Cut before the character where the first token over the budget starts; BPE may merge the cut text
+            # differently, so check again (the text shrinks every round).
+            clinical_text = clinical_text[: offsets[limit][0]].rstrip()
 
     def _encode(self, text: str) -> list[int]:
         # Special tokens come from the prompt text itself (the template writes <|begin_of_text|>).
@@ -673,7 +764,8 @@ class MdfMllmProcessor(MllamaProcessor):
         samples = nest_images(images) if images is not None else None
         batch_size = len(samples) if samples is not None else len(text if isinstance(text, (list, tuple)) else [text])
         if text is None:
-            prompts = [self.build_prompt(c) for c in _per_sample(clinical_text, batch_size, "clinical_text")]
+            texts = _per_sample(clinical_text, batch_size, "clinical_text")
+            prompts = [self.build_prompt(text, f"clinical_text[{i}]") for i, text in enumerate(texts)]
         else:
             if clinical_text is not None:
                 raise ValueError("clinical_text: give it or a raw text prompt, not both")

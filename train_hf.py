@@ -96,7 +96,7 @@ class MdfTrainingArguments(TrainingArguments):
     """TrainingArguments with the main job's defaults."""
 
     output_dir: str = "outputs/run"
-    num_train_epochs: float = 4.0
+    num_train_epochs: float = 6.0
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 32
     learning_rate: float = 1e-3
@@ -246,6 +246,7 @@ def build_model(model_args: ModelArguments, processor: MdfMllmProcessor, bf16: b
         model = MdfMllmForConditionalGeneration.from_pretrained(model_args.base_model, dtype=dtype, **kwargs)
     else:
         model = MdfMllmForConditionalGeneration(small_default_config(processor.tokenizer, model_args.model_size, **kwargs))
+        open_gates(model)
     if model_args.freeze_vision:
         for module in (model.model.vision_model, model.model.multi_modal_projector):
             module.requires_grad_(False)
@@ -256,6 +257,23 @@ def build_model(model_args: ModelArguments, processor: MdfMllmProcessor, bf16: b
     return model
 
 
+# Flamingo's zero-initialised gates assume a pretrained language model. From scratch, a closed gate and an untrained
+# branch keep each other at zero (the gate's gradient is the branch's output and vice versa), so a model without a base
+# checkpoint starts every cross-attention gate, Mllama's and the U-Net branch's alike, at this value.
+FROM_SCRATCH_GATE = 0.5
+
+
+def open_gates(model, value: float = FROM_SCRATCH_GATE) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", "unet_attn.gate")):
+                param.fill_(value)
+
+
+# The text model's attention and MLP projections (not the U-Net branch's k/v, which train fully).
+LORA_TARGETS = r".*language_model.*\.(self_attn|cross_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
 def with_lora(model, model_args: ModelArguments):
     """LoRA on the text model's attention and MLP projections; every MDF module trains fully and is saved."""
     from peft import LoraConfig, get_peft_model
@@ -264,7 +282,7 @@ def with_lora(model, model_args: ModelArguments):
         r=model_args.lora_rank,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=0.05,
-        target_modules=r".*language_model.*\.(self_attn|cross_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        target_modules=LORA_TARGETS,
         modules_to_save=["unet", "unet_projector", "unet_attn"],
     )
     return get_peft_model(model, config)

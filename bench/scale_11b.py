@@ -4,6 +4,7 @@
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,11 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configuration_mdf_mllm import MdfMllmConfig  # noqa: E402
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration  # noqa: E402
+from reporting import memory_table_11b  # noqa: E402
+from train_hf import LORA_TARGETS, ModelArguments  # noqa: E402
 
+
+LORA_RANK = ModelArguments.lora_rank
 
 TEXT_TOKENS = 128
 
@@ -48,24 +53,35 @@ def forward_inputs(config, unet: bool) -> dict:
     return inputs
 
 
-def count(model_class, config, unet: bool) -> tuple[int, int]:
-    """(parameters, forward FLOPs) of `model_class(config)` built on the meta device."""
+def lora_parameters(model, rank: int = LORA_RANK) -> int:
+    """Parameters of train_hf.py's LoRA adapters: r * (in + out) per targeted projection."""
+    pattern = re.compile(LORA_TARGETS)
+    return sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)
+    )
+
+
+def count(model_class, config, unet: bool) -> tuple[int, int, int]:
+    """(parameters, forward FLOPs, LoRA parameters) of `model_class(config)` built on the meta device."""
     with torch.device("meta"):
         model = model_class(config).eval()
     flops = FlopCounterMode(display=False)
     with flops, torch.no_grad():
         model(**forward_inputs(config, unet))
-    return sum(p.numel() for p in model.parameters()), flops.get_total_flops()
+    return sum(p.numel() for p in model.parameters()), flops.get_total_flops(), lora_parameters(model)
 
 
 def measure() -> dict:
     base_config = llama_32_11b_vision_config()
     mdf_config = MdfMllmConfig.from_mllama_config(base_config)
-    base_params, base_flops = count(MllamaForConditionalGeneration, base_config, unet=False)
-    mdf_params, mdf_flops = count(MdfMllmForConditionalGeneration, mdf_config, unet=True)
+    base_params, base_flops, _ = count(MllamaForConditionalGeneration, base_config, unet=False)
+    mdf_params, mdf_flops, lora_params = count(MdfMllmForConditionalGeneration, mdf_config, unet=True)
     return {
         "base_params": base_params,
         "mdf_params": mdf_params,
+        "lora_params": lora_params,
         "base_forward_flops": base_flops,
         "mdf_forward_flops": mdf_flops,
         "added_params_pct": round(100 * (mdf_params - base_params) / base_params, 3),
@@ -92,6 +108,11 @@ def run() -> str:
             f"| parameters | {m['base_params']:,} | {m['mdf_params']:,} | {m['added_params_pct']:.2f}% | <= 3% |",
             f"| forward FLOPs | {m['base_forward_flops']:.4g} | {m['mdf_forward_flops']:.4g} | "
             f"{m['added_flops_pct']:.2f}% | <= 5% |",
+            "",
+            f"Memory to fine-tune the 11B MDF-MLLM (LoRA rank {LORA_RANK} on the text model: "
+            f"{m['lora_params']:,} adapter parameters, plus the MDF modules trained fully):",
+            "",
+            memory_table_11b(m["base_params"], m["mdf_params"] - m["base_params"], m["lora_params"]),
         ]
     )
 

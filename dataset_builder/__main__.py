@@ -13,6 +13,8 @@ import itertools
 import os
 import sys
 
+from mdf_mllm_cli import shown
+
 from .builder import CONFIG_NAMES, build, export_imagefolder, export_parquet, write_report
 from .preview import contact_sheet
 from .sources import SPLITS
@@ -72,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             _build(args)
         else:
             _preview(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad or unreadable input: one line, no traceback
+        print(f"error: {shown(error)}", file=sys.stderr)
         return 2
     return 0
 

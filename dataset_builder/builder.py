@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES
+from mdf_mllm_cli import shown  # file names on one line in the report, as the CLI prints them
 
 from . import synthetic
 from .sources import READERS, SPLITS, Record, Skipped, default_num_workers, ordered_map, validate_images
@@ -285,12 +286,12 @@ def report_markdown(report: dict) -> str:
     totals = report["totals"]
     lines.append("| **all** | | " + " | ".join(str(totals[s]) for s in SPLITS) + f" | {sum(totals.values())} |")
     lines += ["", f"## Skipped files ({report['num_skipped']})", ""]
-    lines += [f"- `{s['path']}`: {s['reason']}" for s in report["skipped"]] or ["None."]
+    lines += [f"- `{shown(s['path'])}`: {shown(s['reason'])}" for s in report["skipped"]] or ["None."]
     lines += ["", f"## Cases in several splits ({len(report['cases_in_several_splits'])})", ""]
-    lines += [f"- `{case}`" for case in report["cases_in_several_splits"]] or ["None."]
+    lines += [f"- `{shown(case)}`" for case in report["cases_in_several_splits"]] or ["None."]
     lines += ["", f"## Identical images in several splits ({len(report['duplicates_across_splits'])})", ""]
     for dup in report["duplicates_across_splits"]:
-        images = ", ".join(f"`{item['path']}` ({item['split']})" for item in dup["images"])
+        images = ", ".join(f"`{shown(item['path'])}` ({item['split']})" for item in dup["images"])
         lines.append(f"- {dup['hash']}: {images}")
     if not report["duplicates_across_splits"]:
         lines.append("None.")
@@ -352,8 +353,9 @@ def _fingerprint(folders: list[str]) -> str:
             dirs.sort()
             for name in sorted(files):
                 path = os.path.join(root, name)
-                stat = os.stat(path)
-                digest.update(f"{os.path.relpath(path, folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                stat = os.stat(path) if os.path.exists(path) else os.lstat(path)  # a broken link: the link itself
+                # fsencode: a file name in another encoding holds surrogates, which .encode() refuses
+                digest.update(os.fsencode(os.path.relpath(path, folder)) + f":{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 

@@ -233,21 +233,28 @@ def _manifest_row(manifest: str, line_number: int, line: str, folder_split: str 
     try:
         row = json.loads(line)
         file_name, diagnosis = row["file_name"], row["label"]
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, IndexError) as error:  # IndexError: a JSON list or string row
         return Skipped(where, f"bad metadata row, needs file_name and label ({type(error).__name__}: {error})")
+    wrong_type = [key for key in ("file_name", "text", "case_id", "source", "split", "mask_file_name")
+                  if key in row and not isinstance(row[key], str) and (key == "file_name" or row[key] is not None)]
+    if wrong_type or not file_name:
+        return Skipped(where, f"bad metadata row: {wrong_type or ['file_name']} must be a string (file_name non-empty)")
     folder = os.path.dirname(manifest)
     path = os.path.join(folder, file_name)
-    label = resolve_label(diagnosis)
+    mask_name = row.get("mask_file_name") or row.get("vessel_mask_file_name")
+    outside = [name for name in (file_name, mask_name) if name and not _inside(folder, name)]
+    if outside:
+        return Skipped(where, f"file name {outside[0]!r} points outside the manifest's folder")
+    label = _manifest_label(diagnosis)
     split = row.get("split") or folder_split
-    if label is None:
-        return Skipped(path, f"unknown label {diagnosis!r} ({where})")
+    if isinstance(label, Skipped):
+        return Skipped(path, f"{label.reason} ({where})")
     if not _is_image(file_name):
         return _suffix_skip(path)
     if not os.path.isfile(path):
         return Skipped(path, f"file not found ({where})")
     if split not in (None, *SPLITS):
         return Skipped(path, f"unknown split {split!r} ({where})")
-    mask_name = row.get("mask_file_name") or row.get("vessel_mask_file_name")
     return Record(
         source=row.get("source") or "manifest",
         case_id=str(row.get("case_id") or f"manifest/{file_name}"),
@@ -257,6 +264,22 @@ def _manifest_row(manifest: str, line_number: int, line: str, folder_split: str 
         mask_path=os.path.join(folder, mask_name) if mask_name else None,
         official_split=split,
     )
+
+
+def _inside(folder: str, name: str) -> bool:
+    """Whether `name`, relative to `folder`, stays inside it (no absolute path, no `..` out of it)."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(os.path.join(folder, name))]) == folder
+
+
+def _manifest_label(label) -> str | Skipped:
+    """A manifest's label: a name or verbalizer (any case), or a label id 0..K-1 as written by `label_names`."""
+    if isinstance(label, int) and not isinstance(label, bool):
+        if 0 <= label < len(DEFAULT_LABELS):
+            return DEFAULT_LABELS[label][0]
+        return Skipped("", f"label id {label} outside 0..{len(DEFAULT_LABELS) - 1}")
+    name = resolve_label(label) if isinstance(label, str) else None
+    return name if name is not None else Skipped("", f"unknown label {label!r}")
 
 
 READERS: dict[str, Callable[[str | None], tuple[list[Record], list[Skipped]]]] = {
@@ -302,14 +325,34 @@ def decode_file(path: str) -> Image.Image:
         raise ValueError("empty file (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
+        # A decompression bomb (a small file declaring a huge size) is refused from its header, before PIL allocates
+        # its pixels: PIL itself raises only above twice MAX_IMAGE_PIXELS and merely warns below.
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and image.width * image.height > limit:
+            raise Image.DecompressionBombError(
+                f"{image.width}x{image.height} pixels exceeds the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
+            )
         image.load()  # a truncated file fails here, not at open()
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
     return image
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes of another encoding in a file name, or "\udcff" in JSON
+        return False
+    return True
+
+
 def _check(record: Record) -> tuple[Record | None, list[Skipped]]:
     """Decode a record's image (and mask): (record with its pixel hash, or None if unreadable; problems found)."""
+    fields = ("image_path", "mask_path", "case_id", "text")
+    not_utf8 = [field for field in fields if not _is_utf8(getattr(record, field) or "")]
+    if not_utf8:  # Arrow stores UTF-8 strings only
+        return None, [Skipped(record.image_path, f"{', '.join(not_utf8)} not valid UTF-8 (a file name in another "
+                                                 "encoding?); rename the file or fix the text")]
     try:
         image = decode_file(record.image_path)
     except (OSError, ValueError) as error:

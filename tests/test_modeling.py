@@ -340,3 +340,23 @@ def test_mdf_fields_given_to_from_pretrained_are_merged_and_validated(tmp_path):
     assert config.fusion_layers == {1: 1, 3: 3}
     with pytest.raises(ValueError, match="fusion_layers: layer 2 is not a cross-attention layer"):
         MdfMllmForConditionalGeneration.from_pretrained(tmp_path, fusion_layers={2: 1}, fusion_grid=2)
+
+
+@pytest.mark.parametrize("key", ["pixel_values", "unet_pixel_values"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pixels_are_a_clear_error(key, bad):
+    _, mdf = stock_and_mdf("a")
+    inputs = make_inputs(mdf.config)
+    inputs[key][0, 0, 0] = bad
+    with pytest.raises(ValueError, match=f"{key}: contains NaN or Inf"):
+        mdf(**inputs)
+
+
+def test_transformers_outside_the_supported_range_is_refused_naming_both_versions():
+    from configuration_mdf_mllm import SUPPORTED_TRANSFORMERS, check_transformers_version
+
+    check_transformers_version("5.24.0")
+    check_transformers_version("5.24.3.dev0")
+    for version in ("5.23.1", "5.25.0", "6.0.0"):
+        with pytest.raises(ImportError, match=rf"supports transformers {SUPPORTED_TRANSFORMERS[0]}.*{version} is installed"):
+            check_transformers_version(version)
