@@ -13,6 +13,7 @@ parameters) built from scratch with the offline tokenizer; with one, every base 
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -500,6 +501,16 @@ def run_one(name, model_args, splits, collator, processor, training_args, job_ar
     trainer = train(model, splits, collator, training_args, resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     model = unwrap(trainer.model)
+    if trainer.is_fsdp_enabled:
+        # Sharded over processes: gather one checkpoint (every process takes part) for the main process to reload.
+        final = os.path.join(training_args.output_dir, "final-model")
+        trainer.save_model(final)
+        if trainer.is_world_process_zero():
+            model = MdfMllmForConditionalGeneration.from_pretrained(final)
+    if not trainer.is_world_process_zero():  # under accelerate launch, the main process evaluates and exports
+        return model, trainer, None
+    state = trainer.accelerator.state
+    print(f"{name}: trained with {state.distributed_type.value} over {state.num_processes} process(es)")
     report = evaluate_model(model, splits, collator, model.config, job_args, bf16=training_args.bf16)
     report["train_seconds"] = round(seconds, 1)
     report["parameters"] = sum(p.numel() for p in model.parameters())
@@ -547,22 +558,43 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
     rows = []
     for name, change in ABLATIONS.items():
         for seed in range(job_args.seeds):
-            args = replace(training_args, seed=seed, output_dir=str(out / f"{name}-{seed}".replace(" ", "_")))
+            run_dir = out / re.sub(r"[^A-Za-z0-9]+", "_", f"{name}-{seed}")
+            args = replace(training_args, seed=seed, output_dir=str(run_dir))
             splits = without_text if change.get("no_text") else with_text
             _, _, report = run_one(name, ablation_model_args(model_args, change, processor), splits, collator,
                                    processor, args, job_args)
+            if report is None:  # not the main process
+                continue
             rows.append({"name": name, "seed": seed, "accuracy": report["disease"]["accuracy"],
                          "macro_f1": report["disease"]["macro_f1"], "type_accuracy": report["type"]["accuracy"],
                          "type_macro_f1": report["type"]["macro_f1"]})
             (out / "ablation.json").write_text(json.dumps(rows, indent=1))
+    if not rows:
+        return
     table = reporting.ablation_table(rows)
     (out / "ablation.md").write_text(table + "\n")
     reporting.plot_ablation(rows, out / "ablation.png")
     print(table)
 
 
+def shard_on_cpu_processes() -> None:
+    """Let `accelerate launch` with an FSDP config shard the model over CPU processes (gloo).
+
+    accelerate 1.15 turns FSDP on only for GPU-like process groups and silently falls back to DDP on CPU, although
+    torch's FSDP2 runs on gloo; marking the CPU process group as a multi-device one before the Trainer builds its
+    Accelerator keeps the FSDP plugin, and every tensor stays on the CPU.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState()
+    if state.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, job_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    shard_on_cpu_processes()
     processor = base_processor(model_args) if model_args.base_model else default_processor(model_args)
     collator = MdfMllmDataCollator(processor)
     dataset = load_data(data_args)
@@ -571,6 +603,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     splits = process_splits(dataset, processor, no_text=data_args.no_text)
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume:
+        print(f"resuming from {resume}")
     mdf, trainer, mdf_report = run_one("MDF-MLLM", model_args, splits, collator, processor, training_args, job_args,
                                        resume)
     reports = [mdf_report]
@@ -579,6 +613,8 @@ def main(argv: list[str] | None = None) -> None:
         _, _, baseline_report = run_one("Mllama baseline", replace(model_args, fusion_layers="none"), splits,
                                         collator, processor, baseline_args, job_args)
         reports.append(baseline_report)
+    if mdf_report is None:
+        return
     table = comparison_table(reports)
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -118,44 +118,74 @@ KILL_AT_STEP = textwrap.dedent(
     import transformers
     import train_hf
 
-    class KillAfterSave(transformers.TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == int(os.environ["KILL_AT_STEP"]):
-                os.kill(os.getpid(), signal.SIGKILL)
+    step, when = int(os.environ["KILL_AT_STEP"]), os.environ["KILL_WHEN"]
 
-    original_init = transformers.Trainer.__init__
+    def kill():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    class Kill(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if when == "step_end" and state.global_step == step:
+                kill()
+
+        def on_save(self, args, state, control, **kwargs):
+            if when == "after_save" and state.global_step == step:
+                kill()
+
+    original_init, original_save_rng = transformers.Trainer.__init__, transformers.Trainer._save_rng_state
 
     def init_with_kill(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.add_callback(KillAfterSave())
+        self.add_callback(Kill())
+
+    def save_rng_then_maybe_die(self, output_dir):
+        # Dies half-way through writing a checkpoint: weights and optimizer written, trainer_state.json not.
+        if when == "mid_save" and self.state.global_step == step:
+            kill()
+        original_save_rng(self, output_dir)
 
     transformers.Trainer.__init__ = init_with_kill
+    transformers.Trainer._save_rng_state = save_rng_then_maybe_die
     train_hf.main(sys.argv[1:])
     """
 )
 
 
-def run_job(out: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
+def run_job(out: Path, *extra: str, kill_at: int = -1, when: str = "after_save") -> subprocess.CompletedProcess:
     script = out.parent / "kill_at_step.py"
     script.write_text(KILL_AT_STEP)
     args = [*TINY_JOB, "--baseline", "False", "--max_steps", "9", "--save_strategy", "steps", "--save_steps", "3",
             "--eval_strategy", "no", "--output_dir", str(out), "--export_dir", str(out / "export"), *extra]
-    env = {**os.environ, "KILL_AT_STEP": str(kill_at or -1), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "KILL_AT_STEP": str(kill_at), "KILL_WHEN": when, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
 
 
-def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
-    uninterrupted = run_job(tmp_path / "straight")
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
-    killed = run_job(tmp_path / "killed", kill_at=6)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = run_job(out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return load_file(out / "export" / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "kill_at, when, resumes_from",
+    [(3, "after_save", 3), (5, "step_end", 3), (6, "mid_save", 3)],
+    ids=["after-a-checkpoint", "between-checkpoints", "while-writing-a-checkpoint"],
+)
+def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, uninterrupted, kill_at, when, resumes_from):
+    out = tmp_path / "run"
+    killed = run_job(out, kill_at=kill_at, when=when)
     assert killed.returncode == -signal.SIGKILL
-    assert not (tmp_path / "killed" / "export").exists()
-    resumed = run_job(tmp_path / "killed", "--resume_from_checkpoint", "latest")
+    assert not (out / "export").exists()
+    resumed = run_job(out, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected = load_file(tmp_path / "straight" / "export" / "model.safetensors")
-    actual = load_file(tmp_path / "killed" / "export" / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    if when == "mid_save":
+        assert f"skipping incomplete checkpoint {out / 'checkpoint-6'}" in resumed.stdout
+    assert f"resuming from {out / f'checkpoint-{resumes_from}'}\n" in resumed.stdout
+    actual = load_file(out / "export" / "model.safetensors")
+    assert uninterrupted.keys() == actual.keys()
+    assert all(torch.equal(uninterrupted[key], actual[key]) for key in uninterrupted)
 
 
 def test_latest_checkpoint_skips_a_half_written_one(tmp_path):
@@ -194,3 +224,20 @@ def test_real_base_path_loads_every_weight_of_a_mllama_checkpoint(tmp_path):
     merged = train_hf.unwrap(model)
     base_weights = base.state_dict()
     assert all(torch.equal(base_weights[key], merged.state_dict()[key]) for key in base_weights)
+
+
+def test_accelerate_launch_shards_the_small_model_over_two_cpu_processes(tmp_path):
+    """configs/fsdp_cpu.yaml: FSDP2 over 2 gloo processes; the main process gathers, evaluates and exports."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "fsdp_cpu.yaml"),
+        "--num_processes", "2", "--main_process_port", "0", str(ROOT / "train_hf.py"),
+        *TINY_JOB, "--num_train_epochs", "1", "--baseline", "False",
+        "--output_dir", str(tmp_path), "--export_dir", str(tmp_path / "export"),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MDF-MLLM: trained with FSDP over 2 process(es)" in result.stdout
+    gathered = load_file(tmp_path / "final-model" / "model.safetensors")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert gathered.keys() == exported.keys() and all(torch.equal(gathered[k], exported[k]) for k in gathered)
