@@ -401,7 +401,7 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
             Run the U-Net decoder and return `vessel_logits`.
         """
         for name, value in (("pixel_values", pixel_values), ("unet_pixel_values", unet_pixel_values)):
-            if value is not None and not torch.isfinite(value).all():
+            if value is not None and not value.is_meta and not torch.isfinite(value).all():
                 raise ValueError(f"{name}: contains NaN or Inf; MdfMllmProcessor gives finite values")
         if pixel_values is not None and self.config.fusion_layers and unet_pixel_values is None:
             raise ValueError(
