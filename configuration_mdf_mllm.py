@@ -68,6 +68,13 @@ def default_fusion_layers(cross_attention_layers: list[int]) -> dict[int, int]:
     return {layer: 1 + (UNET_DEPTHS * i) // n for i, layer in enumerate(sorted(cross_attention_layers))}
 
 
+def _whole_number(value, field: str) -> int:
+    """An int, or a string of one (JSON turns integer keys into strings) -> int; anything else is a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise ValueError(f"{field}: expected integers (cross-attention layer -> depth), got {value!r}")
+    return int(value)
+
+
 @strict
 class MdfMllmConfig(MllamaConfig):
     r"""
@@ -126,8 +133,11 @@ class MdfMllmConfig(MllamaConfig):
         self.unet_config = {**DEFAULT_UNET_CONFIG, **(self.unet_config or {})}
         if self.fusion_layers is None:
             self.fusion_layers = default_fusion_layers(self.text_config.cross_attention_layers)
-        # JSON turns integer keys into strings.
-        self.fusion_layers = {int(layer): int(depth) for layer, depth in self.fusion_layers.items()}
+        # JSON turns integer keys into strings; anything else that is not a whole number is an error, not truncated.
+        self.fusion_layers = {
+            _whole_number(layer, "fusion_layers"): _whole_number(depth, "fusion_layers")
+            for layer, depth in self.fusion_layers.items()
+        }
         if self.verbalizers is None:
             self.verbalizers = [self.id2label[i] for i in range(self.num_labels)]
         if self.disease_types is None:
@@ -150,8 +160,20 @@ class MdfMllmConfig(MllamaConfig):
                 )
             if not 1 <= depth <= UNET_DEPTHS:
                 raise ValueError(f"fusion_layers: layer {layer} maps to depth {depth}, outside 1..{UNET_DEPTHS}")
+        unknown_keys = sorted(set(self.unet_config) - set(DEFAULT_UNET_CONFIG))
+        if unknown_keys:
+            raise ValueError(f"unet_config: unknown keys {unknown_keys}; the keys are {sorted(DEFAULT_UNET_CONFIG)}")
+        positive = {f"unet_config.{key}": self.unet_config[key] for key in ("in_channels", "base_channels", "image_size")}
+        positive.update(fusion_grid=self.fusion_grid, film_hidden_dim=self.film_hidden_dim)
+        if self.projector_dim is not None:
+            positive["projector_dim"] = self.projector_dim
+        for field, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field}: expected a positive integer, got {value!r}")
+        if not 0 <= self.seg_loss_weight < float("inf"):  # also refuses NaN
+            raise ValueError(f"seg_loss_weight: expected a finite weight >= 0, got {self.seg_loss_weight!r}")
         size, grid = self.unet_config["image_size"], self.fusion_grid
-        if grid < 1 or size % (grid * 2 ** (UNET_DEPTHS - 1)):
+        if size % (grid * 2 ** (UNET_DEPTHS - 1)):
             raise ValueError(
                 f"unet_config.image_size: {size} must be divisible by fusion_grid * 8 = {grid * 8}, so that "
                 f"every U-Net depth (S, S/2, S/4, S/8) is cut into the same {grid}x{grid} grid"
@@ -161,6 +183,8 @@ class MdfMllmConfig(MllamaConfig):
         for field in ("verbalizers", "disease_types"):
             if len(getattr(self, field)) != self.num_labels:
                 raise ValueError(f"{field}: {len(getattr(self, field))} entries for {self.num_labels} labels")
+        if not all(isinstance(v, str) and v.strip() for v in self.verbalizers):
+            raise ValueError(f"verbalizers: every verbalizer must be non-empty text, got {self.verbalizers}")
         duplicates = sorted({v for v in self.verbalizers if self.verbalizers.count(v) > 1})
         if duplicates:
             raise ValueError(f"verbalizers: duplicate verbalizers {duplicates}; each label needs its own answer")

@@ -37,7 +37,7 @@ from transformers.trainer_utils import SaveStrategy
 
 import reporting
 from configuration_mdf_mllm import DEFAULT_LABELS, MdfMllmConfig
-from modeling_mdf_mllm import MdfMllmForConditionalGeneration, is_mdf_parameter
+from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmImageProcessor, MdfMllmProcessor, build_default_processor
 
 
@@ -428,7 +428,8 @@ def export(model, processor, report, trainer, splits, dataset, data_args, model_
     if register_pipeline is not None:
         register_pipeline(staging)
     reporting.write_results(report, staging)
-    reporting.plot_training_curve(trainer.state.log_history, staging / "training_curve.png")
+    if any("loss" in entry or "eval_loss" in entry for entry in trainer.state.log_history):
+        reporting.plot_training_curve(trainer.state.log_history, staging / "training_curve.png")
     widgets = _widget_examples(staging, dataset["test"], report, model.config)
     reporting.write_model_card(
         staging,

@@ -97,7 +97,6 @@ def measure(name, config, device, dtype, flops_per_sample) -> dict:
     with torch.no_grad():
         classify_s = timed(lambda: model.base_model.model.classify(**classify_inputs, verbalizer_ids=verbalizers), device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del model, optimizer
     return {
         "name": name,
         "step_s": step_s,

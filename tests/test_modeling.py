@@ -326,6 +326,12 @@ def test_config_json_round_trip_keeps_integer_fusion_keys(tmp_path):
         (dict(verbalizers=["normal"] * 8), r"verbalizers: duplicate verbalizers \['normal'\]"),
         (dict(verbalizers=["a", "b"]), "verbalizers: 2 entries for 8 labels"),
         (dict(disease_types=["normal"] * 7 + ["viral"]), r"disease_types: \['viral'\]"),
+        (dict(fusion_grid=0), "fusion_grid: expected a positive integer"),
+        (dict(fusion_layers={1: 1.5}), "fusion_layers: expected integers"),
+        (dict(unet_config={"image_size": 32, "depth": 5}), r"unet_config: unknown keys \['depth'\]"),
+        (dict(unet_config={"image_size": 32, "base_channels": 0}), "unet_config.base_channels: expected a positive"),
+        (dict(seg_loss_weight=float("nan")), "seg_loss_weight: expected a finite weight"),
+        (dict(verbalizers=["normal", ""] + [f"v{i}" for i in range(6)]), "verbalizers: every verbalizer must be"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import struct
 import subprocess

@@ -3,8 +3,6 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +12,9 @@ from PIL import Image
 from sklearn import metrics as skm
 
 import reporting
+from conftest import ROOT, launch_two_cpu_processes
 from configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES
 
-ROOT = Path(__file__).resolve().parents[1]
 LABEL_NAMES = [name for name, _, _ in DEFAULT_LABELS]
 LABEL_TYPES = [disease_type for _, _, disease_type in DEFAULT_LABELS]
 
@@ -220,7 +218,7 @@ def test_memory_table():
     assert f"| Full fine-tuning | 10.200 B | {2 * (base + mdf) / gib:.1f} |" in table
     assert f"| {full / gib:.1f} | {full / 8 / gib:.1f} |" in table
     lora_total = 2 * base + 16 * (mdf + lora)
-    assert f"| LoRA | 0.250 B |" in table and f"| {lora_total / gib:.1f} | {lora_total / 8 / gib:.1f} |" in table
+    assert "| LoRA | 0.250 B |" in table and f"| {lora_total / gib:.1f} | {lora_total / 8 / gib:.1f} |" in table
     qlora_total = 4.127 / 8 * base + 16 * (mdf + lora)
     assert f"| {qlora_total / gib:.1f} | {qlora_total / 8 / gib:.1f} |" in table
 
@@ -360,10 +358,8 @@ def test_fsdp_cpu_config_launches_two_processes(tmp_path):
     script = tmp_path / "toy.py"
     script.write_text(TOY_SCRIPT)
     config = ROOT / "configs" / "fsdp_cpu.yaml"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    command += ["--num_processes", "2", "--main_process_port", "0", str(script)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    result = launch_two_cpu_processes(["--config_file", str(config), str(script)], env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in ranks) == [0, 1]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
 
 import train_hf
-from conftest import ROOT, tiny_mllama_config
+from conftest import ROOT, launch_two_cpu_processes, tiny_mllama_config
 
 
 TINY_JOB = [
@@ -229,13 +229,12 @@ def test_real_base_path_loads_every_weight_of_a_mllama_checkpoint(tmp_path):
 def test_accelerate_launch_shards_the_small_model_over_two_cpu_processes(tmp_path):
     """configs/fsdp_cpu.yaml: FSDP2 over 2 gloo processes; the main process gathers, evaluates and exports."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "fsdp_cpu.yaml"),
-        "--num_processes", "2", "--main_process_port", "0", str(ROOT / "train_hf.py"),
+        "--config_file", str(ROOT / "configs" / "fsdp_cpu.yaml"), str(ROOT / "train_hf.py"),
         *TINY_JOB, "--num_train_epochs", "1", "--baseline", "False",
         "--output_dir", str(tmp_path), "--export_dir", str(tmp_path / "export"),
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = launch_two_cpu_processes(command, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MDF-MLLM: trained with FSDP over 2 process(es)" in result.stdout
     gathered = load_file(tmp_path / "final-model" / "model.safetensors")
