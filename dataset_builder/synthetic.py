@@ -368,6 +368,7 @@ class _Canvas:
     def __init__(self, size: int, rng: np.random.Generator):
         self.size, self.rng = size, rng
         self.rgb = np.empty((size, size, 3), np.float32)
+        self.lesions = np.zeros((size, size), bool)  # where disease signs were drawn (for checking attention maps)
 
     def px(self, fraction) -> float:
         return float(fraction) * self.size
@@ -428,8 +429,9 @@ def _window(centre, half: float, size: int):
     return (rows, cols), x[:, cols], y[rows]
 
 
-def render_fundus(label: str, rng: np.random.Generator, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Render a fundus photo of class `label`: (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255})."""
+def render_fundus(label: str, rng: np.random.Generator, size: int = 512, return_lesions: bool = False) -> tuple:
+    """Render a fundus photo of class `label`: (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255}), and
+    with `return_lesions` the mask of the dots and strokes of its disease signs (S, S) bool."""
     if label not in LABEL_TYPES:
         raise ValueError(f"label: {label!r} is not one of {LABEL_NAMES}")
     canvas = _Canvas(size, rng)
@@ -449,7 +451,7 @@ def render_fundus(label: str, rng: np.random.Generator, size: int = 512) -> tupl
     _optic_disc(canvas, disc, rng.uniform(0.055, 0.07), label)
     attenuation = {"retinitis_pigmentosa": 0.45, "choroideremia": 0.8}.get(label, 1.0)
     vessel_mask = _vessels(canvas, disc, macula, attenuation)
-    return _photograph(canvas), vessel_mask
+    return (_photograph(canvas), vessel_mask, canvas.lesions) if return_lesions else (_photograph(canvas), vessel_mask)
 
 
 def _background(canvas: _Canvas, tessellated: bool) -> None:
@@ -627,7 +629,7 @@ def _radii(rng, kind, n) -> np.ndarray:
     return rng.uniform(*LESION_RADII[kind], n)
 
 
-def _dots(canvas: _Canvas, centres, radii, colour, opacity=1.0, blur=0.0) -> None:
+def _dots(canvas: _Canvas, centres, radii, colour, opacity=1.0, blur=0.0, lesion=True) -> None:
     """Blend filled ellipses (centres (n, 2) and radii (n,) in units of S) of one colour, each of its own strength."""
     rng, size = canvas.rng, canvas.size
     squash = rng.uniform(0.7, 1.0, len(radii))
@@ -638,7 +640,7 @@ def _dots(canvas: _Canvas, centres, radii, colour, opacity=1.0, blur=0.0) -> Non
             r = max(r, 0.6)
             d.ellipse([cx - r, cy - r * s, cx + r, cy + r * s], int(v))
 
-    canvas.blend(*canvas.layer(draw, blur), colour, opacity=opacity)
+    _blend_sign(canvas, canvas.layer(draw, blur), colour, opacity, lesion)
 
 
 def _strokes(canvas: _Canvas, centres, lengths, width, colour, opacity, blur, arms) -> None:
@@ -652,7 +654,14 @@ def _strokes(canvas: _Canvas, centres, lengths, width, colour, opacity, blur, ar
             for a in row:
                 d.line([(cx, cy), (cx + length * math.cos(a), cy + length * math.sin(a))], int(v), width)
 
-    canvas.blend(*canvas.layer(draw, blur), colour, opacity=opacity)
+    _blend_sign(canvas, canvas.layer(draw, blur), colour, opacity, lesion=True)
+
+
+def _blend_sign(canvas: _Canvas, layer, colour, opacity, lesion: bool) -> None:
+    alpha, region = layer
+    canvas.blend(alpha, region, colour, opacity=opacity)
+    if lesion and alpha is not None:
+        canvas.lesions[region] |= alpha > 0.5
 
 
 def _dr(canvas: _Canvas, macula, disc) -> None:
@@ -759,7 +768,7 @@ def _dust(canvas: _Canvas) -> None:
     if n:
         radii = canvas.rng.uniform(0.01, 0.025, n)
         _dots(canvas, _around(canvas.rng, np.zeros(2), 0.0, 0.4, n), radii, COLOURS["shadow"], 0.25,
-              0.6 * canvas.px(radii.mean()))
+              0.6 * canvas.px(radii.mean()), lesion=False)
 
 
 SIGNS = {

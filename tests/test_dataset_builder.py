@@ -428,3 +428,15 @@ def test_assign_splits_respects_official_splits_and_groups():
     assert all(splits[i] == splits[i + 1] for i in range(0, 40, 2))  # two images per case
     assert [splits[i] for i in range(0, 40, 2)].count("test") == 4  # 2 strata x round(10 * 0.2)
     assert assign_splits(records, seed=3) == splits and assign_splits(records, seed=4) != splits
+
+
+def test_synthetic_lesion_mask_marks_the_disease_signs_only():
+    import numpy as np
+
+    from dataset_builder.synthetic import render_fundus
+
+    plain = render_fundus("dr", np.random.default_rng(1), 128)
+    image, vessels, lesions = render_fundus("dr", np.random.default_rng(1), 128, return_lesions=True)
+    assert np.array_equal(plain[0], image) and np.array_equal(plain[1], vessels)  # same photo, same randomness
+    assert lesions.dtype == bool and lesions.shape == (128, 128) and lesions.sum() > 0
+    assert render_fundus("normal", np.random.default_rng(1), 128, return_lesions=True)[2].sum() == 0
