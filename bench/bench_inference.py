@@ -139,8 +139,7 @@ def run() -> str:
         f"- Same predicted class where the generated text is a class name: {agreement}.",
         f"- `pipeline(\"fundus-classification\")` latency per photo (batch 1, preprocessing included): median "
         f"{1000 * statistics.median(latencies):.0f} ms over {len(latencies)} photos.",
-        "- Lesion attention (maps on lesion vs background cells): not measured; the synthetic generator does not "
-        "expose lesion masks or positions.",
+        "- Lesion attention of the explanation maps: see the section of bench/bench_explain.py.",
         "",
     ])
 
