@@ -133,3 +133,49 @@ def launch_two_cpu_processes(command: list[str], **kwargs) -> subprocess.Complet
         if result.returncode == 0 or "SIGABRT" not in result.stderr:
             return result
     return result
+
+
+def export_tiny_model(folder) -> str:
+    """A tiny MDF-MLLM with open gates, exported as training exports one: model + processor + pipeline in `folder`."""
+    from configuration_mdf_mllm import MdfMllmConfig
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+    from pipeline_mdf_mllm import register_pipeline
+    from processing_mdf_mllm import build_default_processor
+
+    processor = build_default_processor(image_size=28, unet_image_size=32)
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    base = tiny_mllama_config(vocab_size=image_id)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(base.text_config, key, getattr(tokenizer, key))
+    config = MdfMllmConfig.from_mllama_config(
+        base,
+        unet_config={"in_channels": 3, "base_channels": 4, "image_size": 32, "use_decoder": True},
+        fusion_grid=2,
+        projector_dim=8,
+        film_hidden_dim=8,
+        verbalizer_token_ids=processor.verbalizer_token_ids,
+        image_token_index=image_id,
+    )
+    torch.manual_seed(0)
+    model = MdfMllmForConditionalGeneration(config).eval()
+    move_off_init(model)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    register_pipeline(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory):
+    """An exported folder holding only the exported files, loaded with no hub access."""
+    return export_tiny_model(tmp_path_factory.mktemp("exported") / "mdf-mllm-tiny")
+
+
+@pytest.fixture(scope="session")
+def classifier(model_folder):
+    from transformers import pipeline
+
+    from pipeline_mdf_mllm import TASK
+
+    return pipeline(TASK, model=model_folder, trust_remote_code=True, device="cpu")

@@ -11,8 +11,8 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ROOT
-from test_inference import export_tiny_model, fundus_photos
+from conftest import ROOT, export_tiny_model
+from test_inference import fundus_photos
 
 
 pytest.importorskip("gradio", reason="the demo needs gradio (pip install '.[demo]')")

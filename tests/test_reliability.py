@@ -29,9 +29,8 @@ import train_hf
 from conftest import ROOT
 from dataset_builder import build, read_stonerounds, render_fundus
 from mdf_mllm_cli import main as cli_main, shown
-from pipeline_mdf_mllm import TASK
 from processing_mdf_mllm import IMAGE_TOKEN, build_default_processor
-from test_inference import export_tiny_model, fundus_photos
+from test_inference import fundus_photos
 
 
 TILE, UNET = 28, 32
@@ -118,18 +117,6 @@ def hostile_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def processor():
     return build_default_processor(image_size=TILE, unet_image_size=UNET)
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    return export_tiny_model(tmp_path_factory.mktemp("exported") / "mdf-mllm-tiny")
-
-
-@pytest.fixture(scope="module")
-def classifier(model_folder):
-    from transformers import pipeline
-
-    return pipeline(TASK, model=model_folder, trust_remote_code=True, device="cpu")
 
 
 @pytest.mark.parametrize("name", HOSTILE)
