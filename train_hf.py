@@ -38,6 +38,7 @@ from transformers.trainer_utils import SaveStrategy
 import reporting
 from configuration_mdf_mllm import DEFAULT_LABELS, MdfMllmConfig
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+from pipeline_mdf_mllm import register_pipeline
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmImageProcessor, MdfMllmProcessor, build_default_processor
 
 
@@ -415,31 +416,17 @@ def unwrap(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def export(model, processor, report, trainer, splits, dataset, data_args, model_args, export_dir: str) -> Path:
+def export(model, processor, report, trainer, dataset, data_args, model_args, export_dir: str) -> Path:
     """Write a complete Hub model repository into `export_dir`, atomically: everything goes to a temporary folder
     beside it that replaces the old one only once complete, so a crash never leaves a half-written model."""
     export_dir = Path(export_dir)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
-    model.config.verbalizer_token_ids = processor.verbalizer_token_ids
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    register_pipeline = _optional_pipeline_registration()
-    if register_pipeline is not None:
-        register_pipeline(staging)
-    reporting.write_results(report, staging)
-    if any("loss" in entry or "eval_loss" in entry for entry in trainer.state.log_history):
-        reporting.plot_training_curve(trainer.state.log_history, staging / "training_curve.png")
-    widgets = _widget_examples(staging, dataset["test"], report, model.config)
-    reporting.write_model_card(
-        staging,
-        base_model=model_args.base_model or "meta-llama/Llama-3.2-11B-Vision-Instruct",
-        metrics_report=report,
-        datasets=[data_args.dataset],
-        widget_examples=widgets,
-        training_args_summary=_training_summary(trainer, model_args, data_args),
-        synthetic_data=data_args.dataset == "synthetic",
-    )
+    try:
+        write_repository(staging, model, processor, report, trainer, dataset, data_args, model_args)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     previous = export_dir.with_name(f".{export_dir.name}-previous")
     if export_dir.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -449,12 +436,25 @@ def export(model, processor, report, trainer, splits, dataset, data_args, model_
     return export_dir
 
 
-def _optional_pipeline_registration():
-    try:
-        from pipeline_mdf_mllm import register_pipeline
-    except ImportError:
-        return None
-    return register_pipeline
+def write_repository(folder: Path, model, processor, report, trainer, dataset, data_args, model_args) -> None:
+    """Weights, code, processor, pipeline registration, results, plots and the model card."""
+    model.config.verbalizer_token_ids = processor.verbalizer_token_ids
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    register_pipeline(folder)
+    reporting.write_results(report, folder)
+    if any("loss" in entry or "eval_loss" in entry for entry in trainer.state.log_history):
+        reporting.plot_training_curve(trainer.state.log_history, folder / "training_curve.png")
+    widgets = _widget_examples(folder, dataset["test"], report, model.config)
+    reporting.write_model_card(
+        folder,
+        base_model=model_args.base_model or "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        metrics_report=report,
+        datasets=[data_args.dataset],
+        widget_examples=widgets,
+        training_args_summary=_training_summary(trainer, model_args, data_args),
+        synthetic_data=data_args.dataset == "synthetic",
+    )
 
 
 def _widget_examples(folder: Path, test_split, report, config, count: int = 3) -> list[dict]:
@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "probabilities"}
                                                      for r in reports], indent=1))
-    folder = export(mdf, processor, mdf_report, trainer, splits, dataset, data_args, model_args, job_args.export_dir)
+    folder = export(mdf, processor, mdf_report, trainer, dataset, data_args, model_args, job_args.export_dir)
     if training_args.push_to_hub:
         from huggingface_hub import upload_folder
 

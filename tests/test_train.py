@@ -81,6 +81,21 @@ def test_export_is_a_complete_hub_repository(main_job):
     assert not [name for name in os.listdir(main_job) if name.startswith(".export-")]  # no staging left behind
 
 
+def test_a_failed_export_keeps_the_previous_model_and_leaves_nothing_behind(main_job, monkeypatch):
+    folder = main_job / "export"
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+    def crash_half_way(staging, *args):
+        (staging / "model.safetensors").write_bytes(b"half a model")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(train_hf, "write_repository", crash_half_way)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_hf.export(None, None, None, None, None, None, None, str(folder))
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
+    assert not [name for name in os.listdir(main_job) if name.startswith(".export")]
+
+
 def test_exported_model_reproduces_the_reported_predictions(main_job):
     from transformers import AutoModel, AutoProcessor
 
