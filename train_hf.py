@@ -543,11 +543,11 @@ ABLATIONS = {
 }
 
 
-def ablation_model_args(model_args: ModelArguments, change: dict, processor) -> ModelArguments:
+def ablation_model_args(model_args: ModelArguments, change: dict) -> ModelArguments:
     change = {k: v for k, v in change.items() if k != "no_text"}
     if str(change.get("fusion_layers", "")).startswith("depth:"):
         depth = change["fusion_layers"].split(":")[1]
-        layers = small_default_config(processor.tokenizer, model_args.model_size).text_config.cross_attention_layers
+        layers = MODEL_SIZES[model_args.model_size]["text"]["cross_attention_layers"]
         change["fusion_layers"] = ",".join(f"{layer}:{depth}" for layer in layers)
     return replace(model_args, **change)
 
@@ -562,7 +562,7 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
             run_dir = out / re.sub(r"[^A-Za-z0-9]+", "_", f"{name}-{seed}")
             args = replace(training_args, seed=seed, output_dir=str(run_dir))
             splits = without_text if change.get("no_text") else with_text
-            _, _, report = run_one(name, ablation_model_args(model_args, change, processor), splits, collator,
+            _, _, report = run_one(name, ablation_model_args(model_args, change), splits, collator,
                                    processor, args, job_args)
             if report is None:  # not the main process
                 continue

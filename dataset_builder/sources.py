@@ -119,6 +119,18 @@ def _suffix_skip(path: str) -> Skipped:
     return Skipped(path, f"unknown file-name suffix {suffix!r} (not one of {sorted(IMAGE_SUFFIXES)})")
 
 
+def _labelled_name(path: str, pattern: str, rule: str, skipped: list[Skipped]) -> re.Match | None:
+    """The match of a photo's file stem against its source's naming `pattern`; a wrong suffix or a stem that breaks
+    the naming `rule` is recorded in `skipped` and gives None."""
+    if not _is_image(path):
+        skipped.append(_suffix_skip(path))
+        return None
+    match = re.fullmatch(pattern, os.path.splitext(os.path.basename(path))[0], re.IGNORECASE)
+    if match is None:
+        skipped.append(Skipped(path, rule))
+    return match
+
+
 def read_fives(root: str | None) -> tuple[list[Record], list[Skipped]]:
     """FIVES: `{train,test}/Original/<n>_<A|D|G|N>.png`, masks of the same name in `Ground truth` or `Groud truth`."""
     root = require_dir(root, "fives")
@@ -134,12 +146,10 @@ def read_fives(root: str | None) -> tuple[list[Record], list[Skipped]]:
         for name in _files(originals):
             path = os.path.join(originals, name)
             stem = os.path.splitext(name)[0]
-            match = re.fullmatch(r"\d+_([adgn])", stem, re.IGNORECASE)
-            if not _is_image(name):
-                skipped.append(_suffix_skip(path))
-            elif match is None:
-                skipped.append(Skipped(path, "FIVES file name must be <number>_<A|D|G|N> (AMD, DR, glaucoma, normal)"))
-            else:
+            match = _labelled_name(
+                path, r"\d+_([adgn])", "FIVES file name must be <number>_<A|D|G|N> (AMD, DR, glaucoma, normal)", skipped
+            )
+            if match is not None:
                 label = FIVES_LABELS[match.group(1).lower()]
                 records.append(
                     Record("fives", f"fives/{split}/{stem}", label, "", path, masks.get(stem.lower()), split)
@@ -159,12 +169,10 @@ def read_hrf(root: str | None) -> tuple[list[Record], list[Skipped]]:
     for name in _files(images):
         path = os.path.join(images, name)
         stem = os.path.splitext(name)[0]
-        match = re.fullmatch(r"(\d+)_(h|dr|g)", stem, re.IGNORECASE)
-        if not _is_image(name):
-            skipped.append(_suffix_skip(path))
-        elif match is None:
-            skipped.append(Skipped(path, "HRF file name must be <number>_<h|dr|g> (healthy, DR, glaucoma)"))
-        else:
+        match = _labelled_name(
+            path, r"(\d+)_(h|dr|g)", "HRF file name must be <number>_<h|dr|g> (healthy, DR, glaucoma)", skipped
+        )
+        if match is not None:
             label = HRF_LABELS[match.group(2).lower()]
             case_id = f"hrf/{int(match.group(1)):02d}"
             records.append(Record("hrf", case_id, label, "", path, masks.get(stem.lower())))
