@@ -200,8 +200,10 @@ class MdfMllmUnetCrossAttention(nn.Module):
     def __init__(self, config: MllamaTextConfig, cache_index: int):
         super().__init__()
         head_dim = config.hidden_size // config.num_attention_heads
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
+        # Not `k_proj` / `v_proj`: a generic PEFT target list such as ["q_proj", "v_proj"] must not wrap these by
+        # accident (and so freeze the rest of the branch); `mdf_lora_config()` trains them in full.
+        self.key_projection = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
+        self.value_projection = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.ones(1))
         self.gate = nn.Parameter(torch.zeros(1))
         self.cache_index = cache_index
@@ -219,8 +221,8 @@ class MdfMllmUnetCrossAttention(nn.Module):
         query = shared.q_proj(hidden_states).view(batch, length, shared.num_heads, shared.head_dim).transpose(1, 2)
         query = shared.q_norm(query) * self.logit_scale
         if unet_states is not None:
-            key = self.k_proj(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim).transpose(1, 2)
-            value = self.v_proj(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
+            key = self.key_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim).transpose(1, 2)
+            value = self.value_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
             key, value = shared.k_norm(key), value.transpose(1, 2)
             if cache is not None:
                 key, value = _unet_cache_layer(cache, self.cache_index).update(key, value)
@@ -319,7 +321,9 @@ class MdfMllmCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
 
 class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
     config: MdfMllmConfig
-    _no_split_modules = [*MllamaPreTrainedModel._no_split_modules, "MdfMllmCrossAttentionDecoderLayer"]
+    # Exactly the layer classes the model holds (every cross-attention layer is ours): accelerate's auto-wrap looks
+    # each name up and fails on one it cannot find.
+    _no_split_modules = ["MllamaVisionEncoderLayer", "MllamaSelfAttentionDecoderLayer", "MdfMllmCrossAttentionDecoderLayer"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -335,6 +339,16 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
         elif isinstance(module, MdfMllmUnetProjector):
             init.normal_(module.position_embedding, std=std)
             init.normal_(module.depth_embedding, std=std)
+
+
+class MdfMllmVisionModel(MllamaVisionModel):
+    """Mllama's vision tower, declaring only the layer class it holds.
+
+    A composite model gathers its children's `_no_split_modules`; Mllama's vision tower inherits a list that also
+    names `MllamaCrossAttentionDecoderLayer`, which MDF-MLLM does not contain (accelerate's auto-wrap then fails).
+    """
+
+    _no_split_modules = ["MllamaVisionEncoderLayer"]
 
 
 class MdfMllmTextModel(MdfMllmPreTrainedModel, MllamaTextModel):
@@ -366,7 +380,7 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         self.hidden_size = config.text_config.hidden_size
         self.max_num_tiles = config.vision_config.max_num_tiles
         self.vision_output_dim = config.vision_config.vision_output_dim
-        self.vision_model = MllamaVisionModel._from_config(config.vision_config)
+        self.vision_model = MdfMllmVisionModel._from_config(config.vision_config)
         self.language_model = MdfMllmTextModel(config.text_config, config.fusion_layers)
         self.multi_modal_projector = nn.Linear(self.vision_output_dim, self.hidden_size, bias=True)
         # An empty fusion map is plain Mllama (the baseline): no U-Net at all.

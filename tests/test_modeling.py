@@ -366,3 +366,11 @@ def test_transformers_outside_the_supported_range_is_refused_naming_both_version
     for version in ("5.23.1", "5.25.0", "6.0.0"):
         with pytest.raises(ImportError, match=rf"supports transformers {SUPPORTED_TRANSFORMERS[0]}.*{version} is installed"):
             check_transformers_version(version)
+
+
+def test_no_split_modules_name_exactly_the_layer_classes_the_model_holds():
+    _, mdf = stock_and_mdf("b", fusion_layers={1: 1})
+    held = {type(module).__name__ for module in mdf.modules()}
+    assert set(mdf._no_split_modules) <= held
+    layers = {name for name in held if name.endswith(("DecoderLayer", "EncoderLayer"))}
+    assert set(mdf._no_split_modules) == layers
