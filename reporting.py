@@ -72,17 +72,70 @@ def bootstrap_ci(
     return {name: np.percentile(np.concatenate(values), [2.5, 97.5]).tolist() for name, values in samples.items()}
 
 
-def classification_report(y_true, y_pred, label_names, disease_types, n_bootstrap=1000, seed=0) -> dict:
+def misclassified_items(y_true, y_pred, label_names, items: list[dict], probabilities=None) -> list[dict]:
+    """The test items the model got wrong, in item order, so that a user can open those photos.
+
+    Args:
+        y_true, y_pred: `(num_items,)` label ids.
+        label_names: name of each label id.
+        items: one dict per item, in the order of `y_true`, with its `case_id` and `file_name` (the photo's path
+            relative to the data folder).
+        probabilities: `(num_items, num_labels)` class probabilities, or None.
+
+    Returns:
+        `[{"index", "case_id", "file_name", "truth", "prediction", "probability"}]`: `index` is the item's position,
+        truth and prediction are label names, `probability` the one given to the (wrong) prediction (None without
+        `probabilities`).
+    """
+    if len(items) != len(y_true):
+        raise ValueError(f"items has {len(items)} entries, y_true {len(y_true)}: one item per test example")
+    for index, item in enumerate(items):
+        missing = sorted({"case_id", "file_name"} - set(item))
+        if missing:
+            raise ValueError(f"items[{index}] has no {missing}; each item needs 'case_id' and 'file_name'")
+    if probabilities is not None:
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        if probabilities.shape != (len(y_true), len(label_names)):
+            raise ValueError(
+                f"probabilities must have shape (num_items, num_labels) = {(len(y_true), len(label_names))}, "
+                f"got {probabilities.shape}"
+            )
+    return [
+        {
+            "index": int(index),
+            "case_id": items[index]["case_id"],
+            "file_name": items[index]["file_name"],
+            "truth": label_names[y_true[index]],
+            "prediction": label_names[y_pred[index]],
+            "probability": None if probabilities is None else float(probabilities[index, y_pred[index]]),
+        }
+        for index in np.flatnonzero(y_true != y_pred)
+    ]
+
+
+def classification_report(
+    y_true,
+    y_pred,
+    label_names,
+    disease_types,
+    n_bootstrap=1000,
+    seed=0,
+    items: list[dict] | None = None,
+    probabilities=None,
+) -> dict:
     """Disease- and type-level metrics with bootstrap CIs, as a JSON-serialisable dict.
 
     Args:
         y_true, y_pred: `(num_items,)` label ids in `[0, len(label_names))`.
         label_names: name of each label id.
         disease_types: disease type (one of `DISEASE_TYPES`) of each label id.
+        items: optional, one `{"case_id", "file_name", ...}` per item: the report then lists the misclassified ones.
+        probabilities: optional `(num_items, num_labels)` class probabilities, for the misclassified list.
 
     Returns:
         `{"num_items", "bootstrap": {...}, "disease": metrics, "type": metrics}`, where metrics is the metric module's
-        output plus `ci95: {"accuracy": [low, high], "macro_f1": [low, high]}`.
+        output plus `ci95: {"accuracy": [low, high], "macro_f1": [low, high]}`; with `items`, also `"misclassified"`
+        (see `misclassified_items`).
     """
     label_names = list(label_names)
     if len(disease_types) != len(label_names):
@@ -99,6 +152,8 @@ def classification_report(y_true, y_pred, label_names, disease_types, n_bootstra
         "num_items": int(len(y_true)),
         "bootstrap": {"method": "percentile", "confidence": 0.95, "n_resamples": n_bootstrap, "seed": seed},
     }
+    if items is not None:
+        report["misclassified"] = misclassified_items(y_true, y_pred, label_names, items, probabilities)
     for level, (references, predictions, names) in levels.items():
         scores = load_fundus_metric().compute(predictions=predictions, references=references, label_names=names)
         scores["ci95"] = bootstrap_ci(references, predictions, len(names), n_bootstrap, seed)
@@ -127,13 +182,7 @@ def markdown_table(report: dict) -> str:
             f"| {level} | {_with_ci(scores, 'accuracy')} | {_with_ci(scores, 'macro_f1')} | "
             f"{scores['macro_recall']:.3f} | {scores['macro_precision']:.3f} |"
         )
-    bootstrap = report["bootstrap"]
-    lines += [
-        "",
-        f"{report['num_items']} items; 95% CIs: {bootstrap['method']} bootstrap over items, "
-        f"{bootstrap['n_resamples']} resamples, seed {bootstrap['seed']}. Macro averages run over the classes present "
-        "in labels or predictions; – marks a score with a zero denominator.",
-    ]
+    lines += ["", _bootstrap_note(report)]
     for level in LEVELS:
         lines += ["", f"Per class ({level}):", "", "| Class | Support | Sensitivity | Specificity | Precision | F1 |"]
         lines.append("|---|---|---|---|---|---|")
@@ -145,73 +194,214 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bootstrap_note(report: dict) -> str:
+    bootstrap = report["bootstrap"]
+    return (
+        f"{report['num_items']} items; 95% CIs: {bootstrap['method']} bootstrap over items, "
+        f"{bootstrap['n_resamples']} resamples, seed {bootstrap['seed']}. Macro averages run over the classes present "
+        "in labels or predictions; – marks a score with a zero denominator."
+    )
+
+
+def misclassified_table(report: dict) -> str:
+    """Markdown list of the misclassified items of a report made with `items` (empty string without them)."""
+    if "misclassified" not in report:
+        return ""
+    wrong = report["misclassified"]
+    if not wrong:
+        return f"Misclassified test items: none of {report['num_items']}.\n"
+    lines = [
+        f"Misclassified test items ({len(wrong)} of {report['num_items']}; file names are relative to the data "
+        "folder):",
+        "",
+        "| # | Case | File | Truth | Prediction | Probability |",
+        "|---:|---|---|---|---|---:|",
+    ]
+    for item in wrong:
+        lines.append(
+            f"| {item['index']} | {item['case_id']} | {item['file_name']} | {item['truth']} | {item['prediction']} | "
+            f"{_fmt(item['probability'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(reports: list[dict]) -> str:
+    """Markdown comparison of several models evaluated on the same items: one row per report (named by its "name"),
+    disease and type accuracy and macro F1 with their 95% CIs (plus parameters and training seconds when every report
+    has them), then per-class sensitivity side by side."""
+    for index, report in enumerate(reports):
+        if "name" not in report:
+            raise ValueError(f"reports[{index}] has no 'name'; each compared report needs one")
+    extra = [key for key in ("parameters", "train_seconds") if all(key in report for report in reports)]
+    headers = {"parameters": "Parameters", "train_seconds": "Train s"}
+    columns = ["Model", "Accuracy (95% CI)", "Macro F1 (95% CI)", "Type accuracy (95% CI)", "Type macro F1 (95% CI)"]
+    lines = [
+        "| " + " | ".join(columns + [headers[key] for key in extra]) + " |",
+        "|---|---|---|---|---|" + "---:|" * len(extra),
+    ]
+    for report in reports:
+        disease, kind = report["disease"], report["type"]
+        cells = [_with_ci(level, name) for level in (disease, kind) for name in CI_METRICS]
+        cells += [f"{report[key]:,}" for key in extra]
+        lines.append(f"| {report['name']} | " + " | ".join(cells) + " |")
+    lines += ["", _bootstrap_note(reports[0]), "", "Sensitivity per class:", ""]
+    lines.append("| Class | Support | " + " | ".join(report["name"] for report in reports) + " |")
+    lines.append("|---|---:|" + "---:|" * len(reports))
+    for name, scores in reports[0]["disease"]["per_class"].items():
+        sensitivities = [_fmt(report["disease"]["per_class"][name]["sensitivity"]) for report in reports]
+        lines.append(f"| {name} | {scores['support']} | " + " | ".join(sensitivities) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _save(figure, path) -> Path:
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def row_normalised(matrix) -> np.ndarray:
+    """Each row of a confusion matrix over its total: the share of a true class given each prediction.
+    `(K, K)` counts -> `(K, K)` rates; a row with no items is NaN (undefined)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    return _metric_functions()._safe_divide(matrix, matrix.sum(axis=1, keepdims=True))
+
+
 def plot_confusion_matrix(matrix, label_names: list[str], path, title: str) -> Path:
-    """PNG heat map of a confusion matrix (rows true, columns predicted) with the count in every cell."""
-    matrix = np.asarray(matrix)
-    size = 2.5 + 0.6 * len(label_names)
-    figure = _new_figure(size, size)
+    """PNG heat map of a confusion matrix (rows true, columns predicted), coloured by the row-normalised rate so that
+    a small class reads as clearly as a large one; each cell shows its count over its rate."""
+    counts = np.asarray(matrix)
+    rates = row_normalised(counts)
+    size = 3 + 0.7 * len(label_names)
+    figure = _new_figure(size + 1, size)
     axes = figure.add_subplot()
-    image = axes.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axes, shrink=0.8)
+    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)  # NaN rows (no true items) stay blank
+    figure.colorbar(image, ax=axes, shrink=0.8, label="Share of the true class (row-normalised)")
     ticks = np.arange(len(label_names))
     axes.set_xticks(ticks, label_names, rotation=45, ha="right")
     axes.set_yticks(ticks, label_names)
     axes.set_xlabel("Predicted label")
     axes.set_ylabel("True label")
     axes.set_title(title)
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for (row, column), count in np.ndenumerate(matrix):
-        axes.text(column, row, str(count), ha="center", va="center", color="white" if count > threshold else "black")
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    return path
+    for (row, column), count in np.ndenumerate(counts):
+        rate = rates[row, column]
+        axes.text(
+            column, row, f"{count}\n{_rate_text(rate)}", ha="center", va="center", fontsize="small",
+            color="white" if rate > 0.5 else "black",
+        )
+    return _save(figure, path)
+
+
+def _rate_text(rate: float) -> str:
+    return "–" if np.isnan(rate) else f"{rate:.2f}"
 
 
 def write_results(report: dict, out_dir) -> dict[str, Path]:
-    """Write results.json, results.md and one confusion-matrix PNG per level into `out_dir`. Returns the paths."""
+    """Write results.json, results.md (with the misclassified items when the report has them) and one
+    confusion-matrix PNG per level (`CONFUSION_MATRIX_FILE`) into `out_dir`. Returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["markdown"].write_text("# Evaluation results\n\n" + markdown_table(report))
+    misclassified = misclassified_table(report)
+    paths["markdown"].write_text(
+        "# Evaluation results\n\n" + markdown_table(report) + (f"\n{misclassified}" if misclassified else "")
+    )
     for level in LEVELS:
         paths[f"confusion_{level}"] = plot_confusion_matrix(
             report[level]["confusion_matrix"],
             report[level]["label_names"],
-            out_dir / f"confusion_matrix_{level}.png",
+            out_dir / CONFUSION_MATRIX_FILE.format(level=level),
             title=f"Confusion matrix ({level}, n={report['num_items']})",
         )
     return paths
 
 
-def plot_training_curve(log_history: list[dict], path) -> Path:
-    """PNG of training and evaluation loss against the global step, from `trainer.state.log_history`."""
-    curves = {
-        "train loss": [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry],
-        "eval loss": [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry],
+CONFUSION_MATRIX_FILE = "confusion_matrix_{level}.png"
+TRAINING_CURVES_FILE = "training_curves.png"
+
+
+def _loss_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """`trainer.state.log_history` -> {"train": [(step, loss)], "eval": [(step, eval_loss)]}."""
+    return {
+        "train": [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry],
+        "eval": [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry],
     }
-    if not any(curves.values()):
-        raise ValueError("log_history has no entry with 'loss' or 'eval_loss'")
-    figure = _new_figure(6, 4)
-    axes = figure.add_subplot()
-    for label, points in curves.items():
-        if points:
-            steps, losses = zip(*points)
-            axes.plot(steps, losses, marker="o" if len(points) < 30 else None, label=label)
+
+
+def _gate_curves(gate_history: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """gate_history -> {"gates": {layer: [(step, tanh(g_u))]}, "tau": {layer: [(step, tau)]}}."""
+    curves = {"gates": {}, "tau": {}}
+    for index, entry in enumerate(gate_history):
+        missing = sorted({"step", "gates", "tau"} - set(entry))
+        if missing:
+            raise ValueError(f"gate_history[{index}] has no {missing}; entries are {{'step', 'gates', 'tau'}}")
+        for kind, series in curves.items():
+            for layer, value in entry[kind].items():
+                series.setdefault(str(layer), []).append((entry["step"], float(value)))
+    for series in curves.values():  # layers in numeric order: "3" before "13"
+        ordered = sorted(series, key=lambda layer: (not layer.isdigit(), int(layer) if layer.isdigit() else layer))
+        series.update({layer: series.pop(layer) for layer in ordered})
+    return curves
+
+
+def plot_training_curves(histories: dict[str, list[dict]], path, gate_history: list[dict] | None = None) -> Path:
+    """PNG of every model's training loss (solid) and evaluation loss (dashed) against the step, on one log-scale axis
+    so the first steps do not flatten the rest; with `gate_history`, two panels beside it: each fused layer's U-Net
+    gate tanh(g_u) and its attention scale tau against the step.
+
+    Args:
+        histories: model name -> its `trainer.state.log_history` (entries with `step` and `loss` or `eval_loss`).
+        gate_history: `[{"step": int, "gates": {layer: tanh(g_u)}, "tau": {layer: tau}}]`, layer = the fused
+            cross-attention layer's index.
+    """
+    curves = {name: _loss_curves(history) for name, history in histories.items()}
+    empty = [name for name, curve in curves.items() if not any(curve.values())]
+    if not curves or empty:
+        raise ValueError(f"histories: no entry with 'loss' or 'eval_loss' for {empty or 'any model'}")
+    gates = _gate_curves(gate_history) if gate_history is not None else None
+    figure = _new_figure(6 if gates is None else 15, 4.5)
+    panels = figure.subplots(1, 1 if gates is None else 3, squeeze=False)[0]
+    losses = panels[0]
+    for colour, (name, curve) in enumerate(curves.items()):
+        for kind, style in (("train", "-"), ("eval", "--")):
+            if curve[kind]:
+                steps, values = zip(*curve[kind])
+                losses.plot(steps, values, style, color=f"C{colour}", marker="o" if kind == "eval" else None,
+                            markersize=4, label=f"{name}, {kind}")
+    losses.set_yscale("log")
+    for axis_format in (losses.yaxis.set_major_formatter, losses.yaxis.set_minor_formatter):
+        axis_format(lambda value, _: f"{value:g}")  # 0.3, 0.4 rather than 3 x 10^-1
+    _label(losses, "Loss (log scale)", "Loss: training (solid) and evaluation (dashed)")
+    if gates is not None:
+        for axes, kind, ylabel, title in (
+            (panels[1], "gates", "tanh(g_u)", "U-Net branch gates (model parameters)"),
+            (panels[2], "tau", "tau", "U-Net attention scale tau (model parameters)"),
+        ):
+            for colour, (layer, points) in enumerate(gates[kind].items()):
+                steps, values = zip(*points)
+                axes.plot(steps, values, color=f"C{colour}", label=f"layer {layer}")
+            _label(axes, ylabel, title)
+        panels[1].axhline(0, color="grey", linewidth=0.8)
+    return _save(figure, path)
+
+
+def _label(axes, ylabel: str, title: str) -> None:
     axes.set_xlabel("Step")
-    axes.set_ylabel("Loss")
-    axes.set_title("Training curve")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    return path
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize="medium")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize="small")
+
+
+def plot_training_curve(log_history: list[dict], path) -> Path:
+    """One model's loss curves; kept until train_hf calls `plot_training_curves`."""
+    return plot_training_curves({"model": log_history}, path)
 
 
 def ablation_summary(rows: list[dict]) -> tuple[list[str], dict[str, dict]]:
@@ -268,9 +458,7 @@ def plot_ablation(rows: list[dict], path) -> Path:
     axes.set_title("Ablation")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    return path
+    return _save(figure, path)
 
 
 # Bytes per parameter; see the caption of `memory_table_11b`.
@@ -319,51 +507,29 @@ def memory_table_11b(num_params_base: int, num_params_mdf: int, num_params_lora:
     return "\n".join(lines) + "\n"
 
 
-def _model_index_results(report: dict, dataset: str, split: str) -> list:
-    """One `EvalResult` per level and CI metric; the metric's display name carries its level, 95% CI and n.
-
-    huggingface_hub groups results by task type and dataset, so both levels share one task entry.
-    """
-    from huggingface_hub import EvalResult
-
-    metric_types = {"accuracy": ("accuracy", None, "accuracy"), "macro_f1": ("f1", "macro", "macro F1")}
-    results = []
-    for level in LEVELS:
-        for key, (metric_type, metric_config, title) in metric_types.items():
-            low, high = report[level]["ci95"][key]
-            description = f"{level.capitalize()} {title} (95% CI {low:.3f}–{high:.3f}, n={report['num_items']})"
-            results.append(
-                EvalResult(
-                    task_type="image-classification",
-                    task_name="Retinal disease and disease-type classification (fundus photo + clinical text)",
-                    dataset_type=dataset,
-                    dataset_name=dataset,
-                    dataset_split=split,
-                    metric_type=metric_type,
-                    metric_config=metric_config,
-                    metric_value=round(report[level][key], 4),
-                    metric_name=description,
-                )
-            )
-    return results
+def _shipped_file(folder: Path, path, what: str) -> str:
+    """`path` (absolute, or relative to `folder`) as a POSIX path relative to `folder`; the file must exist inside it,
+    since a model repository can only link and serve its own files."""
+    file = Path(path)
+    file = file if file.is_absolute() else folder / file
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} {file} does not exist; copy it into {folder} first")
+    if not file.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{what} {file} is outside {folder}; the Hub only serves files in the repo")
+    return file.resolve().relative_to(folder.resolve()).as_posix()
 
 
-def _widgets(out_dir: Path, widget_examples: list[dict]) -> list[dict]:
-    """Hub widget entries with static outputs; every image must be a file inside `out_dir`."""
+def _widgets(folder: Path, widget_examples: list[dict]) -> list[dict]:
+    """Hub widget entries with static outputs; every image must be a file inside `folder`."""
     widgets = []
     for example in widget_examples:
-        image = Path(example["image_path"])
-        image = image if image.is_absolute() else out_dir / image
-        if not image.is_file():
-            raise FileNotFoundError(f"widget image {image} does not exist; copy it into {out_dir} first")
-        if not image.resolve().is_relative_to(out_dir.resolve()):
-            raise ValueError(f"widget image {image} is outside {out_dir}; the Hub only serves files in the repo")
+        src = _shipped_file(folder, example["image_path"], "widget image")
         scores = sorted(example["output"].items(), key=lambda item: -item[1])
         widgets.append(
             {
-                "src": image.resolve().relative_to(out_dir.resolve()).as_posix(),
+                "src": src,
                 "text": example["text"],
-                "example_title": example.get("title", image.stem),
+                "example_title": example.get("title", Path(src).stem),
                 "output": [{"label": label, "score": round(float(score), 4)} for label, score in scores],
             }
         )
@@ -371,6 +537,50 @@ def _widgets(out_dir: Path, widget_examples: list[dict]) -> list[dict]:
 
 
 MODEL_CARD_TAGS = ["medical", "ophthalmology", "fundus", "retina", "mllama", "image-text-to-text", "custom_code"]
+LLAMA_LICENSE = "llama3.2"  # Meta's Llama 3.2 Community License: binds every model fine-tuned from its weights
+PROJECT_LICENSE = "apache-2.0"  # this repository's licence (pyproject.toml)
+
+# How the card names each dataset_builder configuration. None of them is a Hub dataset, so the card's metadata has
+# no `datasets:` entry and no model-index (whose `dataset.type` must be a Hub dataset id): results are in the text.
+DATASET_DESCRIPTIONS = {
+    "synthetic": "the synthetic fundus set rendered by this repository's `dataset_builder`{seed} (fundus-like "
+    "photos with exact vessel masks and clinical texts; not a Hub dataset)",
+    "fives": "FIVES (AMD, DR, glaucoma and normal fundus photos with vessel masks), read by `dataset_builder` from "
+    "a local copy",
+    "hrf": "HRF (healthy, DR and glaucoma fundus photos with vessel masks), read by `dataset_builder` from a local "
+    "copy",
+    "stonerounds": "StoneRounds inherited retinal disease cases with clinical histories, read by `dataset_builder` "
+    "from a local copy",
+    "all": "FIVES, HRF and StoneRounds together, read by `dataset_builder` from local copies",
+    "manifest": "a local image folder described by its `metadata.jsonl`, read by `dataset_builder`",
+}
+
+# The figures `write_results` and `plot_training_curves` write, with their captions in the card.
+STANDARD_FIGURES = {
+    TRAINING_CURVES_FILE: "Training and evaluation loss of each model (log scale), and the U-Net gates when logged",
+    **{
+        CONFUSION_MATRIX_FILE.format(level=level): f"Confusion matrix, {level} level, test set (count and share of "
+        "the true class)"
+        for level in LEVELS
+    },
+}
+
+
+def license_for(base_model: str | None) -> str:
+    """The licence a model inherits from its base: Llama 3.2's for anything fine-tuned from a Meta Llama 3.2
+    checkpoint (a Hub id under meta-llama/ or a local copy named after it), else this project's Apache-2.0 (a model
+    trained from scratch with the repository's own tokenizer, or from a base made by `train_hf.py --make_base`)."""
+    name = (base_model or "").lower()
+    return LLAMA_LICENSE if "meta-llama" in name or "llama-3.2" in name else PROJECT_LICENSE
+
+
+def describe_data(datasets: list[str], dataset_seed: int | None = None) -> str:
+    """One sentence naming the data as it is, from `dataset_builder` configuration names."""
+    unknown = sorted(set(datasets) - set(DATASET_DESCRIPTIONS))
+    if not datasets or unknown:
+        raise ValueError(f"datasets: expected names from {sorted(DATASET_DESCRIPTIONS)}, got {datasets}")
+    seed = "" if dataset_seed is None else f" with seed {dataset_seed}"
+    return "; ".join(DATASET_DESCRIPTIONS[name].format(seed=seed) for name in datasets)
 
 
 DEFAULT_USAGE_CODE = """from PIL import Image
@@ -383,9 +593,43 @@ probabilities = model.classify(**inputs)  # (batch, num_labels)
 print(model.config.id2label[int(probabilities.argmax(-1)[0])])"""
 
 
-def _model_card_body(
-    model_name, base_model, metrics_report, datasets, training_args_summary, synthetic_data, usage_code, extra_markdown
-) -> str:
+def _origin(base_model: str | None) -> str:
+    if base_model is None:
+        return (
+            "This model was trained from scratch: Llama 3.2 Vision's (Mllama's) architecture at a small size, randomly "
+            "initialised, with the repository's own tokenizer; it holds no pretrained weights."
+        )
+    return (
+        f"This model was fine-tuned from `{base_model}`: every Mllama weight was loaded from it, and the MDF modules "
+        "were added with their U-Net gates at zero, so training started from exactly the base model's outputs."
+    )
+
+
+def _results_section(folder: Path, model_name: str, metrics_report: dict, comparison_reports, figures) -> str:
+    """Results tables, the comparison with other models, the full results file and the figures, as markdown."""
+    parts = [markdown_table(metrics_report)]
+    if comparison_reports:
+        ours = {"name": model_name, **metrics_report}
+        parts.append(
+            "### Comparison\n\nThe same test items, every model trained on the same data:\n\n"
+            + comparison_table([ours, *comparison_reports])
+        )
+    if (folder / "results.md").is_file():
+        listed = " and the misclassified test items" if "misclassified" in metrics_report else ""
+        parts.append(f"The full results{listed}: [results.md](results.md).\n")
+    if figures:
+        parts.append(
+            "### Figures\n\n"
+            + "\n".join(
+                f"{caption}:\n\n![{caption}]({_shipped_file(folder, path, 'figure')})\n"
+                for path, caption in figures.items()
+            )
+        )
+    return "\n".join(parts)
+
+
+def _model_card_body(folder, model_name, base_model, metrics_report, data, comparison_reports, figures,
+                     training_args_summary, synthetic_data, usage_code, extra_markdown) -> str:
     data_note = (
         "**The reported numbers come from synthetic fundus images; they show the pipeline works, not clinical "
         "performance.** "
@@ -396,11 +640,12 @@ def _model_card_body(
     return f"""# {model_name}
 
 MDF-MLLM (multi-depth fusion multimodal LLM) classifies retinal diseases from a fundus photograph plus optional
-clinical text. It is Llama 3.2 Vision (Mllama, base `{base_model}`) with a U-Net beside it: skip features from four
-U-Net encoder depths are projected to the language model's width and read by its cross-attention layers through
-extra gated cross-attention, and the text conditions the U-Net through FiLM. A prediction scores every class
-verbalizer by its log-likelihood given the prompt; labels are two-level (disease, and its type:
-{", ".join(DISEASE_TYPES)}).
+clinical text. It is Llama 3.2 Vision (Mllama) with a U-Net beside it: skip features from four U-Net encoder depths
+are projected to the language model's width and read by its cross-attention layers through extra gated
+cross-attention, and the text conditions the U-Net through FiLM. A prediction scores every class verbalizer by its
+log-likelihood given the prompt; labels are two-level (disease, and its type: {", ".join(DISEASE_TYPES)}).
+
+{_origin(base_model)}
 
 ## How to use
 
@@ -414,9 +659,9 @@ The widget on this page shows stored example outputs: the hosted inference API d
 
 ## Results
 
-Evaluated on {", ".join(datasets)}.
+Trained and evaluated on {data}.
 
-{markdown_table(metrics_report)}
+{_results_section(folder, model_name, metrics_report, comparison_reports, figures)}
 ## Intended use and limitations
 
 Research use only. This model is not a medical device, has not been validated clinically, and must not be used
@@ -433,52 +678,62 @@ quality, and check calibration before using the probabilities.
 
 
 def write_model_card(
-    out_dir,
+    folder,
+    base_model: str | None,
     *,
-    base_model: str,
     metrics_report: dict,
     datasets: list[str],
-    widget_examples: list[dict],
     training_args_summary: dict,
+    widget_examples: list[dict] = (),
+    comparison_reports: list[dict] | None = None,
+    dataset_seed: int | None = None,
+    figures: dict[str, str] | None = None,
     extra_markdown: str = "",
     model_name: str = "MDF-MLLM",
-    license: str = "llama3.2",
-    eval_split: str = "test",
-    synthetic_data: bool = False,
+    license: str | None = None,
+    synthetic_data: bool | None = None,
     usage_code: str = DEFAULT_USAGE_CODE,
 ) -> Path:
-    """Write `out_dir/README.md`: a Hub model card with metadata, model-index, static widgets and usage notes.
+    """Write `folder/README.md`: a Hub model card (metadata, static widgets, usage, results, figures, limitations).
 
     Args:
-        base_model: Hub id (or path) of the Mllama checkpoint the model was built from.
-        metrics_report: `classification_report(...)` of the evaluation set, `datasets[0]`.
-        widget_examples: `[{"image_path": file inside out_dir, "text": clinical text, "output": {label: score},
-            "title": optional caption}]`; the Hub shows these stored outputs.
+        base_model: the checkpoint actually loaded (Hub id or path), or None for a model trained from scratch: the
+            card's `base_model` metadata is then absent. The licence follows from it (`license_for`).
+        metrics_report: `classification_report(...)` of the test set.
+        datasets: the `dataset_builder` names of the data (`DATASET_DESCRIPTIONS`), described in the text.
         training_args_summary: setting -> value, shown as the training details table.
-        synthetic_data: say in the limitations that the numbers come from synthetic images.
+        widget_examples: `[{"image_path": file inside folder, "text": clinical text, "output": {label: score},
+            "title": optional caption}]`; the Hub shows these stored outputs.
+        comparison_reports: reports of other models on the same test items (each with its "name", e.g. the
+            baseline's), shown in a comparison table beside this model's.
+        dataset_seed: the seed the synthetic set (and the splits) were made with.
+        figures: path (inside `folder`) -> caption of each image embedded in the card; default: the
+            `STANDARD_FIGURES` that exist in `folder`.
+        license: overrides `license_for(base_model)`, for a Llama-derived base whose name does not show it.
+        synthetic_data: whether to warn that the numbers come from synthetic images; default: "synthetic" in
+            `datasets`.
         usage_code: the Python shown under "How to use" (load, preprocess, `model.classify`).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    out_dir = Path(out_dir)
-    if not datasets:
-        raise ValueError("datasets must name at least one dataset (the first is the evaluation set)")
+    folder = Path(folder)
+    data = describe_data(list(datasets), dataset_seed)
+    if figures is None:
+        figures = {name: caption for name, caption in STANDARD_FIGURES.items() if (folder / name).is_file()}
     card_data = ModelCardData(
         model_name=model_name,
         base_model=base_model,
         library_name="transformers",
         pipeline_tag="image-text-to-text",
-        license=license,
+        license=license or license_for(base_model),
         tags=MODEL_CARD_TAGS,
-        datasets=list(datasets),
-        eval_results=_model_index_results(metrics_report, datasets[0], eval_split),
-        widget=_widgets(out_dir, widget_examples),
+        widget=_widgets(folder, widget_examples) or None,
     )
     body = _model_card_body(
-        model_name, base_model, metrics_report, datasets, training_args_summary, synthetic_data, usage_code,
-        extra_markdown,
+        folder, model_name, base_model, metrics_report, data, comparison_reports, figures, training_args_summary,
+        "synthetic" in datasets if synthetic_data is None else synthetic_data, usage_code, extra_markdown,
     )
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
-    path = out_dir / "README.md"
+    path = folder / "README.md"
     card.save(path)
     return path

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -172,6 +174,104 @@ def assert_png(path: Path):
         assert image.format == "PNG" and image.width > 0 and image.height > 0
 
 
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the plotting functions save, in order, for their content to be checked."""
+    saved, save = [], reporting._save
+
+    def keep(figure, path):
+        saved.append(figure)
+        return save(figure, path)
+
+    monkeypatch.setattr(reporting, "_save", keep)
+    return saved
+
+
+# True classes 0, 0, 0, 1, 1, 2, 2, 2, 2 (class 3 never occurs) and their predictions.
+KNOWN_TRUE = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+KNOWN_PRED = [0, 1, 0, 1, 3, 2, 0, 2, 2]
+KNOWN_NAMES = ["normal", "amd", "retinitis_pigmentosa", "stargardt"]
+KNOWN_TYPES = ["normal", "acquired", "inherited", "inherited"]
+
+
+def test_row_normalised_rates_of_a_known_matrix():
+    counts = [[2, 1, 0, 0], [0, 1, 0, 1], [1, 0, 3, 0], [0, 0, 0, 0]]
+    rates = reporting.row_normalised(counts)
+    expected = [[2 / 3, 1 / 3, 0, 0], [0, 1 / 2, 0, 1 / 2], [1 / 4, 0, 3 / 4, 0]]
+    np.testing.assert_allclose(rates[:3], expected, atol=1e-15)
+    assert np.isnan(rates[3]).all()  # no true item of class 3: its rates are undefined, not 0
+
+
+def test_confusion_plot_colours_by_rate_and_writes_count_and_rate(figures, tmp_path):
+    counts = skm.confusion_matrix(KNOWN_TRUE, KNOWN_PRED, labels=range(4))
+    assert_png(reporting.plot_confusion_matrix(counts, KNOWN_NAMES, tmp_path / "cm.png", title="t"))
+    (axes, _colourbar) = figures[0].axes
+    shown = axes.images[0].get_array()
+    by_hand = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    np.testing.assert_allclose(shown[:3], by_hand[:3])
+    assert shown.mask[3].all() and (axes.images[0].norm.vmin, axes.images[0].norm.vmax) == (0, 1)
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in axes.texts}
+    assert texts[(0, 0)] == "2\n0.67" and texts[(0, 1)] == "1\n0.33" and texts[(2, 0)] == "1\n0.25"
+    assert texts[(1, 3)] == "1\n0.50" and texts[(3, 3)] == "0\n–"
+    assert len(texts) == 16
+
+
+def test_misclassified_items_of_a_known_prediction_vector():
+    items = [{"case_id": f"c{i // 2}", "file_name": f"img/{i}.png", "split": "test"} for i in range(9)]
+    probabilities = np.full((9, 4), 0.1)
+    probabilities[np.arange(9), KNOWN_PRED] = 0.7
+    probabilities[4] = [0.05, 0.15, 0.2, 0.6]
+    report = reporting.classification_report(
+        KNOWN_TRUE, KNOWN_PRED, KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10, items=items, probabilities=probabilities
+    )
+    assert report["misclassified"] == [  # positions 1, 4 and 6 are wrong
+        {"index": 1, "case_id": "c0", "file_name": "img/1.png", "truth": "normal", "prediction": "amd",
+         "probability": 0.7},
+        {"index": 4, "case_id": "c2", "file_name": "img/4.png", "truth": "amd", "prediction": "stargardt",
+         "probability": 0.6},
+        {"index": 6, "case_id": "c3", "file_name": "img/6.png", "truth": "retinitis_pigmentosa",
+         "prediction": "normal", "probability": 0.7},
+    ]
+    without_probabilities = reporting.classification_report(
+        KNOWN_TRUE, KNOWN_PRED, KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10, items=items
+    )
+    assert [item["probability"] for item in without_probabilities["misclassified"]] == [None] * 3
+    assert "misclassified" not in reporting.classification_report(
+        KNOWN_TRUE, KNOWN_PRED, KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10
+    )
+
+
+def test_results_list_the_misclassified_items(tmp_path):
+    items = [{"case_id": f"c{i}", "file_name": f"img/{i}.png"} for i in range(9)]
+    report = reporting.classification_report(
+        KNOWN_TRUE, KNOWN_PRED, KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10, items=items
+    )
+    paths = reporting.write_results(report, tmp_path)
+    assert json.loads(paths["json"].read_text())["misclassified"] == report["misclassified"]
+    rows = [line for line in paths["markdown"].read_text().splitlines() if line.startswith("| ") and "img/" in line]
+    assert rows == [
+        "| 1 | c1 | img/1.png | normal | amd | – |",
+        "| 4 | c4 | img/4.png | amd | stargardt | – |",
+        "| 6 | c6 | img/6.png | retinitis_pigmentosa | normal | – |",
+    ]
+    assert "Misclassified test items (3 of 9;" in paths["markdown"].read_text()
+    right = reporting.classification_report([0, 1], [0, 1], KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10, items=items[:2])
+    assert "Misclassified test items: none of 2." in reporting.write_results(right, tmp_path)["markdown"].read_text()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(items=[{"case_id": "a", "file_name": "a.png"}]), "items has 1 entries, y_true 2"),
+        (dict(items=[{"case_id": "a", "file_name": "a"}, {"case_id": "b"}]), r"items\[1\] has no \['file_name'\]"),
+        (dict(items=[{"case_id": 0, "file_name": "a"}] * 2, probabilities=np.ones((2, 3))), r"shape .* \(2, 2\)"),
+    ],
+)
+def test_misclassified_items_reject_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reporting.classification_report([0, 1], [1, 0], ["a", "b"], ["normal", "acquired"], n_bootstrap=5, **kwargs)
+
+
 def test_write_results_files(report, tmp_path):
     paths = reporting.write_results(report, tmp_path / "eval")
     assert json.loads(paths["json"].read_text()) == report
@@ -179,20 +279,61 @@ def test_write_results_files(report, tmp_path):
     accuracy, (low, high) = report["disease"]["accuracy"], report["disease"]["ci95"]["accuracy"]
     assert f"| disease | {accuracy:.3f} ({low:.3f}–{high:.3f}) |" in markdown
     assert "| retinitis_pigmentosa |" in markdown and "| inherited |" in markdown
+    assert "Misclassified" not in markdown  # the report was made without items
     assert_png(paths["confusion_disease"])
+    assert paths["confusion_type"] == tmp_path / "eval" / "confusion_matrix_type.png"
     assert_png(paths["confusion_type"])
 
 
-def test_training_curve(tmp_path):
-    history = [
+HISTORIES = {
+    "MDF-MLLM": [
         {"loss": 2.0, "step": 5, "epoch": 0.5},
-        {"loss": 1.4, "step": 10, "epoch": 1.0},
-        {"eval_loss": 1.6, "step": 10, "epoch": 1.0},
+        {"loss": 0.4, "step": 10, "epoch": 1.0},
+        {"eval_loss": 0.6, "step": 10, "epoch": 1.0},
         {"train_runtime": 3.0, "step": 10},
-    ]
-    assert_png(reporting.plot_training_curve(history, tmp_path / "curve.png"))
-    with pytest.raises(ValueError, match="no entry with 'loss' or 'eval_loss'"):
-        reporting.plot_training_curve([{"train_runtime": 3.0, "step": 10}], tmp_path / "none.png")
+    ],
+    "baseline": [{"loss": 2.5, "step": 5}, {"loss": 0.9, "step": 10}, {"eval_loss": 1.1, "step": 10}],
+}
+GATES = [
+    {"step": 0, "gates": {"13": 0.0, "3": 0.0}, "tau": {"13": 1.0, "3": 1.0}},
+    {"step": 10, "gates": {"13": 0.2, "3": -0.05}, "tau": {"13": 1.3, "3": 0.9}},
+]
+
+
+def plotted(axes) -> dict[str, list]:
+    return {line.get_label(): [list(line.get_xdata()), list(line.get_ydata())] for line in axes.get_lines()
+            if not line.get_label().startswith("_")}
+
+
+def test_training_curves_both_models_on_one_log_axis(figures, tmp_path):
+    assert_png(reporting.plot_training_curves(HISTORIES, tmp_path / "curves.png"))
+    (axes,) = figures[0].axes
+    assert axes.get_yscale() == "log"
+    assert plotted(axes) == {
+        "MDF-MLLM, train": [[5, 10], [2.0, 0.4]],
+        "MDF-MLLM, eval": [[10], [0.6]],
+        "baseline, train": [[5, 10], [2.5, 0.9]],
+        "baseline, eval": [[10], [1.1]],
+    }
+    colour = {line.get_label(): line.get_color() for line in axes.get_lines()}
+    assert colour["MDF-MLLM, train"] == colour["MDF-MLLM, eval"] != colour["baseline, train"]
+
+
+def test_training_curves_with_gate_panels(figures, tmp_path):
+    assert_png(reporting.plot_training_curves(HISTORIES, tmp_path / "curves.png", gate_history=GATES))
+    losses, gates, tau = figures[0].axes
+    assert len(plotted(losses)) == 4
+    assert plotted(gates) == {"layer 3": [[0, 10], [0.0, -0.05]], "layer 13": [[0, 10], [0.0, 0.2]]}
+    assert plotted(tau) == {"layer 3": [[0, 10], [1.0, 0.9]], "layer 13": [[0, 10], [1.0, 1.3]]}
+    assert gates.get_ylabel() == "tanh(g_u)" and tau.get_ylabel() == "tau"
+    assert all(axes.get_xlabel() == "Step" and axes.get_title() for axes in (losses, gates, tau))
+
+
+def test_training_curves_reject_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"no entry with 'loss' or 'eval_loss' for \['empty'\]"):
+        reporting.plot_training_curves({**HISTORIES, "empty": [{"train_runtime": 3.0}]}, tmp_path / "none.png")
+    with pytest.raises(ValueError, match=r"gate_history\[1\] has no \['tau'\]"):
+        reporting.plot_training_curves(HISTORIES, tmp_path / "x.png", [GATES[0], {"step": 5, "gates": {}}])
 
 
 def test_ablation_table_and_plot(tmp_path):
@@ -223,14 +364,57 @@ def test_memory_table():
     assert f"| {qlora_total / gib:.1f} | {qlora_total / 8 / gib:.1f} |" in table
 
 
-def write_card(report, out_dir: Path, image_path="examples/rp.png"):
-    (out_dir / "examples").mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (64, 64), (120, 40, 20)).save(out_dir / "examples" / "rp.png")
+@pytest.fixture(scope="module")
+def baseline_report():
+    y_true, _ = noisy_labels(0, n=150)  # the same test items as `report`
+    _, y_pred = noisy_labels(5, n=150, keep=0.4)
+    report = reporting.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=0)
+    return {**report, "name": "Mllama baseline", "parameters": 1_000_000, "train_seconds": 12.5}
+
+
+def table_rows(markdown: str, first_cell: str) -> list[list[str]]:
+    """The cells of every markdown table row whose first cell is `first_cell`."""
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith(f"| {first_cell} |")]
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+def with_ci(scores: dict, name: str) -> str:
+    low, high = scores["ci95"][name]
+    return f"{scores[name]:.3f} ({low:.3f}–{high:.3f})"
+
+
+def test_comparison_table_numbers_are_the_reports(report, baseline_report):
+    ours = {**report, "name": "MDF-MLLM", "parameters": 1_234_567, "train_seconds": 20.0}
+    table = reporting.comparison_table([ours, baseline_report])
+    for row in (ours, baseline_report):
+        (cells,) = table_rows(table, row["name"])
+        levels = [(row["disease"], "accuracy"), (row["disease"], "macro_f1"), (row["type"], "accuracy"),
+                  (row["type"], "macro_f1")]
+        assert cells[1:5] == [with_ci(scores, name) for scores, name in levels]
+        assert cells[5:] == [f"{row['parameters']:,}", f"{row['train_seconds']:,}"]
+    y_true, _ = noisy_labels(0, n=150)
+    _, y_pred = noisy_labels(5, n=150, keep=0.4)
+    (amd,) = table_rows(table, "amd")
+    amd_id = LABEL_NAMES.index("amd")
+    assert amd[1:] == [
+        str(int((y_true == amd_id).sum())),
+        f"{report['disease']['per_class']['amd']['sensitivity']:.3f}",
+        f"{skm.recall_score(y_true, y_pred, labels=[amd_id], average=None)[0]:.3f}",
+    ]
+    without_name = {key: value for key, value in ours.items() if key != "name"}
+    with pytest.raises(ValueError, match=r"reports\[1\] has no 'name'"):
+        reporting.comparison_table([ours, without_name])
+    assert "Parameters" not in reporting.comparison_table([ours, {**report, "name": "no sizes"}])
+
+
+def write_card(report, folder: Path, base_model=None, image_path="examples/rp.png", **kwargs):
+    (folder / "examples").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (120, 40, 20)).save(folder / "examples" / "rp.png")
     return reporting.write_model_card(
-        out_dir,
-        base_model="meta-llama/Llama-3.2-11B-Vision-Instruct",
+        folder,
+        base_model,
         metrics_report=report,
-        datasets=["mdf-mllm/synthetic-fundus"],
+        datasets=["synthetic"],
         widget_examples=[
             {
                 "image_path": image_path,
@@ -239,7 +423,8 @@ def write_card(report, out_dir: Path, image_path="examples/rp.png"):
             }
         ],
         training_args_summary={"epochs": 3, "learning_rate": 2e-5},
-        synthetic_data=True,
+        dataset_seed=7,
+        **kwargs,
     )
 
 
@@ -248,45 +433,93 @@ def front_matter(path: Path) -> dict:
     return yaml.safe_load(header)
 
 
-def test_model_card_metadata(report, tmp_path):
-    path = write_card(report, tmp_path)
+def test_model_card_of_a_model_trained_from_scratch(report, tmp_path):
+    path = write_card(report, tmp_path, base_model=None)
     meta = front_matter(path)
+    assert "base_model" not in meta
+    assert meta["license"] == "apache-2.0"
+    assert "datasets" not in meta and "model-index" not in meta  # the synthetic set is no Hub dataset
     assert meta["library_name"] == "transformers"
     assert meta["pipeline_tag"] == "image-text-to-text"
-    assert meta["base_model"] == "meta-llama/Llama-3.2-11B-Vision-Instruct"
-    assert meta["datasets"] == ["mdf-mllm/synthetic-fundus"]
-    assert meta["license"] == "llama3.2"
     assert {"medical", "ophthalmology", "fundus", "retina", "mllama", "custom_code"} <= set(meta["tags"])
-
-    measured = {
-        (metric["name"].split()[0].lower(), metric["type"]): metric
-        for result in meta["model-index"][0]["results"]
-        for metric in result["metrics"]
-    }
-    for level in reporting.LEVELS:
-        for key, metric_type in [("accuracy", "accuracy"), ("macro_f1", "f1")]:
-            entry = measured[(level, metric_type)]
-            low, high = report[level]["ci95"][key]
-            assert entry["value"] == round(report[level][key], 4)
-            assert f"95% CI {low:.3f}–{high:.3f}" in entry["name"]
-
     (widget,) = meta["widget"]
     assert (tmp_path / widget["src"]).is_file() and widget["src"] == "examples/rp.png"
     assert widget["output"] == [{"label": "retinitis_pigmentosa", "score": 0.9}, {"label": "normal", "score": 0.1}]
     body = path.read_text()
+    assert "trained from scratch" in body and "no pretrained weights" in body and "fine-tuned from" not in body
+    assert "synthetic fundus set rendered by this repository's `dataset_builder` with seed 7" in body
     assert "trust_remote_code=True" in body and "model.classify(**inputs)" in body
     assert "synthetic fundus images" in body and "Research use only" in body
+    accuracy = with_ci(report["disease"], "accuracy")
+    assert f"| disease | {accuracy} |" in body
+
+
+@pytest.mark.parametrize(
+    "base_model, license",
+    [
+        ("meta-llama/Llama-3.2-11B-Vision-Instruct", "llama3.2"),
+        ("/models/Llama-3.2-11B-Vision-Instruct", "llama3.2"),
+        ("outputs/run/base", "apache-2.0"),  # the stand-in base that `train_hf.py --make_base` trains here
+    ],
+)
+def test_model_card_of_a_fine_tuned_base(report, tmp_path, base_model, license):
+    path = write_card(report, tmp_path, base_model=base_model)
+    meta = front_matter(path)
+    assert meta["base_model"] == base_model
+    assert meta["license"] == license
+    assert f"fine-tuned from `{base_model}`" in path.read_text()
+
+
+def image_links(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+@pytest.fixture(scope="module")
+def results_folder(report, tmp_path_factory) -> Path:
+    """A folder with what `write_results(report)` writes (drawn once; tests copy it)."""
+    folder = tmp_path_factory.mktemp("results")
+    reporting.write_results(report, folder)
+    return folder
+
+
+def test_model_card_embeds_the_figures_and_comparison_it_ships(report, baseline_report, results_folder, tmp_path):
+    shutil.copytree(results_folder, tmp_path, dirs_exist_ok=True)
+    reporting.plot_training_curves(HISTORIES, tmp_path / reporting.TRAINING_CURVES_FILE, GATES)
+    body = write_card(report, tmp_path, comparison_reports=[baseline_report]).read_text()
+    links = image_links(body)
+    assert links == ["training_curves.png", "confusion_matrix_disease.png", "confusion_matrix_type.png"]
+    assert all((tmp_path / link).is_file() for link in links)
+    assert "[results.md](results.md)" in body
+    (ours,) = table_rows(body, "MDF-MLLM")
+    (baseline,) = table_rows(body, "Mllama baseline")
+    assert ours[1:3] == [with_ci(report["disease"], "accuracy"), with_ci(report["disease"], "macro_f1")]
+    assert baseline[1:5] == [with_ci(baseline_report[level], name) for level in reporting.LEVELS
+                             for name in reporting.CI_METRICS]
+
+
+def test_model_card_links_only_figures_that_exist(report, results_folder, tmp_path):
+    shutil.copytree(results_folder, tmp_path, dirs_exist_ok=True)  # confusion matrices, no training curve
+    body = write_card(report, tmp_path).read_text()
+    assert image_links(body) == ["confusion_matrix_disease.png", "confusion_matrix_type.png"]
+    assert "### Comparison" not in body
+    with pytest.raises(FileNotFoundError, match="figure .*gates.png does not exist"):
+        write_card(report, tmp_path, figures={"gates.png": "U-Net gates"})
 
 
 def test_model_card_parses_with_huggingface_hub(report, tmp_path):
     from huggingface_hub import ModelCard
 
-    card = ModelCard.load(write_card(report, tmp_path))
+    card = ModelCard.load(write_card(report, tmp_path, base_model="meta-llama/Llama-3.2-11B-Vision-Instruct"))
     assert card.data.pipeline_tag == "image-text-to-text"
-    values = {(r.metric_name.split()[0].lower(), r.metric_type): r.metric_value for r in card.data.eval_results}
-    assert len(values) == 4
-    assert values[("type", "accuracy")] == round(report["type"]["accuracy"], 4)
-    assert values[("disease", "f1")] == round(report["disease"]["macro_f1"], 4)
+    assert card.data.base_model == "meta-llama/Llama-3.2-11B-Vision-Instruct"
+    assert card.data.license == "llama3.2"
+
+
+def test_model_card_rejects_unknown_dataset_names(report, tmp_path):
+    with pytest.raises(ValueError, match=r"datasets: expected names from \['all', .*got \['imagenet'\]"):
+        reporting.write_model_card(
+            tmp_path, None, metrics_report=report, datasets=["imagenet"], training_args_summary={}
+        )
 
 
 def test_model_card_widget_image_must_be_shipped(report, tmp_path):
