@@ -1,0 +1,98 @@
+"""Write a trained MDF-MLLM as a complete Hub model repository: weights, remote code, processor, pipeline
+registration, results, plots and the model card (with the baseline beside it when there is one)."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import reporting
+from pipeline_mdf_mllm import register_pipeline
+
+
+def export(model, processor, report, trainer, dataset, data_args, model_args, export_dir: str, **card) -> Path:
+    """Write the repository into `export_dir`, atomically: everything goes to a temporary folder beside it that
+    replaces the old one only once complete, so a crash never leaves a half-written model. `card`: see
+    `write_repository`."""
+    export_dir = Path(export_dir)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
+    try:
+        write_repository(staging, model, processor, report, trainer, dataset, data_args, model_args, **card)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = export_dir.with_name(f".{export_dir.name}-previous")
+    if export_dir.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        export_dir.rename(previous)
+    staging.rename(export_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+    return export_dir
+
+
+def write_repository(
+    folder: Path, model, processor, report, trainer, dataset, data_args, model_args,
+    baseline=None, gate_history: list[dict] | None = None,
+) -> None:
+    """Weights, code, processor, pipeline registration, results, plots and the model card.
+
+    `baseline`: `(report, trainer)` of the baseline trained beside this model (its loss curve and metrics go into
+    the plot and the card), or None. `gate_history`: the U-Net gates logged during training (plotted).
+    """
+    model.config.verbalizer_token_ids = processor.verbalizer_token_ids
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    register_pipeline(folder)
+    reporting.write_results(report, folder)
+    histories = {report["name"]: trainer.state.log_history}
+    if baseline is not None:
+        histories[baseline[0]["name"]] = baseline[1].state.log_history
+    if all(any("loss" in entry for entry in history) for history in histories.values()):
+        reporting.plot_training_curves(histories, folder / reporting.TRAINING_CURVES_FILE, gate_history or None)
+    reporting.write_model_card(
+        folder,
+        model_args.base_model,
+        metrics_report=report,
+        datasets=[data_args.dataset],
+        widget_examples=_widget_examples(folder, dataset["test"], report, model.config),
+        training_args_summary=_training_summary(trainer, model_args, data_args),
+        comparison_reports=[baseline[0]] if baseline is not None else None,
+        dataset_seed=data_args.dataset_seed,
+    )
+
+
+def _widget_examples(folder: Path, test_split, report, config, count: int = 3) -> list[dict]:
+    """The first test photos of distinct classes, shipped in the folder with the model's (static) outputs."""
+    (folder / "examples").mkdir()
+    widgets, seen = [], set()
+    for index, example in enumerate(test_split):
+        if example["label"] in seen or len(widgets) == count:
+            continue
+        seen.add(example["label"])
+        path = folder / "examples" / f"{config.label_names[example['label']]}.png"
+        example["image"].convert("RGB").save(path)
+        scores = report["probabilities"][index]
+        widgets.append(
+            {
+                "image_path": str(path.relative_to(folder)),
+                "text": example["text"],
+                "output": {name: round(float(score), 4) for name, score in zip(config.label_names, scores)},
+            }
+        )
+    return widgets
+
+
+def _training_summary(trainer, model_args, data_args) -> dict:
+    args = trainer.args
+    return {
+        "base_model": model_args.base_model or f"none (trained from scratch, {model_args.model_size or 'small'})",
+        "dataset": data_args.dataset,
+        "train_examples": len(trainer.train_dataset),
+        "epochs": args.num_train_epochs,
+        "batch_size": args.per_device_train_batch_size,
+        "learning_rate": args.learning_rate,
+        "lora": model_args.lora,
+        "bf16": args.bf16,
+        "seed": args.seed,
+        "train_runtime_s": round(trainer.state.log_history[-1].get("train_runtime", float("nan")), 1),
+    }
