@@ -15,6 +15,7 @@ import functools
 import inspect
 import os
 import struct
+import warnings
 
 import numpy as np
 import torch
@@ -125,8 +126,8 @@ def _as_hwc(image, name: str) -> np.ndarray:
 
 
 def _describe(image, name: str) -> str:
-    """`name`, plus the file an opened PIL image came from, for error messages."""
-    filename = getattr(image, "filename", None)
+    """`name`, plus the file a path or an opened PIL image refers to, for error messages."""
+    filename = os.fspath(image) if isinstance(image, (str, os.PathLike)) else getattr(image, "filename", None)
     return f"{name} ({filename})" if filename else name
 
 
@@ -221,10 +222,8 @@ def _fov_levels(value: np.ndarray) -> tuple[float, float]:
     """
     background, top = np.percentile(value, [1, 99])
     if top - background < MIN_CONTRAST:
-        raise ValueError(
-            f"no field of view found: the image is uniform (brightness {background:.0f}..{top:.0f} of 255), "
-            "e.g. all black"
-        )
+        raise ValueError(f"no field of view found: the image is uniform (brightness {background:.0f}..{top:.0f} of "
+                         "255), a blank frame rather than a photo")
     return float(background), float(np.median(value[value > background + 0.1 * (top - background)]))
 
 
@@ -327,6 +326,42 @@ def _fit_circle(x: np.ndarray, y: np.ndarray, tolerance: float = 1.0, trials: in
     return float(center_x), float(center_y), float(fitted_radius)
 
 
+def _thumbnail(image: Image.Image, working_size: int) -> tuple[np.ndarray, int]:
+    """(h, w, 3) uint8 block means of `image` at most `working_size` pixels a side (the fastest downsampling PIL
+    has), and the integer reduction factor."""
+    factor = -(-max(image.size) // working_size)  # ceil
+    return np.asarray(image.reduce(factor) if factor > 1 else image), factor
+
+
+def _disc_in_thumbnail(value: np.ndarray, name: str) -> tuple[tuple[float, float, float] | None, float]:
+    """Circle `(center_x, center_y, radius)` of the field of view in a brightness thumbnail (None when the photo
+    is cropped inside the field of view: no dark surround), and the brightness threshold between fundus and
+    background. `ValueError` naming `name` when there is no field of view."""
+    try:
+        background, fundus = _fov_levels(value)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    threshold = background + 0.15 * (fundus - background)
+    if background > DARK_BACKGROUND * fundus:
+        return None, threshold
+    mask = value > threshold
+    thin = 2 * round(THIN_STRUCTURE * max(value.shape) / 2) + 1
+    if thin >= 3:
+        mask = _square_filter(_square_filter(mask, thin, np.logical_and), thin, np.logical_or)
+    component = _largest_component(mask) if mask.any() else mask
+    if component.sum() < MIN_FOV_FRACTION * component.size:
+        raise ValueError(f"{name}: no field of view found: the largest bright region covers "
+                         f"{component.mean():.1%} of the image")
+
+    x_rows, y_rows = _row_edge_points(component, value, threshold)
+    y_cols, x_cols = _row_edge_points(component.T, value.T, threshold)
+    circle = _fit_circle(np.concatenate([x_rows, x_cols]), np.concatenate([y_rows, y_cols]))
+    if circle is None or not 0 < circle[2] < 2 * max(value.shape):  # too few free edge points: the blob's box
+        ys, xs = np.nonzero(component)
+        circle = ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, (max(np.ptp(xs), np.ptp(ys)) + 1) / 2)
+    return circle, threshold
+
+
 def detect_field_of_view(image: Image.Image, working_size: int = 256, name: str = "image") -> tuple[float, ...]:
     """Circle `(center_x, center_y, radius)` of the fundus field of view, in `image`'s pixel coordinates.
 
@@ -338,35 +373,70 @@ def detect_field_of_view(image: Image.Image, working_size: int = 256, name: str 
 
     Raises `ValueError` when there is no field of view (uniform, e.g. all-black, image).
     """
-    factor = -(-max(image.size) // working_size)  # ceil
-    thumbnail = image.reduce(factor) if factor > 1 else image  # block means: the fastest downsampling PIL has
-    small_size = thumbnail.size
-    value = np.asarray(thumbnail).max(axis=2)  # brightest channel: works for red-free and grey photos alike
-    try:
-        background, fundus = _fov_levels(value)
-    except ValueError as error:
-        raise ValueError(f"{name}: {error}") from None
-    if background > DARK_BACKGROUND * fundus:  # no dark surround: the photo is cropped inside the field of view
+    thumbnail, factor = _thumbnail(image, working_size)
+    # Brightest channel: works for red-free and grey photos alike.
+    circle, _ = _disc_in_thumbnail(thumbnail.max(axis=2), name)
+    if circle is None:
         return (image.width - 1) / 2, (image.height - 1) / 2, max(image.size) / 2
-    threshold = background + 0.15 * (fundus - background)
-    mask = value > threshold
-    thin = 2 * round(THIN_STRUCTURE * max(small_size) / 2) + 1
-    if thin >= 3:
-        mask = _square_filter(_square_filter(mask, thin, np.logical_and), thin, np.logical_or)
-    component = _largest_component(mask) if mask.any() else mask
-    if component.sum() < MIN_FOV_FRACTION * component.size:
-        raise ValueError(f"{name}: no field of view found: the largest bright region covers "
-                         f"{component.mean():.1%} of the image")
-
-    x_rows, y_rows = _row_edge_points(component, value, threshold)
-    y_cols, x_cols = _row_edge_points(component.T, value.T, threshold)
-    circle = _fit_circle(np.concatenate([x_rows, x_cols]), np.concatenate([y_rows, y_cols]))
-    if circle is None or not 0 < circle[2] < 2 * max(small_size):  # too few free edge points: the blob's box
-        ys, xs = np.nonzero(component)
-        circle = ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, (max(np.ptp(xs), np.ptp(ys)) + 1) / 2)
     # Thumbnail pixel i averages full pixels i * factor .. (i + 1) * factor - 1: its centre is (i + 0.5) * factor - 0.5.
     cx, cy, radius = circle
     return (cx + 0.5) * factor - 0.5, (cy + 0.5) * factor - 0.5, radius * factor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fundus check: is this a colour fundus photograph at all?
+
+
+FUNDUS_SCORE_SIZE = 128  # thumbnail side for the check: its cues are coarse, and the check must stay cheap
+DEFAULT_FUNDUS_THRESHOLD = 0.5
+
+
+def _ramp(value: float, low: float, high: float) -> float:
+    """0 at or below `low`, 1 at or above `high`, linear between."""
+    return float(np.clip((value - low) / (high - low), 0.0, 1.0))
+
+
+def fundus_cues(image: Image.Image, working_size: int = FUNDUS_SCORE_SIZE) -> dict[str, float]:
+    """The three cues of `fundus_score`, each in [0, 1], measured on a thumbnail around the detected field of view:
+
+    * `disc`: the bright region is the fitted disc (their intersection over union inside the frame; a ramp from
+      0.5 to 0.9): a roughly circular field of view, possibly cut by the frame;
+    * `surround`: the ring just outside the disc (1.1 to 1.3 radii, inside the frame) is dark (the share of its
+      pixels below the fundus threshold; a ramp from 0.3 to 0.8). A photo cropped inside the field of view, or any
+      photo without a dark surround, scores 0;
+    * `colour`: retinal colour inside the disc: the red share of its summed colour, R / (R + G + B) (a ramp from
+      0.36 to 0.44: fundus photos sit near 0.6, pale atrophic ones near 0.45, grey images at 1/3), times the share
+      of its pixels ordered R >= G >= B (orange to warm white, as the retina, the optic disc and bare sclera are).
+
+    An image with no field of view at all (uniform) scores 0 on every cue.
+    """
+    rgb, _ = _thumbnail(image, working_size)
+    value = rgb.max(axis=2)
+    try:
+        circle, threshold = _disc_in_thumbnail(value, "image")
+    except ValueError:
+        return {"disc": 0.0, "surround": 0.0, "colour": 0.0}
+    height, width = value.shape
+    cx, cy, radius = circle if circle is not None else ((width - 1) / 2, (height - 1) / 2, max(width, height) / 2)
+    rows, columns = np.ogrid[:height, :width]
+    distance = np.hypot(columns - cx, rows - cy) / radius
+    bright, disc = value > threshold, distance <= 1
+    ring = (distance > 1.1) & (distance < 1.3)
+    inside = bright & (distance < 0.9)
+    red, green, blue = rgb[inside].astype(np.float32).T
+    red_share = float(red.sum() / max(red.sum() + green.sum() + blue.sum(), 1.0))
+    ordered = float(np.mean((red >= green) & (green >= blue))) if inside.any() else 0.0
+    return {
+        "disc": _ramp((bright & disc).sum() / max((bright | disc).sum(), 1), 0.5, 0.9),
+        "surround": _ramp(1 - bright[ring].mean(), 0.3, 0.8) if ring.any() else 0.0,
+        "colour": _ramp(red_share, 0.36, 0.44) * ordered,
+    }
+
+
+def fundus_score(image, working_size: int = FUNDUS_SCORE_SIZE) -> float:
+    """How much `image` looks like a colour fundus photograph, in [0, 1]: the product of `fundus_cues` (every cue
+    must hold). Fundus photos score near 1; natural photos, noise and flat images near 0."""
+    return float(np.prod(list(fundus_cues(to_rgb_image(image), working_size).values())))
 
 
 def crop_to_circle(image: Image.Image, circle: tuple[float, float, float], size: int, resample) -> Image.Image:
@@ -393,6 +463,20 @@ def nest_images(images) -> list[list]:
     return [[images]]
 
 
+def _image_name(sample: int, index: int, images: list) -> str:
+    """How errors name image `index` of sample `sample`: `images[i]` when the sample holds one, else `images[i][j]`."""
+    return f"images[{sample}]" if len(images) == 1 else f"images[{sample}][{index}]"
+
+
+def _pad_images(samples: list[list[np.ndarray]]) -> np.ndarray:
+    """Per-sample lists of equally shaped arrays -> (B, N_max, ...), zeros where a sample has fewer."""
+    shape = samples[0][0].shape
+    batch = np.zeros((len(samples), max(len(sample) for sample in samples), *shape), samples[0][0].dtype)
+    for row, sample in zip(batch, samples):
+        row[: len(sample)] = sample
+    return batch
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image processor
 
@@ -405,12 +489,15 @@ class MdfMllmImageProcessorKwargs(MllamaImageProcessorKwargs, total=False):
         Per-channel normalisation of the U-Net view (after scaling pixels to 0..1).
     fov_detection_size (`int`):
         Longest side of the thumbnail the field of view is detected on.
+    fundus_threshold (`float`):
+        `fundus_score` below which `check_fundus` refuses (or warns about) an image.
     """
 
     unet_image_size: int
     unet_image_mean: float | list[float] | tuple[float, ...]
     unet_image_std: float | list[float] | tuple[float, ...]
     fov_detection_size: int
+    fundus_threshold: float
 
 
 class MdfMllmImageProcessor(MllamaImageProcessor):
@@ -420,13 +507,21 @@ class MdfMllmImageProcessor(MllamaImageProcessor):
     `num_tiles`, and `unet_pixel_values` (B, 3, S, S) float32: the square around the detected field of view,
     resized to S = `unet_image_size` and normalised with `unet_image_mean`/`unet_image_std`. With
     `vessel_masks=` (one mask per image, same size as the image) also `vessel_mask` (B, 1, S, S) of 0./1.,
-    cropped exactly like the photo. Each sample holds one fundus photo.
+    cropped exactly like the photo.
+
+    A sample may hold several photos (e.g. both eyes: `images=[[left, right], ...]`): when any sample has more than
+    one, `unet_pixel_values` is (B, N_max, 3, S, S) and `vessel_mask` (B, N_max, 1, S, S), zero for the missing
+    photos of shorter samples (as Mllama pads `pixel_values`).
+
+    `fundus_score(image)` says how much an image looks like a colour fundus photograph; `check_fundus` refuses or
+    warns below `fundus_threshold`. Preprocessing itself does not check: the pipeline, the CLI and the demo do.
     """
 
     unet_image_size = 512
     unet_image_mean = IMAGENET_DEFAULT_MEAN
     unet_image_std = IMAGENET_DEFAULT_STD
     fov_detection_size = 256
+    fundus_threshold = DEFAULT_FUNDUS_THRESHOLD
     valid_kwargs = MdfMllmImageProcessorKwargs
     model_input_names = MllamaImageProcessor.model_input_names + ["unet_pixel_values"]
 
@@ -437,44 +532,72 @@ class MdfMllmImageProcessor(MllamaImageProcessor):
         """`(center_x, center_y, radius)` of the fundus disc in `image`'s pixel coordinates (after EXIF rotation)."""
         return detect_field_of_view(to_rgb_image(image), self.fov_detection_size)
 
+    def fundus_score(self, image) -> float:
+        """How much `image` looks like a colour fundus photograph, in [0, 1] (see `fundus_cues`)."""
+        return fundus_score(image)
+
+    def check_fundus(self, image, name: str = "image", on_failure: str = "error") -> float:
+        """`fundus_score(image)`; below `fundus_threshold` a `ValueError` naming `name` and the score
+        (`on_failure="error"`) or a `UserWarning` saying the same (`"warn"`)."""
+        if on_failure not in ("error", "warn"):
+            raise ValueError(f"on_failure: expected 'error' or 'warn', got {on_failure!r}")
+        score = self.fundus_score(image)
+        if score < self.fundus_threshold:
+            message = (f"{_describe(image, name)}: does not look like a colour fundus photograph (fundus score "
+                       f"{score:.2f} < threshold {self.fundus_threshold:.2f}: no bright round field of view on a "
+                       "dark surround with retinal colour)")
+            if on_failure == "error":
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+        return score
+
     def _preprocess_image_like_inputs(self, images, vessel_masks=None, **kwargs) -> BatchFeature:
         samples = nest_images(images)
         for i, sample in enumerate(samples):
-            if len(sample) != 1:
-                raise ValueError(f"images[{i}]: MDF-MLLM reads one fundus photo per sample, got {len(sample)}")
-        photos = [to_rgb_image(sample[0], f"images[{i}]") for i, sample in enumerate(samples)]
-        circles = [
-            detect_field_of_view(photo, kwargs["fov_detection_size"], f"images[{i}]") for i, photo in enumerate(photos)
-        ]
-        outputs = super()._preprocess_image_like_inputs([[photo] for photo in photos], **kwargs)
+            if not sample:
+                raise ValueError(f"images[{i}]: the sample holds no image")
+        photos = [[to_rgb_image(image, _image_name(i, j, sample)) for j, image in enumerate(sample)]
+                  for i, sample in enumerate(samples)]
+        circles = [[detect_field_of_view(photo, kwargs["fov_detection_size"], _image_name(i, j, sample))
+                    for j, photo in enumerate(sample)] for i, sample in enumerate(photos)]
+        outputs = super()._preprocess_image_like_inputs(photos, **kwargs)
 
         size, resample = kwargs["unet_image_size"], Image.Resampling.BILINEAR
-        views = np.stack([np.asarray(crop_to_circle(p, c, size, resample)) for p, c in zip(photos, circles)])
-        views = views.astype(np.float32)  # (B, S, S, 3) 0..255, normalised in place: (x / 255 - mean) / std
+        views = np.stack([np.asarray(crop_to_circle(photo, circle, size, resample))
+                          for sample in zip(photos, circles) for photo, circle in zip(*sample)])
+        views = views.astype(np.float32)  # (images, S, S, 3) 0..255, normalised in place: (x / 255 - mean) / std
         views -= 255 * np.asarray(kwargs["unet_image_mean"], np.float32)
         views *= 1 / (255 * np.asarray(kwargs["unet_image_std"], np.float32))
+        views = iter(views.transpose(0, 3, 1, 2))
+        views = np.ascontiguousarray(_pad_images([[next(views) for _ in sample] for sample in photos]))
         data = {key: value for key, value in outputs.items() if key != "num_tiles"}
-        data["unet_pixel_values"] = np.ascontiguousarray(views.transpose(0, 3, 1, 2))
         if vessel_masks is not None:
             data["vessel_mask"] = self._crop_vessel_masks(vessel_masks, photos, circles, size)
+        data["unet_pixel_values"] = views
+        if views.shape[1] == 1:  # one photo in every sample: (B, 3, S, S), as the model has always read it
+            data = {key: data[key][:, 0] if key in ("unet_pixel_values", "vessel_mask") else data[key] for key in data}
         encoded = BatchFeature(data, tensor_type=kwargs.get("return_tensors"))
         encoded["num_tiles"] = outputs["num_tiles"]
         return encoded
 
     @staticmethod
     def _crop_vessel_masks(vessel_masks, photos, circles, size) -> np.ndarray:
-        """(B, 1, S, S) float32 0/1: each mask cropped with its photo's circle (antialiased, then thresholded)."""
-        masks = [sample[0] for sample in nest_images(vessel_masks)]
-        if len(masks) != len(photos):
-            raise ValueError(f"vessel_masks: {len(masks)} masks for {len(photos)} images")
+        """(B, N, 1, S, S) float32 0/1: each mask cropped with its photo's circle (antialiased, then thresholded)."""
+        masks = nest_images(vessel_masks)
+        counts = [len(sample) for sample in masks], [len(sample) for sample in photos]
+        if counts[0] != counts[1]:
+            raise ValueError(f"vessel_masks: masks per sample {counts[0]} for images per sample {counts[1]}")
         crops = []
-        for i, (mask, photo, circle) in enumerate(zip(masks, photos, circles)):
-            mask = to_binary_mask(mask, f"vessel_masks[{i}]")
-            if mask.size != photo.size:
-                raise ValueError(f"vessel_masks[{i}]: mask is {mask.width}x{mask.height} pixels but its image is "
-                                 f"{photo.width}x{photo.height}")
-            crops.append(np.asarray(crop_to_circle(mask, circle, size, Image.Resampling.BILINEAR)) >= 128)
-        return np.stack(crops)[:, None].astype(np.float32)
+        for i, sample in enumerate(zip(masks, photos, circles)):
+            crops.append([])
+            for j, (mask, photo, circle) in enumerate(zip(*sample)):
+                name = _image_name(i, j, sample[0]).replace("images", "vessel_masks", 1)
+                mask = to_binary_mask(mask, name)
+                if mask.size != photo.size:
+                    raise ValueError(f"{name}: mask is {mask.width}x{mask.height} pixels but its image is "
+                                     f"{photo.width}x{photo.height}")
+                crops[-1].append(np.asarray(crop_to_circle(mask, circle, size, Image.Resampling.BILINEAR)) >= 128)
+        return _pad_images(crops)[:, :, None].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -586,7 +709,7 @@ class MdfMllmProcessor(MllamaProcessor):
     * it may not contain a special token's text (`<|image|>`, `<|eot_id|>`, `<|start_header_id|>`, ...), which the
       tokenizer would read as that token and so add an image slot or end the user turn: a `ValueError` names it;
     * it is truncated to its first `max_clinical_text_tokens` tokens (cut at a token boundary, leading and trailing
-      whitespace dropped), so a 20,000-token history costs what a 512-token one does. Only the clinical text is cut:
+      whitespace dropped, a `UserWarning` saying how many tokens were kept), so a 20,000-token history costs what a 512-token one does. Only the clinical text is cut:
       the image token, the instruction, the assistant header and, in training, the answer are always whole, and a
       prompt is at most `max_clinical_text_tokens` tokens longer than the same prompt with a one-word history.
 
@@ -690,21 +813,23 @@ class MdfMllmProcessor(MllamaProcessor):
 
     # -- prompts --------------------------------------------------------------------------------------------------
 
-    def build_prompt(self, clinical_text: str | None = None, name: str = "clinical_text") -> str:
-        """The chat prompt for one photo, up to and including the assistant header (clinical text checked and
-        truncated as the class docstring says; errors name `name`)."""
+    def build_prompt(self, clinical_text: str | None = None, name: str = "clinical_text", num_images: int = 1) -> str:
+        """The chat prompt for a sample of `num_images` photos (their image tokens first), up to and including the
+        assistant header (clinical text checked and truncated as the class docstring says; errors name `name`)."""
         content = self.instruction
         clinical_text = self.clean_clinical_text(clinical_text, name)
         if clinical_text:
             content += "\n" + self.clinical_text_template.format(clinical_text=clinical_text)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": content}]}]
+        images = [{"type": "image"}] * num_images
+        messages = [{"role": "user", "content": [*images, {"type": "text", "text": content}]}]
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
 
     def clean_clinical_text(self, clinical_text: str | None, name: str = "clinical_text") -> str:
-        """`clinical_text` stripped and cut to `max_clinical_text_tokens` tokens ("" for None); a `ValueError` naming
-        `name` for a non-string or a text holding a special token."""
+        """`clinical_text` stripped and cut to `max_clinical_text_tokens` tokens ("" for None; a `UserWarning` naming
+        `name` says how many tokens were kept); a `ValueError` naming `name` for a non-string or a text holding a
+        special token."""
         if clinical_text is None:
             return ""
         if not isinstance(clinical_text, str):
@@ -721,14 +846,20 @@ class MdfMllmProcessor(MllamaProcessor):
         limit = self.max_clinical_text_tokens
         if limit is None or size <= limit:  # every token holds at least one byte
             return clinical_text
+        original = None
         while True:
             offsets = self.tokenizer(clinical_text, add_special_tokens=False, return_offsets_mapping=True)
             offsets = offsets["offset_mapping"]
+            original = original or len(offsets)
             if len(offsets) <= limit:
-                return clinical_text
+                break
             # Cut before the character where the first token over the budget starts; BPE may merge the cut text
             # differently, so check again (the text shrinks every round).
             clinical_text = clinical_text[: offsets[limit][0]].rstrip()
+        if len(offsets) < original:
+            warnings.warn(f"{name}: the clinical text ({original} tokens) was cut to its first {len(offsets)} tokens "
+                          f"(max_clinical_text_tokens={limit})", UserWarning, stacklevel=3)
+        return clinical_text
 
     def _encode(self, text: str) -> list[int]:
         # Special tokens come from the prompt text itself (the template writes <|begin_of_text|>).
@@ -746,18 +877,21 @@ class MdfMllmProcessor(MllamaProcessor):
     ) -> BatchFeature:
         r"""
         Args:
-            images: one fundus photo or a list, one per sample (PIL, array, tensor or path).
+            images: one fundus photo or a list, one per sample (PIL, array, tensor or path); a sample with several
+                photos (e.g. both eyes) is a list of them: `[[left, right], ...]`.
             text (`str` or `list[str]`, *optional*): raw prompts instead of the built ones; each must hold one
                 `<|image|>` per image of its sample.
             clinical_text (`str`, `list[str | None]`, *optional*): clinical history per sample; None/"" for none.
             labels (label ids or names, *optional*): append the answer and return answer-only `labels`.
-            vessel_masks (*optional*): one vessel mask per image, returned as `vessel_mask` (B, 1, S, S).
+            vessel_masks (*optional*): one vessel mask per image, nested as `images`; returned as `vessel_mask`
+                (B, 1, S, S), or (B, N_max, 1, S, S) when a sample has several images.
             images_kwargs: overrides for the image processor (e.g. `max_image_tiles`).
 
         Returns:
             [`BatchFeature`] with `input_ids`, `attention_mask` (B, L) left-padded, `pixel_values`,
             `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask` (B, L, 1, max_image_tiles),
-            `unet_pixel_values` (B, 3, S, S), and `vessel_mask`, `labels` (B, L) when asked for.
+            `unet_pixel_values` (B, 3, S, S) -- (B, N_max, 3, S, S), zero-padded, when a sample has several images --,
+            and `vessel_mask`, `labels` (B, L) when asked for.
         """
         if images is None and text is None:
             raise ValueError("give images, text or both")
@@ -765,7 +899,9 @@ class MdfMllmProcessor(MllamaProcessor):
         batch_size = len(samples) if samples is not None else len(text if isinstance(text, (list, tuple)) else [text])
         if text is None:
             texts = _per_sample(clinical_text, batch_size, "clinical_text")
-            prompts = [self.build_prompt(text, f"clinical_text[{i}]") for i, text in enumerate(texts)]
+            counts = [len(sample) for sample in samples] if samples is not None else [1] * batch_size
+            prompts = [self.build_prompt(text, f"clinical_text[{i}]", count)
+                       for i, (text, count) in enumerate(zip(texts, counts))]
         else:
             if clinical_text is not None:
                 raise ValueError("clinical_text: give it or a raw text prompt, not both")
@@ -835,7 +971,8 @@ def build_default_processor(image_size=112, max_image_tiles=1, unet_image_size=1
 # Data collator
 
 
-# name -> (dimensions of one example, padding value or None to stack unpadded, pad the first dimension on the left)
+# name -> (dimensions of one example, padding value or None for a U-Net input, pad the first dimension on the left).
+# A U-Net input has the given dimensions per image; an example holds one image or (N, ...) several: see `_per_image`.
 PAD_TOKEN = "pad_token_id"
 _COLLATED_INPUTS = {
     "input_ids": (1, PAD_TOKEN, True),
@@ -845,8 +982,8 @@ _COLLATED_INPUTS = {
     "pixel_values": (5, 0.0, False),  # (images, tiles, 3, tile, tile)
     "aspect_ratio_ids": (1, 0, False),  # (images,)
     "aspect_ratio_mask": (2, 0, False),  # (images, tiles)
-    "unet_pixel_values": (3, None, False),  # (3, S, S): stacked, never padded
-    "vessel_mask": (3, None, False),  # (1, S, S)
+    "unet_pixel_values": (3, None, False),  # (3, S, S) per image
+    "vessel_mask": (3, None, False),  # (1, S, S) per image
 }
 
 
@@ -863,8 +1000,10 @@ def _pad_and_stack(tensors: list[torch.Tensor], value, left: bool) -> torch.Tens
 class MdfMllmDataCollator:
     """Batches examples the processor made one at a time (dicts of tensors or lists, with or without their batch
     dimension of 1) for the `Trainer`, without recomputing anything: left-pads token ids, masks and labels; pads
-    images and tiles with zeros as Mllama does; stacks `unet_pixel_values` and `vessel_mask`. Keys that are no
-    model input (e.g. `num_tiles`, dataset columns) are dropped.
+    images and tiles with zeros as Mllama does; stacks `unet_pixel_values` (B, 3, S, S) and `vessel_mask`
+    (B, 1, S, S) when every example has one image, else pads them with zeros to (B, N_max, 3, S, S) and
+    (B, N_max, 1, S, S), as the processor does. Keys that are no model input (e.g. `num_tiles`, dataset columns)
+    are dropped.
     """
 
     def __init__(self, processor_or_pad_token_id):
@@ -881,24 +1020,38 @@ class MdfMllmDataCollator:
                 continue
             if not all(present):
                 raise ValueError(f"{key}: present in {sum(present)} of {len(features)} examples; give it in all")
-            tensors = [self._example(f[key], ndim, f"features[{i}][{key!r}]") for i, f in enumerate(features)]
             if value is None:
-                shapes = {tuple(tensor.shape) for tensor in tensors}
-                if len(shapes) > 1:
-                    raise ValueError(f"{key}: examples have different shapes {sorted(shapes)}")
-                batch[key] = torch.stack(tensors)
+                batch[key] = self._per_image([f[key] for f in features], ndim, key)
             else:
+                tensors = [self._example(f[key], ndim, f"features[{i}][{key!r}]") for i, f in enumerate(features)]
                 batch[key] = _pad_and_stack(tensors, self.pad_token_id if value == PAD_TOKEN else value, left)
         if "aspect_ratio_mask" in batch:
             # Mllama marks the first tile of every image slot, padded slots included.
             batch["aspect_ratio_mask"][:, :, 0] = 1
         return batch
 
+    @classmethod
+    def _per_image(cls, values: list, ndim: int, key: str) -> torch.Tensor:
+        """Examples of one image (`ndim` dimensions, or `ndim + 1` with the batch dimension of 1) or of N images
+        (`ndim + 1`, or `ndim + 2` with the batch dimension) -> (B, ...) or (B, N_max, ...) zero-padded."""
+        tensors = [cls._example(value, ndim + 1, f"features[{i}][{key!r}]", one_image=ndim)
+                   for i, value in enumerate(values)]
+        shapes = {tuple(tensor.shape[1:]) for tensor in tensors}
+        if len(shapes) > 1:
+            raise ValueError(f"{key}: examples have different image shapes {sorted(shapes)}")
+        if all(len(tensor) == 1 for tensor in tensors):
+            return torch.cat(tensors)
+        return _pad_and_stack(tensors, 0, left=False)
+
     @staticmethod
-    def _example(value, ndim: int, name: str) -> torch.Tensor:
+    def _example(value, ndim: int, name: str, one_image: int | None = None) -> torch.Tensor:
+        """One example's tensor with `ndim` dimensions: a leading batch dimension of 1 is dropped; with
+        `one_image`, a tensor of that many dimensions is one image and gains the image dimension."""
         tensor = torch.as_tensor(np.asarray(value) if isinstance(value, list) else value)
         if tensor.ndim == ndim + 1 and tensor.shape[0] == 1:
             tensor = tensor[0]
+        if one_image is not None and tensor.ndim == one_image:
+            tensor = tensor[None]
         if tensor.ndim != ndim:
             raise ValueError(f"{name}: expected one example with {ndim} dimensions, got shape {tuple(tensor.shape)}")
         return tensor

@@ -247,8 +247,10 @@ def test_prompt_errors(processor, fundus):
         processor(images=photo, text="<|image|><|image|>Which disease?")
     with pytest.raises(ValueError, match=r"text: 1 entries for a batch of 2"):
         processor(images=[photo, photo], text=["<|image|>Which disease?"])
-    with pytest.raises(ValueError, match=r"images\[0\]: MDF-MLLM reads one fundus photo per sample, got 2"):
-        processor(images=[[photo, photo]], text=["<|image|><|image|>Which?"])
+    with pytest.raises(ValueError, match=r"text\[0\]: the prompt holds 1 <\|image\|> token\(s\) for 2 image"):
+        processor(images=[[photo, photo]], text=["<|image|>Which?"])
+    with pytest.raises(ValueError, match=r"images\[0\]: the sample holds no image"):
+        processor(images=[[]])
     with pytest.raises(ValueError, match=r"labels: unknown label 'flu'"):
         processor(images=photo, labels="flu")
 
@@ -424,3 +426,152 @@ def test_collator_pads_tiles_and_images_like_mllama(processor, fundus):
     assert (batch["cross_attention_mask"][0, :-short] == 0).all()
     with pytest.raises(ValueError, match=r"labels: present in 1 of 2 examples"):
         MdfMllmDataCollator(processor)([dict(processor(images=photo, labels=0)), dict(one_tile)])
+
+
+# ---- several images per sample --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def both_eyes(fundus):
+    """Left and right eye (mirror images of each other, different sizes) and a third photo of one eye."""
+    left, _ = fundus
+    right = draw_fundus(width=160, height=160, cx=80, cy=80, radius=70).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return left, right, draw_fundus(width=240, height=160, cx=120, cy=80, radius=100).convert("RGB")
+
+
+def test_several_images_per_sample_give_one_unet_view_each_zero_padded(processor, both_eyes):
+    left, right, other = both_eyes
+    mask = np.zeros((160, 200), np.uint8)
+    mask[90:100] = 255
+    masks = [[mask, np.zeros((160, 160))], [np.ones((160, 240))]]
+    encoded = processor(images=[[left, right], [other]], clinical_text=["Both eyes.", None], vessel_masks=masks)
+    assert encoded["unet_pixel_values"].shape == (2, 2, 3, UNET, UNET)
+    assert encoded["vessel_mask"].shape == (2, 2, 1, UNET, UNET)
+    assert encoded["pixel_values"].shape == (2, 2, 1, 3, TILE, TILE)
+    # Each view is what the photo gives alone; the missing second photo of sample 1 is all zeros.
+    for (row, slot), photo, vessel in [((0, 0), left, mask), ((0, 1), right, masks[0][1]), ((1, 0), other, masks[1][0])]:
+        alone = processor.image_processor(photo, vessel_masks=vessel, return_tensors="pt")
+        assert torch.equal(encoded["unet_pixel_values"][row, slot], alone["unet_pixel_values"][0])
+        assert torch.equal(encoded["vessel_mask"][row, slot], alone["vessel_mask"][0])
+    assert encoded["unet_pixel_values"][1, 1].abs().sum() == 0 and encoded["vessel_mask"][1, 1].sum() == 0
+    assert encoded["vessel_mask"][1, 0].sum() > 0  # a real all-vessel mask is not mistaken for padding
+    # The built prompt has one image token per photo; each image's cross-attention starts at its own token.
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids = encoded["input_ids"][0].tolist()
+    first, second = [i for i, token in enumerate(ids) if token == image_id]
+    mask0 = encoded["cross_attention_mask"][0, :, :, 0]  # (L, images)
+    assert mask0[:first].sum() == 0 and mask0[first:, 0].all()
+    assert mask0[second:, 1].all() and mask0[:second, 1].sum() == 0
+    assert encoded["input_ids"][1].tolist().count(image_id) == 1
+    assert encoded["cross_attention_mask"][1, :, 1].sum() == 0
+    with pytest.raises(ValueError, match=r"vessel_masks: masks per sample \[1, 1\] for images per sample \[2, 1\]"):
+        processor(images=[[left, right], [other]], vessel_masks=[mask, np.ones((160, 240))])
+    # One photo in every sample: the 4-D U-Net view the model has always read.
+    assert processor(images=[[left], [other]])["unet_pixel_values"].shape == (2, 3, UNET, UNET)
+
+
+def test_collator_pads_several_images_like_the_batched_call(processor, both_eyes):
+    left, right, other = both_eyes
+    samples, texts, labels = [[left, right], [other]], ["Both eyes.", None], ["dr", 0]
+    masks = [[np.zeros((160, 200)), np.ones((160, 160))], [np.ones((160, 240))]]
+    batched = processor(images=samples, clinical_text=texts, labels=labels, vessel_masks=masks)
+    singles = [processor(images=[images], clinical_text=[text], labels=[label], vessel_masks=[vessel])
+               for images, text, label, vessel in zip(samples, texts, labels, masks)]
+    singles[1] = {key: value[0] for key, value in singles[1].items()}  # without the batch dimension
+    collated = MdfMllmDataCollator(processor)(singles)
+    assert collated.keys() == batched.keys()
+    for key in batched:
+        assert torch.equal(collated[key], batched[key]), key
+    assert collated["unet_pixel_values"].shape == (2, 2, 3, UNET, UNET)
+    with pytest.raises(ValueError, match=r"unet_pixel_values: examples have different image shapes"):
+        MdfMllmDataCollator(processor)([{"unet_pixel_values": torch.zeros(3, 8, 8)},
+                                        {"unet_pixel_values": torch.zeros(3, 9, 9)}])
+
+
+# ---- fundus check ---------------------------------------------------------------------------------------------
+
+
+NOT_FUNDUS = {
+    **{name: getattr(data, name) for name in ("astronaut", "camera", "coffee", "chelsea", "rocket", "moon", "page",
+                                              "coins", "hubble_deep_field", "colorwheel")},
+    "noise": lambda: np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8),
+    "grey_noise": lambda: np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8),
+    "flat": lambda: np.full((48, 48, 3), 200, np.uint8),
+    "black": lambda: np.zeros((48, 48, 3), np.uint8),
+}
+
+
+@pytest.mark.parametrize("name", NOT_FUNDUS)
+def test_fundus_check_flags_natural_photos_noise_and_flat_images(processor, name):
+    image = NOT_FUNDUS[name]()
+    image_processor = processor.image_processor
+    score = image_processor.fundus_score(image)
+    assert 0.0 <= score < 0.2, score
+    with pytest.raises(ValueError, match=rf"photo\.png: does not look like a colour fundus photograph \(fundus score "
+                                         rf"{score:.2f} < threshold 0\.50"):
+        image_processor.check_fundus(image, "photo.png")
+
+
+def test_fundus_check_passes_fundus_photos(processor, fundus):
+    from dataset_builder import synthetic
+
+    image_processor = processor.image_processor
+    retina = data.retina()
+    photos = {"retina": retina, "retina_small_jpeg": _jpeg(Image.fromarray(retina).resize((160, 160)), 30),
+              "drawn": fundus[0], "drawn_cut_by_frame": draw_fundus(width=240, height=160, cx=120, cy=80, radius=100)}
+    for item in synthetic.plan(None, 0)[::150]:  # every class of the synthetic set, two sizes
+        for size in (64, 128):
+            photos[f"{item.label}_{size}"] = synthetic.render(item, size)[0]
+    scores = {name: image_processor.check_fundus(photo, name) for name, photo in photos.items()}
+    assert min(scores.values()) > 0.8, scores
+    assert len({name.rsplit("_", 1)[0] for name in scores}) >= 10  # the plan's stride reached every class
+
+
+def _jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return Image.open(buffer)
+
+
+@pytest.mark.parametrize("colour, expected", [((200, 90, 30), 1.0), ((120, 100, 80), 0.5), ((150, 150, 150), 0.0),
+                                              ((60, 100, 120), 0.0)])
+def test_fundus_score_colour_cue_on_a_flat_disc(processor, colour, expected):
+    """A flat disc on black: disc and surround cues are 1, so the score is the colour cue: the red share
+    R / (R + G + B) ramped from 0.36 to 0.44, times the share of pixels ordered R >= G >= B."""
+    yy, xx = np.mgrid[:120, :120]
+    image = np.zeros((120, 120, 3), np.uint8)
+    image[np.hypot(xx - 59.5, yy - 59.5) <= 50] = colour
+    red_share = colour[0] / sum(colour)
+    ordered = float(colour[0] >= colour[1] >= colour[2])
+    assert np.clip((red_share - 0.36) / 0.08, 0, 1) * ordered == pytest.approx(expected)
+    assert processor.image_processor.fundus_score(image) == pytest.approx(expected, abs=0.01)
+
+
+def test_fundus_check_warns_instead_and_threshold_is_a_saved_setting(processor, tmp_path):
+    noise = NOT_FUNDUS["noise"]()
+    with pytest.warns(UserWarning, match=r"images\[3\]: does not look like a colour fundus photograph"):
+        assert processor.image_processor.check_fundus(noise, "images[3]", on_failure="warn") < 0.2
+    with pytest.raises(ValueError, match=r"on_failure: expected 'error' or 'warn', got 'skip'"):
+        processor.image_processor.check_fundus(noise, on_failure="skip")
+    path = tmp_path / "noise.png"
+    Image.fromarray(noise).save(path)
+    with pytest.raises(ValueError, match=rf"upload \({path}\): does not look like"):
+        processor.image_processor.check_fundus(str(path), "upload")
+    lenient = MdfMllmImageProcessor(fundus_threshold=0.0)
+    lenient.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["fundus_threshold"] == 0.0
+    assert MdfMllmImageProcessor.from_pretrained(tmp_path).check_fundus(noise) < 0.2  # no error at threshold 0
+
+
+def test_cut_clinical_text_warns_how_many_tokens_were_kept(processor):
+    short = build_default_processor(image_size=TILE, unet_image_size=UNET, max_clinical_text_tokens=8)
+    text = "Night blindness since childhood; father affected; visual fields constricted; ERG extinguished."
+    total = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    with pytest.warns(UserWarning, match=rf"clinical_text\[1\]: the clinical text \({total} tokens\) was cut to its "
+                                         r"first 8 tokens \(max_clinical_text_tokens=8\)"):
+        short(images=[data.retina()] * 2, clinical_text=["Short.", text])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        short.build_prompt("Night blindness.")  # under the budget: no warning
