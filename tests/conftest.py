@@ -1,6 +1,8 @@
 """Shared fixtures: tiny Mllama / MDF-MLLM layouts that build and run in well under a second on a CPU."""
 
+import importlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,6 +82,48 @@ TINY_UNET = {"in_channels": 3, "base_channels": 4, "image_size": 32, "use_decode
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The caches the code under test writes (synthetic set, cached base): under pytest's temporary folder, never the user's
+# ~/.cache/mdf_mllm, so a stale cache from an older generator can neither hide a change nor be overwritten by a test.
+CACHE_VARIABLES = ("MDF_MLLM_DATA_CACHE", "MDF_MLLM_BASE_CACHE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _caches_in_tmp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    saved = {name: os.environ.get(name) for name in CACHE_VARIABLES}
+    for name in CACHE_VARIABLES:
+        os.environ[name] = str(root / name.lower())  # subprocesses the tests start inherit them
+    yield root
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def missing(reason: str):
+    """A requirement that CI installs is missing: skip with `reason` locally, fail under CI=true (no silent skip)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name: str, install: str):
+    """Import and return module `name`; missing, see `missing` (`install` says how to get it)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        missing(f"needs {name} ({install}): {error}")
+
+
+def require_program(name: str, install: str) -> str:
+    """The path of executable `name` on PATH; missing, see `missing`."""
+    path = shutil.which(name)
+    if path is None:
+        missing(f"needs the program {name} on PATH ({install})")
+    return path
 
 
 def mdf_config(layout: str = "a", **mdf_kwargs):
