@@ -44,6 +44,7 @@ DEFAULT_LABELS = [
 ]
 DEFAULT_UNET_CONFIG = {"in_channels": 3, "base_channels": 32, "image_size": 512, "use_decoder": True}
 UNET_DEPTHS = 4
+PRE_IMAGE_TEXT_MASKINGS = ("transformers", "reference")
 MDF_FIELDS = (
     "unet_config",
     "fusion_layers",
@@ -52,6 +53,7 @@ MDF_FIELDS = (
     "use_film",
     "film_hidden_dim",
     "seg_loss_weight",
+    "pre_image_text_masking",
     "verbalizers",
     "disease_types",
     "verbalizer_token_ids",
@@ -95,6 +97,14 @@ class MdfMllmConfig(MllamaConfig):
         Width of each FiLM MLP.
     seg_loss_weight (`float`, defaults to 0.1):
         Weight of the vessel-segmentation loss added when `vessel_mask` is given (needs `use_decoder`).
+    pre_image_text_masking (`str`, defaults to `"transformers"`):
+        What the stock cross-attention does for text tokens that may see no image (those before the first image
+        token, e.g. a chat header). `"transformers"`: exactly transformers' `MllamaCrossAttentionDecoderLayer`, whose
+        attention update reaches those tokens (attending uniformly to the image) while only the MLP update is masked,
+        so MDF-MLLM with closed U-Net gates computes what `MllamaForConditionalGeneration` computes for every prompt.
+        `"reference"`: Meta's reference implementation, which masks the whole cross-attention update of those tokens
+        (transformers issue #39379); a checkpoint trained one way is best used the same way. In both modes the U-Net
+        branch never updates a token that sees no image.
     verbalizers (`list[str]`, *optional*):
         The answer text of each label id, scored by `classify()`.
     disease_types (`list[str]`, *optional*):
@@ -113,6 +123,7 @@ class MdfMllmConfig(MllamaConfig):
     use_film: bool = True
     film_hidden_dim: int = 256
     seg_loss_weight: float = 0.1
+    pre_image_text_masking: str = "transformers"
     verbalizers: list[str] | None = None
     disease_types: list[str] | None = None
     verbalizer_token_ids: list[list[int]] | None = None
@@ -170,6 +181,10 @@ class MdfMllmConfig(MllamaConfig):
         for field, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{field}: expected a positive integer, got {value!r}")
+        if self.pre_image_text_masking not in PRE_IMAGE_TEXT_MASKINGS:
+            raise ValueError(
+                f"pre_image_text_masking: expected one of {PRE_IMAGE_TEXT_MASKINGS}, got {self.pre_image_text_masking!r}"
+            )
         if not 0 <= self.seg_loss_weight < float("inf"):  # also refuses NaN
             raise ValueError(f"seg_loss_weight: expected a finite weight >= 0, got {self.seg_loss_weight!r}")
         size, grid = self.unet_config["image_size"], self.fusion_grid

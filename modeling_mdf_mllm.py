@@ -189,6 +189,22 @@ def _unet_cache_layer(cache: Cache, index: int) -> DynamicLayer:
     return cache.layers[index]
 
 
+def _unet_attention_mask(cross_attention_mask: torch.Tensor | None, num_images: int, tokens_per_image: int):
+    """The stock additive mask over vision tokens (B, 1, T, N * tiles * P) -> the same over U-Net tokens
+    (B, 1, T, N * G^2): a text token sees image n's U-Net tokens exactly when it sees some tile of image n.
+
+    Rows that see no image arrive all zero from Mllama (uniform attention, finite); they stay so and the caller
+    zeroes their update.
+    """
+    if cross_attention_mask is None:
+        return None
+    batch, _, length, _ = cross_attention_mask.shape
+    sees = cross_attention_mask.view(batch, 1, length, num_images, -1).eq(0).any(-1)
+    hidden = torch.finfo(cross_attention_mask.dtype).min
+    mask = torch.zeros_like(sees, dtype=cross_attention_mask.dtype).masked_fill(~sees, hidden)
+    return mask.repeat_interleave(tokens_per_image, dim=-1)
+
+
 class MdfMllmUnetCrossAttention(nn.Module):
     """The U-Net branch of a fused layer: the layer's own queries over the U-Net tokens, scaled by a learnable tau.
 
@@ -197,7 +213,7 @@ class MdfMllmUnetCrossAttention(nn.Module):
     (zero-initialised, applied by the layer) are this module's, so that one module holds every new weight of a layer.
     """
 
-    def __init__(self, config: MllamaTextConfig, cache_index: int):
+    def __init__(self, config: MllamaTextConfig, cache_index: int, tokens_per_image: int):
         super().__init__()
         head_dim = config.hidden_size // config.num_attention_heads
         # Not `k_proj` / `v_proj`: a generic PEFT target list such as ["q_proj", "v_proj"] must not wrap these by
@@ -207,38 +223,41 @@ class MdfMllmUnetCrossAttention(nn.Module):
         self.logit_scale = nn.Parameter(torch.ones(1))
         self.gate = nn.Parameter(torch.zeros(1))
         self.cache_index = cache_index
+        self.tokens_per_image = tokens_per_image
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         shared: MllamaTextCrossAttention,
         unet_states: torch.Tensor | None,
+        cross_attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states (B, T, D), unet_states (B, G^2, D) or None to read the cached keys/values -> (B, T, D)."""
+        """hidden_states (B, T, D), unet_states (B, N_images * G^2, D) or None to read the cached keys/values,
+        cross_attention_mask: the stock branch's (B, 1, T, N_images * tiles * P) -> (B, T, D)."""
         batch, length, _ = hidden_states.shape
         query = shared.q_proj(hidden_states).view(batch, length, shared.num_heads, shared.head_dim).transpose(1, 2)
         query = shared.q_norm(query) * self.logit_scale
         if unet_states is not None:
-            key = self.key_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim).transpose(1, 2)
+            key = self.key_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
             value = self.value_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
-            key, value = shared.k_norm(key), value.transpose(1, 2)
+            key, value = shared.k_norm(key.transpose(1, 2)), value.transpose(1, 2)
             if cache is not None:
                 key, value = _unet_cache_layer(cache, self.cache_index).update(key, value)
         else:
             key, value = cache.layers[self.cache_index].keys, cache.layers[self.cache_index].values
 
+        num_images = key.shape[2] // self.tokens_per_image
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             shared.config._attn_implementation, eager_attention_forward
         )
-        # Every U-Net token is visible to every row; rows that may not see the image are zeroed by the caller.
         attn_output, attn_weights = attention_interface(
             shared,
             query,
             key,
             value,
-            None,
+            _unet_attention_mask(cross_attention_mask, num_images, self.tokens_per_image),
             dropout=0.0 if not self.training else shared.dropout,
             scaling=shared.scaling,
             is_causal=False,
@@ -248,22 +267,25 @@ class MdfMllmUnetCrossAttention(nn.Module):
 
 
 class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
-    """Mllama's tanh-gated cross-attention layer, plus (when `unet_depth` is set) a gated, scaled U-Net branch:
+    """Mllama's tanh-gated cross-attention layer, plus (when the layer is in `fusion_layers`) a gated, scaled U-Net
+    branch reading the U-Net tokens of the images each text token may see:
 
-        h <- h + rowmask * (tanh(g_attn) * a_v + tanh(g_u) * a_u)
+        h <- h + [rowmask *] tanh(g_attn) * a_v + rowmask * tanh(g_u) * a_u
         h <- h + rowmask * tanh(g_mlp) * MLP(post_attention_layernorm(h))
 
-    g_u starts at 0, so a fresh layer computes what the stock layer computes. `rowmask` zeroes the update of text
-    tokens that may not see the image (those before the image token), as in Meta's reference implementation; stock
-    transformers Mllama applies it to the MLP only and lets those tokens attend uniformly to the image
-    (transformers issue #39379).
+    `rowmask` is 0 for text tokens that may see no image (those before the first image token). The bracketed mask
+    of the stock update is `config.pre_image_text_masking`: absent for "transformers" (what transformers'
+    `MllamaCrossAttentionDecoderLayer` computes, so that closed U-Net gates give exactly the stock model), present
+    for "reference" (Meta's reference implementation; transformers issue #39379). The U-Net branch is always masked:
+    a token that sees no image reads no U-Net token either. g_u starts at 0, so a fresh layer is the stock layer.
     """
 
-    def __init__(self, config: MllamaTextConfig, layer_idx: int, unet_depth: int | None = None, cache_index=None):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int, mdf_config: MdfMllmConfig, cache_index=None):
         super().__init__(config, layer_idx)
-        self.unet_depth = unet_depth
-        if unet_depth is not None:
-            self.unet_attn = MdfMllmUnetCrossAttention(config, cache_index)
+        self.unet_depth = mdf_config.fusion_layers.get(layer_idx)
+        self.mask_stock_update = mdf_config.pre_image_text_masking == "reference"
+        if self.unet_depth is not None:
+            self.unet_attn = MdfMllmUnetCrossAttention(config, cache_index, mdf_config.fusion_grid**2)
 
     def forward(
         self,
@@ -290,11 +312,13 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
             **kwargs,
         )
         update = self.cross_attn_attn_gate.tanh() * vision_update
+        if self.mask_stock_update:
+            update = row_mask * update
         if self.unet_depth is not None:
             unet = unet_states[self.unet_depth] if unet_states is not None else None
-            unet_update, _ = self.unet_attn(hidden_states, self.cross_attn, unet, cache=cache, **kwargs)
-            update = update + self.unet_attn.gate.tanh() * unet_update
-        hidden_states = residual + row_mask * update
+            unet_update, _ = self.unet_attn(hidden_states, self.cross_attn, unet, cross_attention_mask, cache, **kwargs)
+            update = update + row_mask * self.unet_attn.gate.tanh() * unet_update
+        hidden_states = residual + update
 
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -359,14 +383,12 @@ class MdfMllmTextModel(MdfMllmPreTrainedModel, MllamaTextModel):
 
     config: MllamaTextConfig
 
-    def __init__(self, config: MllamaTextConfig, fusion_layers: dict[int, int]):
+    def __init__(self, config: MllamaTextConfig, mdf_config: MdfMllmConfig):
         super().__init__(config)
-        fused = sorted(fusion_layers)
+        fused = sorted(mdf_config.fusion_layers)
         for layer_idx in config.cross_attention_layers:
             cache_index = config.num_hidden_layers + fused.index(layer_idx) if layer_idx in fused else None
-            self.layers[layer_idx] = MdfMllmCrossAttentionDecoderLayer(
-                config, layer_idx, fusion_layers.get(layer_idx), cache_index
-            )
+            self.layers[layer_idx] = MdfMllmCrossAttentionDecoderLayer(config, layer_idx, mdf_config, cache_index)
         self.post_init()
 
 
@@ -381,7 +403,7 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         self.max_num_tiles = config.vision_config.max_num_tiles
         self.vision_output_dim = config.vision_config.vision_output_dim
         self.vision_model = MdfMllmVisionModel._from_config(config.vision_config)
-        self.language_model = MdfMllmTextModel(config.text_config, config.fusion_layers)
+        self.language_model = MdfMllmTextModel(config.text_config, config)
         self.multi_modal_projector = nn.Linear(self.vision_output_dim, self.hidden_size, bias=True)
         # An empty fusion map is plain Mllama (the baseline): no U-Net at all.
         self.unet = MdfMllmUNet(config) if config.fusion_layers else None
