@@ -22,9 +22,15 @@ def build_demo(model_folder: str) -> gr.Blocks:
     """The demo page for the model in `model_folder`."""
     classifier = load_pipeline(model_folder, device="cpu")
 
-    def predict(image, clinical_text):
+    def predict(image, clinical_text, skip_fundus_check=False):
         if image is None:
             raise gr.Error("Upload a fundus photograph first.")
+        try:
+            classifier.processor.image_processor.check_fundus(image, "The photo")
+        except ValueError as error:  # refused, unless the user asked to classify it anyway
+            if not skip_fundus_check:
+                raise gr.Error(f"{error}. Tick 'Classify anyway' to classify it nonetheless.") from None
+            gr.Warning(str(error))
         try:
             explanation = explain(classifier.model, classifier.processor, image, clinical_text or None)
         except ValueError as error:  # e.g. no field of view in the photo
@@ -42,13 +48,15 @@ def build_demo(model_folder: str) -> gr.Blocks:
             with gr.Column():
                 photo = gr.Image(type="pil", label="Fundus photograph", elem_id="photo")
                 history = gr.Textbox(label="Clinical history (optional)", lines=3, elem_id="history")
+                skip_check = gr.Checkbox(label="Classify anyway if it does not look like a fundus photograph",
+                                         value=False, elem_id="skip_fundus_check")
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
             with gr.Column():
                 prediction = gr.Textbox(label="Prediction", interactive=False, elem_id="prediction")
                 num_labels = classifier.model.config.num_labels
                 probabilities = gr.Label(label="Class probabilities", num_top_classes=num_labels)
                 attention = gr.Image(label="Where the answer looked (U-Net depths, vision branch)", elem_id="map")
-        button.click(predict, inputs=[photo, history], outputs=[prediction, probabilities, attention])
+        button.click(predict, inputs=[photo, history, skip_check], outputs=[prediction, probabilities, attention])
     return demo
 
 

@@ -11,7 +11,7 @@ with eager attention and hooks on every cross-attention layer, and keeps the att
   every cross-attention layer and the answer positions, laid out as the tiles are on Mllama's canvas.
 
 The answer positions are the rows whose logits score the verbalizer: the last prompt token and every answer token
-but the last (what `classify()` sums). `draw_explanation(...)` renders one PNG with a panel per depth and one for
+but the last (what `classify()` sums). `draw_explanation(...)` renders one image with a panel per depth and one for
 the vision branch; `overlay(...)` is the exact-geometry heat map it draws.
 
 Imports only torch/transformers/numpy/PIL/stdlib at import time (matplotlib inside `draw_explanation`).
@@ -53,6 +53,11 @@ class Explanation:
     gates: dict[int, tuple[float, float]] = field(default_factory=dict)
     vision_view: np.ndarray | None = None
     vision_map: np.ndarray | None = None
+
+    @property
+    def predicted(self) -> str:
+        """The predicted class (the most probable), whichever class is explained."""
+        return next(iter(self.probabilities))
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -215,35 +220,66 @@ def overlay(image: np.ndarray, cells: np.ndarray, alpha: float = 0.6) -> np.ndar
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+def _layers(layer_ids: list[int]) -> str:
+    return f"layer {layer_ids[0]}" if len(layer_ids) == 1 else f"layers {', '.join(map(str, layer_ids))}"
+
+
+def _probability(p: float) -> str:
+    return f"p = {p:.2f}" if p >= 0.01 else f"p = {p:.1e}"
+
+
+def _title(explanation: Explanation) -> str:
+    """The prediction, and the explained class when it is another one."""
+    probabilities = explanation.probabilities
+    predicted = f"Prediction: {explanation.predicted}, {_probability(probabilities[explanation.predicted])}"
+    if explanation.label == explanation.predicted:
+        return f"{predicted} ({explanation.disease_type})"
+    return f"Explaining {explanation.label} ({_probability(probabilities[explanation.label])}); {predicted}"
+
+
+def _gates_note(explanation: Explanation) -> str:
+    gates = "; ".join(f"depth {depth}: U-Net tanh(g_u) = {u:+.2f}, vision tanh(g_attn) = {v:+.2f}"
+                      for depth, (u, v) in explanation.gates.items())
+    return f"Gates are the model's own learned constants, the same for every photo ({gates})." if gates else ""
+
+
 def draw_explanation(explanation: Explanation, path=None) -> Image.Image:
-    """One figure: a panel per fused depth (U-Net attention over the crop, with its gates) and one for the vision
-    branch (attention over Mllama's tiles). Saved as PNG to `path` when given; returned as a PIL image."""
+    """One figure: a panel per fused depth (U-Net attention over the crop) and one for the vision branch (attention
+    over Mllama's tiles), each with a colour bar of its attention weights; the title names the prediction (and the
+    explained class when another one was asked for), the footer the model's gates. Saved to `path` when given, in
+    the format its suffix names (.png, .jpg, ...); returned as a PIL image."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
     from matplotlib.figure import Figure
 
-    panels = [
-        (overlay(explanation.crop, cells),
-         f"U-Net depth {depth} (layers {', '.join(map(str, explanation.fused_layers[depth]))})\n"
-         f"tanh g_u={explanation.gates[depth][0]:+.2f}  tanh g_attn={explanation.gates[depth][1]:+.2f}")
-        for depth, cells in explanation.unet_maps.items()
-    ]
+    panels = [(explanation.crop, cells, f"U-Net depth {depth}\n(cross-attention {_layers(explanation.fused_layers[depth])})")
+              for depth, cells in explanation.unet_maps.items()]
     if explanation.vision_map is not None:
-        panels.append((overlay(explanation.vision_view, explanation.vision_map), "Mllama vision branch\n(all layers)"))
-    figure = Figure(figsize=(3.2 * len(panels), 3.8), dpi=100)
+        panels.append((explanation.vision_view, explanation.vision_map, "Mllama vision branch\n(all cross-attention layers)"))
+    # The colour bar shows the ramp `overlay` paints with, from no attention to the panel's maximum.
+    ramp = LinearSegmentedColormap.from_list("overlay", heat_colours(np.linspace(0, 1, 256)))
+    figure = Figure(figsize=(max(3.2 * len(panels), 6.4), 4.6), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    for index, (picture, title) in enumerate(panels):
+    for index, (picture, cells, title) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), index + 1)
+        blended = overlay(picture, cells)
         # extent: pixel (i, j) spans [j, j+1) x [i, i+1), so grid cells land on the pixels they were computed from.
-        axes.imshow(picture, interpolation="nearest", extent=(0, picture.shape[1], picture.shape[0], 0))
+        axes.imshow(blended, interpolation="nearest", extent=(0, blended.shape[1], blended.shape[0], 0))
         axes.set_title(title, fontsize=8)
         axes.set_axis_off()
-    score = explanation.probabilities[explanation.label]
-    figure.suptitle(f"{explanation.label} ({explanation.disease_type}), p = {score:.2f}", fontsize=10)
-    figure.tight_layout()
+        bar = figure.colorbar(ScalarMappable(Normalize(0, float(np.max(cells)) or 1.0), ramp), ax=axes,
+                              orientation="horizontal", fraction=0.05, pad=0.02)
+        bar.set_label("attention weight", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    figure.suptitle(_title(explanation), fontsize=10)
+    note = _gates_note(explanation)
+    if note:
+        figure.supxlabel(note, fontsize=6.5, wrap=True)
     figure.canvas.draw()
     rendered = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3].copy())
     if path is not None:
-        rendered.save(path, format="PNG")
+        rendered.save(path)
     return rendered
 
 

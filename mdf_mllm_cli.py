@@ -3,8 +3,13 @@
     mdf-mllm predict IMAGE... --model DIR [--text "..."] [--json] [--top-k K] [--batch-size N]
     mdf-mllm explain IMAGE --model DIR [--text "..."] --out map.png [--label NAME]
 
-Bad input (a missing, unreadable or decompression-bomb image, an image with no fundus in it, a missing model
-folder) ends with a one-line message naming the path (control characters escaped) and exit status 2.
+Every photo first passes the model's fundus check: one that does not look like a colour fundus photograph (no bright
+round field of view on a dark surround with retinal colour) is refused; `--no_fundus_check` classifies it anyway,
+with a warning.
+
+A mistake in the command (a bad option value, a device this machine lacks, a missing model folder, a missing,
+unreadable, decompression-bomb or non-fundus image, an --out folder that does not exist) ends with one line naming
+the option or path (control characters escaped) and exit status 2, before the model is loaded.
 """
 
 import argparse
@@ -16,25 +21,56 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 class InputError(Exception):
     """A problem with what the user gave: reported in one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {shown(message)}\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def image_file(text: str) -> str:
+    """An output path whose suffix names a format PIL writes (.png, .jpg, .webp, ...)."""
+    fmt = Image.registered_extensions().get(os.path.splitext(text)[1].lower())
+    if fmt not in Image.SAVE or fmt in ("PDF", "EPS"):
+        raise argparse.ArgumentTypeError(f"{text!r} has no image suffix; use .png, .jpg, .webp, .tif or .bmp")
+    return text
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="mdf-mllm", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="mdf-mllm", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("predict", "class probabilities per photo"), ("explain", "attention map of the answer")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("images", nargs="+" if name == "predict" else 1, metavar="IMAGE")
         command.add_argument("--model", required=True, help="exported model folder")
         command.add_argument("--text", default=None, help="clinical history, used for every photo")
-        command.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-        command.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
+        command.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+        command.add_argument("--dtype", default=None, choices=DTYPES, help="default: the model's")
+        command.add_argument("--no_fundus_check", action="store_true",
+                             help="classify photos that fail the fundus check anyway (a warning is printed)")
     predict, explain = commands.choices["predict"], commands.choices["explain"]
     predict.add_argument("--json", action="store_true", help="print JSON: [{image, predictions}, ...]")
-    predict.add_argument("--top-k", type=int, default=None, help="keep the k best classes per photo")
-    predict.add_argument("--batch-size", type=int, default=1)
-    explain.add_argument("--out", required=True, help="PNG file to write")
+    predict.add_argument("--top-k", type=positive_int, default=None, help="keep the k best classes per photo")
+    predict.add_argument("--batch-size", type=positive_int, default=1)
+    explain.add_argument("--out", required=True, type=image_file,
+                         help="image file to write; its suffix picks the format (.png, .jpg, ...)")
     explain.add_argument("--label", default=None, help="class to explain (default: the predicted one)")
     return parser.parse_args(argv)
 
@@ -42,6 +78,32 @@ def parse_args(argv):
 def shown(text: str) -> str:
     """`text` on one line: control characters and undecodable bytes of file names as escapes (\\n, \\x01, \\udcff)."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
+def check_device(device: str) -> None:
+    """`--device` names a device this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a device; use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                 "mps": int(torch.backends.mps.is_available())}
+    if parsed.type not in available:
+        raise InputError(f"--device {device}: not supported; use cpu, cuda, cuda:N or mps")
+    if not available[parsed.type]:
+        raise InputError(f"--device {device}: this machine has no {parsed.type.upper()} device; use --device cpu")
+    if parsed.index is not None and parsed.index >= available[parsed.type]:
+        raise InputError(f"--device {device}: this machine has {available[parsed.type]} {parsed.type} device(s), "
+                         f"numbered from 0")
+
+
+def check_model_folder(folder: str) -> None:
+    """A local folder with config.json, checked at once: nothing reaches for the Hub with a wrong path."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        what = "no config.json in the model folder" if os.path.isdir(folder) else "no such model folder"
+        raise InputError(f"--model {folder}: {what}")
 
 
 def open_image(path: str) -> Image.Image:
@@ -64,18 +126,26 @@ def open_image(path: str) -> Image.Image:
         raise InputError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
 
 
-def check_field_of_view(image, path: str, image_processor) -> None:
+def check_fundus(images, paths, model_folder: str, enforce: bool) -> None:
+    """The model's fundus check on every photo, with the model folder's threshold, before the model loads: a refusal
+    (`InputError`) or, when not `enforce`d, a one-line warning on stderr."""
+    from processing_mdf_mllm import MdfMllmImageProcessor
+
     try:
-        image_processor.field_of_view(image)
-    except ValueError as error:
-        raise InputError(f"{path}: {str(error).split(': ', 1)[-1]}") from None
+        image_processor = MdfMllmImageProcessor.from_pretrained(model_folder)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--model {model_folder}: cannot read its image processor ({str(error).splitlines()[0]})")
+    for image, path in zip(images, paths):
+        try:
+            image_processor.check_fundus(image, path)
+        except ValueError as error:
+            if enforce:
+                raise InputError(f"{error}; --no_fundus_check classifies it anyway") from None
+            print(f"mdf-mllm: warning: {shown(error)}", file=sys.stderr)
 
 
 def load(args):
     """The pipeline (model + processor) for `args.model`, placed on `args.device` in `args.dtype`."""
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        what = "no config.json in the model folder" if os.path.isdir(args.model) else "no such model folder"
-        raise InputError(f"{args.model}: {what}")
     import torch
     from transformers.utils import logging
 
@@ -87,15 +157,23 @@ def load(args):
     try:
         return load_pipeline(args.model, device=args.device, dtype=dtype)
     except (OSError, ValueError) as error:
-        raise InputError(f"{args.model}: cannot load the model ({str(error).splitlines()[0]})") from None
+        raise InputError(f"--model {args.model}: cannot load the model ({str(error).splitlines()[0]})") from None
+
+
+def checked_inputs(args, paths: list[str]) -> list[Image.Image]:
+    """Everything the user gave, checked before the model loads: device, model folder, photos and their fundus check."""
+    check_model_folder(args.model)
+    check_device(args.device)
+    images = [open_image(path) for path in paths]
+    check_fundus(images, paths, args.model, enforce=not args.no_fundus_check)
+    return images
 
 
 def predict(args) -> None:
-    images = [open_image(path) for path in args.images]
+    images = checked_inputs(args, args.images)
     classifier = load(args)
-    for image, path in zip(images, args.images):
-        check_field_of_view(image, path, classifier.image_processor)
-    results = classifier(images, clinical_text=args.text, top_k=args.top_k, batch_size=args.batch_size)
+    results = classifier(images, clinical_text=args.text, top_k=args.top_k, batch_size=args.batch_size,
+                         check_fundus=False)  # checked above
     if args.json:
         print(json.dumps([{"image": path, "predictions": result} for path, result in zip(args.images, results)]))
         return
@@ -107,20 +185,20 @@ def predict(args) -> None:
 def explain(args) -> None:
     from explain_mdf_mllm import draw_explanation, explain as explain_image
 
-    path = args.images[0]
-    image = open_image(path)
-    classifier = load(args)
-    check_field_of_view(image, path, classifier.image_processor)
     out_folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_folder):
-        raise InputError(f"{args.out}: the folder {out_folder} does not exist")
+        raise InputError(f"--out {args.out}: the folder {out_folder} does not exist")
+    (image,) = checked_inputs(args, args.images)
+    classifier = load(args)
     try:
         explanation = explain_image(classifier.model, classifier.processor, image, args.text, label=args.label)
     except ValueError as error:  # an unknown --label
-        raise InputError(str(error)) from None
+        message = str(error).replace("labels: unknown label", "--label: unknown class")
+        raise InputError(message) from None
     draw_explanation(explanation, args.out)
-    score = explanation.probabilities[explanation.label]
-    print(f"{args.out}\t{explanation.label} ({explanation.disease_type})\t{score:.3f}")
+    scores, predicted = explanation.probabilities, explanation.predicted
+    other = f"\t(predicted: {predicted} {scores[predicted]:.3f})" if predicted != explanation.label else ""
+    print(f"{args.out}\t{explanation.label} ({explanation.disease_type})\t{scores[explanation.label]:.3f}{other}")
 
 
 def main(argv=None) -> int:

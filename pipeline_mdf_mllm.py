@@ -28,6 +28,10 @@ class FundusClassificationPipeline(Pipeline):
     photo, or one per photo, None/"" for none). Returns, per photo, `[{"label", "score", "disease_type"}, ...]`
     sorted by score (the scores of all classes sum to 1); `top_k=` keeps the first k. One photo in -> one list out;
     a list in -> a list of lists. `batch_size=` batches the model calls (left-padded prompts, as the processor pads).
+
+    Every photo first passes the image processor's fundus check (`check_fundus`): one that does not look like a
+    colour fundus photograph is refused with a `ValueError` naming it and its score (`check_fundus=True`, the
+    default), classified with a warning (`check_fundus="warn"`), or classified unchecked (`check_fundus=False`).
     """
 
     # The MDF-MLLM processor carries the tokenizer and image processor: load it, and nothing separately.
@@ -42,9 +46,12 @@ class FundusClassificationPipeline(Pipeline):
         # The batching collator pads token ids on the tokenizer's side; classify() expects what the processor does.
         self.tokenizer.padding_side = "left"
 
-    def _sanitize_parameters(self, top_k=None, **kwargs):
+    def _sanitize_parameters(self, top_k=None, check_fundus=None, **kwargs):
+        if check_fundus not in (None, True, False, "warn"):
+            raise ValueError(f"check_fundus: expected True, False or 'warn', got {check_fundus!r}")
+        preprocess_params = {} if check_fundus is None else {"check_fundus": check_fundus}
         postprocess_params = {} if top_k is None else {"top_k": top_k}
-        return {}, {}, postprocess_params
+        return preprocess_params, {}, postprocess_params
 
     def __call__(self, images, clinical_text=None, **kwargs):
         single = not isinstance(images, (list, tuple))
@@ -55,11 +62,16 @@ class FundusClassificationPipeline(Pipeline):
             texts = list(clinical_text)
         else:
             texts = [clinical_text] * len(photos)
-        items = [{"image": photo, "clinical_text": text} for photo, text in zip(photos, texts)]
+        items = [{"image": photo, "clinical_text": text, "name": "image" if single else f"images[{i}]"}
+                 for i, (photo, text) in enumerate(zip(photos, texts))]
         results = super().__call__(items, **kwargs)
         return results[0] if single else results
 
-    def preprocess(self, item):
+    def preprocess(self, item, check_fundus=True):
+        if check_fundus:
+            on_failure = "warn" if check_fundus == "warn" else "error"
+            for photo in item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]:
+                self.processor.image_processor.check_fundus(photo, item["name"], on_failure)
         return self.processor(images=[item["image"]], clinical_text=[item["clinical_text"]], return_tensors="pt")
 
     def _forward(self, model_inputs):

@@ -19,11 +19,17 @@ from pipeline_mdf_mllm import TASK, register_pipeline
 from processing_mdf_mllm import crop_to_circle, to_rgb_image
 
 
+# Every module and package of this repository (pyproject's py-modules and packages).
+PROJECT_MODULES = {path.stem for path in ROOT.glob("*.py")} | {"dataset_builder", "metrics", "tests", "bench"}
+
+
 def fundus_photos(size=64) -> list[Image.Image]:
-    """Three different real fundus photos (skimage's retina, rotated, and the microaneurysm crop)."""
+    """Three different fundus photos: skimage's real retina, rotated, and a synthetic AMD photo."""
+    from dataset_builder import synthetic
+
     retina = Image.fromarray(data.retina()).resize((size, size))
-    micro = Image.fromarray(data.microaneurysms()).convert("RGB").resize((size, size))
-    return [retina, retina.rotate(40), micro]
+    amd = next(item for item in synthetic.plan(None, 0) if item.label == "amd")
+    return [retina, retina.rotate(40), Image.fromarray(synthetic.render(amd, size)[0])]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,6 +101,26 @@ def test_pipeline_options_and_errors(model_folder, classifier, tmp_path):
         classifier(str(tmp_path / "missing.png"))
 
 
+def test_pipeline_refuses_or_warns_about_photos_that_are_not_fundus_photos(classifier, tmp_path):
+    photo, astronaut = fundus_photos()[0], Image.fromarray(data.astronaut()).resize((64, 64))
+    with pytest.raises(ValueError, match=r"^image: does not look like a colour fundus photograph \(fundus score 0\.0"):
+        classifier(astronaut)
+    path = tmp_path / "astronaut.png"
+    astronaut.save(path)
+    with pytest.raises(ValueError, match=rf"^images\[1\] \({path}\): does not look like a colour fundus photograph"):
+        classifier([photo, str(path)])
+    with pytest.warns(UserWarning, match=r"images\[1\]: does not look like a colour fundus photograph"):
+        warned = classifier([photo, astronaut], check_fundus="warn")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unchecked = classifier([photo, astronaut], check_fundus=False)
+    assert warned == unchecked and len(unchecked[1]) == classifier.model.config.num_labels
+    with pytest.raises(ValueError, match=r"check_fundus: expected True, False or 'warn', got 'no'"):
+        classifier(photo, check_fundus="no")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -125,7 +151,7 @@ def test_cli_json_matches_the_pipeline(model_folder, classifier, tmp_path, capsy
     assert capsys.readouterr().out == f"{paths[0]}\t{best['label']} ({best['disease_type']})\t{best['score']:.3f}\n"
 
 
-def test_cli_explain_writes_the_map(model_folder, tmp_path, capsys):
+def test_cli_explain_writes_the_map(model_folder, classifier, tmp_path, capsys):
     from mdf_mllm_cli import main
 
     photo = tmp_path / "photo.png"
@@ -135,7 +161,14 @@ def test_cli_explain_writes_the_map(model_folder, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"{out}\t")
     with Image.open(out) as written:
         assert written.format == "PNG" and written.width > written.height > 100
-
+    # The suffix picks the format; a class other than the predicted one is explained, and the prediction named.
+    scores = classifier(str(photo))
+    other = scores[-1]
+    jpeg = tmp_path / "map.jpg"
+    assert main(["explain", str(photo), "--model", model_folder, "--out", str(jpeg), "--label", other["label"]]) == 0
+    assert capsys.readouterr().out == (f"{jpeg}\t{other['label']} ({other['disease_type']})\t{other['score']:.3f}"
+                                       f"\t(predicted: {scores[0]['label']} {scores[0]['score']:.3f})\n")
+    assert jpeg.read_bytes()[:3] == b"\xff\xd8\xff"
 
 @pytest.mark.parametrize("problem", ["missing image", "corrupt image", "missing model", "blank image"])
 def test_cli_bad_input_is_one_line_and_exit_2(problem, model_folder, tmp_path, capsys):
@@ -149,10 +182,98 @@ def test_cli_bad_input_is_one_line_and_exit_2(problem, model_folder, tmp_path, c
         model = str(tmp_path / "no-model")
     elif problem == "blank image":
         Image.new("RGB", (64, 64)).save(photo)
-    named = model if problem == "missing model" else str(photo)
+    named = f"--model {model}" if problem == "missing model" else str(photo)
     assert main(["predict", str(photo), "--model", model]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith(f"mdf-mllm: error: {named}: ")
+
+
+def cli_status(argv, capsys) -> tuple[int, str]:
+    """Exit status and stderr of `mdf-mllm argv`, whether argparse or the command ends it."""
+    from mdf_mllm_cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+BAD_OPTIONS = {
+    "device": (["--device", "tpu"], "mdf-mllm: error: --device tpu: not a device; use cpu, cuda, cuda:N or mps"),
+    "absent device": (["--device", "cuda:99"], "mdf-mllm: error: --device cuda:99: this machine has"),
+    "dtype": (["--dtype", "float8"], "mdf-mllm predict: error: argument --dtype: invalid choice: 'float8' (choose from "
+                                     "'float32', 'bfloat16', 'float16')"),
+    "top-k": (["--top-k", "0"], "mdf-mllm predict: error: argument --top-k: expected a positive integer, got '0'"),
+    "batch size": (["--batch-size", "two"], "mdf-mllm predict: error: argument --batch-size: expected a positive"),
+    "unknown option": (["--fast"], "mdf-mllm: error: unrecognized arguments: --fast"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_cli_bad_option_is_one_line_naming_it_and_exit_2(case, model_folder, tmp_path, capsys, monkeypatch):
+    import pipeline_mdf_mllm
+
+    monkeypatch.setattr(pipeline_mdf_mllm, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    photo = tmp_path / "photo.png"
+    fundus_photos()[0].save(photo)
+    options, message = BAD_OPTIONS[case]
+    status, error = cli_status(["predict", str(photo), "--model", model_folder, *options], capsys)
+    assert status == 2 and error.count("\n") == 1 and error.startswith(message), error
+
+
+def test_cli_explain_bad_out_label_and_missing_model(model_folder, tmp_path, capsys, monkeypatch):
+    import pipeline_mdf_mllm
+
+    photo = tmp_path / "photo.png"
+    fundus_photos()[0].save(photo)
+    explain_photo = ["explain", str(photo), "--model", model_folder, "--out"]
+    assert cli_status([*explain_photo, str(tmp_path / "map.txt")], capsys) == (
+        2, f"mdf-mllm explain: error: argument --out: '{tmp_path / 'map.txt'}' has no image suffix; use .png, .jpg, "
+           ".webp, .tif or .bmp\n")
+    assert cli_status([*explain_photo, str(tmp_path / "no" / "map.png")], capsys) == (
+        2, f"mdf-mllm: error: --out {tmp_path / 'no' / 'map.png'}: the folder {tmp_path / 'no'} does not exist\n")
+    status, error = cli_status([*explain_photo, str(tmp_path / "map.png"), "--label", "flu"], capsys)
+    assert status == 2 and error.startswith("mdf-mllm: error: --label: unknown class 'flu'; known: ['normal', ")
+    # A model path that does not exist (or looks like a Hub id) is reported before anything is loaded.
+    monkeypatch.setattr(pipeline_mdf_mllm, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli_status(["predict", str(photo), "--model", "meta-llama/no-such-model"], capsys) == (
+        2, "mdf-mllm: error: --model meta-llama/no-such-model: no such model folder\n")
+
+
+def test_cli_refuses_a_photo_that_is_not_a_fundus_photo_unless_told(model_folder, classifier, tmp_path, capsys):
+    from mdf_mllm_cli import main
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).resize((64, 64)).save(photo)
+    assert main(["predict", str(photo), "--model", model_folder]) == 2
+    assert capsys.readouterr().err == (
+        f"mdf-mllm: error: {photo}: does not look like a colour fundus photograph (fundus score 0.00 < threshold 0.50: "
+        "no bright round field of view on a dark surround with retinal colour); --no_fundus_check classifies it "
+        "anyway\n")
+    assert main(["predict", str(photo), "--model", model_folder, "--no_fundus_check"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"mdf-mllm: warning: {photo}: does not look like") and captured.err.count("\n") == 1
+    best = classifier(str(photo), check_fundus=False)[0]
+    assert captured.out == f"{photo}\t{best['label']} ({best['disease_type']})\t{best['score']:.3f}\n"
+
+
+def test_demo_refuses_a_photo_that_is_not_a_fundus_photo_unless_told(model_folder, classifier):
+    if os.environ.get("CI") != "true":  # CI installs the demo extra: there, a missing gradio is a failure
+        pytest.importorskip("gradio")
+    import gradio as gr
+
+    from app import build_demo
+
+    click = next(function.fn for function in build_demo(model_folder).fns.values() if function.name == "predict")
+    astronaut = Image.fromarray(data.astronaut()).resize((64, 64))
+    with pytest.raises(gr.Error, match=r"The photo: does not look like a colour fundus photograph .*Tick 'Classify "):
+        click(astronaut, "", False)
+    with pytest.warns(UserWarning, match="The photo: does not look like"):  # gr.Warning outside a request warns
+        summary, probabilities, picture = click(astronaut, "", True)
+    assert summary.split(" ")[0] == max(probabilities, key=probabilities.get)
+    summary, _, _ = click(fundus_photos()[0], "Night blindness.", False)
+    assert summary.split(" ")[0] == classifier(fundus_photos()[0], clinical_text="Night blindness.")[0]["label"]
 
 
 def test_cli_error_in_a_fresh_process_has_no_traceback(model_folder, tmp_path):
@@ -262,8 +383,16 @@ def test_only_exported_files_and_no_hub(model_folder, tmp_path):
     """A fresh process in an empty directory, offline, with the folder copied: the pipeline loads and runs."""
     copy = tmp_path / "copy"
     shutil.copytree(model_folder, copy)
+    # The package is installed in the environment (pip install -e .): block its modules, so that exported code
+    # importing one fails here instead of passing only where the project is installed.
     script = (
         "import json, sys\n"
+        "from importlib.abc import MetaPathFinder\n"
+        "class NotThisProject(MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {sorted(PROJECT_MODULES)!r}:\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, NotThisProject())\n"
         "from transformers import pipeline\n"
         f"pipe = pipeline({TASK!r}, model={str(copy)!r}, trust_remote_code=True)\n"
         "print(json.dumps(pipe(sys.argv[1])))\n"
@@ -277,3 +406,19 @@ def test_only_exported_files_and_no_hub(model_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     predictions = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(predictions) == 8 and sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_explanation_titles_name_the_prediction_and_the_gates_as_the_models_own():
+    from explain_mdf_mllm import Explanation, _gates_note, _layers, _title
+
+    crop = np.zeros((4, 4, 3), np.uint8)
+    probabilities = {"amd": 0.7712, "dr": 0.004, "normal": 0.2248}
+    predicted = Explanation("amd", "acquired", probabilities, crop, gates={1: (0.42, -0.1), 3: (0.05, 0.2)})
+    assert predicted.predicted == "amd"
+    assert _title(predicted) == "Prediction: amd, p = 0.77 (acquired)"
+    asked = Explanation("dr", "acquired", probabilities, crop)
+    assert _title(asked) == "Explaining dr (p = 4.0e-03); Prediction: amd, p = 0.77"
+    assert _gates_note(predicted) == (
+        "Gates are the model's own learned constants, the same for every photo (depth 1: U-Net tanh(g_u) = +0.42, "
+        "vision tanh(g_attn) = -0.10; depth 3: U-Net tanh(g_u) = +0.05, vision tanh(g_attn) = +0.20).")
+    assert _layers([1]) == "layer 1" and _layers([3, 8]) == "layers 3, 8"
