@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast, MultimodalCausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
@@ -411,10 +411,71 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         self.post_init()
 
     def text_context(self, input_ids, inputs_embeds, prompt_mask) -> torch.Tensor:
-        """c = sum_t m_t E[x_t] / sum_t m_t over the prompt tokens: (B, T) -> (B, D)."""
+        """c = sum_t m_t E[x_t] / sum_t m_t over the prompt tokens m (B, T); every token when m is None -> (B, D)."""
         embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+        if prompt_mask is None:
+            prompt_mask = torch.ones(embeds.shape[:2], device=embeds.device)
+        if prompt_mask.shape != embeds.shape[:2]:
+            raise ValueError(
+                f"prompt_mask: expected shape (batch, sequence_length) = {tuple(embeds.shape[:2])}, got "
+                f"{tuple(prompt_mask.shape)}; pass a 2-D prompt_mask when attention_mask is not 2-D"
+            )
         mask = prompt_mask.to(embeds.dtype).unsqueeze(-1)
         return (embeds * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def check_unet_views(self, unet_pixel_values, pixel_values, cross_attention_states, batch_size: int) -> None:
+        """Raise a `ValueError` naming the argument when the U-Net views do not go one to one with the images."""
+        for name, value in (("pixel_values", pixel_values), ("unet_pixel_values", unet_pixel_values)):
+            if value is not None and not value.is_meta and not torch.isfinite(value).all():
+                raise ValueError(f"{name}: contains NaN or Inf; MdfMllmProcessor gives finite values")
+        if self.unet is None:  # the baseline reads no U-Net view
+            return
+        images = pixel_values if pixel_values is not None else cross_attention_states
+        if images is None:
+            if unet_pixel_values is not None:
+                raise ValueError("unet_pixel_values: given without pixel_values or cross_attention_states (no image)")
+            return
+        if unet_pixel_values is None:
+            raise ValueError(
+                "unet_pixel_values: MDF-MLLM needs one U-Net view per image with pixel_values or "
+                "cross_attention_states; MdfMllmProcessor returns it"
+            )
+        channels, size = self.config.unet_config["in_channels"], self.config.unet_config["image_size"]
+        if (
+            unet_pixel_values.ndim not in (4, 5)
+            or unet_pixel_values.shape[0] != batch_size
+            or tuple(unet_pixel_values.shape[-3:]) != (channels, size, size)
+        ):
+            raise ValueError(
+                f"unet_pixel_values: expected shape ({batch_size}, [num_images,] {channels}, {size}, {size}), got "
+                f"{tuple(unet_pixel_values.shape)}"
+            )
+        if pixel_values is not None:
+            num_images = pixel_values.shape[1]
+        else:  # (B, N * tiles * P, D) or (B * N * tiles, P, D)
+            num_images = cross_attention_states.numel() // (
+                batch_size * self.max_num_tiles * self.vision_model.num_patches * self.hidden_size
+            )
+        num_views = unet_pixel_values.shape[1] if unet_pixel_values.ndim == 5 else 1
+        if num_views != num_images:
+            raise ValueError(
+                f"unet_pixel_values: {num_views} U-Net view(s) per sample for {num_images} image(s); give one view "
+                f"per image, shape (batch, num_images, {channels}, {size}, {size})"
+            )
+
+    def unet_forward(self, unet_pixel_values, text_context, output_vessel_logits: bool):
+        """U-Net views (B, [N,] 3, S, S), text context (B, D) -> ({depth k: U_k (B, N * G^2, D)}, vessel logits
+        (B, [N,] 1, S, S) or None). Every view of a sample is conditioned by that sample's prompt."""
+        views = unet_pixel_values if unet_pixel_values.ndim == 5 else unet_pixel_values[:, None]
+        batch, num_views = views.shape[:2]
+        skips = self.unet.encode(views.flatten(0, 1).to(self.dtype), text_context.repeat_interleave(num_views, 0))
+        unet_states = {
+            depth: tokens.reshape(batch, -1, tokens.shape[-1]) for depth, tokens in self.unet_projector(skips).items()
+        }
+        if not output_vessel_logits:
+            return unet_states, None
+        vessel_logits = self.unet.decode(skips)
+        return unet_states, vessel_logits.reshape(*unet_pixel_values.shape[:-3], *vessel_logits.shape[1:])
 
     def forward(
         self,
@@ -422,45 +483,38 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
         unet_pixel_values: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         output_vessel_logits: bool = False,
         **kwargs,
     ) -> MdfMllmModelOutputWithPast:
         r"""
-        unet_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, S, S)`):
-            The field-of-view crop the U-Net reads (`MdfMllmImageProcessor` makes it). Required with `pixel_values`.
+        unet_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, 3, S, S)` or `(batch_size, 3, S, S)`):
+            The field-of-view crop the U-Net reads, one per image (`MdfMllmProcessor` makes it; the 4-D form is one
+            image per sample). Required with `pixel_values` or `cross_attention_states`. A text token's U-Net branch
+            reads the U-Net tokens of the images its `cross_attention_mask` lets it see.
         prompt_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
-            1 on the tokens whose mean embedding conditions the U-Net (FiLM). Defaults to `attention_mask`; the
-            causal-LM head removes the answer tokens (labels != -100) so that the answer never steers the U-Net.
+            1 on the tokens whose mean embedding conditions the U-Net (FiLM). Defaults to `attention_mask`;
+            the causal-LM head removes the answer tokens (labels != -100) and `generate` the generated ones, so that
+            the answer never steers the U-Net.
         output_vessel_logits (`bool`):
             Run the U-Net decoder and return `vessel_logits`.
         """
-        for name, value in (("pixel_values", pixel_values), ("unet_pixel_values", unet_pixel_values)):
-            if value is not None and not value.is_meta and not torch.isfinite(value).all():
-                raise ValueError(f"{name}: contains NaN or Inf; MdfMllmProcessor gives finite values")
-        if pixel_values is not None and self.config.fusion_layers and unet_pixel_values is None:
-            raise ValueError(
-                "unet_pixel_values: MDF-MLLM needs the U-Net view of the image with pixel_values; "
-                "MdfMllmProcessor returns it"
-            )
+        embeds_or_ids = inputs_embeds if inputs_embeds is not None else input_ids
+        self.check_unet_views(unet_pixel_values, pixel_values, cross_attention_states, embeds_or_ids.shape[0])
         unet_states, vessel_logits = None, None
         if unet_pixel_values is not None and self.unet is not None:
-            if prompt_mask is None:
-                prompt_mask = attention_mask if attention_mask is not None else torch.ones(
-                    (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2], device=unet_pixel_values.device
-                )
+            prompt_mask = prompt_mask if prompt_mask is not None else attention_mask
             text_context = self.text_context(input_ids, inputs_embeds, prompt_mask)
-            skips = self.unet.encode(unet_pixel_values.to(self.dtype), text_context)
-            unet_states = self.unet_projector(skips)
-            if output_vessel_logits:
-                vessel_logits = self.unet.decode(skips)
+            unet_states, vessel_logits = self.unet_forward(unet_pixel_values, text_context, output_vessel_logits)
 
         outputs = super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
+            cross_attention_states=cross_attention_states,
             unet_states=unet_states,
             **kwargs,
         )
@@ -567,6 +621,24 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             vessel_logits=outputs.vessel_logits,
         )
 
+    def generate(self, inputs=None, *args, prompt_mask=None, **kwargs):
+        """`GenerationMixin.generate`, with the FiLM context fixed to the prompt.
+
+        `prompt_mask` defaults here to the prompt's own `attention_mask` (ones when there is none), before `generate`
+        drops an all-ones mask or turns it 4-D for a static cache; generated tokens are then appended outside it, so
+        decoding with a dynamic or a static cache, or without one (which reruns the U-Net every step), conditions
+        the U-Net on the same text.
+        """
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if prompt_mask is None and prompt is not None:
+            attention_mask = kwargs.get("attention_mask")
+            prompt_mask = (
+                attention_mask
+                if attention_mask is not None
+                else torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
+            )
+        return super().generate(inputs, *args, prompt_mask=prompt_mask, **kwargs)
+
     def prepare_inputs_for_generation(self, *args, unet_pixel_values=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         # Like pixel_values: the U-Net runs at pre-fill; decoding steps read its cached keys/values.
@@ -576,13 +648,20 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder, **kwargs):
-        # Generated tokens never join the FiLM context, so decoding without a cache (which reruns the U-Net every
-        # step) conditions the U-Net exactly as decoding with one does.
-        prompt_mask = model_kwargs.get("prompt_mask", model_kwargs.get("attention_mask"))
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, **kwargs)
-        if prompt_mask is not None:
-            model_kwargs["prompt_mask"] = F.pad(prompt_mask, (0, 1))
+        if model_kwargs.get("prompt_mask") is not None:  # generated tokens stay outside the FiLM context
+            model_kwargs["prompt_mask"] = F.pad(model_kwargs["prompt_mask"], (0, kwargs.get("num_new_tokens", 1)))
         return model_kwargs
+
+    def _prepare_static_cache(self, *args, model_kwargs, **kwargs) -> Cache:
+        cache = super()._prepare_static_cache(*args, model_kwargs=model_kwargs, **kwargs)
+        # The U-Net branches' slots follow the decoder layers' (see `_unet_cache_layer`); fixed-size like the vision
+        # cross-attention's: G^2 tokens per image.
+        views = model_kwargs.get("unet_pixel_values")
+        num_images = views.shape[1] if views is not None and views.ndim == 5 else 1
+        unet_tokens = num_images * self.config.fusion_grid**2
+        cache.layers.extend(StaticLayer(max_cache_len=unet_tokens) for _ in self.config.fusion_layers)
+        return cache
 
     @torch.no_grad()
     def classify(

@@ -195,12 +195,73 @@ def test_classify_without_verbalizers_names_the_field():
         mdf.classify(**make_inputs(mdf.config))
 
 
-def test_missing_unet_view_is_a_clear_error():
+def two_images(inputs):
+    """The same inputs with a second 1-tile image per sample, seen by the last three text tokens."""
+    cross_attention_mask = torch.nn.functional.pad(inputs["cross_attention_mask"], (0, 0, 0, 1))
+    cross_attention_mask[:, -3:, 1] = 1
+    return {
+        **inputs,
+        "pixel_values": torch.cat([inputs["pixel_values"], torch.randn_like(inputs["pixel_values"])], 1),
+        "aspect_ratio_ids": inputs["aspect_ratio_ids"].repeat(1, 2),
+        "aspect_ratio_mask": inputs["aspect_ratio_mask"].repeat(1, 2, 1),
+        "cross_attention_mask": cross_attention_mask,
+        "unet_pixel_values": torch.stack([inputs["unet_pixel_values"], torch.randn_like(inputs["unet_pixel_values"])], 1),
+    }
+
+
+def cross_attention_states(mdf, inputs):
+    """What the vision tower and projector give for `inputs`' images, as `cross_attention_states`."""
+    with torch.no_grad():
+        return mdf.model.multi_modal_projector(
+            mdf.model.vision_model(
+                pixel_values=inputs["pixel_values"],
+                aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                aspect_ratio_mask=inputs["aspect_ratio_mask"],
+            ).last_hidden_state
+        ).reshape(inputs["input_ids"].shape[0], -1, mdf.config.text_config.hidden_size)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda inputs: inputs.pop("unet_pixel_values"), "unet_pixel_values: MDF-MLLM needs one U-Net view per image"),
+        (lambda inputs: inputs.update(unet_pixel_values=inputs["unet_pixel_values"][:, :, :16, :16]),
+         r"unet_pixel_values: expected shape \(2, \[num_images,\] 3, 32, 32\), got \(2, 3, 16, 16\)"),
+        (lambda inputs: inputs.update(unet_pixel_values=inputs["unet_pixel_values"][:1]),
+         r"unet_pixel_values: expected shape \(2, "),
+        (lambda inputs: inputs.update(unet_pixel_values=inputs["unet_pixel_values"][:, None].repeat(1, 2, 1, 1, 1)),
+         r"unet_pixel_values: 2 U-Net view\(s\) per sample for 1 image\(s\)"),
+        (lambda inputs: [inputs.pop(key) for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")],
+         "unet_pixel_values: given without pixel_values or cross_attention_states"),
+        (lambda inputs: inputs.update(prompt_mask=inputs["attention_mask"][:, :4]),
+         r"prompt_mask: expected shape \(batch, sequence_length\) = \(2, 9\), got \(2, 4\)"),
+    ],
+)
+def test_inconsistent_unet_inputs_are_a_clear_error_naming_the_argument(change, message):
     _, mdf = stock_and_mdf("a")
     inputs = make_inputs(mdf.config)
-    del inputs["unet_pixel_values"]
-    with pytest.raises(ValueError, match="unet_pixel_values"):
+    change(inputs)
+    with pytest.raises(ValueError, match=message):
         mdf(**inputs)
+
+
+def test_two_images_with_one_unet_view_is_a_clear_error():
+    _, mdf = stock_and_mdf("a")
+    inputs = two_images(make_inputs(mdf.config))
+    with pytest.raises(ValueError, match=r"unet_pixel_values: 1 U-Net view\(s\) per sample for 2 image\(s\)"):
+        mdf(**{**inputs, "unet_pixel_values": inputs["unet_pixel_values"][:, 0]})
+
+
+def test_cross_attention_states_need_the_unet_views_and_give_what_pixel_values_give():
+    _, mdf = stock_and_mdf("a")
+    move_off_init(mdf)
+    inputs = make_inputs(mdf.config)
+    states = cross_attention_states(mdf, inputs)
+    precomputed = {k: v for k, v in inputs.items() if k not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    torch.testing.assert_close(logits(mdf, {**precomputed, "cross_attention_states": states}), logits(mdf, inputs))
+    del precomputed["unet_pixel_values"]
+    with pytest.raises(ValueError, match="unet_pixel_values: MDF-MLLM needs one U-Net view per image"):
+        mdf(**precomputed, cross_attention_states=states)
 
 
 FRESH_PROCESS = textwrap.dedent(
