@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import datasets
 import numpy as np
@@ -40,6 +40,7 @@ FEATURES = datasets.Features(
         "text": datasets.Value("string"),
         "source": datasets.Value("string"),
         "case_id": datasets.Value("string"),
+        "file_name": datasets.Value("string"),
         "vessel_mask": datasets.Image(),
         "split": datasets.Value("string"),
     }
@@ -62,7 +63,8 @@ class MdfFundusConfig(datasets.BuilderConfig):
     `test_size`: fraction of the cases of each (source, label) stratum held out for test (FIVES keeps its own test).
     `validation_size`: fraction of the remaining training cases of each stratum carved out for validation.
     `num_images`, `image_size`, `composition`: the synthetic set (see `synthetic.generate`).
-    `source_fingerprint`: a digest of the source folders' listings, so a changed folder is not read from cache.
+    `source_fingerprint`: a digest of the builder's own code (the synthetic generator included) and of the source
+    folders' listings, so that neither a changed generator nor a changed folder is read from a stale cache.
     """
 
     fives: str | None = None
@@ -80,7 +82,7 @@ class MdfFundusConfig(datasets.BuilderConfig):
 class MdfFundus(datasets.GeneratorBasedBuilder):
     """Fundus photos with disease label, disease type, clinical text, vessel mask, case and split (see DATA.md)."""
 
-    VERSION = datasets.Version("1.0.0")
+    VERSION = datasets.Version("1.1.0")  # 1.1: the file_name column
     BUILDER_CONFIG_CLASS = MdfFundusConfig
     BUILDER_CONFIGS = [MdfFundusConfig(name=name) for name in CONFIG_NAMES]
     DEFAULT_CONFIG_NAME = "synthetic"
@@ -136,7 +138,7 @@ def collect_records(config: MdfFundusConfig, num_workers: int = 1) -> tuple[list
     records, skipped = [], []
     for source, root in roots.items():
         found, bad = READERS[source](root)
-        records += found
+        records += [replace(record, file_name=os.path.relpath(record.image_path, root)) for record in found]
         skipped += bad
     records, unreadable = validate_images(records, num_workers)
     return records, skipped + unreadable
@@ -158,11 +160,14 @@ def source_roots(config: MdfFundusConfig) -> dict[str, str]:
 
 def to_example(record: Record, split: str, image_size: int = 512, seed: int = 0) -> dict:
     """The unified example of a record: images as encoded bytes (files read as they are; synthetic ones rendered and
-    encoded, the photo as JPEG and the mask as PNG)."""
+    encoded, the photo as JPEG and the mask as PNG) and `file_name`, the photo's path relative to its data folder
+    (synthetic: `synthetic_<part>_<index>.jpg`, the same for every build of one plan)."""
+    file_name = record.file_name
     if record.synthetic is not None:
         image, mask = synthetic.render(record.synthetic, image_size, seed)
         name = f"{record.source}_{record.synthetic.index:05d}"
-        image = _encode(image, f"{name}.jpg", SYNTHETIC_PHOTO_FORMAT)
+        file_name = f"{name}.jpg"
+        image = _encode(image, file_name, SYNTHETIC_PHOTO_FORMAT)
         mask = _encode(mask, f"{name}_mask.png", SYNTHETIC_MASK_FORMAT)
     else:
         image = _file(record.image_path)
@@ -174,6 +179,7 @@ def to_example(record: Record, split: str, image_size: int = 512, seed: int = 0)
         "text": record.text,
         "source": record.source,
         "case_id": record.case_id,
+        "file_name": file_name,
         "vessel_mask": mask,
         "split": split,
     }
@@ -326,7 +332,8 @@ def make_builder(
     **config_kwargs,
 ) -> MdfFundus:
     """An `MdfFundus` builder for config `name`, caching under `cache_dir` (default `$MDF_MLLM_DATA_CACHE` or
-    ~/.cache/mdf_mllm/datasets), keyed by the config and a fingerprint of the source folders' listings."""
+    ~/.cache/mdf_mllm/datasets), keyed by the config and a fingerprint of the builder's code and of the source
+    folders' listings."""
     if name not in CONFIG_NAMES:
         raise ValueError(f"name: {name!r} is not one of {CONFIG_NAMES}")
     folders = [os.path.abspath(p) if p else None for p in (fives, hrf, stonerounds, data_dir)]
@@ -339,14 +346,27 @@ def make_builder(
         stonerounds=folders[2],
         data_dir=folders[3],
         seed=seed,
-        source_fingerprint=_fingerprint([p for p in folders if p]) if name != "synthetic" else None,
+        source_fingerprint=_fingerprint([p for p in folders if p] if name != "synthetic" else []),
         **config_kwargs,
     )
 
 
-def _fingerprint(folders: list[str]) -> str:
-    """Digest of every file's relative path, size and modification time under `folders`."""
+# What a build's content depends on besides its config: the code that reads, renders and encodes the examples.
+CODE_FILES = [synthetic.__file__, os.path.join(os.path.dirname(__file__), "sources.py"), __file__]
+
+
+def code_digest(files: list[str] | None = None) -> str:
+    """Digest of the bytes of `files` (default `CODE_FILES`)."""
     digest = hashlib.blake2b(digest_size=8)
+    for path in files or CODE_FILES:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _fingerprint(folders: list[str]) -> str:
+    """Digest of the builder's code and of every file's relative path, size and modification time under `folders`."""
+    digest = hashlib.blake2b(code_digest().encode(), digest_size=8)
     for folder in folders:
         digest.update(folder.encode())
         for root, dirs, files in os.walk(folder):

@@ -43,6 +43,7 @@ class Record:
     official_split: str | None = None  # "train"/"test" (FIVES, manifests with a split) or None: ours to choose
     synthetic: object | None = None  # a synthetic.SyntheticItem, rendered instead of read
     content_hash: str | None = None  # of the decoded pixels, set by validate_images
+    file_name: str | None = None  # the image's path relative to its source's data folder, set by collect_records
 
 
 @dataclass(frozen=True)

@@ -245,6 +245,25 @@ def test_all_dataset_labels_texts_and_types(built_all, trees):
     assert all(r["text"] == "" for r in rows if r["source"] != "stonerounds")
 
 
+def test_examples_keep_their_file_name_relative_to_the_data_folder(built_all, trees):
+    dataset, _ = built_all
+    paths, expected = trees
+    rows = _rows(dataset)
+    fives = {r["case_id"]: r["file_name"] for r in rows if r["source"] == "fives"}
+    assert fives == {case: os.path.join(case.split("/")[1], "Original", case.split("/")[2] + ".png")
+                     for case in expected["fives"]}
+    hrf = sorted(r["file_name"] for r in rows if r["source"] == "hrf")
+    assert hrf == sorted(os.path.join("all", "images", f"{stem}.{'JPG' if stem.endswith('dr') else 'jpg'}")
+                         for stem in expected["hrf"])
+    stone = sorted(r["file_name"] for r in rows if r["source"] == "stonerounds")
+    assert stone == sorted(os.path.join(case, f"image_{eye}.png") for case, (_, count) in STONEROUNDS_CASES.items()
+                           for eye in range(count) if case != "coats_1")
+    # The name opens the very photo of the example.
+    row = rows[0]
+    with Image.open(os.path.join(paths[row["source"]], row["file_name"])) as photo:
+        assert np.array_equal(np.asarray(photo.convert("RGB")), np.asarray(row["image"].convert("RGB")))
+
+
 def test_all_dataset_masks_are_the_files_pixels(built_all, trees):
     dataset, _ = built_all
     paths, _ = trees
@@ -351,8 +370,36 @@ def test_synthetic_is_identical_for_a_seed_and_different_for_another(tmp_path):
                    for a, b in zip(first[split]["image"], second[split]["image"]))
     assert not np.array_equal(np.asarray(first["train"][0]["image"]), np.asarray(other["train"][0]["image"]))
     assert sum(len(first[s]) for s in first) == 43
+    # Stable generated file names: unique, the same in every build of the plan, shared by both seeds' plans.
+    names = [name for split in first for name in first[split]["file_name"]]
+    assert len(set(names)) == 43 and all(name.startswith("synthetic_") and name.endswith(".jpg") for name in names)
+    assert names == [name for split in second for name in second[split]["file_name"]]
+    assert "synthetic_fives_00000.jpg" in names and "synthetic_stonerounds_00000.jpg" in names
     mask = np.asarray(first["train"][0]["vessel_mask"])
     assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) == {0, 255}
+
+
+def test_cache_key_changes_with_the_generators_source(tmp_path, monkeypatch):
+    import hashlib
+
+    from dataset_builder import builder, synthetic
+
+    expected = hashlib.blake2b(digest_size=8)
+    for path in (synthetic.__file__, builder.__file__.replace("builder.py", "sources.py"), builder.__file__):
+        with open(path, "rb") as f:
+            expected.update(f.read())
+    assert builder.code_digest() == expected.hexdigest()
+
+    def cache_dir():
+        return builder.make_builder("synthetic", composition=TINY_COMPOSITION, cache_dir=str(tmp_path)).cache_dir
+
+    before = cache_dir()
+    assert cache_dir() == before  # a key, not a random name
+    changed = tmp_path / "synthetic.py"
+    with open(synthetic.__file__, encoding="utf-8") as f:
+        changed.write_text(f.read().replace("NOISE_SIGMA = (0.005, 0.02)", "NOISE_SIGMA = (0.005, 0.03)"))
+    monkeypatch.setattr(builder, "CODE_FILES", [str(changed), *builder.CODE_FILES[1:]])
+    assert cache_dir() != before
 
 
 def test_default_composition_mirrors_the_paper():
