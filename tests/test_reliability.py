@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import stat
 import struct
 import subprocess
 import sys
@@ -495,26 +494,96 @@ def run_guarded(script: str, cwd: Path, hf_home: Path, *args: str) -> subprocess
                           capture_output=True, text=True, timeout=120)
 
 
-def test_import_makes_no_network_call_and_writes_no_file(tmp_path):
-    readonly, hf_home = tmp_path / "readonly", tmp_path / "hf_home"
-    readonly.mkdir()
-    hf_home.mkdir()
-    readonly.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)  # 0o555
-    root_before = sorted(p.name for p in ROOT.iterdir())
+# Records, while the project's modules are imported: every socket operation (whoever makes it), and every file opened
+# for writing, directory made, file renamed or removed by the project's own code (walking out from the event, a project
+# frame comes before the import machinery: the project did it, perhaps through a library call; third-party packages
+# importing themselves, such as torch making its inductor cache folder, are not ours to test).
+AUDIT = """
+import importlib, json, os, sys
+
+root, names = sys.argv[1], sys.argv[2:]
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+events = []
+
+def by_the_project():
+    frame = sys._getframe(2)
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if file.startswith("<frozen importlib"):
+            return False
+        if file.startswith(root) and os.sep + ".venv" + os.sep not in file:
+            return True
+        frame = frame.f_back
+    return False
+
+def record(event, args):
+    if event.startswith("socket."):
+        events.append(f"{event} {args!r}")
+    elif event == "open" and args[0] != os.devnull and (
+        any(c in (args[1] or "") for c in "wax+") or (args[2] or 0) & WRITE_FLAGS
+    ) and by_the_project():
+        events.append(f"open for writing {args[0]!r}")
+    elif event in ("os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree") and by_the_project():
+        events.append(f"{event} {args[0]!r}")
+
+sys.addaudithook(record)
+for name in names:
+    importlib.import_module(name)
+print(json.dumps(events))
+"""
+
+
+def project_modules(root: Path) -> list[str]:
+    """Every module and package at the top of the repository (what `python -c "import X"` finds there)."""
+    modules = [path.stem for path in root.glob("*.py") if path.stem != "setup"]
+    packages = [path.parent.name for path in root.glob("*/__init__.py") if path.parent.name != "tests"]
+    return sorted(modules + packages)
+
+
+def audit_imports(root: Path, tmp_path: Path, names: list[str]) -> list[str]:
+    """Import `names` from `root` in a fresh process with HOME, TMPDIR and every cache redirected under `tmp_path` and
+    a read-only working folder; return the audit events (see AUDIT). Fails if any file appeared in those folders."""
+    home, temp, cwd = tmp_path / "home", tmp_path / "tmp", tmp_path / "readonly"
+    for folder in (home, temp, cwd):
+        folder.mkdir()
+    cwd.chmod(0o555)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(temp), "PYTHONPATH": str(root),
+           "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     try:
-        result = run_guarded("""
-            import configuration_mdf_mllm, modeling_mdf_mllm, processing_mdf_mllm, pipeline_mdf_mllm
-            try:
-                socket.create_connection(("example.org", 80))
-            except RuntimeError:
-                print("GUARDED")
-            """, readonly, hf_home)
+        result = subprocess.run([sys.executable, "-c", AUDIT, str(root), *names], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=300)
     finally:
-        readonly.chmod(0o755)
+        cwd.chmod(0o755)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "GUARDED"
-    assert list(readonly.iterdir()) == [] and list(hf_home.rglob("*")) == []
+    written = [str(path) for folder in (home, temp, cwd) for path in folder.rglob("*") if path.is_file()]
+    assert written == [], written
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_import_opens_no_socket_and_writes_no_file(tmp_path):
+    names = project_modules(ROOT)
+    assert {"configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm", "pipeline_mdf_mllm", "train_hf",
+            "dataset_builder", "app"} <= set(names)
+    root_before = sorted(p.name for p in ROOT.iterdir())
+    assert audit_imports(ROOT, tmp_path, names) == []
     assert sorted(p.name for p in ROOT.iterdir()) == root_before
+
+
+def test_the_import_audit_sees_a_swallowed_network_call_and_a_temporary_file(tmp_path):
+    """The audit itself, on a module that does both at import and hides the failed connection."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "careless.py").write_text(textwrap.dedent("""
+        import tempfile, urllib.request
+        try:
+            urllib.request.urlopen("http://127.0.0.1:9/", timeout=1)  # the discard port: refused at once
+        except Exception:
+            pass
+        with tempfile.NamedTemporaryFile(suffix=".lock"):
+            pass
+        """))
+    events = audit_imports(tmp_path / "src", tmp_path, ["careless"])
+    assert any(event.startswith("socket.") for event in events), events
+    assert any(event.startswith("open for writing") and ".lock" in event for event in events), events
 
 
 def test_exported_folder_loads_offline_with_no_network(model_folder, tmp_path):
