@@ -51,6 +51,7 @@ from transformers import (
 )
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import SaveStrategy
+from transformers.utils import logging as transformers_logging
 
 import hub_export
 import reporting
@@ -124,7 +125,7 @@ class JobArguments:
     seeds: int = field(default=3, metadata={"help": "Seeds per ablation row"})
     export_dir: str | None = field(default=None, metadata={"help": "The Hub-ready MDF model folder "
                                                           "(default <output_dir>/mdf-mllm)"})
-    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95% CIs"})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95%% CIs"})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of test-set classification"})
 
 
@@ -156,7 +157,10 @@ class UsageError(ValueError):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        # "(default: None)" says nothing; a help that explains its default already says more.
+        documented = action.default is None or "default" in (action.help or "")
+        return action.help if documented else super()._get_help_string(action)
 
 
 class Parser(HfArgumentParser):
@@ -165,16 +169,20 @@ class Parser(HfArgumentParser):
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, JobArguments, MdfTrainingArguments]:
-    parser = Parser((ModelArguments, DataArguments, JobArguments, MdfTrainingArguments), description=__doc__,
+    parser = Parser((ModelArguments, DataArguments, JobArguments, MdfTrainingArguments), prog="train_hf.py",
+                    description=__doc__,
                     usage="python train_hf.py [options] | python train_hf.py job.yaml", formatter_class=HelpFormatter)
     for action in parser._actions:
         if "--no_baseline" in action.option_strings:
-            action.help = "Train only MDF-MLLM"
+            action.help = "Train only MDF-MLLM (default: both models)"
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(argv[0])
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(argv)
+    *arguments, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return tuple(arguments)
 
 
 def parse_fusion_layers(spec: str | None) -> dict[int, int] | None:
@@ -347,8 +355,7 @@ def build_model(model_args: ModelArguments, processor: MdfMllmProcessor, bf16: b
         # the module names (transformers 5.24 renames keys only in from_pretrained): load the weights here instead.
         model = MdfMllmForConditionalGeneration.from_pretrained(checkpoint)
     elif model_args.base_model:
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        model = MdfMllmForConditionalGeneration.from_pretrained(model_args.base_model, dtype=dtype, **kwargs)
+        model = from_base(model_args.base_model, torch.bfloat16 if bf16 else torch.float32, **kwargs)
     else:
         model = MdfMllmForConditionalGeneration(small_default_config(processor.tokenizer, model_args.model_size or
                                                                      "small", **kwargs))
@@ -360,6 +367,20 @@ def build_model(model_args: ModelArguments, processor: MdfMllmProcessor, bf16: b
         model.model.unet.requires_grad_(False)
     if model_args.lora:
         model = with_lora(model, model_args)
+    return model
+
+
+def from_base(base: str, dtype, **kwargs) -> MdfMllmForConditionalGeneration:
+    """The base's weights (every one must load) plus freshly initialised MDF modules, reported in one line rather
+    than transformers' table of the (expected) missing keys."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = MdfMllmForConditionalGeneration.from_pretrained(base, dtype=dtype, output_loading_info=True,
+                                                                      **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    print(f"loaded every base weight from {base}; {len(info['missing_keys'])} MDF tensors initialised")
     return model
 
 
