@@ -467,6 +467,22 @@ def test_package_never_unpickles():
     assert PICKLE_PATTERNS["pickle"].search("import pickle\n")
 
 
+def test_a_base_checkpoint_of_the_wrong_shape_is_refused_naming_a_key_and_both_shapes(tmp_path):
+    """The project's own guard: even where transformers is told to ignore mismatched sizes (and would leave those
+    weights random), every base weight must load."""
+    from transformers import MllamaForConditionalGeneration
+
+    from conftest import mdf_config, tiny_mllama_config
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+
+    MllamaForConditionalGeneration(tiny_mllama_config(hidden_size=48)).save_pretrained(tmp_path)
+    config = mdf_config("a")
+    message = (rf"base weights did not load from {re.escape(str(tmp_path))}: missing \[\], wrong shape \[.*"
+               r"'model\.language_model\.embed_tokens\.weight', torch\.Size\(\[104, 48\]\), torch\.Size\(\[104, 32\]\)")
+    with pytest.raises(ValueError, match=message):
+        MdfMllmForConditionalGeneration.from_pretrained(tmp_path, config=config, ignore_mismatched_sizes=True)
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".joblib", ".npy", ".npz", ".ckpt", ".h5", ".msgpack")
 
 
