@@ -331,14 +331,14 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
 
 @dataclass
 class MdfMllmModelOutputWithPast(MultimodalBaseModelOutputWithPast):
-    """Mllama's output plus `vessel_logits` (B, 1, S, S), present when the decoder ran."""
+    """Mllama's output plus `vessel_logits` (B, [N_images,] 1, S, S), present when the decoder ran."""
 
     vessel_logits: torch.FloatTensor | None = None
 
 
 @dataclass
 class MdfMllmCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
-    """Mllama's output plus `vessel_logits` (B, 1, S, S); `loss` includes the weighted segmentation loss."""
+    """Mllama's output plus `vessel_logits` (B, [N_images,] 1, S, S); `loss` includes the weighted segmentation loss."""
 
     vessel_logits: torch.FloatTensor | None = None
 
@@ -574,7 +574,7 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
         r"""
         Mllama's inputs, plus `unet_pixel_values` and `prompt_mask` (see `MdfMllmModel.forward`) and:
 
-        vessel_mask (`torch.FloatTensor` of shape `(batch_size, 1, S, S)`, *optional*):
+        vessel_mask (`torch.FloatTensor` of shape `(batch_size, [num_images,] 1, S, S)`, *optional*):
             The vessel mask cropped like `unet_pixel_values`; adds `config.seg_loss_weight` x BCE of the U-Net
             decoder's vessel logits to the loss.
         """
@@ -605,6 +605,11 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
         if outputs.vessel_logits is not None:
+            if vessel_mask.shape != outputs.vessel_logits.shape:
+                raise ValueError(
+                    f"vessel_mask: expected shape {tuple(outputs.vessel_logits.shape)} (one mask per U-Net view), got "
+                    f"{tuple(vessel_mask.shape)}"
+                )
             segmentation_loss = F.binary_cross_entropy_with_logits(
                 outputs.vessel_logits.float(), vessel_mask.to(outputs.vessel_logits.device, torch.float32)
             )

@@ -65,3 +65,16 @@ def test_generate_with_closed_unet_gates_is_the_stock_model_after_a_chat_header(
     sequences, scores = generate_scores(mdf, inputs, cache_implementation="static")
     assert torch.equal(sequences, stock_sequences)
     torch.testing.assert_close(scores, stock_scores, atol=1e-5, rtol=0)
+
+
+def test_generate_with_two_images_is_the_same_with_a_dynamic_a_static_or_no_cache():
+    from test_modeling import two_images
+
+    _, mdf = stock_and_mdf("b")
+    move_off_init(mdf)
+    inputs = two_images(make_inputs(mdf.config))
+    sequences, scores = generate_scores(mdf, inputs)
+    for options in (dict(use_cache=False), dict(cache_implementation="static")):
+        other_sequences, other_scores = generate_scores(mdf, inputs, **options)
+        assert torch.equal(other_sequences, sequences), options
+        torch.testing.assert_close(other_scores, scores, atol=1e-6, rtol=0)
