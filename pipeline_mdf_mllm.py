@@ -18,6 +18,12 @@ import torch
 from transformers import Pipeline
 
 
+try:
+    from .processing_mdf_mllm import to_rgb_image
+except ImportError:  # imported from the repository rather than from an exported folder
+    from processing_mdf_mllm import to_rgb_image
+
+
 TASK = "fundus-classification"
 
 
@@ -68,11 +74,13 @@ class FundusClassificationPipeline(Pipeline):
         return results[0] if single else results
 
     def preprocess(self, item, check_fundus=True):
-        if check_fundus:
-            on_failure = "warn" if check_fundus == "warn" else "error"
-            for photo in item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]:
+        image = item["image"]
+        photos = [to_rgb_image(photo, item["name"]) for photo in (image if isinstance(image, (list, tuple)) else [image])]
+        if check_fundus:  # on the decoded photos: a file is read once
+            on_failure = "error" if check_fundus is True else "warn"
+            for photo in photos:
                 self.processor.image_processor.check_fundus(photo, item["name"], on_failure)
-        return self.processor(images=[item["image"]], clinical_text=[item["clinical_text"]], return_tensors="pt")
+        return self.processor(images=[photos], clinical_text=[item["clinical_text"]], return_tensors="pt")
 
     def _forward(self, model_inputs):
         # Images arrive as float32; the model may have been loaded in bf16/fp16 (`dtype=`).
