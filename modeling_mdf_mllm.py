@@ -45,6 +45,13 @@ for ours, mllamas in (("mdf_mllm", "mllama"), ("MdfMllmModel", "MllamaModel")):
     register_checkpoint_conversion_mapping(ours, get_checkpoint_conversion_mapping(mllamas), overwrite=True)
 
 
+# The language model's attention and MLP projections: LoRA's targets in `mdf_lora_config()` (the U-Net branch's own
+# projections are named otherwise and train in full).
+LORA_TARGET_MODULES = (
+    r".*language_model.*\.(self_attn|cross_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+)
+
+
 def is_mdf_parameter(name: str) -> bool:
     """Whether a parameter / checkpoint key belongs to the MDF modules rather than to the Mllama base."""
     return "unet" in name
@@ -549,6 +556,44 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
                 ", ".join(sorted(loading_info["missing_keys"])),
             )
         return (model, loading_info) if output_loading_info else model
+
+    def mdf_lora_config(self, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs):
+        """A `peft.LoraConfig` for MDF-MLLM: LoRA on the language model's attention and MLP projections, and every
+        MDF module (U-Net with FiLM, patch projector, each fused layer's U-Net branch with its gate and tau) trained
+        in full through `modules_to_save`. Extra `modules_to_save` (e.g. `["multi_modal_projector", "lm_head"]`) and
+        other LoraConfig fields pass through `kwargs`.
+
+        A generic config would not do: `get_peft_model` freezes every parameter it does not target, the U-Net gates
+        included, and a closed frozen gate keeps the U-Net out of the model for good (the model trains as the
+        baseline; `train()` warns).
+        """
+        from peft import LoraConfig  # only here: the exported model code needs nothing beyond torch and transformers
+
+        modules_to_save = ["unet", "unet_projector", "unet_attn", *(kwargs.pop("modules_to_save", None) or [])]
+        return LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=LORA_TARGET_MODULES,
+            modules_to_save=modules_to_save,
+            **kwargs,
+        )
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, warning once when training starts with U-Net gates frozen (what a generic PEFT config
+        does): a frozen gate keeps its branch's contribution fixed, at zero when the gate is closed."""
+        gates = [module.gate for module in self.modules() if isinstance(module, MdfMllmUnetCrossAttention)]
+        trainable = sum(gate.requires_grad for gate in gates)
+        if mode and trainable < len(self.config.fusion_layers) and not getattr(self, "_warned_frozen_gates", False):
+            logger.warning(
+                "Training MDF-MLLM with %d of its %d U-Net gates frozen: a frozen gate fixes how much its layer reads "
+                "the U-Net (nothing while it is closed, i.e. the baseline). A generic PEFT config freezes every MDF "
+                "parameter; use get_peft_model(model, model.mdf_lora_config(r=...)).",
+                len(self.config.fusion_layers) - trainable,
+                len(self.config.fusion_layers),
+            )
+            self._warned_frozen_gates = True
+        return super().train(mode)
 
     @can_return_tuple
     def forward(

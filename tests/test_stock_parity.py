@@ -78,3 +78,67 @@ def test_generate_with_two_images_is_the_same_with_a_dynamic_a_static_or_no_cach
         other_sequences, other_scores = generate_scores(mdf, inputs, **options)
         assert torch.equal(other_sequences, sequences), options
         torch.testing.assert_close(other_scores, scores, atol=1e-6, rtol=0)
+
+
+FROZEN_GATES = "U-Net gates frozen"
+
+
+def peft_model(config_or_factory, caplog):
+    """A tiny MDF-MLLM with open gates wrapped by peft; whether `train()` warned about frozen gates."""
+    from peft import get_peft_model
+
+    _, mdf = stock_and_mdf("a")
+    move_off_init(mdf)
+    config = config_or_factory(mdf) if callable(config_or_factory) else config_or_factory
+    model = get_peft_model(mdf, config)
+    caplog.clear()
+    model.train()
+    model.train()
+    return model, [record.getMessage() for record in caplog.records if FROZEN_GATES in record.getMessage()]
+
+
+def test_mdf_lora_config_trains_every_mdf_parameter_gates_and_tau_included(caplog):
+    model, warnings = peft_model(lambda mdf: mdf.mdf_lora_config(r=4), caplog)
+    assert warnings == []
+    mdf_parameters = {n: p for n, p in model.named_parameters() if "unet" in n and "original_module" not in n}
+    assert all(p.requires_grad for p in mdf_parameters.values())
+    base = {n for n, _ in stock_and_mdf("a")[1].named_parameters() if "unet" in n}
+    assert len(mdf_parameters) == len(base)  # one trained copy of each
+    assert any("key_projection" in n for n in mdf_parameters)
+    assert not any("key_projection.lora_" in n for n, _ in model.named_parameters())
+    assert any("self_attn.q_proj.lora_A" in n for n, _ in model.named_parameters())
+    inputs = make_inputs(model.config)
+    labels = inputs["input_ids"].masked_fill(torch.arange(9) < 6, -100)
+    model(**inputs, labels=labels).loss.backward()
+    for suffix in ("unet_attn.modules_to_save.default.gate", "unet_attn.modules_to_save.default.logit_scale"):
+        trained = [p for n, p in model.named_parameters() if n.endswith(suffix)]
+        assert len(trained) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained), suffix
+    # The forward pass reads the trained copies: closing their gates removes the U-Net from the logits.
+    other = {**inputs, "unet_pixel_values": torch.randn_like(inputs["unet_pixel_values"])}
+    model.eval()
+    assert (logits(model, inputs) - logits(model, other)).abs().max() > 1e-4
+    for name, p in model.named_parameters():
+        if name.endswith("modules_to_save.default.gate"):
+            p.data.zero_()
+    torch.testing.assert_close(logits(model, inputs), logits(model, other), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_a_generic_lora_config_warns_once_that_the_unet_gates_are_frozen(targets, caplog):
+    from peft import LoraConfig
+
+    model, warnings = peft_model(LoraConfig(r=4, target_modules=targets), caplog)
+    gates = [p for n, p in model.named_parameters() if n.endswith("unet_attn.gate")]
+    assert len(gates) == 2 and not any(p.requires_grad for p in gates)
+    assert warnings == ["Training MDF-MLLM with 2 of its 2 U-Net gates frozen: a frozen gate fixes how much its layer "
+                        "reads the U-Net (nothing while it is closed, i.e. the baseline). A generic PEFT config freezes "
+                        "every MDF parameter; use get_peft_model(model, model.mdf_lora_config(r=...))."]
+    if targets != "all-linear":  # the U-Net branch's projections are not caught by a generic list
+        assert not any("key_projection.lora_" in n or "value_projection.lora_" in n for n, _ in model.named_parameters())
+
+
+def test_full_fine_tuning_does_not_warn(caplog):
+    _, mdf = stock_and_mdf("a")
+    caplog.clear()
+    mdf.train()
+    assert not [r for r in caplog.records if FROZEN_GATES in r.getMessage()]
