@@ -534,7 +534,7 @@ def _jpeg(image: Image.Image, quality: int) -> Image.Image:
 
 
 @pytest.mark.parametrize("colour, expected", [((200, 90, 30), 1.0), ((120, 100, 80), 0.5), ((150, 150, 150), 0.0),
-                                              ((60, 100, 120), 0.0)])
+                                              ((60, 100, 120), 0.0), ((200, 40, 120), 0.0)])
 def test_fundus_score_colour_cue_on_a_flat_disc(processor, colour, expected):
     """A flat disc on black: disc and surround cues are 1, so the score is the colour cue: the red share
     R / (R + G + B) ramped from 0.36 to 0.44, times the share of pixels ordered R >= G >= B."""
