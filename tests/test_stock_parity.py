@@ -142,3 +142,31 @@ def test_full_fine_tuning_does_not_warn(caplog):
     caplog.clear()
     mdf.train()
     assert not [r for r in caplog.records if FROZEN_GATES in r.getMessage()]
+
+
+@pytest.mark.parametrize("fusion_layers", [None, {}], ids=["mdf", "baseline"])
+def test_accelerate_fsdp_auto_wrap_without_a_class_list_wraps_every_layer(fusion_layers):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from conftest import mdf_config
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+
+    kwargs = {} if fusion_layers is None else {"fusion_layers": fusion_layers}
+    model = MdfMllmForConditionalGeneration(mdf_config("b", **kwargs))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    assert plugin.transformer_cls_names_to_wrap is None  # the model's _no_split_modules decide
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    text, vision = model.config.text_config, model.config.vision_config
+    expected = [f"model.language_model.layers.{i}" for i in range(text.num_hidden_layers)] + [
+        f"model.vision_model.{encoder}.layers.{i}"
+        for encoder, count in (("transformer", vision.num_hidden_layers), ("global_transformer", vision.num_global_layers))
+        for i in range(count)
+    ]
+    assert sorted(wrapped) == sorted(expected)
+    fsdp1 = FullyShardedDataParallelPlugin(fsdp_version=1, auto_wrap_policy="transformer_based_wrap")
+    fsdp1.set_auto_wrap_policy(model)  # FSDP1's path raises on a class the model lacks
+    assert {cls.__name__ for cls in fsdp1.auto_wrap_policy.keywords["transformer_layer_cls"]} == set(
+        model._no_split_modules
+    )
