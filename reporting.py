@@ -399,11 +399,6 @@ def _label(axes, ylabel: str, title: str) -> None:
     axes.legend(fontsize="small")
 
 
-def plot_training_curve(log_history: list[dict], path) -> Path:
-    """One model's loss curves; kept until train_hf calls `plot_training_curves`."""
-    return plot_training_curves({"model": log_history}, path)
-
-
 def ablation_summary(rows: list[dict]) -> tuple[list[str], dict[str, dict]]:
     """Group rows by name and reduce each numeric metric over seeds.
 
@@ -691,7 +686,6 @@ def write_model_card(
     extra_markdown: str = "",
     model_name: str = "MDF-MLLM",
     license: str | None = None,
-    synthetic_data: bool | None = None,
     usage_code: str = DEFAULT_USAGE_CODE,
 ) -> Path:
     """Write `folder/README.md`: a Hub model card (metadata, static widgets, usage, results, figures, limitations).
@@ -710,8 +704,6 @@ def write_model_card(
         figures: path (inside `folder`) -> caption of each image embedded in the card; default: the
             `STANDARD_FIGURES` that exist in `folder`.
         license: overrides `license_for(base_model)`, for a Llama-derived base whose name does not show it.
-        synthetic_data: whether to warn that the numbers come from synthetic images; default: "synthetic" in
-            `datasets`.
         usage_code: the Python shown under "How to use" (load, preprocess, `model.classify`).
     """
     from huggingface_hub import ModelCard, ModelCardData
@@ -731,7 +723,7 @@ def write_model_card(
     )
     body = _model_card_body(
         folder, model_name, base_model, metrics_report, data, comparison_reports, figures, training_args_summary,
-        "synthetic" in datasets if synthetic_data is None else synthetic_data, usage_code, extra_markdown,
+        "synthetic" in datasets, usage_code, extra_markdown,
     )
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
     path = folder / "README.md"
