@@ -375,8 +375,8 @@ def plot_training_curves(histories: dict[str, list[dict]], path, gate_history: l
                 losses.plot(steps, values, style, color=f"C{colour}", marker="o" if kind == "eval" else None,
                             markersize=4, label=f"{name}, {kind}")
     losses.set_yscale("log")
-    for axis_format in (losses.yaxis.set_major_formatter, losses.yaxis.set_minor_formatter):
-        axis_format(lambda value, _: f"{value:g}")  # 0.3, 0.4 rather than 3 x 10^-1
+    losses.yaxis.set_major_formatter(_plain_log_formatter())
+    losses.yaxis.set_minor_formatter(_plain_log_formatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     _label(losses, "Loss (log scale)", "Loss: training (solid) and evaluation (dashed)")
     if gates is not None:
         for axes, kind, ylabel, title in (
@@ -389,6 +389,18 @@ def plot_training_curves(histories: dict[str, list[dict]], path, gate_history: l
             _label(axes, ylabel, title)
         panels[1].axhline(0, color="grey", linewidth=0.8)
     return _save(figure, path)
+
+
+def _plain_log_formatter(**kwargs):
+    """matplotlib's choice of which log ticks to label (fewer minor labels over a wider range), written as 0.3 and 2
+    rather than 3e-01."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:g}"
+
+    return PlainLogFormatter(**kwargs)
 
 
 def _label(axes, ylabel: str, title: str) -> None:
