@@ -453,7 +453,7 @@ def plot_ablation(rows: list[dict], path) -> Path:
     """PNG grouped bar chart: one group per configuration name, one bar per metric, std error bars."""
     metric_names, summary = ablation_summary(rows)
     names = list(summary)
-    figure = _new_figure(2 + 1.2 * len(names) * max(1, len(metric_names)) / 2, 4)
+    figure = _new_figure(4 + 0.3 * len(names) * max(1, len(metric_names)), 4.5)  # about 0.3 inch per bar
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(metric_names))
     for offset, metric in enumerate(metric_names):
