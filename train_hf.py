@@ -93,6 +93,9 @@ class ModelArguments:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     freeze_vision: bool = field(default=False, metadata={"help": "Freeze Mllama's vision tower and projector"})
     freeze_unet: bool = field(default=False, metadata={"help": "Freeze the U-Net (FiLM included)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA (with --lora): the base's linear layers in "
+                               "4-bit NF4 (pip install 'mdf-mllm[quantization]'); MDF modules, projector, lm_head "
+                               "in full precision"})
 
 
 @dataclass
@@ -349,13 +352,32 @@ def mdf_kwargs(model_args: ModelArguments, processor: MdfMllmProcessor) -> dict:
 
 
 def build_model(model_args: ModelArguments, processor: MdfMllmProcessor, bf16: bool = False, checkpoint=None):
+    if model_args.load_in_4bit and not (model_args.lora and model_args.base_model):
+        raise UsageError("--load_in_4bit: needs --lora and a base checkpoint (the 4-bit weights stay frozen; QLoRA "
+                         "trains the LoRA adapters and the MDF modules)")
     kwargs = mdf_kwargs(model_args, processor)
     if checkpoint and not model_args.lora:
         # Trainer's resume loads a checkpoint's state dict as saved, in Mllama's on-disk key names, which do not match
         # the module names (transformers 5.24 renames keys only in from_pretrained): load the weights here instead.
         model = MdfMllmForConditionalGeneration.from_pretrained(checkpoint)
     elif model_args.base_model:
+        if model_args.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            # QLoRA's NF4 with double quantisation and bf16 compute. Left out of 4-bit: every module with "unet" in its
+            # name (the MDF modules, as is_mdf_parameter tells them), the vision projector and lm_head.
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                llm_int8_skip_modules=[".*unet.*", "multi_modal_projector", "lm_head"],
+            )
         model = from_base(model_args.base_model, torch.bfloat16 if bf16 else torch.float32, **kwargs)
+        if model_args.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            # Freezes everything and puts every weight left out of 4-bit in fp32; LoRA then unfreezes the adapters
+            # and the MDF modules. Gradient checkpointing stays with --gradient_checkpointing (the Trainer's).
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = MdfMllmForConditionalGeneration(small_default_config(processor.tokenizer, model_args.model_size or
                                                                      "small", **kwargs))
