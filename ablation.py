@@ -1,0 +1,140 @@
+"""The paper's ablation, fine-tuned from a pretrained base: which part of MDF-MLLM carries the gain.
+
+    python train_hf.py --ablation [--seeds 3]
+
+Rows: the baseline (the base fine-tuned alone), MDF with every depth, each single depth (every fused layer reads that
+U-Net depth), MDF without FiLM, without clinical text, without the stage-1 U-Net warm-up. Every row starts from the
+same base; every MDF row but "no stage 1" from the same stage-1 U-Net, trained once. Each row runs `seeds` times
+(seed k: data order and MDF initialisation); the table gives mean ± sample std over seeds and a 95% Student-t
+interval over seeds, mean ± t(0.975, n-1) · std / sqrt(n), which measures how much the result moves between training
+runs (the per-run bootstrap over test photos, in each run's report, does not).
+"""
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+from scipy import stats
+
+import reporting
+import train_hf
+
+# Stage-2 epochs of every ablation run: 8 rows x 3 seeds fit in 45 minutes on two quiet CPU cores.
+ABLATION_EPOCHS = 2.0
+METRICS = ("accuracy", "macro_f1", "type_accuracy", "type_macro_f1")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of the table."""
+
+    name: str
+    baseline: bool = False  # the base fine-tuned alone: no U-Net at all
+    depth: int | None = None  # every fused layer reads this U-Net depth (None: the default spread of depths)
+    no_film: bool = False
+    no_text: bool = False
+    stage1: bool = True
+
+
+ROWS = (
+    Row("Mllama baseline", baseline=True),
+    Row("MDF, all depths"),
+    *(Row(f"MDF, depth {depth} only", depth=depth) for depth in range(1, 5)),
+    Row("MDF, no FiLM", no_film=True),
+    Row("MDF, no clinical text", no_text=True),
+    Row("MDF, no stage 1", stage1=False),
+)
+
+
+def row_model_args(model_args, row: Row):
+    """The model arguments of one row: fusion map, FiLM."""
+    if row.baseline:
+        return replace(model_args, fusion_layers="none")
+    if row.depth is not None:
+        layers = train_hf.cross_attention_layers(model_args)
+        model_args = replace(model_args, fusion_layers=",".join(f"{layer}:{row.depth}" for layer in layers))
+    return replace(model_args, no_film=row.no_film)
+
+
+def without_film(unet_path: str) -> str:
+    """The stage-1 U-Net minus its FiLM layers (a U-Net built without FiLM has none), written beside it."""
+    path = Path(unet_path).with_name("unet-no-film.safetensors")
+    save_file({k: v for k, v in load_file(unet_path).items() if not k.startswith("film.")}, path)
+    return str(path)
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean over seeds; (nan, nan) for a single value."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf((1 + level) / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
+    return float(np.mean(values) - half), float(np.mean(values) + half)
+
+
+def summarize(results: list[dict]) -> dict[str, dict]:
+    """{row name: {"seeds": n, metric: {"mean", "std", "ci95"}}} in the order rows first appear."""
+    summary = {}
+    for name in dict.fromkeys(r["name"] for r in results):
+        runs = [r for r in results if r["name"] == name]
+        summary[name] = {"seeds": len(runs)}
+        for metric in (*METRICS, "train_seconds"):
+            values = [r[metric] for r in runs]
+            summary[name][metric] = {"mean": float(np.mean(values)),
+                                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                                     "ci95": t_interval(values)}
+    return summary
+
+
+def markdown(summary: dict[str, dict], wall_seconds: float, command: str) -> str:
+    lines = ["| row | seeds | accuracy | 95% CI | macro F1 | 95% CI | type accuracy | type macro F1 | train s |",
+             "|---|---:|---|---|---|---|---|---|---:|"]
+    cell = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
+    ci = lambda s: f"{s['ci95'][0]:.3f}–{s['ci95'][1]:.3f}"  # noqa: E731
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['seeds']} | {cell(s['accuracy'])} | {ci(s['accuracy'])} | {cell(s['macro_f1'])} | "
+                     f"{ci(s['macro_f1'])} | {cell(s['type_accuracy'])} | {cell(s['type_macro_f1'])} | "
+                     f"{s['train_seconds']['mean']:.0f} |")
+    lines += ["", "Mean ± sample standard deviation over seeds; 95% CI: Student-t interval of the mean over seeds.",
+              f"Command: `{command}`; wall time {wall_seconds / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def run_ablation(model_args, data_args, job_args, training_args, dataset, processor, collator, rows=ROWS,
+                 epochs: float = ABLATION_EPOCHS, command: str = "python train_hf.py --ablation") -> list[dict]:
+    """Train and test every row `job_args.seeds` times from `model_args.base_model`; write ablation.json (every run,
+    the summary), ablation.md and ablation.png into the output folder. Returns one dict per run."""
+    start, out = time.perf_counter(), Path(training_args.output_dir)
+    splits = {no_text: train_hf.process_splits(dataset, processor, no_text=no_text)
+              for no_text in {row.no_text for row in rows}}
+    unet_path, _ = train_hf.stage1(model_args, splits[False], collator, processor, job_args, training_args)
+    results = []
+    for row in rows:
+        unet = None if row.baseline or not row.stage1 else without_film(unet_path) if row.no_film else unet_path
+        for seed in range(job_args.seeds):
+            # No checkpoints, no validation passes: each run is short and only its test result is kept.
+            args = replace(training_args, seed=seed, num_train_epochs=epochs, resume_from_checkpoint=None,
+                           save_strategy="no", eval_strategy="no",
+                           output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}")))
+            _, _, report = train_hf.run_one(row.name, row_model_args(model_args, row), splits[row.no_text],
+                                                  collator, processor, args, job_args, unet_weights=unet)
+            if report is None:  # not the main process
+                continue
+            gates = report["gate_history"][-1]["gates"] if report["gate_history"] else {}
+            results.append({"name": row.name, "seed": seed, **{m: report["disease"][m] for m in METRICS[:2]},
+                            "type_accuracy": report["type"]["accuracy"], "type_macro_f1": report["type"]["macro_f1"],
+                            "train_seconds": report["train_seconds"], "gates": gates})
+            (out / "ablation.json").write_text(json.dumps({"runs": results}, indent=1))
+    if not results:
+        return results
+    summary, wall = summarize(results), time.perf_counter() - start
+    (out / "ablation.json").write_text(json.dumps({"runs": results, "summary": summary, "wall_seconds": wall,
+                                                   "epochs": epochs, "command": command}, indent=1))
+    (out / "ablation.md").write_text(markdown(summary, wall, command))
+    reporting.plot_ablation([{k: r[k] for k in ("name", "seed", *METRICS)} for r in results], out / "ablation.png")
+    print(markdown(summary, wall, command))
+    return results

@@ -1,0 +1,122 @@
+"""ablation.py: every row of the ablation trained from one tiny base with the right settings, and the table's
+statistics checked against numbers computed here."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+import ablation
+import train_hf
+from processing_mdf_mllm import MdfMllmDataCollator
+
+SEEDS = 2
+TINY_ABLATION = [
+    "--model_size", "tiny",
+    "--num_images", "40",
+    "--image_size", "64",
+    "--per_device_train_batch_size", "8",
+    "--n_bootstrap", "20",
+    "--base_epochs", "1",
+    "--stage1_epochs", "1",
+    "--seeds", str(SEEDS),
+]  # fmt: skip
+# Student-t quantiles t(0.975, df), from tables.
+T_975 = {1: 12.706204736, 2: 4.302652730}
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tmp_path_factory):
+    """The whole ablation on a tiny base (1 epoch per run), every run_one call recorded with what it was given."""
+    out = tmp_path_factory.mktemp("ablation")
+    model_args, data_args, job_args, training_args = train_hf.parse_arguments([*TINY_ABLATION, "--output_dir", str(out)])
+    dataset = train_hf.load_data(data_args)
+    base = train_hf.make_base(model_args, data_args, job_args, training_args, out / "base", dataset)
+    model_args = replace(model_args, base_model=str(base))
+    processor = train_hf.base_processor(model_args)
+    calls, real_run_one = [], train_hf.run_one
+
+    def recording_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs):
+        calls.append({"name": name, "model_args": model_args, "splits": splits, "args": training_args, **kwargs})
+        return real_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_hf, "run_one", recording_run_one)
+        runs = ablation.run_ablation(model_args, data_args, job_args, training_args, dataset, processor,
+                                     MdfMllmDataCollator(processor), epochs=1.0, command="pytest")
+    return {"out": out, "calls": calls, "runs": runs, "dataset": dataset, "processor": processor,
+            "layers": json.loads((base / "config.json").read_text())["text_config"]["cross_attention_layers"]}
+
+
+def test_every_row_runs_once_per_seed_in_order(ablation_run):
+    names = ["Mllama baseline", "MDF, all depths", *(f"MDF, depth {k} only" for k in range(1, 5)), "MDF, no FiLM",
+             "MDF, no clinical text", "MDF, no stage 1"]
+    expected = [(name, seed) for name in names for seed in range(SEEDS)]
+    assert [(c["name"], c["args"].seed) for c in ablation_run["calls"]] == expected
+    assert [(r["name"], r["seed"]) for r in ablation_run["runs"]] == expected
+    assert {c["args"].num_train_epochs for c in ablation_run["calls"]} == {1.0}
+
+
+def test_rows_change_only_what_they_name(ablation_run):
+    calls = {c["name"]: c for c in ablation_run["calls"] if c["args"].seed == 0}
+    layers = ablation_run["layers"]
+    assert layers == [1, 3]
+    assert calls["Mllama baseline"]["model_args"].fusion_layers == "none"
+    assert calls["MDF, all depths"]["model_args"].fusion_layers is None  # the config's default spread
+    for k in range(1, 5):
+        assert calls[f"MDF, depth {k} only"]["model_args"].fusion_layers == f"1:{k},3:{k}"
+    assert [name for name, c in calls.items() if c["model_args"].no_film] == ["MDF, no FiLM"]
+    # The fused layers each trained run really had, from its gate log.
+    gates = {r["name"]: sorted(r["gates"]) for r in ablation_run["runs"] if r["seed"] == 0}
+    assert gates.pop("Mllama baseline") == []
+    assert set(map(tuple, gates.values())) == {("1", "3")}
+
+
+def test_mdf_rows_start_from_the_stage1_unet_except_no_stage1(ablation_run):
+    calls = {c["name"]: c for c in ablation_run["calls"] if c["args"].seed == 0}
+    stage1 = ablation_run["out"] / "stage1" / "unet.safetensors"
+    assert calls["Mllama baseline"]["unet_weights"] is None and calls["MDF, no stage 1"]["unet_weights"] is None
+    for name in ("MDF, all depths", "MDF, depth 3 only", "MDF, no clinical text"):
+        assert calls[name]["unet_weights"] == str(stage1)
+    full, no_film = load_file(stage1), load_file(calls["MDF, no FiLM"]["unet_weights"])
+    assert any(key.startswith("film.") for key in full)
+    assert sorted(no_film) == sorted(key for key in full if not key.startswith("film."))
+    assert all(np.array_equal(no_film[key].numpy(), full[key].numpy()) for key in no_film)
+
+
+def test_only_the_no_text_row_drops_the_clinical_text(ablation_run):
+    without = train_hf.process_splits(ablation_run["dataset"], ablation_run["processor"], no_text=True)["train"]
+    with_text = train_hf.process_splits(ablation_run["dataset"], ablation_run["processor"], no_text=False)["train"]
+    ids = lambda split: [item["input_ids"].tolist() for item in split.items]  # noqa: E731
+    assert ids(without) != ids(with_text)  # the tiny set has photos with clinical text
+    for call in ablation_run["calls"]:
+        assert ids(call["splits"]["train"]) == ids(without if call["name"] == "MDF, no clinical text" else with_text)
+
+
+def test_table_statistics_match_an_independent_computation(ablation_run):
+    saved = json.loads((ablation_run["out"] / "ablation.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(ablation_run["runs"]))
+    table = (ablation_run["out"] / "ablation.md").read_text().splitlines()
+    for name, summary in saved["summary"].items():
+        accuracies = [r["accuracy"] for r in saved["runs"] if r["name"] == name]
+        mean = sum(accuracies) / len(accuracies)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1))
+        half = T_975[len(accuracies) - 1] * std / math.sqrt(len(accuracies))
+        assert summary["seeds"] == SEEDS
+        assert summary["accuracy"]["mean"] == pytest.approx(mean, abs=1e-12)
+        assert summary["accuracy"]["std"] == pytest.approx(std, abs=1e-12)
+        assert summary["accuracy"]["ci95"] == pytest.approx([mean - half, mean + half], abs=1e-8)
+        (line,) = [line for line in table if line.startswith(f"| {name} |")]
+        assert f"| {mean:.3f} ± {std:.3f} | {mean - half:.3f}–{mean + half:.3f} |" in line
+    assert [line.split(" | ")[0][2:] for line in table[2 : 2 + len(saved["summary"])]] == list(saved["summary"])
+    assert (ablation_run["out"] / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_t_interval_of_three_seeds():
+    low, high = ablation.t_interval([0.5, 0.7, 0.6])
+    half = T_975[2] * 0.1 / math.sqrt(3)
+    assert (low, high) == pytest.approx((0.6 - half, 0.6 + half), abs=1e-9)
+    assert all(math.isnan(v) for v in ablation.t_interval([0.5]))
