@@ -483,6 +483,16 @@ def test_a_base_checkpoint_of_the_wrong_shape_is_refused_naming_a_key_and_both_s
         MdfMllmForConditionalGeneration.from_pretrained(tmp_path, config=config, ignore_mismatched_sizes=True)
 
 
+def test_the_synthetic_set_a_test_builds_is_cached_under_pytests_temporary_folder(tmp_path_factory):
+    """conftest points the caches there: never ~/.cache/mdf_mllm, where a set from an older generator could hide a
+    change to it."""
+    from dataset_builder import load
+
+    dataset = load("synthetic", num_images=16, image_size=32, seed=3)
+    files = [entry["filename"] for split in dataset.values() for entry in split.cache_files]
+    assert files and all(Path(name).is_relative_to(tmp_path_factory.getbasetemp()) for name in files), files
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".joblib", ".npy", ".npz", ".ckpt", ".h5", ".msgpack")
 
 
