@@ -547,6 +547,20 @@ def test_fundus_score_colour_cue_on_a_flat_disc(processor, colour, expected):
     assert processor.image_processor.fundus_score(image) == pytest.approx(expected, abs=0.01)
 
 
+def test_fundus_score_disc_cue_flags_fundus_coloured_shapes_that_are_not_discs():
+    """Retinal colour on a dark surround is not enough: a cross or a flat ellipse is no field of view."""
+    from processing_mdf_mllm import fundus_cues
+
+    yy, xx = np.mgrid[:120, :120]
+    cross, ellipse = np.zeros((120, 120, 3), np.uint8), np.zeros((120, 120, 3), np.uint8)
+    cross[50:70, 10:110] = cross[10:110, 50:70] = (200, 90, 30)
+    ellipse[((xx - 60) / 55) ** 2 + ((yy - 60) / 22) ** 2 <= 1] = (200, 90, 30)
+    for shape in (cross, ellipse):
+        cues = fundus_cues(Image.fromarray(shape))
+        assert cues["surround"] == 1.0 and cues["colour"] == 1.0 and cues["disc"] < 0.1, cues
+        assert MdfMllmImageProcessor().fundus_score(shape) < 0.1
+
+
 def test_fundus_check_warns_instead_and_threshold_is_a_saved_setting(processor, tmp_path):
     noise = NOT_FUNDUS["noise"]()
     with pytest.warns(UserWarning, match=r"images\[3\]: does not look like a colour fundus photograph"):
