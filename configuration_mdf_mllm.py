@@ -4,25 +4,37 @@ This file is copied into every exported model folder and imported by `trust_remo
 transformers and the standard library and does nothing at import time.
 """
 
+import warnings
+
 import transformers
 from huggingface_hub.dataclasses import strict
 from packaging.version import Version
 from transformers import MllamaConfig
 
 
-# The transformers releases this code was tested with. It subclasses Mllama's internals (its layers, cache layout and
-# checkpoint key mapping), which change between minor releases, so other versions are refused rather than half-working.
-SUPPORTED_TRANSFORMERS = (">=5.24", "<5.25")
+# The transformers releases the model tests pass with (CI runs them on the oldest and the newest). The code subclasses
+# Mllama's internals (layers, cache layout, checkpoint key mapping), which may change in any minor release: a newer
+# release gets a warning, not a refusal, so that a Hub user is not locked out by next month's release.
+SUPPORTED_TRANSFORMERS = (">=5.22", "<5.25")
+# Releases older than this are known not to work: FILLED_IN_BELOW
+MINIMUM_TRANSFORMERS = "5.22"
 
 
 def check_transformers_version(version: str = transformers.__version__) -> None:
-    """Raise an ImportError that names both versions when `version` is outside SUPPORTED_TRANSFORMERS."""
+    """Silent within SUPPORTED_TRANSFORMERS; a warning outside it; an ImportError below MINIMUM_TRANSFORMERS."""
     low, high = (Version(bound.lstrip("<>=")) for bound in SUPPORTED_TRANSFORMERS)
-    if not low <= Version(Version(version).base_version) < high:
-        supported = ",".join(SUPPORTED_TRANSFORMERS)
+    installed = Version(Version(version).base_version)
+    supported = ",".join(SUPPORTED_TRANSFORMERS)
+    if installed < Version(MINIMUM_TRANSFORMERS):
         raise ImportError(
-            f"MDF-MLLM supports transformers {supported}, but transformers {version} is installed: "
-            f"pip install 'transformers{supported}'"
+            f"MDF-MLLM needs transformers>={MINIMUM_TRANSFORMERS} and was tested with {supported}, but transformers "
+            f"{version} is installed: pip install 'transformers{supported}'"
+        )
+    if not low <= installed < high:
+        warnings.warn(
+            f"MDF-MLLM was tested with transformers {supported}; transformers {version} is installed. It may work; "
+            f"if it does not, pip install 'transformers{supported}'",
+            stacklevel=2,
         )
 
 

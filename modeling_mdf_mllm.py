@@ -6,6 +6,7 @@ This file is copied into every exported model folder and imported by `trust_remo
 transformers and its sibling configuration file, and does no I/O at import time.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -15,7 +16,6 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast, MultimodalCausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.mllama.configuration_mllama import MllamaTextConfig
 from transformers.models.mllama.modeling_mllama import (
@@ -38,6 +38,21 @@ except ImportError:  # imported as a top-level module from the repository rather
 
 
 logger = logging.get_logger(__name__)
+
+# Differences between the supported transformers releases (configuration_mdf_mllm.SUPPORTED_TRANSFORMERS): 5.24
+# renamed Mllama's cache argument and output field from `past_key_values` to `cache`, and its outputs gained the
+# vision tower's (`image_outputs`).
+CACHE = "cache" if "cache" in inspect.signature(MllamaTextCrossAttention.forward).parameters else "past_key_values"
+try:
+    from transformers.modeling_outputs import (
+        MultimodalBaseModelOutputWithPast as MllamaModelOutput,
+        MultimodalCausalLMOutputWithPast as MllamaCausalLMOutput,
+    )
+except ImportError:  # transformers < 5.24
+    from transformers.modeling_outputs import (
+        BaseModelOutputWithPast as MllamaModelOutput,
+        CausalLMOutputWithPast as MllamaCausalLMOutput,
+    )
 
 # Checkpoint key renames are registered per model_type and class: without these a plain Mllama checkpoint's
 # `language_model.lm_head.weight`, `language_model.model.*` (etc.) would not be renamed for us and would stay random.
@@ -302,12 +317,12 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
         attention_mask: torch.Tensor,
         full_text_row_masked_out_mask: tuple[torch.Tensor, torch.Tensor],
         position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: torch.Tensor | None = None,
         unet_states: dict[int, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """As Mllama's layer; `kwargs` carries the cache under Mllama's own name for it (`CACHE`)."""
         row_mask = full_text_row_masked_out_mask[:, 0] if full_text_row_masked_out_mask is not None else 1.0
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -315,7 +330,6 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
             hidden_states=hidden_states,
             attention_mask=cross_attention_mask,
             cross_attention_states=cross_attention_states,
-            cache=cache,
             **kwargs,
         )
         update = self.cross_attn_attn_gate.tanh() * vision_update
@@ -323,6 +337,7 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
             update = row_mask * update
         if self.unet_depth is not None:
             unet = unet_states[self.unet_depth] if unet_states is not None else None
+            cache = kwargs.pop(CACHE, None)
             unet_update, _ = self.unet_attn(hidden_states, self.cross_attn, unet, cross_attention_mask, cache, **kwargs)
             update = update + row_mask * self.unet_attn.gate.tanh() * unet_update
         hidden_states = residual + update
@@ -337,14 +352,14 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
 
 
 @dataclass
-class MdfMllmModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+class MdfMllmModelOutputWithPast(MllamaModelOutput):
     """Mllama's output plus `vessel_logits` (B, [N_images,] 1, S, S), present when the decoder ran."""
 
     vessel_logits: torch.FloatTensor | None = None
 
 
 @dataclass
-class MdfMllmCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+class MdfMllmCausalLMOutputWithPast(MllamaCausalLMOutput):
     """Mllama's output plus `vessel_logits` (B, [N_images,] 1, S, S); `loss` includes the weighted segmentation loss."""
 
     vessel_logits: torch.FloatTensor | None = None
@@ -528,6 +543,23 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         return MdfMllmModelOutputWithPast(**outputs, vessel_logits=vessel_logits)
 
 
+def pack_verbalizers(verbalizer_ids: list[list[int]], device) -> tuple[torch.Tensor, ...]:
+    """The K verbalizers side by side in one row of P = sum_k (n_k - 1) input tokens (each verbalizer but its last
+    token) -> tokens (P,), the token each predicts (P,), its verbalizer k (P,), its offset after the prompt (P,), and
+    which packed tokens each may attend to (P, P): itself and the earlier tokens of its own verbalizer."""
+    tokens, targets, owner, offsets = [], [], [], []
+    for k, ids in enumerate(verbalizer_ids):
+        tokens += ids[:-1]
+        targets += ids[1:]
+        owner += [k] * (len(ids) - 1)
+        offsets += range(len(ids) - 1)
+    tokens, targets, owner, offsets = (
+        torch.tensor(values, dtype=torch.long, device=device) for values in (tokens, targets, owner, offsets)
+    )
+    sees = (owner[:, None] == owner[None, :]) & (offsets[:, None] >= offsets[None, :])
+    return tokens, targets, owner, offsets, sees
+
+
 class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForConditionalGeneration):
     """MDF-MLLM with Mllama's language-modelling head, a vessel-segmentation loss and `classify()`."""
 
@@ -606,7 +638,6 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
         cross_attention_mask: torch.Tensor | None = None,
         cross_attention_states: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -617,7 +648,8 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
         **kwargs,
     ) -> MdfMllmCausalLMOutputWithPast:
         r"""
-        Mllama's inputs, plus `unet_pixel_values` and `prompt_mask` (see `MdfMllmModel.forward`) and:
+        Mllama's inputs (the cache under Mllama's name for it, `CACHE`, in `kwargs`), plus `unet_pixel_values` and
+        `prompt_mask` (see `MdfMllmModel.forward`) and:
 
         vessel_mask (`torch.FloatTensor` of shape `(batch_size, [num_images,] 1, S, S)`, *optional*):
             The vessel mask cropped like `unet_pixel_values`; adds `config.seg_loss_weight` x BCE of the U-Net
@@ -635,7 +667,6 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             cross_attention_mask=cross_attention_mask,
             cross_attention_states=cross_attention_states,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             unet_pixel_values=unet_pixel_values,
@@ -661,15 +692,9 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             segmentation_loss = self.config.seg_loss_weight * segmentation_loss
             loss = segmentation_loss if loss is None else loss + segmentation_loss
 
-        return MdfMllmCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_outputs=outputs.image_outputs,
-            vessel_logits=outputs.vessel_logits,
-        )
+        # Every field of the model's output but its last hidden state (the cache, image outputs, vessel logits...).
+        passed_on = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        return MdfMllmCausalLMOutputWithPast(loss=loss, logits=logits, **passed_on)
 
     def generate(self, inputs=None, *args, prompt_mask=None, **kwargs):
         """`GenerationMixin.generate`, with the FiLM context fixed to the prompt.
@@ -724,26 +749,23 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
     ) -> torch.Tensor:
         """Per-class probabilities (B, K) from the summed log-likelihood of each class's verbalizer given the prompt.
 
-        The prompt runs once; its cache is repeated for the K verbalizers, which then run together as B*K rows of
-        length L-1 (L = the longest verbalizer), so no text is generated or parsed. `verbalizer_ids` defaults to
+        The prompt runs once, with logits at its last real token only. Then the K verbalizers of a sample run in one
+        row over that single prompt cache (no copy per class): all but the last token of each, side by side, each
+        at the position it would have right after the prompt and attending to the prompt and to the earlier tokens
+        of its own verbalizer (a block-causal mask). No text is generated or parsed. `verbalizer_ids` defaults to
         `config.verbalizer_token_ids` (the processor's `verbalizer_token_ids`).
         """
         verbalizer_ids = verbalizer_ids or self.config.verbalizer_token_ids
-        if not verbalizer_ids:
+        if not verbalizer_ids or not all(verbalizer_ids):
             raise ValueError(
-                "verbalizer_ids: pass processor.verbalizer_token_ids or set config.verbalizer_token_ids"
+                "verbalizer_ids: pass processor.verbalizer_token_ids or set config.verbalizer_token_ids (one non-empty "
+                "list of token ids per class)"
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch, num_classes = input_ids.shape[0], len(verbalizer_ids)
-        length = max(map(len, verbalizer_ids))
-        device = input_ids.device
-        answers = torch.zeros(num_classes, length, dtype=torch.long, device=device)
-        answer_mask = torch.zeros(num_classes, length, dtype=attention_mask.dtype, device=device)
-        for k, ids in enumerate(verbalizer_ids):
-            answers[k, : len(ids)] = torch.tensor(ids, device=device)
-            answer_mask[k, : len(ids)] = 1
-
+        batch, length = input_ids.shape
+        rows = torch.arange(batch, device=input_ids.device)
+        last = length - 1 - attention_mask.flip(-1).argmax(-1)  # (B,) the last real prompt token of each row
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         prompt = self(
             input_ids=input_ids,
@@ -751,34 +773,32 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             cross_attention_mask=cross_attention_mask,
             position_ids=position_ids,
             use_cache=True,
+            logits_to_keep=last[:, None],  # the only prompt logits read
             **inputs,
         )
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # last real prompt token per row
-        first_logprobs = prompt.logits[torch.arange(batch, device=device), last].float().log_softmax(-1)
-        scores = first_logprobs[:, answers[:, 0]]  # (B, K)
-        def answer_rows(cross_attention_mask):
-            # Answer tokens see the image exactly as the last prompt token does.
-            rows = cross_attention_mask[torch.arange(batch, device=device), last][:, None]
-            return rows.repeat_interleave(num_classes, 0).expand(-1, length - 1, -1, -1)
+        first = prompt.logits[:, 0].float().log_softmax(-1)  # (B, V)
+        scores = first[:, [ids[0] for ids in verbalizer_ids]]  # (B, K)
 
-        if length > 1:
-            cache = prompt.cache
-            cache.batch_repeat_interleave(num_classes)
-            step_mask = answer_mask[:, :-1].repeat(batch, 1)
-            step = self(
-                input_ids=answers[:, :-1].repeat(batch, 1),
-                attention_mask=torch.cat([attention_mask.repeat_interleave(num_classes, 0), step_mask], dim=1),
-                position_ids=position_ids.gather(1, last[:, None]).repeat_interleave(num_classes, 0)
-                + torch.arange(1, length, device=device),
-                cross_attention_mask=None if cross_attention_mask is None else answer_rows(cross_attention_mask),
-                cache=cache,
-                use_cache=True,
-            )
-            logprobs = step.logits.float().log_softmax(-1)
-            targets = answers[:, 1:].repeat(batch, 1)
-            token_logprobs = logprobs.gather(-1, targets[..., None]).squeeze(-1) * answer_mask[:, 1:].repeat(batch, 1)
-            scores = scores + token_logprobs.sum(-1).view(batch, num_classes)
-        return scores.softmax(-1)
+        tokens, targets, owner, offsets, sees_packed = pack_verbalizers(verbalizer_ids, input_ids.device)
+        if len(tokens) == 0:  # every verbalizer is one token long
+            return scores.softmax(-1)
+        packed = len(tokens)
+        sees = torch.cat([attention_mask.bool()[:, None].expand(-1, packed, -1), sees_packed.expand(batch, -1, -1)], -1)
+        step = self(
+            input_ids=tokens.expand(batch, -1),
+            # Additive, as Mllama's own masks: (B, 1, P, L + P).
+            attention_mask=torch.zeros(sees.shape, dtype=self.dtype, device=sees.device)
+            .masked_fill(~sees, torch.finfo(self.dtype).min)[:, None],
+            position_ids=position_ids[rows, last][:, None] + 1 + offsets,
+            # Answer tokens see the images exactly as the last prompt token does.
+            cross_attention_mask=None
+            if cross_attention_mask is None
+            else cross_attention_mask[rows, last][:, None].expand(-1, packed, -1, -1),
+            use_cache=True,
+            **{CACHE: prompt[CACHE]},
+        )
+        logprobs = step.logits.float().log_softmax(-1).gather(-1, targets.expand(batch, -1)[..., None])[..., 0]
+        return scores.index_add(1, owner, logprobs).softmax(-1)
 
 
 MdfMllmConfig.register_for_auto_class()
