@@ -294,9 +294,9 @@ HISTORIES = {
     ],
     "baseline": [{"loss": 2.5, "step": 5}, {"loss": 0.9, "step": 10}, {"eval_loss": 1.1, "step": 10}],
 }
-GATES = [
+GATES = [  # layer keys as JSON gives them (str) and as a Python dict may hold them (int): the same layers
     {"step": 0, "gates": {"13": 0.0, "3": 0.0}, "tau": {"13": 1.0, "3": 1.0}},
-    {"step": 10, "gates": {"13": 0.2, "3": -0.05}, "tau": {"13": 1.3, "3": 0.9}},
+    {"step": 10, "gates": {13: 0.2, 3: -0.05}, "tau": {13: 1.3, 3: 0.9}},
 ]
 
 
