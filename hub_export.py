@@ -1,6 +1,8 @@
-"""Write a trained MDF-MLLM as a complete Hub model repository: weights, remote code, processor, pipeline
-registration, results, plots and the model card (with the baseline beside it when there is one)."""
+"""What a finished training job leaves: the comparison of its models (comparison.md / .json), the trained MDF-MLLM as
+a complete Hub model repository (weights, remote code, processor, pipeline registration, results, plots, model card
+with the baseline beside it), and the job's closing summary."""
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -96,3 +98,53 @@ def _training_summary(trainer, model_args, data_args) -> dict:
         "seed": args.seed,
         "train_runtime_s": round(trainer.state.log_history[-1].get("train_runtime", float("nan")), 1),
     }
+
+
+def comparison_table(reports: list[dict]) -> str:
+    rows = [
+        "| model | parameters | accuracy (95% CI) | macro F1 (95% CI) | type accuracy | type macro F1 | train s |",
+        "|---|---:|---|---|---:|---:|---:|",
+    ]
+    for r in reports:
+        d, t = r["disease"], r["type"]
+        rows.append(
+            f"| {r['name']} | {r['parameters']:,} | {d['accuracy']:.3f} ({d['ci95']['accuracy'][0]:.3f}-"
+            f"{d['ci95']['accuracy'][1]:.3f}) | {d['macro_f1']:.3f} ({d['ci95']['macro_f1'][0]:.3f}-"
+            f"{d['ci95']['macro_f1'][1]:.3f}) | {t['accuracy']:.3f} | {t['macro_f1']:.3f} | {r['train_seconds']} |"
+        )
+    return "\n".join(rows)
+
+
+def summary(reports: list[dict], model_args, data_args, out: Path, export_dir: Path) -> str:
+    """The job's last lines: what was compared, the headline numbers, where everything is."""
+    names = " vs ".join(r["name"] for r in reports)
+    base = f"fine-tuned from {model_args.base_model}" if model_args.base_model else "trained from scratch"
+    lines = [f"\n{names}, {base}, on {data_args.dataset} (test n={reports[0]['num_items']}):", comparison_table(reports)]
+    for r in reports:
+        sensitivity = ", ".join(f"{name} {_rate(s['sensitivity'])}" for name, s in r["disease"]["per_class"].items())
+        lines.append(f"{r['name']}: accuracy {r['disease']['accuracy']:.3f}, macro F1 {r['disease']['macro_f1']:.3f}; "
+                     f"sensitivity: {sensitivity}")
+        if r["gate_history"]:
+            end = r["gate_history"][-1]
+            lines.append(f"{r['name']}: U-Net gates tanh(g_u) at step {end['step']}: " + ", ".join(
+                f"layer {k} {v:+.4f} (tau {end['tau'][k]:.3f})" for k, v in end["gates"].items()))
+    lines += [f"report: {out / 'comparison.md'} (and comparison.json, gate values included)",
+              f"plots: {export_dir / reporting.TRAINING_CURVES_FILE}, {export_dir}/confusion_matrix_*.png",
+              f"model card: {export_dir / 'README.md'}", f"exported MDF model: {export_dir}"]
+    if data_args.dataset == "synthetic":
+        lines.append("The data is SYNTHETIC: these numbers show the pipeline works, not how it does on real photos.")
+    return "\n".join(lines)
+
+
+def _rate(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def write_comparison(arms, out: Path, stage1_losses: list[float]) -> None:
+    reports = [report for _, _, report in arms]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(comparison_table(reports) + "\n")
+    rows = [{k: v for k, v in r.items() if k != "probabilities"} for r in reports]
+    (out / "comparison.json").write_text(json.dumps({"models": rows, "stage1_vessel_loss": stage1_losses}, indent=1))
+    for _, trainer, report in arms[1:]:
+        reporting.write_results({k: v for k, v in report.items() if k != "gate_history"}, trainer.args.output_dir)

@@ -88,6 +88,8 @@ class ModelArguments:
     fusion_grid: int | None = field(default=None, metadata={"help": "G: U-Net tokens per fused layer = G*G"})
     mdf_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the MDF modules (an "
                                             "optimizer group of their own); default: --learning_rate"})
+    gate_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the U-Net gates g_u "
+                                             "(own group, no weight decay); default: --mdf_learning_rate"})
     lora: bool = field(default=False, metadata={"help": "LoRA on the text model; the MDF modules train fully"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -544,33 +546,51 @@ class LabelledProgress(ProgressCallback):
             self.training_bar.set_description(self.label)
 
 
-class MdfTrainer(Trainer):
-    """Trainer whose optimizer gives the MDF parameters their own learning rate (`mdf_learning_rate`)."""
+def parameter_kind(name: str) -> str:
+    """"gate" (a U-Net branch's g_u), "mdf" (any other MDF parameter) or "base"."""
+    return "gate" if re.search(r"unet_attn\.(modules_to_save\.default\.)?gate$", name) else (
+        "mdf" if is_mdf_parameter(name) else "base")
 
-    def __init__(self, *args, mdf_learning_rate: float | None = None, **kwargs):
+
+class MdfTrainer(Trainer):
+    """Trainer whose optimizer gives the MDF parameters, and the U-Net gates among them, learning rates of their own.
+
+    `learning_rates`: {"mdf": lr, "gate": lr}, either may be missing (then that kind trains at the rate of the kind
+    above it: gates as MDF, MDF as base). The gates' own group has no weight decay, which would pull them shut.
+    """
+
+    def __init__(self, *args, learning_rates: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.mdf_learning_rate = mdf_learning_rate
+        self.learning_rates = {kind: lr for kind, lr in (learning_rates or {}).items() if lr is not None}
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.mdf_learning_rate is None or optimizer.state:
+        if not self.learning_rates or optimizer.state:
             return optimizer
         names = {id(p): name for name, p in (model or self.model).named_parameters()}
+        rates = self.learning_rates
+
+        def kind(param) -> str:
+            found = parameter_kind(names[id(param)])
+            return "mdf" if found == "gate" and "gate" not in rates else found
+
         groups, optimizer.param_groups = optimizer.param_groups, []
-        for group in groups:  # each (weight decay) group split in two, base and MDF
-            for mdf in (False, True):
-                params = [p for p in group["params"] if is_mdf_parameter(names[id(p)]) == mdf]
+        for group in groups:  # each (weight decay) group split by kind
+            for name in ("base", "mdf", "gate"):
+                params = [p for p in group["params"] if kind(p) == name]
+                lr = group["lr"] if name == "base" else rates.get(name, rates.get("mdf", group["lr"]))
+                decay = 0.0 if name == "gate" else group["weight_decay"]
                 if params:
-                    optimizer.add_param_group({**group, "params": params,
-                                               "lr": self.mdf_learning_rate if mdf else group["lr"]})
+                    optimizer.add_param_group({**group, "params": params, "lr": lr, "weight_decay": decay})
         return optimizer
 
 
 def train(model, splits, collator, training_args: MdfTrainingArguments, resume_from_checkpoint=None, callbacks=None,
-          mdf_learning_rate: float | None = None, label: str | None = None) -> Trainer:
+          learning_rates: dict[str, float] | None = None, label: str | None = None) -> Trainer:
+    """Train with the Trainer (`learning_rates`: see MdfTrainer; `label`: the progress bar's description)."""
     trainer = MdfTrainer(model=model, args=training_args, train_dataset=splits["train"],
                          eval_dataset=splits["validation"] if len(splits["validation"]) else None,
-                         data_collator=collator, callbacks=callbacks, mdf_learning_rate=mdf_learning_rate)
+                         data_collator=collator, callbacks=callbacks, learning_rates=learning_rates)
     if label and not training_args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LabelledProgress(label))
@@ -734,7 +754,8 @@ def run_one(name, model_args, splits, collator, processor, training_args, job_ar
         unwrap_peft(model).model.unet.load_state_dict(load_file(unet_weights))
     gates = GateLogger()
     start = time.perf_counter()
-    trainer = train(model, splits, collator, training_args, resume, [gates], model_args.mdf_learning_rate,
+    rates = {"mdf": model_args.mdf_learning_rate, "gate": model_args.gate_learning_rate}
+    trainer = train(model, splits, collator, training_args, resume, [gates], rates,
                     label=f"stage 2: {name}" if model_args.base_model else name)
     seconds = time.perf_counter() - start
     model = unwrap(trainer.model)
@@ -762,21 +783,6 @@ def unwrap_peft(model):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The job
-
-
-def comparison_table(reports: list[dict]) -> str:
-    rows = [
-        "| model | parameters | accuracy (95% CI) | macro F1 (95% CI) | type accuracy | type macro F1 | train s |",
-        "|---|---:|---|---|---:|---:|---:|",
-    ]
-    for r in reports:
-        d, t = r["disease"], r["type"]
-        rows.append(
-            f"| {r['name']} | {r['parameters']:,} | {d['accuracy']:.3f} ({d['ci95']['accuracy'][0]:.3f}-"
-            f"{d['ci95']['accuracy'][1]:.3f}) | {d['macro_f1']:.3f} ({d['ci95']['macro_f1'][0]:.3f}-"
-            f"{d['ci95']['macro_f1'][1]:.3f}) | {t['accuracy']:.3f} | {t['macro_f1']:.3f} | {r['train_seconds']} |"
-        )
-    return "\n".join(rows)
 
 
 ABLATIONS = {
@@ -853,41 +859,6 @@ def stage1(model_args, splits, collator, processor, job_args, training_args) -> 
     return str(path), losses
 
 
-def summary(reports: list[dict], model_args, data_args, out: Path, export_dir: Path) -> str:
-    """The job's last lines: what was compared, the headline numbers, where everything is."""
-    names = " vs ".join(r["name"] for r in reports)
-    base = f"fine-tuned from {model_args.base_model}" if model_args.base_model else "trained from scratch"
-    lines = [f"\n{names}, {base}, on {data_args.dataset} (test n={reports[0]['num_items']}):", comparison_table(reports)]
-    for r in reports:
-        sensitivity = ", ".join(f"{name} {_rate(s['sensitivity'])}" for name, s in r["disease"]["per_class"].items())
-        lines.append(f"{r['name']}: accuracy {r['disease']['accuracy']:.3f}, macro F1 {r['disease']['macro_f1']:.3f}; "
-                     f"sensitivity: {sensitivity}")
-        if r["gate_history"]:
-            end = r["gate_history"][-1]
-            lines.append(f"{r['name']}: U-Net gates tanh(g_u) at step {end['step']}: " + ", ".join(
-                f"layer {k} {v:+.4f} (tau {end['tau'][k]:.3f})" for k, v in end["gates"].items()))
-    lines += [f"report: {out / 'comparison.md'} (and comparison.json, gate values included)",
-              f"plots: {export_dir / reporting.TRAINING_CURVES_FILE}, {export_dir}/confusion_matrix_*.png",
-              f"model card: {export_dir / 'README.md'}", f"exported MDF model: {export_dir}"]
-    if data_args.dataset == "synthetic":
-        lines.append("The data is SYNTHETIC: these numbers show the pipeline works, not how it does on real photos.")
-    return "\n".join(lines)
-
-
-def _rate(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def write_comparison(arms, out: Path, stage1_losses: list[float]) -> None:
-    reports = [report for _, _, report in arms]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(comparison_table(reports) + "\n")
-    rows = [{k: v for k, v in r.items() if k != "probabilities"} for r in reports]
-    (out / "comparison.json").write_text(json.dumps({"models": rows, "stage1_vessel_loss": stage1_losses}, indent=1))
-    for _, trainer, report in arms[1:]:
-        reporting.write_results({k: v for k, v in report.items() if k != "gate_history"}, trainer.args.output_dir)
-
-
 def run(model_args, data_args, job_args, training_args) -> None:
     out = Path(training_args.output_dir)
     if job_args.make_base:
@@ -917,7 +888,7 @@ def run(model_args, data_args, job_args, training_args) -> None:
                             processor, baseline_args, job_args))
     if arms[0][2] is None:  # not the main process
         return
-    write_comparison(arms, out, stage1_losses)
+    hub_export.write_comparison(arms, out, stage1_losses)
     model, trainer, report = arms[0]
     export_dir = Path(job_args.export_dir or out / "mdf-mllm")
     hub_export.export(model, processor, report, trainer, dataset, data_args, model_args, str(export_dir),
@@ -928,7 +899,7 @@ def run(model_args, data_args, job_args, training_args) -> None:
         upload_folder(repo_id=training_args.hub_model_id, folder_path=str(export_dir), repo_type="model")
     removed = [folder for _, trainer, _ in arms for folder in remove_checkpoints(trainer.args.output_dir)]
     print(f"checkpoints: {len(removed)} removed once training finished; none kept" if removed else "")
-    print(summary([r for _, _, r in arms], model_args, data_args, out, export_dir))
+    print(hub_export.summary([r for _, _, r in arms], model_args, data_args, out, export_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -230,9 +230,10 @@ class GradientRecorder(TrainerCallback):
         self.gate_grads.append({k: b.gate.grad.item() for k, b in train_hf.unet_branches(model).items()})
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora, rates", [(False, {"mdf": 1e-2, "gate": 5e-2}), (True, {"mdf": 1e-2})],
+                         ids=["full-own-gate-rate", "lora"])
 def test_gates_get_gradients_and_open_and_mdf_parameters_have_their_own_learning_rate(made_base, tiny_data, tmp_path,
-                                                                                       lora):
+                                                                                       lora, rates):
     model_args, processor, _, splits = tiny_data
     model_args = replace(model_args, base_model=str(made_base / "base"), lora=lora, lora_rank=4)
     model = train_hf.build_model(model_args, processor)
@@ -240,16 +241,20 @@ def test_gates_get_gradients_and_open_and_mdf_parameters_have_their_own_learning
                                      "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
     recorder = GradientRecorder()
     trainer = train_hf.train(model, splits, train_hf.MdfMllmDataCollator(processor), args, callbacks=[recorder],
-                             mdf_learning_rate=1e-2)
+                             learning_rates=rates)
     assert len(recorder.gate_grads) == 3 and all(grad != 0 for step in recorder.gate_grads for grad in step.values())
     assert all(abs(gate) > 1e-3 for gate in train_hf.gate_values(model)["gates"].values())
     names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    by_rate = {}
+    by_rate, decay = {}, {}
     for group in trainer.optimizer.param_groups:
         by_rate.setdefault(group["initial_lr"], set()).update(names[id(p)] for p in group["params"])
-    assert set(by_rate) == {1e-3, 1e-2}
-    assert by_rate[1e-2] == {n for n in names.values() if train_hf.is_mdf_parameter(n)}
-    assert by_rate[1e-3] and not any(train_hf.is_mdf_parameter(n) for n in by_rate[1e-3])
+        decay.update({names[id(p)]: group["weight_decay"] for p in group["params"]})
+    gates = {n for n in names.values() if n.endswith(".gate") and "unet_attn" in n}
+    mdf = {n for n in names.values() if ".unet" in n} - (gates if "gate" in rates else set())
+    assert len(gates) == 2 and len(mdf) > 50
+    assert by_rate == {1e-3: set(names.values()) - mdf - (gates if "gate" in rates else set()), 1e-2: mdf,
+                       **({5e-2: gates} if "gate" in rates else {})}
+    assert all(decay[n] == (0.0 if "gate" in rates else 0.01) for n in gates)
 
 
 def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
