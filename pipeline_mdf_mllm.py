@@ -34,6 +34,8 @@ class FundusClassificationPipeline(Pipeline):
     photo, or one per photo, None/"" for none). Returns, per photo, `[{"label", "score", "disease_type"}, ...]`
     sorted by score (the scores of all classes sum to 1); `top_k=` keeps the first k. One photo in -> one list out;
     a list in -> a list of lists. `batch_size=` batches the model calls (left-padded prompts, as the processor pads).
+    A sample may hold several photos of one patient, e.g. both eyes: `classify([[left, right]])`, scored together
+    in one prompt (such calls run one sample at a time: transformers' batching cannot pad the image dimension).
 
     Every photo first passes the image processor's fundus check (`check_fundus`): one that does not look like a
     colour fundus photograph is refused with a `ValueError` naming it and its score (`check_fundus=True`, the
@@ -68,18 +70,21 @@ class FundusClassificationPipeline(Pipeline):
             texts = list(clinical_text)
         else:
             texts = [clinical_text] * len(photos)
+        if any(isinstance(photo, (list, tuple)) and len(photo) > 1 for photo in photos):
+            kwargs["batch_size"] = 1
         items = [{"image": photo, "clinical_text": text, "name": "image" if single else f"images[{i}]"}
                  for i, (photo, text) in enumerate(zip(photos, texts))]
         results = super().__call__(items, **kwargs)
         return results[0] if single else results
 
     def preprocess(self, item, check_fundus=True):
-        image = item["image"]
-        photos = [to_rgb_image(photo, item["name"]) for photo in (image if isinstance(image, (list, tuple)) else [image])]
+        several = isinstance(item["image"], (list, tuple))
+        names = [f"{item['name']}[{j}]" for j in range(len(item["image"]))] if several else [item["name"]]
+        photos = [to_rgb_image(photo, name) for photo, name in zip(item["image"] if several else [item["image"]], names)]
         if check_fundus:  # on the decoded photos: a file is read once
             on_failure = "error" if check_fundus is True else "warn"
-            for photo in photos:
-                self.processor.image_processor.check_fundus(photo, item["name"], on_failure)
+            for photo, name in zip(photos, names):
+                self.processor.image_processor.check_fundus(photo, name, on_failure)
         return self.processor(images=[photos], clinical_text=[item["clinical_text"]], return_tensors="pt")
 
     def _forward(self, model_inputs):

@@ -101,6 +101,19 @@ def test_pipeline_options_and_errors(model_folder, classifier, tmp_path):
         classifier(str(tmp_path / "missing.png"))
 
 
+def test_both_eyes_in_one_sample(classifier):
+    model, processor = classifier.model, classifier.processor
+    left, right, other = fundus_photos()
+    results = classifier([[left, right], [other]], clinical_text=["Night blindness.", None], batch_size=2)
+    expected = model.classify(**processor(images=[[left, right]], clinical_text=["Night blindness."]))[0]
+    assert processor(images=[[left, right]])["unet_pixel_values"].shape[:2] == (1, 2)
+    scores = {entry["label"]: entry["score"] for entry in results[0]}
+    assert [scores[name] for name in model.config.label_names] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert results[1] == classifier(other)
+    with pytest.raises(ValueError, match=r"images\[0\]\[1\]: does not look like a colour fundus photograph"):
+        classifier([[left, np.zeros((32, 32, 3), np.uint8)]])
+
+
 def test_pipeline_refuses_or_warns_about_photos_that_are_not_fundus_photos(classifier, tmp_path):
     photo, astronaut = fundus_photos()[0], Image.fromarray(data.astronaut()).resize((64, 64))
     with pytest.raises(ValueError, match=r"^image: does not look like a colour fundus photograph \(fundus score 0\.0"):
