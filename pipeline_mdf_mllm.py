@@ -3,7 +3,7 @@
     from transformers import pipeline
     classify = pipeline("fundus-classification", model="path/or/repo", trust_remote_code=True)
     classify("fundus.png", clinical_text="Night blindness since childhood.")
-    # [{"label": "retinitis_pigmentosa", "score": 0.91, "disease_type": "inherited"}, ...]
+    # [{"label": ..., "score": ..., "disease_type": ...}, ...] for every class, highest score first
 
 `register_pipeline(folder)` writes the `custom_pipelines` entry into an exported model's config.json and copies this
 file beside it, which is how `pipeline(task, model=folder, trust_remote_code=True)` finds the class. This file is
