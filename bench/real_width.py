@@ -8,7 +8,7 @@ The slice: text width 4096, 32 heads over 8 KV heads, vocab 128,256, two self-at
 layers (both fused); vision width 1280 at 560 px with 4 tiles, one local and one global layer, projector 7680 -> 4096;
 U-Net at S 512 with its default widths, grid 16, projector_dim 256. Mllama is the same class with `fusion_layers={}`
 (no U-Net; tests/test_stock_parity.py checks it computes what stock Mllama computes); both share one copy of the base
-weights. Inputs: one image of 4 tiles, TEXT_TOKENS text tokens that all see it, the last 8 of them the answer.
+weights. Inputs: one image of 4 tiles, TEXT_TOKENS text tokens that all see it, the last 8 of them the answer in the training calls.
 
 The vision tower and projector (6,404 tokens of 4 tiles; the same module and the same work for both models) run once,
 measured on their own; every model row then replays their output, so its figures are what the model adds on top.
@@ -44,13 +44,16 @@ from gpu_11b import batch  # noqa: E402
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration, is_mdf_parameter  # noqa: E402
 from processing_mdf_mllm import build_default_processor  # noqa: E402
 from reporting import memory_table_11b  # noqa: E402
-from scale_11b import TEXT_TOKENS, llama_32_11b_vision_config, measure as count_11b  # noqa: E402
+from scale_11b import llama_32_11b_vision_config, measure as count_11b  # noqa: E402
 from train_hf import ModelArguments, build_model, open_gates, with_lora  # noqa: E402
 
 
 GIB = 2**30
 CROSS_LAYERS = [1, 3]
 NEW_TOKENS = 8
+# Text is cheap next to the 6,404 vision tokens every cross-attention layer projects; two shared cores limit the rest.
+TEXT_TOKENS = 32
+ANSWER_TOKENS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -137,6 +140,16 @@ def build_pair() -> tuple[MdfMllmForConditionalGeneration, MdfMllmForConditional
         text = model.model.language_model
         text.rotary_emb = type(text.rotary_emb)(text.rotary_emb.config)
     return mdf.eval(), mllama.eval()
+
+
+def slice_inputs(config) -> tuple[dict, dict]:
+    """(prompt, training inputs): bench/gpu_11b.py's batch of one cut to TEXT_TOKENS, the last ANSWER_TOKENS the
+    answer in the training inputs."""
+    prompt = batch(config, 1, torch.device("cpu"), unet=True, answers=False)
+    for key in ("input_ids", "attention_mask", "cross_attention_mask"):
+        prompt[key] = prompt[key][:, :TEXT_TOKENS]
+    answer = torch.arange(TEXT_TOKENS) >= TEXT_TOKENS - ANSWER_TOKENS
+    return prompt, {**prompt, "labels": prompt["input_ids"].masked_fill(~answer, -100)}
 
 
 class Replay(nn.Module):
@@ -414,8 +427,7 @@ def main() -> None:
     start = time.perf_counter()
     mdf, mllama = build_pair()
     print(f"built in {time.perf_counter() - start:.0f} s, RSS {gib(_rss()['VmRSS'])} GiB", flush=True)
-    prompt = batch(mdf.config, 1, torch.device("cpu"), unet=True, answers=False)
-    train_inputs = batch(mdf.config, 1, torch.device("cpu"), unet=True, answers=True)
+    prompt, train_inputs = slice_inputs(mdf.config)
     vision_row, vision_out, projected = run_vision_once(mdf, prompt)
     print(f"vision tower + projector: {vision_row['seconds']:.1f} s, {gib(vision_row['peak'])} GiB", flush=True)
 
