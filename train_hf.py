@@ -86,10 +86,11 @@ class ModelArguments:
                                           "during fusion (default: the config's 0.1; 0 turns it off)"})
     unet_image_size: int | None = field(default=None, metadata={"help": "U-Net input size S (default per size)"})
     fusion_grid: int | None = field(default=None, metadata={"help": "G: U-Net tokens per fused layer = G*G"})
-    mdf_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the MDF modules (an "
-                                            "optimizer group of their own); default: --learning_rate"})
-    gate_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the U-Net gates g_u "
-                                             "(own group, no weight decay); default: --mdf_learning_rate"})
+    # The two rates below: the RESEARCH helper's provisional recipe (/tmp/RECIPE.md, run B), gates move but flip sign.
+    mdf_learning_rate: float | None = field(default=3e-3, metadata={"help": "Learning rate of the MDF modules (an "
+                                            "optimizer group of their own)"})
+    gate_learning_rate: float | None = field(default=5e-2, metadata={"help": "Learning rate of the U-Net gates g_u "
+                                             "(own group, no weight decay)"})
     lora: bool = field(default=False, metadata={"help": "LoRA on the text model; the MDF modules train fully"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -128,6 +129,7 @@ class JobArguments:
     baseline: bool = field(default=True, metadata={"help": "Also train the baseline (plain Mllama, same base)"})
     ablation: bool = field(default=False, metadata={"help": "Run the ablation table instead of the main job"})
     seeds: int = field(default=3, metadata={"help": "Seeds per ablation row"})
+    ablation_epochs: float = field(default=2.0, metadata={"help": "Epochs of each ablation run"})
     export_dir: str | None = field(default=None, metadata={"help": "The Hub-ready MDF model folder "
                                                           "(default <output_dir>/mdf-mllm)"})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95%% CIs"})
@@ -139,7 +141,7 @@ class MdfTrainingArguments(TrainingArguments):
     """TrainingArguments with the main job's defaults (each shown in --help)."""
 
     output_dir: str = field(default="outputs/run", metadata={"help": "Everything the run writes goes here"})
-    num_train_epochs: float = field(default=6.0, metadata={"help": "Epochs of each stage-2 arm (main job default)"})
+    num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs of each stage-2 arm (main job default)"})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size (main job default)"})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Validation batch size"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Base learning rate (main job default)"})
@@ -785,50 +787,6 @@ def unwrap_peft(model):
 # The job
 
 
-ABLATIONS = {
-    "Mllama baseline": dict(fusion_layers="none"),
-    "MDF, all depths": dict(),
-    **{f"MDF, depth {k} only": dict(fusion_layers=f"depth:{k}") for k in range(1, 5)},
-    "MDF, no FiLM": dict(no_film=True),
-    "MDF, no clinical text": dict(no_text=True),
-}
-
-
-def ablation_model_args(model_args: ModelArguments, change: dict) -> ModelArguments:
-    change = {k: v for k, v in change.items() if k != "no_text"}
-    if str(change.get("fusion_layers", "")).startswith("depth:"):
-        depth = change["fusion_layers"].split(":")[1]
-        layers = MODEL_SIZES[model_args.model_size]["text"]["cross_attention_layers"]
-        change["fusion_layers"] = ",".join(f"{layer}:{depth}" for layer in layers)
-    return replace(model_args, **change)
-
-
-def run_ablation(model_args, data_args, job_args, training_args, dataset, processor, collator) -> None:
-    out = Path(training_args.output_dir)
-    with_text = process_splits(dataset, processor, no_text=False)
-    without_text = process_splits(dataset, processor, no_text=True)
-    rows = []
-    for name, change in ABLATIONS.items():
-        for seed in range(job_args.seeds):
-            run_dir = out / re.sub(r"[^A-Za-z0-9]+", "_", f"{name}-{seed}")
-            args = replace(training_args, seed=seed, output_dir=str(run_dir))
-            splits = without_text if change.get("no_text") else with_text
-            _, _, report = run_one(name, ablation_model_args(model_args, change), splits, collator,
-                                   processor, args, job_args)
-            if report is None:  # not the main process
-                continue
-            rows.append({"name": name, "seed": seed, "accuracy": report["disease"]["accuracy"],
-                         "macro_f1": report["disease"]["macro_f1"], "type_accuracy": report["type"]["accuracy"],
-                         "type_macro_f1": report["type"]["macro_f1"]})
-            (out / "ablation.json").write_text(json.dumps(rows, indent=1))
-    if not rows:
-        return
-    table = reporting.ablation_table(rows)
-    (out / "ablation.md").write_text(table + "\n")
-    reporting.plot_ablation(rows, out / "ablation.png")
-    print(table)
-
-
 def shard_on_cpu_processes() -> None:
     """Let `accelerate launch` with an FSDP config shard the model over CPU processes (gloo).
 
@@ -873,7 +831,10 @@ def run(model_args, data_args, job_args, training_args) -> None:
     processor = base_processor(model_args) if model_args.base_model else default_processor(model_args)
     collator = MdfMllmDataCollator(processor)
     if job_args.ablation:
-        run_ablation(model_args, data_args, job_args, training_args, dataset, processor, collator)
+        import ablation  # it imports this module
+
+        ablation.run_ablation(model_args, data_args, job_args, training_args, dataset, processor, collator,
+                              epochs=job_args.ablation_epochs)
         return
     splits = process_splits(dataset, processor, no_text=data_args.no_text)
     unet_weights, stage1_losses = stage1(model_args, splits, collator, processor, job_args, training_args)
