@@ -1,12 +1,8 @@
 """train_hf.py: the pretrained-base main job end to end on tiny layouts (base, stage 1, both arms, export), the CLI,
-resume after a kill, the real-base path."""
+the real-base path. Resume after a kill and FSDP sharding: tests/test_distributed.py."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -18,7 +14,7 @@ from transformers import AutoProcessor, MllamaForConditionalGeneration, MllamaIm
 
 import hub_export
 import train_hf
-from conftest import ROOT, launch_two_cpu_processes, tiny_mllama_config
+from conftest import tiny_mllama_config
 
 
 TINY_JOB = [
@@ -317,82 +313,6 @@ def test_yaml_config_file_gives_the_same_arguments(tmp_path):
     assert training_args.remove_unused_columns is False
 
 
-KILL_AT_STEP = textwrap.dedent(
-    """
-    import os, signal, sys
-    import transformers
-    import train_hf
-
-    step, when = int(os.environ["KILL_AT_STEP"]), os.environ["KILL_WHEN"]
-
-    def kill():
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    class Kill(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if when == "step_end" and state.global_step == step:
-                kill()
-
-        def on_save(self, args, state, control, **kwargs):
-            if when == "after_save" and state.global_step == step:
-                kill()
-
-    original_init, original_save_rng = transformers.Trainer.__init__, transformers.Trainer._save_rng_state
-
-    def init_with_kill(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.add_callback(Kill())
-
-    def save_rng_then_maybe_die(self, output_dir):
-        # Dies half-way through writing a checkpoint: weights and optimizer written, trainer_state.json not.
-        if when == "mid_save" and self.state.global_step == step:
-            kill()
-        original_save_rng(self, output_dir)
-
-    transformers.Trainer.__init__ = init_with_kill
-    transformers.Trainer._save_rng_state = save_rng_then_maybe_die
-    train_hf.main(sys.argv[1:])
-    """
-)
-
-
-def run_job(out: Path, *extra: str, kill_at: int = -1, when: str = "after_save") -> subprocess.CompletedProcess:
-    script = out.parent / "kill_at_step.py"
-    script.write_text(KILL_AT_STEP)
-    args = [*TINY_JOB, "--from_scratch", "--no_baseline", "--max_steps", "9", "--save_strategy", "steps", "--save_steps", "3",
-            "--eval_strategy", "no", "--output_dir", str(out), "--export_dir", str(out / "export"), *extra]
-    env = {**os.environ, "KILL_AT_STEP": str(kill_at), "KILL_WHEN": when, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight") / "run"
-    result = run_job(out)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return load_file(out / "export" / "model.safetensors")
-
-
-@pytest.mark.parametrize(
-    "kill_at, when, resumes_from",
-    [(3, "after_save", 3), (5, "step_end", 3), (6, "mid_save", 3)],
-    ids=["after-a-checkpoint", "between-checkpoints", "while-writing-a-checkpoint"],
-)
-def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, uninterrupted, kill_at, when, resumes_from):
-    out = tmp_path / "run"
-    killed = run_job(out, kill_at=kill_at, when=when)
-    assert killed.returncode == -signal.SIGKILL
-    assert not (out / "export").exists()
-    resumed = run_job(out, "--resume_from_checkpoint", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    if when == "mid_save":
-        assert f"skipping incomplete checkpoint {out / 'checkpoint-6'}" in resumed.stdout
-    assert f"resuming from {out / f'checkpoint-{resumes_from}'}\n" in resumed.stdout
-    actual = load_file(out / "export" / "model.safetensors")
-    assert uninterrupted.keys() == actual.keys()
-    assert all(torch.equal(uninterrupted[key], actual[key]) for key in uninterrupted)
-
-
 def test_latest_checkpoint_skips_a_half_written_one(tmp_path):
     for step in (3, 6, 9):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -429,19 +349,3 @@ def test_real_base_path_loads_every_weight_of_a_mllama_checkpoint(tmp_path):
     merged = train_hf.unwrap(model)
     base_weights = base.state_dict()
     assert all(torch.equal(base_weights[key], merged.state_dict()[key]) for key in base_weights)
-
-
-def test_accelerate_launch_shards_the_small_model_over_two_cpu_processes(tmp_path):
-    """configs/fsdp_cpu.yaml: FSDP2 over 2 gloo processes; the main process gathers, evaluates and exports."""
-    command = [
-        "--config_file", str(ROOT / "configs" / "fsdp_cpu.yaml"), str(ROOT / "train_hf.py"),
-        *TINY_JOB, "--from_scratch", "--num_train_epochs", "1", "--no_baseline",
-        "--output_dir", str(tmp_path), "--export_dir", str(tmp_path / "export"),
-    ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = launch_two_cpu_processes(command, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MDF-MLLM: trained with FSDP over 2 process(es)" in result.stdout
-    gathered = load_file(tmp_path / "final-model" / "model.safetensors")
-    exported = load_file(tmp_path / "export" / "model.safetensors")
-    assert gathered.keys() == exported.keys() and all(torch.equal(gathered[k], exported[k]) for k in gathered)
