@@ -1,5 +1,6 @@
 """MDF-MLLM demo (a Gradio app; Hugging Face Spaces run `app.py`): a fundus photo + clinical history in, the class
-probabilities and the explanation map out.
+probabilities and the explanation map out. A photo that fails the model's fundus check (not a colour fundus photograph)
+is refused unless the user ticks "Classify anyway".
 
     MDF_MLLM_MODEL=path/to/exported/model python app.py       # or: python app.py path/to/model [--port 7860]
 

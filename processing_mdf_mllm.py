@@ -541,6 +541,8 @@ class MdfMllmImageProcessor(MllamaImageProcessor):
         (`on_failure="error"`) or a `UserWarning` saying the same (`"warn"`)."""
         if on_failure not in ("error", "warn"):
             raise ValueError(f"on_failure: expected 'error' or 'warn', got {on_failure!r}")
+        if isinstance(self.fundus_threshold, bool) or not 0 <= self.fundus_threshold <= 1:
+            raise ValueError(f"fundus_threshold: expected a number in [0, 1], got {self.fundus_threshold!r}")
         score = self.fundus_score(image)
         if score < self.fundus_threshold:
             message = (f"{_describe(image, name)}: does not look like a colour fundus photograph (fundus score "

@@ -575,6 +575,8 @@ def test_fundus_check_warns_instead_and_threshold_is_a_saved_setting(processor, 
     lenient.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "preprocessor_config.json").read_text())["fundus_threshold"] == 0.0
     assert MdfMllmImageProcessor.from_pretrained(tmp_path).check_fundus(noise) < 0.2  # no error at threshold 0
+    with pytest.raises(ValueError, match=r"fundus_threshold: expected a number in \[0, 1\], got 50"):
+        MdfMllmImageProcessor(fundus_threshold=50).check_fundus(noise)
 
 
 def test_cut_clinical_text_warns_how_many_tokens_were_kept(processor):
