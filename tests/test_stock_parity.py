@@ -58,6 +58,23 @@ def test_generate_scores_are_the_same_with_a_dynamic_a_static_or_no_cache(padded
     torch.testing.assert_close(logits(mdf, full)[:, -1], scores[:, -1], atol=1e-5, rtol=0)
 
 
+def test_a_static_cache_holds_the_unet_slots_as_fixed_size_layers():
+    from transformers.cache_utils import StaticLayer
+
+    from test_modeling import two_images
+
+    _, mdf = stock_and_mdf("a")
+    inputs = two_images(make_inputs(mdf.config))
+    with torch.no_grad():
+        out = mdf.generate(**inputs, max_new_tokens=2, cache_implementation="static", return_dict_in_generate=True)
+    cache = out.get("cache", out.get("past_key_values"))
+    text = mdf.config.text_config
+    assert len(cache.layers) == text.num_hidden_layers + len(mdf.config.fusion_layers)
+    assert all(isinstance(layer, StaticLayer) for layer in cache.layers) and cache.is_compileable  # no recompiles
+    unet_slots = cache.layers[text.num_hidden_layers :]
+    assert all(layer.keys.shape[2] == 2 * mdf.config.fusion_grid**2 for layer in unet_slots)  # two images
+
+
 def test_generate_with_closed_unet_gates_is_the_stock_model_after_a_chat_header():
     stock, mdf = stock_and_mdf("b")
     inputs = make_inputs(mdf.config, image_at=5)
