@@ -231,10 +231,11 @@ def _probability(p: float) -> str:
 def _title(explanation: Explanation) -> str:
     """The prediction, and the explained class when it is another one."""
     probabilities = explanation.probabilities
-    predicted = f"Prediction: {explanation.predicted}, {_probability(probabilities[explanation.predicted])}"
     if explanation.label == explanation.predicted:
-        return f"{predicted} ({explanation.disease_type})"
-    return f"Explaining {explanation.label} ({_probability(probabilities[explanation.label])}); {predicted}"
+        probability = _probability(probabilities[explanation.label])
+        return f"Prediction: {explanation.label} ({explanation.disease_type}), {probability}"
+    return (f"Explaining {explanation.label} ({_probability(probabilities[explanation.label])}); "
+            f"Prediction: {explanation.predicted}, {_probability(probabilities[explanation.predicted])}")
 
 
 def _gates_note(explanation: Explanation) -> str:
@@ -253,10 +254,12 @@ def draw_explanation(explanation: Explanation, path=None) -> Image.Image:
     from matplotlib.colors import LinearSegmentedColormap, Normalize
     from matplotlib.figure import Figure
 
-    panels = [(explanation.crop, cells, f"U-Net depth {depth}\n(cross-attention {_layers(explanation.fused_layers[depth])})")
+    panels = [(explanation.crop, cells,
+               f"U-Net depth {depth}\n(cross-attention {_layers(explanation.fused_layers[depth])})")
               for depth, cells in explanation.unet_maps.items()]
     if explanation.vision_map is not None:
-        panels.append((explanation.vision_view, explanation.vision_map, "Mllama vision branch\n(all cross-attention layers)"))
+        panels.append((explanation.vision_view, explanation.vision_map,
+                       "Mllama vision branch\n(all cross-attention layers)"))
     # The colour bar shows the ramp `overlay` paints with, from no attention to the panel's maximum.
     ramp = LinearSegmentedColormap.from_list("overlay", heat_colours(np.linspace(0, 1, 256)))
     figure = Figure(figsize=(max(3.2 * len(panels), 6.4), 4.6), dpi=100, layout="constrained")

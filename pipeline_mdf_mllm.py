@@ -80,7 +80,8 @@ class FundusClassificationPipeline(Pipeline):
     def preprocess(self, item, check_fundus=True):
         several = isinstance(item["image"], (list, tuple))
         names = [f"{item['name']}[{j}]" for j in range(len(item["image"]))] if several else [item["name"]]
-        photos = [to_rgb_image(photo, name) for photo, name in zip(item["image"] if several else [item["image"]], names)]
+        images = item["image"] if several else [item["image"]]
+        photos = [to_rgb_image(photo, name) for photo, name in zip(images, names)]
         if check_fundus:  # on the decoded photos: a file is read once
             on_failure = "error" if check_fundus is True else "warn"
             for photo, name in zip(photos, names):

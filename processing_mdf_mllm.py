@@ -711,7 +711,8 @@ class MdfMllmProcessor(MllamaProcessor):
     * it may not contain a special token's text (`<|image|>`, `<|eot_id|>`, `<|start_header_id|>`, ...), which the
       tokenizer would read as that token and so add an image slot or end the user turn: a `ValueError` names it;
     * it is truncated to its first `max_clinical_text_tokens` tokens (cut at a token boundary, leading and trailing
-      whitespace dropped, a `UserWarning` saying how many tokens were kept), so a 20,000-token history costs what a 512-token one does. Only the clinical text is cut:
+      whitespace dropped, a `UserWarning` saying how many tokens were kept), so a 20,000-token history costs what a
+      512-token one does. Only the clinical text is cut:
       the image token, the instruction, the assistant header and, in training, the answer are always whole, and a
       prompt is at most `max_clinical_text_tokens` tokens longer than the same prompt with a one-word history.
 

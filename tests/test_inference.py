@@ -428,7 +428,7 @@ def test_explanation_titles_name_the_prediction_and_the_gates_as_the_models_own(
     probabilities = {"amd": 0.7712, "dr": 0.004, "normal": 0.2248}
     predicted = Explanation("amd", "acquired", probabilities, crop, gates={1: (0.42, -0.1), 3: (0.05, 0.2)})
     assert predicted.predicted == "amd"
-    assert _title(predicted) == "Prediction: amd, p = 0.77 (acquired)"
+    assert _title(predicted) == "Prediction: amd (acquired), p = 0.77"
     asked = Explanation("dr", "acquired", probabilities, crop)
     assert _title(asked) == "Explaining dr (p = 4.0e-03); Prediction: amd, p = 0.77"
     assert _gates_note(predicted) == (

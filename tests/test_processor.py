@@ -435,7 +435,8 @@ def test_collator_pads_tiles_and_images_like_mllama(processor, fundus):
 def both_eyes(fundus):
     """Left and right eye (mirror images of each other, different sizes) and a third photo of one eye."""
     left, _ = fundus
-    right = draw_fundus(width=160, height=160, cx=80, cy=80, radius=70).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    right = draw_fundus(width=160, height=160, cx=80, cy=80, radius=70).convert("RGB")
+    right = right.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return left, right, draw_fundus(width=240, height=160, cx=120, cy=80, radius=100).convert("RGB")
 
 
@@ -449,7 +450,8 @@ def test_several_images_per_sample_give_one_unet_view_each_zero_padded(processor
     assert encoded["vessel_mask"].shape == (2, 2, 1, UNET, UNET)
     assert encoded["pixel_values"].shape == (2, 2, 1, 3, TILE, TILE)
     # Each view is what the photo gives alone; the missing second photo of sample 1 is all zeros.
-    for (row, slot), photo, vessel in [((0, 0), left, mask), ((0, 1), right, masks[0][1]), ((1, 0), other, masks[1][0])]:
+    for (row, slot), photo, vessel in [((0, 0), left, mask), ((0, 1), right, masks[0][1]),
+                                       ((1, 0), other, masks[1][0])]:
         alone = processor.image_processor(photo, vessel_masks=vessel, return_tensors="pt")
         assert torch.equal(encoded["unet_pixel_values"][row, slot], alone["unet_pixel_values"][0])
         assert torch.equal(encoded["vessel_mask"][row, slot], alone["vessel_mask"][0])
