@@ -56,7 +56,7 @@ from transformers.utils import logging as transformers_logging
 import hub_export
 import reporting
 from configuration_mdf_mllm import DEFAULT_LABELS, UNET_DEPTHS, MdfMllmConfig
-from modeling_mdf_mllm import MdfMllmForConditionalGeneration, is_mdf_parameter
+from modeling_mdf_mllm import LORA_TARGET_MODULES, MdfMllmForConditionalGeneration, is_mdf_parameter
 from processing_mdf_mllm import (
     MdfMllmDataCollator,
     MdfMllmImageProcessor,
@@ -423,20 +423,14 @@ def open_gates(model, value: float = FROM_SCRATCH_GATE) -> None:
                 param.fill_(value)
 
 
-# The text model's attention and MLP projections (not the U-Net branch's k/v, which train fully).
-LORA_TARGETS = r".*language_model.*\.(self_attn|cross_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_TARGETS = LORA_TARGET_MODULES  # the name bench/scale_11b.py imports
 
 
 def with_lora(model, model_args: ModelArguments):
     """LoRA on the text model's attention and MLP projections; every MDF module trains fully and is saved."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    if hasattr(model, "mdf_lora_config"):
-        config = model.mdf_lora_config(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha)
-    else:
-        config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=0.05,
-                            target_modules=LORA_TARGETS, modules_to_save=["unet", "unet_projector", "unet_attn"])
-    return get_peft_model(model, config)
+    return get_peft_model(model, model.mdf_lora_config(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -469,7 +463,7 @@ class ProcessedSplit(torch.utils.data.Dataset):
                       split.select_columns([c for c in ("case_id", "file_name") if c in split.column_names])]
         self.has_masks = len(split) > 0 and all(mask is not None for mask in split["vessel_mask"])
         self.items = []
-        for example in split:
+        for example in tqdm(split, desc=f"preprocessing the {split.split or ''} split", leave=False):
             inputs = processor(
                 images=[example["image"]],
                 clinical_text=[None if no_text else example["text"]],
@@ -859,7 +853,8 @@ def run(model_args, data_args, job_args, training_args) -> None:
 
         upload_folder(repo_id=training_args.hub_model_id, folder_path=str(export_dir), repo_type="model")
     removed = [folder for _, trainer, _ in arms for folder in remove_checkpoints(trainer.args.output_dir)]
-    print(f"checkpoints: {len(removed)} removed once training finished; none kept" if removed else "")
+    if removed:
+        print(f"checkpoints: {len(removed)} removed once training finished; none kept")
     print(hub_export.summary([r for _, _, r in arms], model_args, data_args, out, export_dir))
 
 
