@@ -230,10 +230,14 @@ def test_branch_attention_scales_the_logits_by_tau(layout, tau):
 # The tanh gate and the row mask
 
 
+MASKINGS = ["transformers", "reference"]  # of the stock update; the U-Net update is row-masked in both
+
+
+@pytest.mark.parametrize("masking", MASKINGS)
 @pytest.mark.parametrize("gate", [1.3, -0.6])
-def test_unet_update_is_tanh_gate_times_branch_and_zero_for_text_before_the_image(gate):
+def test_unet_update_is_tanh_gate_times_branch_and_zero_for_text_before_the_image(gate, masking):
     """At the fused layer, switching g_u from 0 to `gate` adds exactly rowmask * tanh(g_u) * a_u to h."""
-    model = open_model()
+    model = open_model(pre_image_text_masking=masking)
     layer = model.model.language_model.layers[FUSED]
     inputs = make_inputs(model.config, image_at=4)
     rowmask = sees_an_image(inputs)
@@ -253,9 +257,10 @@ def test_unet_update_is_tanh_gate_times_branch_and_zero_for_text_before_the_imag
     assert torch.equal(opened[:, :4], closed[:, :4])  # text before the image: no U-Net update at all
 
 
-def test_text_before_the_image_is_unchanged_by_the_unet_input():
+@pytest.mark.parametrize("masking", MASKINGS)
+def test_text_before_the_image_is_unchanged_by_the_unet_input(masking):
     """Whole-model view of the row mask: the U-Net's input reaches only tokens that see the image."""
-    model = open_model()
+    model = open_model(pre_image_text_masking=masking)
     inputs = make_inputs(model.config, image_at=4)
     reference = forward(model, inputs)
     changed = forward(model, {**inputs, "unet_pixel_values": torch.randn_like(inputs["unet_pixel_values"])})

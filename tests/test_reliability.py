@@ -643,9 +643,10 @@ def test_exported_folder_loads_offline_with_no_network(model_folder, tmp_path):
 # Exactness: bf16 against fp32, and one seed twice
 
 
-TINY_RUN = ["--model_size", "tiny", "--num_images", "40", "--image_size", "64", "--per_device_train_batch_size", "8",
-            "--n_bootstrap", "50", "--num_train_epochs", "1", "--baseline", "False", "--eval_strategy", "no",
-            "--save_strategy", "no", "--report_to", "none", "--seed", "7", "--logging_steps", "1"]
+TINY_RUN = ["--from_scratch", "--no_baseline", "--model_size", "tiny", "--num_images", "40", "--image_size", "64",
+            "--per_device_train_batch_size", "8", "--n_bootstrap", "50", "--num_train_epochs", "1",
+            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--seed", "7",
+            "--logging_steps", "1", "--disable_tqdm", "True"]
 
 
 @pytest.fixture(scope="module")
