@@ -124,7 +124,7 @@ class JobArguments:
     base_cache_dir: str | None = field(default=None, metadata={"help": "Where the main job caches its base "
                                        "(default $MDF_MLLM_BASE_CACHE or ~/.cache/mdf_mllm)"})
     no_stage1: bool = field(default=False, metadata={"help": "Skip the U-Net warm-up on vessel masks"})
-    stage1_epochs: float = field(default=3.0, metadata={"help": "Epochs of the U-Net warm-up (stage 1)"})
+    stage1_epochs: float = field(default=1.0, metadata={"help": "Epochs of the U-Net warm-up (stage 1)"})
     stage1_learning_rate: float = field(default=3e-3, metadata={"help": "Learning rate of stage 1"})
     baseline: bool = field(default=True, metadata={"help": "Also train the baseline (plain Mllama, same base)"})
     ablation: bool = field(default=False, metadata={"help": "Run the ablation table instead of the main job"})
@@ -141,7 +141,7 @@ class MdfTrainingArguments(TrainingArguments):
     """TrainingArguments with the main job's defaults (each shown in --help)."""
 
     output_dir: str = field(default="outputs/run", metadata={"help": "Everything the run writes goes here"})
-    num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs of each stage-2 arm (main job default)"})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of each stage-2 arm (main job default)"})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size (main job default)"})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Validation batch size"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Base learning rate (main job default)"})
