@@ -573,16 +573,16 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load an MDF-MLLM checkpoint, or a plain Mllama one with `unet_config=...`, `fusion_layers=...`: every base
-        weight must load and every weight have its shape (else `ValueError` naming them, unless
+        weight must load with its shape (else a `ValueError` naming the weights, even with
         `ignore_mismatched_sizes=True`); the MDF modules a Mllama checkpoint lacks are initialised and logged."""
         output_loading_info = kwargs.pop("output_loading_info", False)
-        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        kwargs.pop("ignore_mismatched_sizes", None)
         # Mismatches are let through transformers (whose error points to a report in the log) to be named here.
         model, loading_info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
         base_missing = sorted(key for key in loading_info["missing_keys"] if not is_mdf_parameter(key))
-        wrong_shape = [] if ignore_mismatched_sizes else sorted(map(str, loading_info["mismatched_keys"]))
+        wrong_shape = sorted(map(str, loading_info["mismatched_keys"]))
         if base_missing or wrong_shape:
             raise ValueError(
                 f"base weights did not load from {args[0] if args else kwargs.get('pretrained_model_name_or_path')}: "

@@ -380,3 +380,55 @@ def test_transformers_version_check_is_silent_in_range_warns_above_and_refuses_k
     for version in (below, "4.57.1"):
         with pytest.raises(ImportError, match=rf"needs transformers>={MINIMUM_TRANSFORMERS} .*{version} is installed"):
             check_transformers_version(version)
+
+
+def test_no_split_modules_name_exactly_the_layer_classes_the_model_holds():
+    _, mdf = stock_and_mdf("b", fusion_layers={1: 1})
+    held = {type(module).__name__ for module in mdf.modules()}
+    assert set(mdf._no_split_modules) <= held
+    layers = {name for name in held if name.endswith(("DecoderLayer", "EncoderLayer"))}
+    assert set(mdf._no_split_modules) == layers
+
+
+def test_each_text_token_reads_the_unet_tokens_of_the_images_it_sees():
+    _, mdf = stock_and_mdf("b")
+    move_off_init(mdf)
+    inputs = two_images(make_inputs(mdf.config, image_at=3))  # tokens 3..5 see image 1, tokens 6..8 both
+    reference = logits(mdf, inputs)
+    for image, sees_it in ((1, slice(6, None)), (0, slice(3, None))):
+        views = inputs["unet_pixel_values"].clone()
+        views[:, image] = torch.randn_like(views[:, image])
+        changed = logits(mdf, {**inputs, "unet_pixel_values": views})
+        torch.testing.assert_close(changed[:, : sees_it.start], reference[:, : sees_it.start], atol=0, rtol=0)
+        assert (changed[:, sees_it] - reference[:, sees_it]).abs().amax(-1).min() > 1e-4, image  # every such token
+
+
+def test_a_padded_second_image_changes_nothing():
+    # Reference masking: in stock transformers' masking the text before the image attends uniformly to every vision
+    # token, padding included, so a padded image changes the logits of the base model too.
+    _, mdf = stock_and_mdf("a", pre_image_text_masking="reference")
+    move_off_init(mdf)
+    inputs = make_inputs(mdf.config)
+    padded = two_images(inputs)
+    padded["cross_attention_mask"][:, :, 1] = 0
+    padded["aspect_ratio_ids"][:, 1] = 0
+    padded["aspect_ratio_mask"][:, 1] = 0
+    padded["unet_pixel_values"][:, 1] = 0
+    torch.testing.assert_close(logits(mdf, padded), logits(mdf, inputs), atol=1e-5, rtol=0)
+
+
+def test_segmentation_loss_covers_one_mask_per_unet_view():
+    _, mdf = stock_and_mdf("a")
+    one_image = make_inputs(mdf.config)
+    inputs = two_images(one_image)
+    size = mdf.config.unet_config["image_size"]
+    vessel_mask = (torch.rand(2, 2, 1, size, size) > 0.8).float()
+    with torch.no_grad():
+        output = mdf(**inputs, vessel_mask=vessel_mask)
+        one_view = mdf(**{**one_image, "unet_pixel_values": inputs["unet_pixel_values"][:, 1]}, vessel_mask=vessel_mask[:, 1])
+    assert output.vessel_logits.shape == (2, 2, 1, size, size)
+    torch.testing.assert_close(output.vessel_logits[:, 1], one_view.vessel_logits, atol=1e-6, rtol=0)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(output.vessel_logits, vessel_mask)
+    torch.testing.assert_close(output.loss, mdf.config.seg_loss_weight * bce)
+    with pytest.raises(ValueError, match=r"vessel_mask: expected shape \(2, 2, 1, 32, 32\)"):
+        mdf(**inputs, vessel_mask=vessel_mask[:, 0])
