@@ -13,6 +13,8 @@ runs (the per-run bootstrap over test photos, in each run's report, does not).
 import json
 import math
 import re
+import shlex
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -68,10 +70,10 @@ def without_film(unet_path: str) -> str:
     return str(path)
 
 
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of the mean over seeds; (nan, nan) for a single value."""
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of the mean over seeds; None for a single value."""
     if len(values) < 2:
-        return math.nan, math.nan
+        return None
     half = stats.t.ppf((1 + level) / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
     return float(np.mean(values) - half), float(np.mean(values) + half)
 
@@ -94,7 +96,7 @@ def markdown(summary: dict[str, dict], wall_seconds: float, command: str) -> str
     lines = ["| row | seeds | accuracy | 95% CI | macro F1 | 95% CI | type accuracy | type macro F1 | train s |",
              "|---|---:|---|---|---|---|---|---|---:|"]
     cell = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
-    ci = lambda s: f"{s['ci95'][0]:.3f}–{s['ci95'][1]:.3f}"  # noqa: E731
+    ci = lambda s: f"{s['ci95'][0]:.3f}–{s['ci95'][1]:.3f}" if s["ci95"] else "–"  # noqa: E731
     for name, s in summary.items():
         lines.append(f"| {name} | {s['seeds']} | {cell(s['accuracy'])} | {ci(s['accuracy'])} | {cell(s['macro_f1'])} | "
                      f"{ci(s['macro_f1'])} | {cell(s['type_accuracy'])} | {cell(s['type_macro_f1'])} | "
@@ -105,36 +107,43 @@ def markdown(summary: dict[str, dict], wall_seconds: float, command: str) -> str
 
 
 def run_ablation(model_args, data_args, job_args, training_args, dataset, processor, collator, rows=ROWS,
-                 epochs: float = ABLATION_EPOCHS, command: str = "python train_hf.py --ablation") -> list[dict]:
+                 epochs: float = ABLATION_EPOCHS, command: str | None = None) -> list[dict]:
     """Train and test every row `job_args.seeds` times from `model_args.base_model`; write ablation.json (every run,
-    the summary), ablation.md and ablation.png into the output folder. Returns one dict per run."""
+    the summary), ablation.md and ablation.png into the output folder after every run. Returns one dict per run.
+    `command` (default: this process's command line) is quoted in the table."""
     start, out = time.perf_counter(), Path(training_args.output_dir)
+    command = command or f"python {shlex.join(sys.argv)}"
     splits = {no_text: train_hf.process_splits(dataset, processor, no_text=no_text)
               for no_text in {row.no_text for row in rows}}
     unet_path, _ = train_hf.stage1(model_args, splits[False], collator, processor, job_args, training_args)
+    no_film_path = without_film(unet_path) if any(row.no_film for row in rows) else None
     results = []
-    for row in rows:
-        unet = None if row.baseline or not row.stage1 else without_film(unet_path) if row.no_film else unet_path
-        for seed in range(job_args.seeds):
+    # Seed-major: a run stopped early still has every row for its first seeds.
+    for seed in range(job_args.seeds):
+        for row in rows:
+            unet = None if row.baseline or not row.stage1 else no_film_path if row.no_film else unet_path
             # No checkpoints, no validation passes: each run is short and only its test result is kept.
             args = replace(training_args, seed=seed, num_train_epochs=epochs, resume_from_checkpoint=None,
                            save_strategy="no", eval_strategy="no",
                            output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}")))
-            _, _, report = train_hf.run_one(row.name, row_model_args(model_args, row), splits[row.no_text],
-                                                  collator, processor, args, job_args, unet_weights=unet)
+            _, _, report = train_hf.run_one(row.name, row_model_args(model_args, row), splits[row.no_text], collator,
+                                            processor, args, job_args, unet_weights=unet)
             if report is None:  # not the main process
                 continue
             gates = report["gate_history"][-1]["gates"] if report["gate_history"] else {}
             results.append({"name": row.name, "seed": seed, **{m: report["disease"][m] for m in METRICS[:2]},
                             "type_accuracy": report["type"]["accuracy"], "type_macro_f1": report["type"]["macro_f1"],
                             "train_seconds": report["train_seconds"], "gates": gates})
-            (out / "ablation.json").write_text(json.dumps({"runs": results}, indent=1))
-    if not results:
-        return results
-    summary, wall = summarize(results), time.perf_counter() - start
-    (out / "ablation.json").write_text(json.dumps({"runs": results, "summary": summary, "wall_seconds": wall,
-                                                   "epochs": epochs, "command": command}, indent=1))
-    (out / "ablation.md").write_text(markdown(summary, wall, command))
-    reporting.plot_ablation([{k: r[k] for k in ("name", "seed", *METRICS)} for r in results], out / "ablation.png")
-    print(markdown(summary, wall, command))
+            write(out, results, time.perf_counter() - start, epochs, command)
+    if results:
+        print((out / "ablation.md").read_text())
     return results
+
+
+def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, command: str) -> None:
+    """ablation.json (every run, the summary), ablation.md and ablation.png of the runs so far."""
+    summary = summarize(results)
+    (out / "ablation.json").write_text(json.dumps({"runs": results, "summary": summary, "wall_seconds": wall_seconds,
+                                                   "epochs": epochs, "command": command}, indent=1))
+    (out / "ablation.md").write_text(markdown(summary, wall_seconds, command))
+    reporting.plot_ablation([{k: r[k] for k in ("name", "seed", *METRICS)} for r in results], out / "ablation.png")
