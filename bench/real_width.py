@@ -1,8 +1,12 @@
 """Real widths on this CPU: a slice of the 11B layout (every width real, few layers) in bf16, MDF-MLLM and Mllama
 side by side, then the same slice loaded in 4-bit (QLoRA) against bf16, and the 40-layer memory extrapolated from it.
 
-    python bench/real_width.py               # prints a Markdown section for bench/REPORT.md (about 30-60 min, 10 GB)
+    python bench/real_width.py               # prints a Markdown section for bench/REPORT.md (10 GB of memory)
     python bench/real_width.py --repeats 3   # interleaved repetitions, medians (the default: 1)
+
+Time: on a CPU without bf16 instructions (AVX2 only, as this repository's 2-core machine) PyTorch's bf16 conv2d takes
+a slow path, 68x fp32 for one 3x3 conv of 32 channels at 512 px, so each MDF-MLLM call spends ~8 minutes in the U-Net
+and the whole run takes hours; the Mllama calls and the vision tower are matmuls (bf16 ~4x slower than fp32 there).
 
 The slice: text width 4096, 32 heads over 8 KV heads, vocab 128,256, two self-attention and two cross-attention
 layers (both fused); vision width 1280 at 560 px with 4 tiles, one local and one global layer, projector 7680 -> 4096;
