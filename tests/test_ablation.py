@@ -122,6 +122,29 @@ def test_t_interval_of_three_seeds():
     assert ablation.t_interval([0.5]) is None
 
 
+def test_summary_and_table_of_three_seeds():
+    def run(name, seed, accuracy):
+        return {"name": name, "seed": seed, "accuracy": accuracy, "macro_f1": accuracy / 2, "type_accuracy": 0.75,
+                "type_macro_f1": 0.125, "train_seconds": 10.0 + seed, "gates": {}}
+
+    runs = [run(name, seed, a) for seed, (a, b) in enumerate([(0.5, 0.4), (0.7, 0.4), (0.6, 0.4)])
+            for name, a in (("MDF, all depths", a), ("Mllama baseline", b))]
+    summary = ablation.summarize(runs)
+    assert list(summary) == ["MDF, all depths", "Mllama baseline"]  # first-seen order
+    half = T_975[2] * 0.1 / math.sqrt(3)
+    mdf = summary["MDF, all depths"]
+    assert mdf["seeds"] == 3 and mdf["train_seconds"]["mean"] == pytest.approx(11.0)
+    assert (mdf["accuracy"]["mean"], mdf["accuracy"]["std"]) == pytest.approx((0.6, 0.1), abs=1e-12)
+    assert mdf["accuracy"]["ci95"] == pytest.approx((0.6 - half, 0.6 + half), abs=1e-9)
+    assert mdf["macro_f1"]["std"] == pytest.approx(0.05, abs=1e-12)
+    baseline = summary["Mllama baseline"]["accuracy"]
+    assert (baseline["mean"], baseline["std"], *baseline["ci95"]) == pytest.approx((0.4, 0.0, 0.4, 0.4))
+    lines = ablation.markdown(summary, 90.0, "python train_hf.py --ablation").splitlines()
+    assert lines[2] == (f"| MDF, all depths | 3 | 0.600 ± 0.100 | {0.6 - half:.3f}–{0.6 + half:.3f} | 0.300 ± 0.050 | "
+                        f"{0.3 - half / 2:.3f}–{0.3 + half / 2:.3f} | 0.750 ± 0.000 | 0.125 ± 0.000 | 11 |")
+    assert lines[-1] == "Command: `python train_hf.py --ablation`; wall time 1.5 min."
+
+
 def test_a_row_with_one_seed_so_far_has_no_interval():
     run = {"name": "MDF, all depths", "seed": 0, "accuracy": 0.5, "macro_f1": 0.25, "type_accuracy": 0.75,
            "type_macro_f1": 0.125, "train_seconds": 10.0}
