@@ -10,6 +10,7 @@ import datetime
 import importlib.util
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,16 @@ def load(path: Path):
     return module
 
 
+def kept_sections(report: Path, ran: list[Path]) -> list[str]:
+    """The old report's sections that this run did not rewrite (scripts left out of the selection, and
+    bench/real_width.py, which runs on its own for hours on a CPU): they stay rather than vanish."""
+    if not report.exists():
+        return []
+    ran_names = {path.name for path in ran}
+    sections = re.split(r"\n(?=## )", report.read_text().strip())[1:]
+    return [s for s in sections if (m := re.search(r"_([\w.]+\.py): \d+ s_$", s)) is None or m[1] not in ran_names]
+
+
 def main(selected: list[str]) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     paths = [BENCH / "scale_11b.py"] + sorted(
@@ -44,7 +55,7 @@ def main(selected: list[str]) -> None:
         f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         "Times are medians of repeated runs; ratios are measured side by side in the same run."
     )
-    report = "\n\n".join([header, *sections]) + "\n"
+    report = "\n\n".join([header, *sections, *kept_sections(BENCH / "REPORT.md", paths)]) + "\n"
     (BENCH / "REPORT.md").write_text(report)
     print(report)
 
