@@ -589,9 +589,13 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
                 f"missing {base_missing}, wrong shape {wrong_shape}"
             )
         if loading_info["missing_keys"]:
+            # One line per module, not per tensor: a Mllama checkpoint lacks every MDF tensor (over a hundred).
+            missing = loading_info["missing_keys"]
+            modules = {key.split(".unet")[0] + ".unet" + key.split(".unet")[1].split(".")[0] for key in missing}
             logger.warning(
-                "Initialised the MDF-MLLM modules the checkpoint does not hold: %s",
-                ", ".join(sorted(loading_info["missing_keys"])),
+                "Initialised %d MDF-MLLM tensors the checkpoint does not hold, in %s",
+                len(missing),
+                ", ".join(sorted(modules)),
             )
         return (model, loading_info) if output_loading_info else model
 

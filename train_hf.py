@@ -723,7 +723,8 @@ def warm_up_unet(model, split, collator, job_args, training_args, path: Path) ->
     steps = max(1, math.ceil(job_args.stage1_epochs * len(loader)))
     bar, losses = tqdm(total=steps, desc="stage 1: U-Net vessel warm-up", disable=training_args.disable_tqdm), []
     model.train()
-    while bar.n < steps:
+    step = 0  # counted here: a disabled tqdm bar (disable_tqdm) does not count
+    while step < steps:
         epoch = []
         for batch in loader:
             loss = vessel_loss(model, batch)
@@ -731,9 +732,10 @@ def warm_up_unet(model, split, collator, job_args, training_args, path: Path) ->
             optimizer.step()
             optimizer.zero_grad()
             epoch.append(loss.item())
+            step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if bar.n == steps:
+            if step == steps:
                 break
         losses.append(float(np.mean(epoch)))
     bar.close()

@@ -3,6 +3,7 @@ the real-base path. Resume after a kill and FSDP sharding: tests/test_distribute
 
 import json
 import os
+import re
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -74,6 +75,22 @@ def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(m
     assert baseline["gate_history"] == []
     table = (main_job["out"] / "comparison.md").read_text()
     assert "| MDF-MLLM |" in table and "| Mllama baseline |" in table
+
+
+README_TABLE = "<!-- outputs/run/comparison.md of the default run -->"
+
+
+def test_readme_quotes_the_default_runs_comparison_in_the_format_the_job_writes(main_job):
+    """The README's results table is the default run's comparison.md, pasted: same columns, same row layout, both
+    arms, as the job writes it today (a changed table format or a hand-edited README fails here)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = readme.split(README_TABLE)[1].split("<!-- end -->")[0].strip().splitlines()
+    written = (main_job["out"] / "comparison.md").read_text().strip().splitlines()
+    assert quoted[:2] == written[:2]
+    row = re.compile(r"\| (MDF-MLLM|Mllama baseline) \| [\d,]+ \| (0|1)\.\d{3} \((0|1)\.\d{3}-(0|1)\.\d{3}\) \| "
+                     r"(0|1)\.\d{3} \((0|1)\.\d{3}-(0|1)\.\d{3}\) \| (0|1)\.\d{3} \| (0|1)\.\d{3} \| [\d.]+ \|$")
+    assert [row.match(line)[1] for line in written[2:]] == [row.match(line)[1] for line in quoted[2:]] == [
+        "MDF-MLLM", "Mllama baseline"]
 
 
 def test_both_arms_start_from_bit_identical_base_weights(main_job):
