@@ -116,8 +116,9 @@ KILL = textwrap.dedent(
 def killed_run(out: Path, at_step: int, when: str) -> None:
     script = out.parent / "kill.py"
     script.write_text(KILL)
+    # The killed run's steps must be computed as the in-process runs compute theirs: same thread count, same sums.
     env = {**os.environ, "KILL_AT_STEP": str(at_step), "KILL_WHEN": when, "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run([sys.executable, str(script), *JOB, "--output_dir", str(out)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
