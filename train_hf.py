@@ -56,7 +56,7 @@ from transformers.utils import logging as transformers_logging
 import hub_export
 import reporting
 from configuration_mdf_mllm import DEFAULT_LABELS, UNET_DEPTHS, MdfMllmConfig
-from modeling_mdf_mllm import LORA_TARGET_MODULES, MdfMllmForConditionalGeneration, is_mdf_parameter
+from modeling_mdf_mllm import MdfMllmForConditionalGeneration, is_mdf_parameter
 from processing_mdf_mllm import (
     MdfMllmDataCollator,
     MdfMllmImageProcessor,
@@ -421,9 +421,6 @@ def open_gates(model, value: float = FROM_SCRATCH_GATE) -> None:
         for name, param in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", "unet_attn.gate")):
                 param.fill_(value)
-
-
-LORA_TARGETS = LORA_TARGET_MODULES  # the name bench/scale_11b.py imports
 
 
 def with_lora(model, model_args: ModelArguments):

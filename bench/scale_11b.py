@@ -14,9 +14,9 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configuration_mdf_mllm import MdfMllmConfig  # noqa: E402
-from modeling_mdf_mllm import MdfMllmForConditionalGeneration  # noqa: E402
+from modeling_mdf_mllm import LORA_TARGET_MODULES, MdfMllmForConditionalGeneration  # noqa: E402
 from reporting import memory_table_11b  # noqa: E402
-from train_hf import LORA_TARGETS, ModelArguments  # noqa: E402
+from train_hf import ModelArguments  # noqa: E402
 
 
 LORA_RANK = ModelArguments.lora_rank
@@ -55,7 +55,7 @@ def forward_inputs(config, unet: bool) -> dict:
 
 def lora_parameters(model, rank: int = LORA_RANK) -> int:
     """Parameters of train_hf.py's LoRA adapters: r * (in + out) per targeted projection."""
-    pattern = re.compile(LORA_TARGETS)
+    pattern = re.compile(LORA_TARGET_MODULES)
     return sum(
         rank * (module.in_features + module.out_features)
         for name, module in model.named_modules()
