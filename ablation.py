@@ -25,6 +25,7 @@ from scipy import stats
 
 import reporting
 import train_hf
+import training
 
 # Stage-2 epochs of every ablation run: 8 rows x 3 seeds fit in 45 minutes on two quiet CPU cores.
 ABLATION_EPOCHS = 2.0
@@ -113,7 +114,7 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
     `command` (default: this process's command line) is quoted in the table."""
     start, out = time.perf_counter(), Path(training_args.output_dir)
     command = command or f"python {shlex.join(sys.argv)}"
-    splits = {no_text: train_hf.process_splits(dataset, processor, no_text=no_text)
+    splits = {no_text: training.process_splits(dataset, processor, no_text=no_text)
               for no_text in {row.no_text for row in rows}}
     unet_path, _ = train_hf.stage1(model_args, splits[False], collator, processor, job_args, training_args)
     no_film_path = without_film(unet_path) if any(row.no_film for row in rows) else None

@@ -10,7 +10,9 @@ import pytest
 from safetensors.torch import load_file
 
 import ablation
+import model_setup
 import train_hf
+import training
 from processing_mdf_mllm import MdfMllmDataCollator
 
 SEEDS = 2
@@ -33,10 +35,10 @@ def ablation_run(tmp_path_factory):
     """The whole ablation on a tiny base (1 epoch per run), every run_one call recorded with what it was given."""
     out = tmp_path_factory.mktemp("ablation")
     model_args, data_args, job_args, training_args = train_hf.parse_arguments([*TINY_ABLATION, "--output_dir", str(out)])
-    dataset = train_hf.load_data(data_args)
+    dataset = training.load_data(data_args)
     base = train_hf.make_base(model_args, data_args, job_args, training_args, out / "base", dataset)
     model_args = replace(model_args, base_model=str(base))
-    processor = train_hf.base_processor(model_args)
+    processor = model_setup.base_processor(model_args)
     calls, real_run_one = [], train_hf.run_one
 
     def recording_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs):
@@ -88,8 +90,8 @@ def test_mdf_rows_start_from_the_stage1_unet_except_no_stage1(ablation_run):
 
 
 def test_only_the_no_text_row_drops_the_clinical_text(ablation_run):
-    without = train_hf.process_splits(ablation_run["dataset"], ablation_run["processor"], no_text=True)["train"]
-    with_text = train_hf.process_splits(ablation_run["dataset"], ablation_run["processor"], no_text=False)["train"]
+    without = training.process_splits(ablation_run["dataset"], ablation_run["processor"], no_text=True)["train"]
+    with_text = training.process_splits(ablation_run["dataset"], ablation_run["processor"], no_text=False)["train"]
     ids = lambda split: [item["input_ids"].tolist() for item in split.items]  # noqa: E731
     assert ids(without) != ids(with_text)  # the tiny set has photos with clinical text
     for call in ablation_run["calls"]:

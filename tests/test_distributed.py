@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import train_hf
+import training
 from conftest import ROOT, launch_two_cpu_processes
 
 
@@ -64,7 +65,7 @@ def run_main(monkeypatch, out: Path, *extra: str) -> Recorder:
         return original(*bound.args, **bound.kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_hf, "train", train)
+        patch.setattr(train_hf, "train", train)  # the name run_one calls (imported from training)
         train_hf.main([*JOB, "--output_dir", str(out), *extra])
     return recorder
 
@@ -155,7 +156,7 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(kill_at, when, unint
     killed_run(out, kill_at, when)
     checkpoint = out / f"checkpoint-{SAVE_EVERY}"  # the last complete one in both cases
     if when == "mid_save":
-        assert (out / f"checkpoint-{kill_at}").is_dir() and not train_hf.is_complete_checkpoint(out / f"checkpoint-{kill_at}")
+        assert (out / f"checkpoint-{kill_at}").is_dir() and not training.is_complete_checkpoint(out / f"checkpoint-{kill_at}")
     optimizer, scheduler = states_saved_in(checkpoint)
     assert optimizer["state"] and scheduler["last_epoch"] == SAVE_EVERY  # AdamW moments after 3 steps
 

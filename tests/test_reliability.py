@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageFile
 
 import train_hf
+import training
 from conftest import ROOT
 from dataset_builder import build, read_stonerounds, render_fundus
 from mdf_mllm_cli import main as cli_main, shown
@@ -685,10 +686,10 @@ def test_bf16_autocast_classify_matches_fp32(trained_twice):
     model = MdfMllmForConditionalGeneration.from_pretrained(folder).eval()
     processor = MdfMllmProcessor.from_pretrained(folder)
     _, data_args, _, _ = train_hf.parse_arguments(TINY_RUN + ["--output_dir", "unused"])
-    test_split = train_hf.ProcessedSplit(train_hf.load_data(data_args)["test"], processor, with_answers=False)
+    test_split = training.ProcessedSplit(training.load_data(data_args)["test"], processor, with_answers=False)
     collator = MdfMllmDataCollator(processor)
-    fp32 = train_hf.predict(model, test_split, collator, batch_size=32)
-    bf16 = train_hf.predict(model, test_split, collator, batch_size=32, bf16=True)
+    fp32 = training.predict(model, test_split, collator, batch_size=32)
+    bf16 = training.predict(model, test_split, collator, batch_size=32, bf16=True)
     reported = np.array(json.loads((folder / "results.json").read_text())["probabilities"])
     np.testing.assert_allclose(fp32, reported, atol=1e-6)  # the export reproduces its own report
     assert np.abs(bf16 - fp32).max() <= BF16_PROBABILITY_TOLERANCE

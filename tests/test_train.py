@@ -11,11 +11,16 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoProcessor, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor, TrainerCallback
+from transformers import (AutoProcessor, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor,
+                          TrainerCallback, set_seed)
 
 import hub_export
+import model_setup
 import train_hf
+import training
 from conftest import tiny_mllama_config
+from modeling_mdf_mllm import is_mdf_parameter
+from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
 
 TINY_JOB = [
@@ -42,7 +47,7 @@ def main_job(tmp_path_factory):
         return original_train(model, *args, label=label, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_hf, "train", recording_train)
+        patch.setattr(train_hf, "train", recording_train)  # the name make_base and run_one call
         patch.chdir(cwd)
         train_hf.main([*TINY_JOB, *TINY_STAGES, "--output_dir", str(out), "--base_cache_dir", str(cache)])
     (base,) = cache.glob("base-*")
@@ -53,10 +58,10 @@ def main_job(tmp_path_factory):
 def tiny_data():
     """The 40-photo set through the MDF processor of the tiny layout (a base's processor has the same settings)."""
     model_args = train_hf.ModelArguments(model_size="tiny")
-    processor = train_hf.mdf_processor(train_hf.stock_processor("tiny"), 32)
+    processor = model_setup.mdf_processor(model_setup.stock_processor("tiny"), 32)
     data_args = train_hf.parse_arguments(TINY_JOB)[1]
-    dataset = train_hf.load_data(data_args)
-    return model_args, processor, dataset, train_hf.process_splits(dataset, processor, no_text=False)
+    dataset = training.load_data(data_args)
+    return model_args, processor, dataset, training.process_splits(dataset, processor, no_text=False)
 
 
 def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(main_job):
@@ -98,7 +103,7 @@ def test_both_arms_start_from_bit_identical_base_weights(main_job):
     mdf, baseline = main_job["starts"]["stage 2: MDF-MLLM"], main_job["starts"]["stage 2: Mllama baseline"]
     assert baseline.keys() == base.keys() and baseline.keys() < mdf.keys()
     assert all(torch.equal(base[k], baseline[k]) and torch.equal(base[k], mdf[k]) for k in base)
-    assert all(train_hf.is_mdf_parameter(k) for k in mdf.keys() - base.keys())
+    assert all(is_mdf_parameter(k) for k in mdf.keys() - base.keys())
 
 
 def test_stage_1_lowers_the_vessel_loss_and_stage_2_starts_from_its_u_net(main_job, tiny_data):
@@ -106,13 +111,13 @@ def test_stage_1_lowers_the_vessel_loss_and_stage_2_starts_from_its_u_net(main_j
     warmed = load_file(main_job["out"] / "stage1" / "unet.safetensors")
     start = main_job["starts"]["stage 2: MDF-MLLM"]
     assert all(torch.equal(start[f"model.unet.{k}"], v) for k, v in warmed.items())
-    train_hf.set_seed(42)  # the seed stage 1 builds its model with
-    model = train_hf.build_model(replace(model_args, base_model=str(main_job["base"])), processor)
-    batch = train_hf.MdfMllmDataCollator(processor)([splits["train"][i] for i in range(len(splits["train"]))])
+    set_seed(42)  # the seed stage 1 builds its model with
+    model = model_setup.build_model(replace(model_args, base_model=str(main_job["base"])), processor)
+    batch = MdfMllmDataCollator(processor)([splits["train"][i] for i in range(len(splits["train"]))])
     with torch.no_grad():
-        before = train_hf.vessel_loss(model, batch).item()
+        before = training.vessel_loss(model, batch).item()
         model.model.unet.load_state_dict(warmed)
-        after = train_hf.vessel_loss(model, batch).item()
+        after = training.vessel_loss(model, batch).item()
     assert after < before - 0.05
 
 
@@ -203,18 +208,18 @@ def test_make_base_writes_a_stock_mllama_that_plain_transformers_loads(made_base
     assert model.config.text_config.cross_attention_layers == [1, 3]
     processor = AutoProcessor.from_pretrained(made_base / "base")
     assert type(processor) is MllamaProcessor
-    assert processor.chat_template == train_hf.BASE_CHAT_TEMPLATE
+    assert processor.chat_template == model_setup.BASE_CHAT_TEMPLATE
     # A pretrained base's cross-attention gates are open (ours were started at FROM_SCRATCH_GATE and trained).
     gates = [p.item() for n, p in model.named_parameters() if n.endswith("cross_attn_attn_gate")]
-    assert all(abs(gate - train_hf.FROM_SCRATCH_GATE) < 0.1 for gate in gates)
+    assert all(abs(gate - model_setup.FROM_SCRATCH_GATE) < 0.1 for gate in gates)
 
 
 def test_mdf_from_the_base_computes_the_base_at_step_0_for_a_prompt_in_the_base_template(made_base, tiny_data):
     _, _, dataset, _ = tiny_data
     model_args = train_hf.ModelArguments(base_model=str(made_base / "base"), model_size="tiny")
-    processor = train_hf.base_processor(model_args)
+    processor = model_setup.base_processor(model_args)
     stock = AutoProcessor.from_pretrained(made_base / "base")
-    assert processor.chat_template == stock.chat_template != train_hf.build_default_processor().chat_template
+    assert processor.chat_template == stock.chat_template != build_default_processor().chat_template
     example = next(example for example in dataset["test"] if example["text"])
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": processor.instruction + "\n"
                  + processor.clinical_text_template.format(clinical_text=example["text"])}]}]
@@ -223,14 +228,14 @@ def test_mdf_from_the_base_computes_the_base_at_step_0_for_a_prompt_in_the_base_
     inputs = processor(images=[example["image"]], clinical_text=[example["text"]])
     stock_inputs = stock(images=[example["image"]], text=[prompt], add_special_tokens=False, return_tensors="pt")
     assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"])
-    mdf = train_hf.build_model(model_args, processor).eval()
+    mdf = model_setup.build_model(model_args, processor).eval()
     base = MllamaForConditionalGeneration.from_pretrained(made_base / "base").eval()
     base_inputs = {k: v for k, v in inputs.items() if k != "unet_pixel_values"}
     with torch.no_grad():
         expected, actual = base(**base_inputs).logits, mdf(**inputs).logits
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     with torch.no_grad():  # and the U-Net is really wired in: an open gate changes the logits
-        for branch in train_hf.unet_branches(mdf).values():
+        for branch in training.unet_branches(mdf).values():
             branch.gate.fill_(0.5)
         assert (mdf(**inputs).logits - expected).abs().max() > 1e-3
 
@@ -240,7 +245,7 @@ class GradientRecorder(TrainerCallback):
         self.gate_grads = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.gate_grads.append({k: b.gate.grad.item() for k, b in train_hf.unet_branches(model).items()})
+        self.gate_grads.append({k: b.gate.grad.item() for k, b in training.unet_branches(model).items()})
 
 
 @pytest.mark.parametrize("lora, rates", [(False, {"mdf": 1e-2, "gate": 5e-2}), (True, {"mdf": 1e-2})],
@@ -249,14 +254,14 @@ def test_gates_get_gradients_and_open_and_mdf_parameters_have_their_own_learning
                                                                                        lora, rates):
     model_args, processor, _, splits = tiny_data
     model_args = replace(model_args, base_model=str(made_base / "base"), lora=lora, lora_rank=4)
-    model = train_hf.build_model(model_args, processor)
+    model = model_setup.build_model(model_args, processor)
     args = train_hf.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
                                      "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
     recorder = GradientRecorder()
-    trainer = train_hf.train(model, splits, train_hf.MdfMllmDataCollator(processor), args, callbacks=[recorder],
+    trainer = training.train(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder],
                              learning_rates=rates)
     assert len(recorder.gate_grads) == 3 and all(grad != 0 for step in recorder.gate_grads for grad in step.values())
-    assert all(abs(gate) > 1e-3 for gate in train_hf.gate_values(model)["gates"].values())
+    assert all(abs(gate) > 1e-3 for gate in training.gate_values(model)["gates"].values())
     names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
     by_rate, decay = {}, {}
     for group in trainer.optimizer.param_groups:
@@ -326,7 +331,7 @@ def test_yaml_config_file_gives_the_same_arguments(tmp_path):
     path.write_text(yaml.safe_dump({"model_size": "tiny", "num_images": 40, "fusion_layers": "1:2,3:4", "seeds": 2}))
     model_args, data_args, job_args, training_args = train_hf.parse_arguments([str(path)])
     assert (model_args.model_size, data_args.num_images, job_args.seeds) == ("tiny", 40, 2)
-    assert train_hf.parse_fusion_layers(model_args.fusion_layers) == {1: 2, 3: 4}
+    assert model_setup.parse_fusion_layers(model_args.fusion_layers) == {1: 2, 3: 4}
     assert training_args.remove_unused_columns is False
 
 
@@ -335,9 +340,9 @@ def test_latest_checkpoint_skips_a_half_written_one(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
     for step in (3, 6):
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert train_hf.resolve_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-6")
+    assert training.resolve_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-6")
     with pytest.raises(ValueError, match="checkpoint-9 is not a complete checkpoint"):
-        train_hf.resolve_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
+        training.resolve_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
 
 
 def test_real_base_path_loads_every_weight_of_a_mllama_checkpoint(tmp_path):
@@ -355,14 +360,14 @@ def test_real_base_path_loads_every_weight_of_a_mllama_checkpoint(tmp_path):
     model_args = train_hf.ModelArguments(
         base_model=str(tmp_path / "base"), unet_image_size=32, fusion_grid=2, lora=True, lora_rank=4
     )
-    processor = train_hf.base_processor(model_args)
+    processor = model_setup.base_processor(model_args)
     assert processor.image_processor.size == {"height": 28, "width": 28}
     assert processor.image_processor.unet_image_size == 32
-    model = train_hf.build_model(model_args, processor)
+    model = model_setup.build_model(model_args, processor)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in name for name in trainable)
     assert any(".unet." in name for name in trainable) and any("unet_attn" in name for name in trainable)
     assert not any("vision_model" in name for name in trainable)
-    merged = train_hf.unwrap(model)
+    merged = model_setup.unwrap(model)
     base_weights = base.state_dict()
     assert all(torch.equal(base_weights[key], merged.state_dict()[key]) for key in base_weights)

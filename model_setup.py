@@ -1,0 +1,234 @@
+"""The models and processors of the main job (train_hf.py): the small and tiny layouts made here, the stock base's
+processor, the MDF processor on a base's settings, and building MDF-MLLM from a base checkpoint or from scratch.
+
+`model_args` is train_hf.ModelArguments (not imported: train_hf imports this module)."""
+
+import torch
+from transformers import AutoProcessor, MllamaConfig, MllamaProcessor
+from transformers.utils import logging as transformers_logging
+
+from configuration_mdf_mllm import DEFAULT_LABELS, MdfMllmConfig
+from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+from processing_mdf_mllm import MdfMllmImageProcessor, MdfMllmProcessor, build_default_processor, build_tokenizer
+from processing_mdf_mllm import MllamaImageProcessor  # the backend AutoImageProcessor picks (PIL or torchvision)
+
+
+class UsageError(ValueError):
+    """A CLI mistake: reported as one line, exit status 2."""
+
+
+def parse_fusion_layers(spec: str | None) -> dict[int, int] | None:
+    """'3:1,8:1' -> {3: 1, 8: 1}; 'none' -> {} (plain Mllama); None -> the config's default spread."""
+    if spec is None:
+        return None
+    if spec.strip().lower() in {"none", "", "{}"}:
+        return {}
+    try:
+        return {int(layer): int(depth) for layer, depth in (pair.split(":") for pair in spec.split(","))}
+    except ValueError:
+        raise UsageError(f"--fusion_layers: expected 'layer:depth,...' such as '3:1,8:1', got {spec!r}") from None
+
+
+# Without a real base: the 11B layout's shape at a size two CPU cores train in minutes.
+MODEL_SIZES = {
+    "small": dict(
+        tile=112,
+        unet=dict(in_channels=3, base_channels=16, image_size=128, use_decoder=True),
+        grid=8,
+        projector_dim=64,
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1, attention_heads=2),
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, cross_attention_layers=[1, 3, 5, 7]),
+    ),
+    "tiny": dict(
+        tile=28,
+        unet=dict(in_channels=3, base_channels=4, image_size=32, use_decoder=True),
+        grid=2,
+        projector_dim=8,
+        vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, cross_attention_layers=[1, 3]),
+    ),
+}
+
+# Llama 3.2 Vision's chat template, abridged: a system turn only for prompts without an image (as Meta's does), so a
+# processor that ignored the base's template and used its own would lay text-only prompts out differently.
+BASE_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- set ns = namespace(has_images=false) %}"
+    "{%- for message in messages %}{%- if message['content'] is not string %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' %}{%- set ns.has_images = true %}{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if not ns.has_images and messages[0]['role'] != 'system' %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] | trim }}{%- else %}"
+    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] | trim }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def stock_processor(model_size: str) -> MllamaProcessor:
+    """The base's own processor: stock MllamaProcessor, the offline tokenizer, a Llama 3.2 Vision chat template."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = BASE_CHAT_TEMPLATE
+    tile = MODEL_SIZES[model_size]["tile"]
+    image_processor = MllamaImageProcessor(size={"height": tile, "width": tile}, max_image_tiles=1)
+    return MllamaProcessor(image_processor, tokenizer, chat_template=BASE_CHAT_TEMPLATE)
+
+
+def mdf_processor(base: MllamaProcessor, unet_image_size: int) -> MdfMllmProcessor:
+    """The MDF processor on a base's tokenizer, chat template and image settings, plus the U-Net view."""
+    settings = {k: v for k, v in base.image_processor.to_dict().items() if not k.startswith("_")}
+    settings.pop("image_processor_type", None)
+    image_processor = MdfMllmImageProcessor(**settings, unet_image_size=unet_image_size)
+    return MdfMllmProcessor(image_processor, base.tokenizer, chat_template=base.chat_template)
+
+
+def default_processor(model_args) -> MdfMllmProcessor:
+    size = MODEL_SIZES[model_args.model_size or "small"]
+    return build_default_processor(
+        image_size=size["tile"], unet_image_size=model_args.unet_image_size or size["unet"]["image_size"]
+    )
+
+
+def base_processor(model_args) -> MdfMllmProcessor:
+    """The base checkpoint's own processor (tokenizer, chat template, image settings), plus the U-Net view."""
+    unet_config = {**MdfMllmConfig().unet_config, **mdf_sizes(model_args).get("unet_config", {})}
+    return mdf_processor(AutoProcessor.from_pretrained(model_args.base_model), unet_config["image_size"])
+
+
+def mdf_sizes(model_args) -> dict:
+    """The MDF modules' sizes: MODEL_SIZES for our own layouts, the config's defaults for a real base."""
+    size = model_args.model_size or (None if model_args.base_model else "small")
+    sizes = {} if size is None else layout_sizes(size)
+    if model_args.unet_image_size:
+        sizes["unet_config"] = {**sizes.get("unet_config", {}), "image_size": model_args.unet_image_size}
+    if model_args.fusion_grid:
+        sizes["fusion_grid"] = model_args.fusion_grid
+    return sizes
+
+
+def layout_sizes(model_size: str) -> dict:
+    """The MDF modules' sizes in one of our own layouts."""
+    size = MODEL_SIZES[model_size]
+    return dict(unet_config=dict(size["unet"]), fusion_grid=size["grid"], projector_dim=size["projector_dim"],
+                film_hidden_dim=64)
+
+
+def small_mllama_config(tokenizer, model_size: str = "small") -> MllamaConfig:
+    """The small (or tiny) Mllama for `tokenizer`: `<|image|>` is its last id, as in Llama 3.2 Vision."""
+    size = MODEL_SIZES[model_size]
+    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    vision = dict(**size["vision"], image_size=size["tile"], patch_size=14, max_num_tiles=1,
+                  supported_aspect_ratios=[[1, 1]], intermediate_layers_indices=[0],
+                  vision_output_dim=2 * size["vision"]["hidden_size"])
+    text = dict(**size["text"], vocab_size=image_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"), pad_token_id=tokenizer.pad_token_id,
+                max_position_embeddings=2048)
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
+
+
+def small_default_config(tokenizer, model_size: str = "small", **mdf_kwargs) -> MdfMllmConfig:
+    """The small (or tiny) MDF-MLLM for `tokenizer`, built from scratch."""
+    kwargs = {**layout_sizes(model_size), **mdf_kwargs}
+    return MdfMllmConfig.from_mllama_config(small_mllama_config(tokenizer, model_size), **kwargs)
+
+
+def mdf_kwargs(model_args, processor: MdfMllmProcessor) -> dict:
+    kwargs = dict(use_film=not model_args.no_film, verbalizer_token_ids=processor.verbalizer_token_ids,
+                  id2label=dict(enumerate(processor.label_names)), verbalizers=processor.verbalizers,
+                  disease_types=[kind for _, _, kind in DEFAULT_LABELS], **mdf_sizes(model_args))
+    fusion_layers = parse_fusion_layers(model_args.fusion_layers)
+    if fusion_layers is not None:
+        kwargs["fusion_layers"] = fusion_layers
+    if model_args.seg_loss_weight is not None:
+        kwargs["seg_loss_weight"] = model_args.seg_loss_weight
+    return kwargs
+
+
+def build_model(model_args, processor: MdfMllmProcessor, bf16: bool = False, checkpoint=None):
+    if model_args.load_in_4bit and not (model_args.lora and model_args.base_model):
+        raise UsageError("--load_in_4bit: needs --lora and a base checkpoint (the 4-bit weights stay frozen; QLoRA "
+                         "trains the LoRA adapters and the MDF modules)")
+    kwargs = mdf_kwargs(model_args, processor)
+    if checkpoint and not model_args.lora:
+        # Trainer's resume loads a checkpoint's state dict as saved, in Mllama's on-disk key names, which do not match
+        # the module names (transformers 5.24 renames keys only in from_pretrained): load the weights here instead.
+        model = MdfMllmForConditionalGeneration.from_pretrained(checkpoint)
+    elif model_args.base_model:
+        if model_args.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            # QLoRA's NF4 with double quantisation and bf16 compute. Left out of 4-bit: every module with "unet" in its
+            # name (the MDF modules, as is_mdf_parameter tells them), the vision projector and lm_head.
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                llm_int8_skip_modules=[".*unet.*", "multi_modal_projector", "lm_head"],
+            )
+        model = from_base(model_args.base_model, torch.bfloat16 if bf16 else torch.float32, **kwargs)
+        if model_args.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            # Freezes everything and puts every weight left out of 4-bit in fp32; LoRA then unfreezes the adapters
+            # and the MDF modules. Gradient checkpointing stays with --gradient_checkpointing (the Trainer's).
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = MdfMllmForConditionalGeneration(small_default_config(processor.tokenizer, model_args.model_size or
+                                                                     "small", **kwargs))
+        open_gates(model)
+    if model_args.freeze_vision:
+        for module in (model.model.vision_model, model.model.multi_modal_projector):
+            module.requires_grad_(False)
+    if model_args.freeze_unet and model.model.unet is not None:
+        model.model.unet.requires_grad_(False)
+    if model_args.lora:
+        model = with_lora(model, model_args)
+    return model
+
+
+def from_base(base: str, dtype, **kwargs) -> MdfMllmForConditionalGeneration:
+    """The base's weights (every one must load) plus freshly initialised MDF modules, reported in one line rather
+    than transformers' table of the (expected) missing keys."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = MdfMllmForConditionalGeneration.from_pretrained(base, dtype=dtype, output_loading_info=True,
+                                                                      **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    print(f"loaded every base weight from {base}; {len(info['missing_keys'])} MDF tensors initialised")
+    return model
+
+
+# Flamingo's zero-initialised gates assume a pretrained language model. From scratch, a closed gate and an untrained
+# branch keep each other at zero (the gate's gradient is the branch's output and vice versa), so a model without a base
+# checkpoint (our stock base included) starts every cross-attention gate, Mllama's and the U-Net branch's, here.
+FROM_SCRATCH_GATE = 0.5
+
+
+def open_gates(model, value: float = FROM_SCRATCH_GATE) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", "unet_attn.gate")):
+                param.fill_(value)
+
+
+def with_lora(model, model_args):
+    """LoRA on the text model's attention and MLP projections; every MDF module trains fully and is saved."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, model.mdf_lora_config(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha))
+
+
+def unwrap(model):
+    """The plain MdfMllmForConditionalGeneration (LoRA merged in) for evaluation and export."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def unwrap_peft(model):
+    """The model under a PEFT wrapper (the same modules, not merged)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

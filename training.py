@@ -1,0 +1,283 @@
+"""Data, training and evaluation for the main job (train_hf.py): the processed splits and collators, the Trainer with
+its own learning rates for the MDF modules and gates, gate logging, checkpoints, stage 1's U-Net warm-up and test-set
+classification.
+
+`data_args` and `job_args` are train_hf's DataArguments and JobArguments (not imported: train_hf imports this
+module)."""
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
+
+import reporting
+from configuration_mdf_mllm import MdfMllmConfig
+from model_setup import UsageError
+from modeling_mdf_mllm import is_mdf_parameter
+from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_data(data_args):
+    from dataset_builder import load
+
+    if data_args.dataset == "synthetic":
+        kwargs = dict(image_size=data_args.image_size)
+        if data_args.num_images:
+            kwargs["num_images"] = data_args.num_images
+        return load("synthetic", seed=data_args.dataset_seed, **kwargs)
+    return load(data_args.dataset, fives=data_args.fives, hrf=data_args.hrf, stonerounds=data_args.stonerounds,
+                data_dir=data_args.data_dir, seed=data_args.dataset_seed)
+
+
+class ProcessedSplit(torch.utils.data.Dataset):
+    """One split run through the processor once: each item is what the model takes, batch dimension removed.
+
+    `with_answers` appends the verbalizer and returns `labels` (training, validation loss); without it the items are
+    prompts for `classify()`, and `label_ids` holds the truth, `cases` each item's case id and file name. Vessel
+    masks are used when every photo has one (`has_masks`).
+    """
+
+    def __init__(self, split, processor: MdfMllmProcessor, with_answers: bool, no_text: bool = False):
+        self.label_ids = list(split["label"])
+        self.cases = [{key: example.get(key) for key in ("case_id", "file_name")} for example in
+                      split.select_columns([c for c in ("case_id", "file_name") if c in split.column_names])]
+        self.has_masks = len(split) > 0 and all(mask is not None for mask in split["vessel_mask"])
+        self.items = []
+        for example in tqdm(split, desc=f"preprocessing the {split.split or ''} split", leave=False):
+            inputs = processor(
+                images=[example["image"]],
+                clinical_text=[None if no_text else example["text"]],
+                labels=[example["label"]] if with_answers else None,
+                vessel_masks=[example["vessel_mask"]] if self.has_masks else None,
+            )
+            self.items.append({key: value[0] for key, value in inputs.items()})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def process_splits(dataset, processor, no_text: bool) -> dict[str, ProcessedSplit]:
+    return {
+        "train": ProcessedSplit(dataset["train"], processor, with_answers=True, no_text=no_text),
+        "validation": ProcessedSplit(dataset["validation"], processor, with_answers=True, no_text=no_text),
+        "test": ProcessedSplit(dataset["test"], processor, with_answers=False, no_text=no_text),
+    }
+
+
+class MllamaCollator(MdfMllmDataCollator):
+    """The MDF collator's batches without the U-Net inputs, for a stock Mllama."""
+
+    def __call__(self, features):
+        return {k: v for k, v in super().__call__(features).items() if k not in ("unet_pixel_values", "vessel_mask")}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def unet_branches(model) -> dict[str, torch.nn.Module]:
+    """Fused layer index -> its U-Net branch (the trained copy under LoRA's modules_to_save)."""
+    pattern = re.compile(r".*layers\.(\d+)\.unet_attn(\.modules_to_save\.default)?")
+    return {match[1]: module for name, module in model.named_modules() if (match := pattern.fullmatch(name))}
+
+
+def gate_values(model) -> dict:
+    """{"gates": {layer: tanh(g_u)}, "tau": {layer: tau}} of every fused layer."""
+    full = lambda p: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float()  # noqa: E731 (FSDP2)
+    branches = unet_branches(model)
+    return {"gates": {layer: full(b.gate).tanh().item() for layer, b in branches.items()},
+            "tau": {layer: full(b.logit_scale).item() for layer, b in branches.items()}}
+
+
+class GateLogger(TrainerCallback):
+    """Every fused layer's tanh(g_u) and tau at the start, at every logging step and at the end of training."""
+
+    def __init__(self):
+        self.history = []
+
+    def record(self, state, model):
+        if model is not None and unet_branches(model) and (not self.history or self.history[-1]["step"] !=
+                                                          state.global_step):
+            self.history.append({"step": state.global_step, **gate_values(model)})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.record(state, model)
+
+    on_log = on_train_end = on_train_begin
+
+
+class LabelledProgress(ProgressCallback):
+    """The Trainer's progress bar, labelled with what is training."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.label)
+
+
+def parameter_kind(name: str) -> str:
+    """"gate" (a U-Net branch's g_u), "mdf" (any other MDF parameter) or "base"."""
+    return "gate" if re.search(r"unet_attn\.(modules_to_save\.default\.)?gate$", name) else (
+        "mdf" if is_mdf_parameter(name) else "base")
+
+
+class MdfTrainer(Trainer):
+    """Trainer whose optimizer gives the MDF parameters, and the U-Net gates among them, learning rates of their own.
+
+    `learning_rates`: {"mdf": lr, "gate": lr}, either may be missing (then that kind trains at the rate of the kind
+    above it: gates as MDF, MDF as base). The gates' own group has no weight decay, which would pull them shut.
+    """
+
+    def __init__(self, *args, learning_rates: dict[str, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.learning_rates = {kind: lr for kind, lr in (learning_rates or {}).items() if lr is not None}
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if not self.learning_rates or optimizer.state:
+            return optimizer
+        names = {id(p): name for name, p in (model or self.model).named_parameters()}
+        rates = self.learning_rates
+
+        def kind(param) -> str:
+            found = parameter_kind(names[id(param)])
+            return "mdf" if found == "gate" and "gate" not in rates else found
+
+        groups, optimizer.param_groups = optimizer.param_groups, []
+        for group in groups:  # each (weight decay) group split by kind
+            for name in ("base", "mdf", "gate"):
+                params = [p for p in group["params"] if kind(p) == name]
+                lr = group["lr"] if name == "base" else rates.get(name, rates.get("mdf", group["lr"]))
+                decay = 0.0 if name == "gate" else group["weight_decay"]
+                if params:
+                    optimizer.add_param_group({**group, "params": params, "lr": lr, "weight_decay": decay})
+        return optimizer
+
+
+def train(model, splits, collator, training_args: TrainingArguments, resume_from_checkpoint=None, callbacks=None,
+          learning_rates: dict[str, float] | None = None, label: str | None = None) -> Trainer:
+    """Train with the Trainer (`learning_rates`: see MdfTrainer; `label`: the progress bar's description)."""
+    trainer = MdfTrainer(model=model, args=training_args, train_dataset=splits["train"],
+                         eval_dataset=splits["validation"] if len(splits["validation"]) else None,
+                         data_collator=collator, callbacks=callbacks, learning_rates=learning_rates)
+    if label and not training_args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LabelledProgress(label))
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    # Trainer writes trainer_state.json last: a process killed while saving leaves a folder without it.
+    return (folder / "trainer_state.json").is_file()
+
+
+def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
+    """`latest`: the newest complete checkpoint in `output_dir` (None if there is none); a path: that checkpoint,
+    which must be complete."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        complete = [folder for folder in folders if is_complete_checkpoint(folder)]
+        for folder in sorted(set(folders) - set(complete)):
+            print(f"skipping incomplete checkpoint {folder} (no trainer_state.json: the run stopped mid-save)")
+        return str(complete[-1]) if complete else None
+    if not is_complete_checkpoint(Path(resume)):
+        raise UsageError(f"--resume_from_checkpoint: {resume} is not a complete checkpoint (no trainer_state.json)")
+    return resume
+
+
+def remove_checkpoints(output_dir: str) -> list[Path]:
+    """Checkpoints only serve to resume an unfinished arm: once it has finished, they go."""
+    folders = list(Path(output_dir).glob("checkpoint-*"))
+    for folder in folders:
+        shutil.rmtree(folder)
+    return folders
+
+
+@torch.no_grad()
+def predict(model, split: ProcessedSplit, collator, batch_size: int, bf16: bool = False) -> np.ndarray:
+    """classify() over a split of prompts: (N, K) class probabilities."""
+    model.eval()
+    device = next(model.parameters()).device
+    probabilities = []
+    for start in range(0, len(split), batch_size):
+        batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
+        batch = {key: value.to(device) for key, value in batch.items() if key != "vessel_mask"}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            probabilities.append(model.classify(**batch).float().cpu())
+    return torch.cat(probabilities).numpy()
+
+
+def evaluate_model(model, splits, collator, config: MdfMllmConfig, job_args, bf16=False) -> dict:
+    probabilities = predict(model, splits["test"], collator, job_args.eval_batch_size, bf16)
+    report = reporting.classification_report(
+        splits["test"].label_ids, probabilities.argmax(-1).tolist(), config.label_names, config.disease_types,
+        n_bootstrap=job_args.n_bootstrap, items=splits["test"].cases, probabilities=probabilities,
+    )
+    report["probabilities"] = probabilities.tolist()
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1
+
+
+def vessel_loss(model, batch: dict) -> torch.Tensor:
+    """BCE of the U-Net decoder's vessel logits, FiLM conditioned on the prompt (answer excluded) as in fusion."""
+    with torch.no_grad():
+        prompt_mask = batch["attention_mask"] * (batch["labels"] == -100)
+        context = model.model.text_context(batch["input_ids"], None, prompt_mask)
+    unet = model.model.unet
+    logits = unet.decode(unet.encode(batch["unet_pixel_values"].to(model.dtype), context))
+    return F.binary_cross_entropy_with_logits(logits.float(), batch["vessel_mask"].float())
+
+
+def warm_up_unet(model, split, collator, job_args, training_args, path: Path) -> list[float]:
+    """Stage 1: the U-Net (FiLM and decoder included) learns vessel segmentation alone, so that the gates of stage 2
+    open onto features that mean something. Writes its weights to `path`; returns the mean loss of each epoch."""
+    optimizer = torch.optim.AdamW(model.model.unet.parameters(), lr=job_args.stage1_learning_rate)
+    loader = torch.utils.data.DataLoader(split, batch_size=training_args.per_device_train_batch_size, shuffle=True,
+                                         collate_fn=collator, generator=torch.Generator().manual_seed(training_args.seed))
+    steps = max(1, math.ceil(job_args.stage1_epochs * len(loader)))
+    bar, losses = tqdm(total=steps, desc="stage 1: U-Net vessel warm-up", disable=training_args.disable_tqdm), []
+    model.train()
+    step = 0  # counted here: a disabled tqdm bar (disable_tqdm) does not count
+    while step < steps:
+        epoch = []
+        for batch in loader:
+            loss = vessel_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            epoch.append(loss.item())
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step == steps:
+                break
+        losses.append(float(np.mean(epoch)))
+    bar.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.model.unet.state_dict().items()}, path)
+    return losses
