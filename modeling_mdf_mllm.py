@@ -663,7 +663,7 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
 
         vessel_mask (`torch.FloatTensor` of shape `(batch_size, [num_images,] 1, S, S)`, *optional*):
             The vessel mask cropped like `unet_pixel_values`; adds `config.seg_loss_weight` x BCE of the U-Net
-            decoder's vessel logits to the loss.
+            decoder's vessel logits to the loss (with a weight of 0 the decoder does not run).
         """
         if prompt_mask is None and labels is not None:
             keep = attention_mask if attention_mask is not None else torch.ones_like(labels)
@@ -681,8 +681,9 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             use_cache=use_cache,
             unet_pixel_values=unet_pixel_values,
             prompt_mask=prompt_mask,
+            # The decoder costs twice the encoder: it runs only for a loss that counts.
             output_vessel_logits=vessel_mask is not None and self.model.unet is not None
-            and self.config.unet_config["use_decoder"],
+            and self.config.unet_config["use_decoder"] and self.config.seg_loss_weight > 0,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))

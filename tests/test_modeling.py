@@ -111,6 +111,20 @@ def test_segmentation_loss_is_weighted_by_the_config():
     torch.testing.assert_close(output.loss, mdf.config.seg_loss_weight * bce)
 
 
+def test_a_zero_segmentation_weight_skips_the_decoder():
+    _, mdf = stock_and_mdf("a")
+    mdf.config.seg_loss_weight = 0.0
+    inputs = make_inputs(mdf.config)
+    size = mdf.config.unet_config["image_size"]
+    calls = []
+    mdf.model.unet.vessel_head.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        output = mdf(**inputs, vessel_mask=torch.ones(2, 1, size, size))
+        plain = mdf(**inputs)
+    assert calls == [] and output.vessel_logits is None
+    torch.testing.assert_close(output.logits, plain.logits, atol=0, rtol=0)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     _, mdf = stock_and_mdf("a")
     move_off_init(mdf)
