@@ -170,6 +170,8 @@ def build_model(model_args, processor: MdfMllmProcessor, bf16: bool = False, che
                 llm_int8_skip_modules=[".*unet.*", "multi_modal_projector", "lm_head"],
             )
         model = from_base(model_args.base_model, torch.bfloat16 if bf16 else torch.float32, **kwargs)
+        if model_args.unet_gate_start:
+            open_unet_branches(model, model_args.unet_gate_start)
         if model_args.load_in_4bit:
             from peft import prepare_model_for_kbit_training
 
@@ -215,6 +217,18 @@ def open_gates(model, value: float = FROM_SCRATCH_GATE) -> None:
         for name, param in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", "unet_attn.gate")):
                 param.fill_(value)
+
+
+def open_unet_branches(model, gate: float) -> None:
+    """Every U-Net gate g_u at `gate` and every branch's value projection at zero: the model still computes exactly
+    the base, but the first step already trains the value projections. Behind a zero gate every branch tensor gets a
+    zero gradient and the gate's own gradient reads a random branch; a zero value projection behind an open gate is
+    ControlNet's zero convolution in place of Flamingo's zero gate."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("unet_attn"):
+                module.gate.fill_(gate)
+                module.value_projection.weight.zero_()
 
 
 def with_lora(model, model_args):

@@ -99,6 +99,9 @@ class ModelArguments:
                                             "optimizer group of their own)"})
     gate_learning_rate: float | None = field(default=5e-2, metadata={"help": "Learning rate of the U-Net gates g_u "
                                              "(own group, no weight decay)"})
+    unet_gate_start: float = field(default=0.0, metadata={"help": "Start of the U-Net gates g_u on a base. 0: "
+                                   "Flamingo's closed gate; above 0, every branch's value projection starts at zero "
+                                   "instead, so the model still starts as the base"})
     lora: bool = field(default=False, metadata={"help": "LoRA on the text model; the MDF modules train fully"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})

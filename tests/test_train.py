@@ -214,9 +214,12 @@ def test_make_base_writes_a_stock_mllama_that_plain_transformers_loads(made_base
     assert all(abs(gate - model_setup.FROM_SCRATCH_GATE) < 0.1 for gate in gates)
 
 
-def test_mdf_from_the_base_computes_the_base_at_step_0_for_a_prompt_in_the_base_template(made_base, tiny_data):
+@pytest.mark.parametrize("gate_start", [0.0, 0.5], ids=["closed-gates", "open-gates-zero-values"])
+def test_mdf_from_the_base_computes_the_base_at_step_0_for_a_prompt_in_the_base_template(made_base, tiny_data,
+                                                                                         gate_start):
     _, _, dataset, _ = tiny_data
-    model_args = train_hf.ModelArguments(base_model=str(made_base / "base"), model_size="tiny")
+    model_args = train_hf.ModelArguments(base_model=str(made_base / "base"), model_size="tiny",
+                                         unet_gate_start=gate_start)
     processor = model_setup.base_processor(model_args)
     stock = AutoProcessor.from_pretrained(made_base / "base")
     assert processor.chat_template == stock.chat_template != build_default_processor().chat_template
@@ -234,9 +237,12 @@ def test_mdf_from_the_base_computes_the_base_at_step_0_for_a_prompt_in_the_base_
     with torch.no_grad():
         expected, actual = base(**base_inputs).logits, mdf(**inputs).logits
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
-    with torch.no_grad():  # and the U-Net is really wired in: an open gate changes the logits
-        for branch in training.unet_branches(mdf).values():
+    branches = training.unet_branches(mdf).values()
+    assert [branch.gate.item() for branch in branches] == [gate_start] * 2
+    with torch.no_grad():  # and the U-Net is really wired in: an open gate and a value projection change the logits
+        for branch in branches:
             branch.gate.fill_(0.5)
+            torch.nn.init.normal_(branch.value_projection.weight, std=0.1)
         assert (mdf(**inputs).logits - expected).abs().max() > 1e-3
 
 
@@ -273,6 +279,23 @@ def test_gates_get_gradients_and_open_and_mdf_parameters_have_their_own_learning
     assert by_rate == {1e-3: set(names.values()) - mdf - (gates if "gate" in rates else set()), 1e-2: mdf,
                        **({5e-2: gates} if "gate" in rates else {})}
     assert all(decay[n] == (0.0 if "gate" in rates else 0.01) for n in gates)
+
+
+def test_open_gates_with_zero_values_train_the_branch_from_the_first_step(made_base, tiny_data, tmp_path):
+    # A closed gate gives every branch tensor a zero gradient; a zero value projection behind an open gate gets one
+    # at once, and the gate's own gradient (the branch's output) follows from the second step.
+    model_args, processor, _, splits = tiny_data
+    model_args = replace(model_args, base_model=str(made_base / "base"), unet_gate_start=0.5)
+    model = model_setup.build_model(model_args, processor)
+    args = train_hf.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size",
+                                     "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
+    recorder = GradientRecorder()
+    keys = {k: b.key_projection.weight.clone() for k, b in training.unet_branches(model).items()}
+    training.train(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder])
+    assert [set(step.values()) == {0.0} for step in recorder.gate_grads] == [True, False]
+    for layer, branch in training.unet_branches(model).items():
+        assert branch.value_projection.weight.abs().min() > 0
+        assert not torch.equal(branch.key_projection.weight, keys[layer])
 
 
 def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
