@@ -1,12 +1,15 @@
-"""Real widths on this CPU: a slice of the 11B layout (every width real, few layers) in bf16, MDF-MLLM and Mllama
-side by side, then the same slice loaded in 4-bit (QLoRA) against bf16, and the 40-layer memory extrapolated from it.
+"""Real widths on this CPU: a slice of the 11B layout (every width real, few layers), MDF-MLLM and Mllama side by side
+(forward, full and LoRA forward + backward, classify() over 8 classes, generate() of 8 tokens), then the same slice
+loaded in 4-bit (QLoRA) against the run's dtype, and the 40-layer memory extrapolated from it.
 
-    python bench/real_width.py               # prints a Markdown section for bench/REPORT.md (10 GB of memory)
-    python bench/real_width.py --repeats 3   # interleaved repetitions, medians (the default: 1)
+    OMP_NUM_THREADS=1 python bench/real_width.py --dtype float32   # prints a Markdown section for bench/REPORT.md
+    python bench/real_width.py --smoke                              # small widths: checks that every row runs
+    python bench/real_width.py --repeats 3                          # interleaved repetitions, medians (default 1)
 
-Time: on a CPU without bf16 instructions (AVX2 only, as this repository's 2-core machine) PyTorch's bf16 conv2d takes
-a slow path, 68x fp32 for one 3x3 conv of 32 channels at 512 px, so each MDF-MLLM call spends ~8 minutes in the U-Net
-and the whole run takes hours; the Mllama calls and the vision tower are matmuls (bf16 ~4x slower than fp32 there).
+dtype: bf16 by default only on a CPU with bf16 instructions (avx512_bf16 or amx_bf16 in /proc/cpuinfo), else fp32. On
+an AVX2-only CPU PyTorch's bf16 conv2d takes a slow path (68x fp32 for one 3x3 conv of 32 channels at 512 px: each
+MDF-MLLM call then spends ~8 minutes in the U-Net) and bf16 matmul ~4x fp32. fp32 doubles the weights (~8 GiB for the
+slice; a full fwd+bwd adds as much in gradients). The 4-bit load computes in bf16 whatever --dtype says (build_model).
 
 The slice: text width 4096, 32 heads over 8 KV heads, vocab 128,256, two self-attention and two cross-attention
 layers (both fused); vision width 1280 at 560 px with 4 tiles, one local and one global layer, projector 7680 -> 4096;
@@ -20,12 +23,13 @@ measured on their own; every model row then replays their output, so its figures
 Peak memory: glibc is set to return every block of 256 KiB or more to the system when freed, the kernel's peak-RSS
 counter (VmHWM) is reset before each call (/proc/self/clear_refs), and the figure is the peak RSS during the call
 minus the RSS before it: the activations, gradients and caches the call holds at its worst moment, the weights not
-included (they are resident before). The 4-bit / bf16 comparison loads the saved slice in a fresh process each
-through train_hf.build_model (--lora [--load_in_4bit] --bf16), as a user's job does, and reports whole-process RSS.
+included (they are resident before). The 4-bit / full-precision comparison loads the saved slice in a fresh process
+each through build_model (--lora [--load_in_4bit] [--bf16]), as a user's job does, and reports whole-process RSS.
 """
 
 import argparse
 import ctypes
+import gc
 import json
 import re
 import statistics
@@ -45,11 +49,16 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 from configuration_mdf_mllm import MdfMllmConfig  # noqa: E402
 from gpu_11b import batch  # noqa: E402
-from modeling_mdf_mllm import MdfMllmForConditionalGeneration, is_mdf_parameter  # noqa: E402
+from modeling_mdf_mllm import MdfMllmForConditionalGeneration  # noqa: E402
 from processing_mdf_mllm import build_default_processor  # noqa: E402
 from reporting import memory_table_11b  # noqa: E402
 from scale_11b import llama_32_11b_vision_config, measure as count_11b  # noqa: E402
-from train_hf import ModelArguments, build_model, open_gates, with_lora  # noqa: E402
+from train_hf import ModelArguments  # noqa: E402
+
+try:  # moved out of train_hf
+    from model_setup import build_model, open_gates, with_lora
+except ImportError:
+    from train_hf import build_model, open_gates, with_lora
 
 
 GIB = 2**30
@@ -101,22 +110,37 @@ def storage_bytes(module: nn.Module) -> int:
 # The slice
 
 
-def slice_config(fused: bool) -> MdfMllmConfig:
+# --smoke: every width small but the vocabulary (the verbalizers' ids) and the U-Net, to check that every row runs.
+SMOKE_VISION = {"hidden_size": 64, "attention_heads": 2, "intermediate_size": 128, "vision_output_dim": 384,
+                "image_size": 112}
+SMOKE_TEXT = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512}
+
+
+def default_dtype() -> tuple[str, str]:
+    """(dtype, why): bf16 where the CPU has bf16 instructions, else fp32 (bf16 matmul and conv2d take a slow path)."""
+    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+    if flags:
+        return "bfloat16", f"the CPU has {', '.join(sorted(flags))}"
+    return "float32", "the CPU has neither avx512_bf16 nor amx_bf16, so bf16 matmul and conv2d take a slow path"
+
+
+def slice_config(fused: bool, smoke: bool = False) -> MdfMllmConfig:
     """The 11B layout with 2 self- + 2 cross-attention text layers and 1 local + 1 global vision layer."""
     real = llama_32_11b_vision_config()
     vision = {**real.vision_config.to_dict(), "num_hidden_layers": 1, "num_global_layers": 1,
               # five intermediate outputs as in the 11B (vision_output_dim 7680), all from the one local layer
-              "intermediate_layers_indices": [0] * 5}
-    text = {**real.text_config.to_dict(), "num_hidden_layers": 4, "cross_attention_layers": CROSS_LAYERS}
+              "intermediate_layers_indices": [0] * 5, **(SMOKE_VISION if smoke else {})}
+    text = {**real.text_config.to_dict(), "num_hidden_layers": 4, "cross_attention_layers": CROSS_LAYERS,
+            **(SMOKE_TEXT if smoke else {})}
     base = MllamaConfig(vision_config=vision, text_config=text, image_token_index=real.image_token_index)
     return MdfMllmConfig.from_mllama_config(base, **({} if fused else {"fusion_layers": {}}))
 
 
-def random_weights(model: nn.Module, seed: int = 0) -> None:
+def random_weights(model: nn.Module, dtype: torch.dtype, seed: int = 0) -> None:
     """Materialise a meta-device model in place: large matrices tiled from one random N(0, 0.02) pool (drawing 2
     billion normals would take minutes on two cores), everything else by the model's own initialisation."""
     model.to_empty(device="cpu")
-    pool = (torch.randn(2**24 + 7, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)
+    pool = (torch.randn(2**24 + 7, generator=torch.Generator().manual_seed(seed)) * 0.02).to(dtype)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.numel() > pool.numel():
@@ -130,14 +154,15 @@ def random_weights(model: nn.Module, seed: int = 0) -> None:
     open_gates(model)  # trained gates are open: every branch contributes, as after fine-tuning
 
 
-def build_pair() -> tuple[MdfMllmForConditionalGeneration, MdfMllmForConditionalGeneration]:
-    """(MDF-MLLM, Mllama) in bf16, Mllama's weights being MDF-MLLM's own tensors (one copy in memory)."""
+def build_pair(dtype: torch.dtype, smoke: bool = False) -> tuple[MdfMllmForConditionalGeneration,
+                                                                 MdfMllmForConditionalGeneration]:
+    """(MDF-MLLM, Mllama) in `dtype`, Mllama's weights being MDF-MLLM's own tensors (one copy in memory)."""
     models = []
     for fused in (True, False):
         with torch.device("meta"):
-            models.append(MdfMllmForConditionalGeneration(slice_config(fused)).to(torch.bfloat16))
+            models.append(MdfMllmForConditionalGeneration(slice_config(fused, smoke)).to(dtype))
     mdf, mllama = models
-    random_weights(mdf)
+    random_weights(mdf, dtype)
     missing, _ = mllama.load_state_dict(mdf.state_dict(), strict=False, assign=True)
     assert not missing, missing
     for model in models:  # the rotary frequencies are computed buffers, which neither step above fills
@@ -173,7 +198,7 @@ def run_vision_once(mdf, inputs) -> dict:
     vision, projector = mdf.model.vision_model, mdf.model.multi_modal_projector
     with torch.no_grad():
         seconds, peak, vision_out = measured(lambda: vision(
-            pixel_values=inputs["pixel_values"].to(torch.bfloat16), aspect_ratio_ids=inputs["aspect_ratio_ids"],
+            pixel_values=inputs["pixel_values"].to(mdf.dtype), aspect_ratio_ids=inputs["aspect_ratio_ids"],
             aspect_ratio_mask=inputs["aspect_ratio_mask"]))
         projector_seconds, projector_peak, projected = measured(lambda: projector(vision_out.last_hidden_state))
     row = {"seconds": seconds + projector_seconds, "peak": max(peak, projector_peak),
@@ -215,7 +240,7 @@ def operations(model, prompt, train_inputs, verbalizers) -> dict:
         "classify() 8 classes": no_grad(lambda: model.classify(**prompt, verbalizer_ids=verbalizers)),
         f"generate() {NEW_TOKENS} tokens": no_grad(lambda: model.generate(
             **prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)),
-        "full fwd+bwd": step(model, train_inputs),
+        "full fwd+bwd (all parameters)": step(model, train_inputs),
     }
 
 
@@ -292,12 +317,13 @@ def layer_bytes(model) -> dict[str, float]:
 # 4-bit against bf16, each in a fresh process
 
 
-def load_and_step(folder: str, load_in_4bit: bool) -> dict:
-    """(child process) Load the saved slice through train_hf.build_model and run one LoRA step from the saved inputs."""
+def load_and_step(folder: str, load_in_4bit: bool, dtype: str) -> dict:
+    """(child process) Load the saved slice through train_hf.build_model (in `dtype`; 4-bit computes in bf16) and run
+    one LoRA step from the saved inputs."""
     start_rss = _rss()["VmRSS"]
     processor = build_default_processor()
     model_args = ModelArguments(base_model=folder, lora=True, load_in_4bit=load_in_4bit)
-    load_seconds, _, model = measured(lambda: build_model(model_args, processor, bf16=True))
+    load_seconds, _, model = measured(lambda: build_model(model_args, processor, bf16=dtype == "bfloat16"))
     loaded = _rss()["VmRSS"] - start_rss
     inputs = load_file(Path(folder) / "inputs.safetensors")
     # The vision states in the dtype the vision tower would give them: the model's (fp32 outside 4-bit under QLoRA).
@@ -309,8 +335,9 @@ def load_and_step(folder: str, load_in_4bit: bool) -> dict:
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def in_child(folder: str, load_in_4bit: bool) -> dict:
-    command = [sys.executable, __file__, "--child", folder] + (["--load_in_4bit"] if load_in_4bit else [])
+def in_child(folder: str, load_in_4bit: bool, dtype: str) -> dict:
+    command = [sys.executable, __file__, "--child", folder, "--dtype", dtype] + (["--load_in_4bit"] if load_in_4bit
+                                                                                 else [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -339,56 +366,69 @@ def extrapolate(child: dict, counts: dict) -> dict:
     return {"weights": weights, "activations": activations, "state": state, "total": weights + activations + state}
 
 
-def report(vision_row, rows, lora_rows, children, extrapolated, repeats) -> str:
-    mdf, mllama = "MDF-MLLM", "Mllama"
+def report(vision_row, rows, children, extrapolated, run) -> str:
+    """`run`: {"dtype", "why", "threads", "repeats", "smoke"}."""
+    mdf, mllama, dtype = "MDF-MLLM", "Mllama", run["dtype"]
     lines = [
-        "## Real widths on this CPU (11B slice, bf16)",
+        f"## Real widths on this CPU (11B slice, {dtype}{', SMOKE widths' if run['smoke'] else ''})",
         "",
         "The 11B layout's widths with few layers (text 4096, 32 heads / 8 KV heads, vocab 128,256, 2 self- + 2 "
         "cross-attention layers, both fused; vision 1280 at 560 px x 4 tiles, 1 local + 1 global layer, projector "
-        "7680 -> 4096; U-Net S 512, base 32, grid 16, projector_dim 256), random bf16 weights, one image and "
-        f"{TEXT_TOKENS} text tokens, 2 CPU threads; {'medians of ' + str(repeats) if repeats > 1 else 'one run'} "
-        "per figure, the models interleaved. Peak = RSS above the loaded weights (method in `bench/real_width.py`). "
+        f"7680 -> 4096; U-Net S 512, base 32, grid 16, projector_dim 256), random {dtype} weights ({dtype}: "
+        f"{run['why']}), one image and {TEXT_TOKENS} text tokens ({ANSWER_TOKENS} answer tokens in the training "
+        f"calls), {run['threads']} thread(s); {'medians of ' + str(run['repeats']) if run['repeats'] > 1 else 'one run'}"
+        " per figure, the models interleaved. Peak = RSS above the loaded weights (method in `bench/real_width.py`). "
         f"Vision tower + projector ({vision_row['tokens']:,} tokens), run once for both: "
-        f"{vision_row['seconds']:.1f} s, peak {gib(vision_row['peak'])} GiB; the rows below replay their output.",
+        f"{vision_row['seconds']:.1f} s, peak {gib(vision_row['peak'])} GiB; the rows below replay their output, so "
+        "the vision tower's and projector's gradients are not in the fwd+bwd rows. Full fwd+bwd: every other "
+        "parameter requires grad; LoRA: PEFT's `mdf_lora_config()` adapters, the MDF modules training fully; "
+        "fwd+bwd = forward and backward, no optimizer step.",
         "",
         "| call | MDF-MLLM s | Mllama s | MDF / Mllama time | MDF-MLLM peak GiB | Mllama peak GiB | MDF / Mllama peak |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    all_rows = {**rows, **lora_rows}
-    for op in dict.fromkeys(op for _, op in all_rows):
-        a, b = all_rows[(mdf, op)], all_rows[(mllama, op)]
+    for op in dict.fromkeys(op for _, op in rows):
+        a, b = rows[(mdf, op)], rows[(mllama, op)]
         lines.append(f"| {op} | {a['seconds']:.2f} | {b['seconds']:.2f} | {a['seconds'] / b['seconds']:.2f} | "
                      f"{gib(a['peak'])} | {gib(b['peak'])} | {a['peak'] / max(b['peak'], 1):.2f} |")
-    forward, classify = rows[(mdf, "forward")], rows[(mdf, "classify() 8 classes")]
+    lines += ["", "| `classify()` 8 classes / one prompt forward | time | peak |", "|---|---:|---:|"]
+    for name in (mdf, mllama):
+        forward, classify = rows[(name, "forward")], rows[(name, "classify() 8 classes")]
+        lines.append(f"| {name} | {classify['seconds'] / forward['seconds']:.2f} | "
+                     f"{classify['peak'] / max(forward['peak'], 1):.2f} |")
     lines += [
         "",
-        f"MDF-MLLM `classify()` over 8 classes / one prompt forward: time {classify['seconds'] / forward['seconds']:.2f}"
-        f", peak {classify['peak'] / forward['peak']:.2f} (target <= 1.2 for both).",
+        "Target: <= 1.2 for both.",
         "",
-        "### 4-bit (QLoRA) against bf16, the same slice",
+        f"### 4-bit (QLoRA) against {dtype}, the same slice",
         "",
-        "MDF-MLLM slice saved and loaded in a fresh process each by `train_hf.build_model` with `--lora --bf16` "
-        "(bf16 base) or `--lora --load_in_4bit --bf16` (NF4 base, double quantisation; `prepare_model_for_kbit_training`"
+        f"MDF-MLLM slice saved and loaded in a fresh process each by `build_model` with `--lora` ({dtype} base) or "
+        "`--lora --load_in_4bit` (NF4 base, double quantisation, bf16 compute; `prepare_model_for_kbit_training`"
         " puts every weight left out of 4-bit in fp32: embeddings, lm_head, norms, projector, MDF modules). One LoRA "
-        "step (forward + backward) from the replayed vision states.",
+        "step (forward + backward) from the replayed vision states. Activations: bytes autograd saved for backward.",
         "",
-        "| | bf16 | 4-bit | 4-bit / bf16 |",
+        f"| | {dtype} | 4-bit | 4-bit / {dtype} |",
         "|---|---:|---:|---:|",
     ]
-    bf16, nf4 = children["bf16"], children["4bit"]
+    full, nf4 = children[dtype], children["4bit"]
     for label, key in (("process RSS after loading (GiB)", "loaded"), ("LoRA step peak above it (GiB)", "step_peak"),
                        ("whole-process peak (GiB)", "total_peak")):
-        lines.append(f"| {label} | {gib(bf16[key])} | {gib(nf4[key])} | {nf4[key] / bf16[key]:.2f} |")
-    for label, part in (("weights of one self-attention layer (MiB)", "self"),
-                        ("weights of one fused cross-attention layer (MiB)", "cross"),
-                        ("weights of one vision layer (MiB)", "vision"),
-                        ("all other weights: embeddings, lm_head, vision stem, projector, U-Net (GiB)", "rest")):
-        scale = GIB if part == "rest" else 2**20
-        a, b = bf16["weights"][part], nf4["weights"][part]
-        lines.append(f"| {label} | {a / scale:.1f} | {b / scale:.1f} | {b / a:.2f} |")
-    lines.append(f"| LoRA step time (s) | {bf16['step_seconds']:.1f} | {nf4['step_seconds']:.1f} | "
-                 f"{nf4['step_seconds'] / bf16['step_seconds']:.2f} |")
+        lines.append(f"| {label} | {gib(full[key])} | {gib(nf4[key])} | {nf4[key] / full[key]:.2f} |")
+    for label, key, part in (("weights of one self-attention layer (MiB)", "weights", "self"),
+                             ("weights of one fused cross-attention layer (MiB)", "weights", "cross"),
+                             ("weights of one vision layer (MiB)", "weights", "vision"),
+                             ("all other weights: embeddings, lm_head, vision stem, projector, U-Net (GiB)", "weights",
+                              "rest"),
+                             ("activations of one self-attention layer (MiB)", "activations", "self"),
+                             ("activations of one fused cross-attention layer (MiB)", "activations", "cross"),
+                             ("activations elsewhere: embeddings, lm_head, U-Net (MiB)", "activations", "rest")):
+        scale = GIB if (key, part) == ("weights", "rest") else 2**20
+        a, b = full[key][part], nf4[key][part]
+        lines.append(f"| {label} | {a / scale:.1f} | {b / scale:.1f} | {b / max(a, 1):.2f} |")
+    lines.append(f"| LoRA step time (s) | {full['step_seconds']:.1f} | {nf4['step_seconds']:.1f} | "
+                 f"{nf4['step_seconds'] / full['step_seconds']:.2f} |")
+    lines.append(f"| load time (s) | {full['load_seconds']:.1f} | {nf4['load_seconds']:.1f} | "
+                 f"{nf4['load_seconds'] / full['load_seconds']:.2f} |")
     lines += [
         "",
         "### The 40-layer 11B extrapolated from the slice (LoRA / QLoRA step, batch 1)",
@@ -401,7 +441,7 @@ def report(vision_row, rows, lora_rows, children, extrapolated, repeats) -> str:
         "| method | weights GiB | activations GiB | gradients + Adam GiB | total GiB | counted total GiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for method, key, counted in (("LoRA (bf16 base)", "bf16", extrapolated["counted_lora"]),
+    for method, key, counted in ((f"LoRA ({dtype} base)", dtype, extrapolated["counted_lora"]),
                                  ("QLoRA (NF4 base)", "4bit", extrapolated["counted_qlora"])):
         e = extrapolated[key]
         lines.append(f"| {method} | {gib(e['weights'])} | {gib(e['activations'])} | {gib(e['state'])} | "
@@ -419,17 +459,23 @@ def counted_totals(counts: dict) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    dtype, why = default_dtype()
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=dtype,
+                        help=f"weights and compute (default here: {dtype}, since {why})")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="small widths (vocabulary and U-Net real): every row runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--load_in_4bit", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(2)
     if args.child:
-        print(json.dumps(load_and_step(args.child, args.load_in_4bit)))
+        print(json.dumps(load_and_step(args.child, args.load_in_4bit, args.dtype)))
         return
+    run = {"dtype": args.dtype, "why": why if args.dtype == dtype else "chosen with --dtype",
+           "threads": torch.get_num_threads(), "repeats": args.repeats, "smoke": args.smoke}
+    print(f"dtype {args.dtype} ({run['why']}), {run['threads']} thread(s)", flush=True)
 
     start = time.perf_counter()
-    mdf, mllama = build_pair()
+    mdf, mllama = build_pair(getattr(torch, args.dtype), args.smoke)
     print(f"built in {time.perf_counter() - start:.0f} s, RSS {gib(_rss()['VmRSS'])} GiB", flush=True)
     prompt, train_inputs = slice_inputs(mdf.config)
     vision_row, vision_out, projected = run_vision_once(mdf, prompt)
@@ -449,17 +495,18 @@ def main() -> None:
         rows = compare(models, args.repeats, lambda model: operations(model, prompt, train_inputs, verbalizers))
         # Last: LoRA freezes the base weights, which the two models share.
         models = {name: with_lora(model, ModelArguments(lora=True)) for name, model in models.items()}
-        lora_rows = compare(models, args.repeats, lambda model: {"LoRA fwd+bwd": step(model, train_inputs)})
-        del models, mdf, mllama
+        rows.update(compare(models, args.repeats, lambda model: {"LoRA fwd+bwd": step(model, train_inputs)}))
+        del models, mdf, mllama, model
+        gc.collect()  # the parent's weights go before the children load theirs
         children = {}
-        for key, load_in_4bit in (("bf16", False), ("4bit", True)):
-            children[key] = in_child(folder, load_in_4bit)
+        for key, load_in_4bit in ((args.dtype, False), ("4bit", True)):
+            children[key] = in_child(folder, load_in_4bit, args.dtype)
             print(f"  {key}: {children[key]}", flush=True)
     counts = count_11b()
     lora_total, qlora_total = counted_totals(counts)
     extrapolated = {key: extrapolate(children[key], counts) for key in children}
     extrapolated.update(counted_lora=lora_total, counted_qlora=qlora_total)
-    print(report(vision_row, rows, lora_rows, children, extrapolated, args.repeats))
+    print(report(vision_row, rows, children, extrapolated, run))
     print(f"\n_real_width.py: {time.perf_counter() - start:.0f} s_")
 
 
