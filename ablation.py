@@ -3,11 +3,14 @@
     python train_hf.py --ablation [--seeds 3]
 
 Rows: the baseline (the base fine-tuned alone), MDF with every depth, each single depth (every fused layer reads that
-U-Net depth), MDF without FiLM, without clinical text, without the stage-1 U-Net warm-up. Every row starts from the
+U-Net depth), MDF without FiLM, without clinical text, without the stage-1 U-Net warm-up, and with Flamingo's closed
+gates (g_u = 0, with a gate learning rate of their own) in place of the main job's open gates over zero value
+projections. Every row starts from the
 same base; every MDF row but "no stage 1" from the same stage-1 U-Net, trained once. Each row runs `seeds` times
 (seed k: data order and MDF initialisation); the table gives mean ± sample std over seeds and a 95% Student-t
 interval over seeds, mean ± t(0.975, n-1) · std / sqrt(n), which measures how much the result moves between training
-runs (the per-run bootstrap over test photos, in each run's report, does not).
+runs (the per-run bootstrap over test photos, in each run's report, does not); a second table gives each row's
+per-class sensitivity, the mean over seeds.
 """
 
 import json
@@ -27,7 +30,7 @@ import reporting
 import train_hf
 import training
 
-# Stage-2 epochs of every ablation run: 8 rows x 3 seeds fit in 45 minutes on two quiet CPU cores.
+# Stage-2 epochs of every ablation run (the main job's): 10 rows x 3 seeds fit in 45 minutes on two quiet CPU cores.
 ABLATION_EPOCHS = 2.0
 METRICS = ("accuracy", "macro_f1", "type_accuracy", "type_macro_f1")
 
@@ -42,6 +45,8 @@ class Row:
     no_film: bool = False
     no_text: bool = False
     stage1: bool = True
+    gate_start: float | None = None  # the U-Net gates' start (None: the job's --unet_gate_start)
+    gate_learning_rate: float | None = None  # (None: the job's --gate_learning_rate)
 
 
 ROWS = (
@@ -51,6 +56,8 @@ ROWS = (
     Row("MDF, no FiLM", no_film=True),
     Row("MDF, no clinical text", no_text=True),
     Row("MDF, no stage 1", stage1=False),
+    # Flamingo's closed gates need a fast gate of their own to move at all.
+    Row("MDF, closed gates", gate_start=0.0, gate_learning_rate=5e-2),
 )
 
 
@@ -61,6 +68,8 @@ def row_model_args(model_args, row: Row):
     if row.depth is not None:
         layers = train_hf.cross_attention_layers(model_args)
         model_args = replace(model_args, fusion_layers=",".join(f"{layer}:{row.depth}" for layer in layers))
+    if row.gate_start is not None:
+        model_args = replace(model_args, unet_gate_start=row.gate_start, gate_learning_rate=row.gate_learning_rate)
     return replace(model_args, no_film=row.no_film)
 
 
@@ -93,7 +102,18 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     return summary
 
 
-def markdown(summary: dict[str, dict], wall_seconds: float, command: str) -> str:
+def mean_sensitivities(results: list[dict]) -> dict[str, dict[str, float | None]]:
+    """{row name: {class: mean sensitivity over the row's seeds}} (None for a class the test split lacks)."""
+    summary = {}
+    for name in dict.fromkeys(r["name"] for r in results):
+        runs = [r["sensitivity"] for r in results if r["name"] == name]
+        values = {label: [run[label] for run in runs if run[label] is not None] for label in runs[0]}
+        summary[name] = {label: float(np.mean(v)) if v else None for label, v in values.items()}
+    return summary
+
+
+def markdown(summary: dict[str, dict], wall_seconds: float, command: str,
+             sensitivities: dict[str, dict[str, float]] | None = None) -> str:
     lines = ["| row | seeds | accuracy | 95% CI | macro F1 | 95% CI | type accuracy | type macro F1 | train s |",
              "|---|---:|---|---|---|---|---|---|---:|"]
     cell = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
@@ -104,6 +124,12 @@ def markdown(summary: dict[str, dict], wall_seconds: float, command: str) -> str
                      f"{s['train_seconds']['mean']:.0f} |")
     lines += ["", "Mean ± sample standard deviation over seeds; 95% CI: Student-t interval of the mean over seeds.",
               f"Command: `{command}`; wall time {wall_seconds / 60:.1f} min."]
+    if sensitivities:
+        labels = list(next(iter(sensitivities.values())))
+        lines += ["", "Sensitivity per class, mean over seeds:", "", f"| row | {' | '.join(labels)} |",
+                  f"|---|{'---:|' * len(labels)}"]
+        lines += [f"| {name} | {' | '.join('–' if row[label] is None else f'{row[label]:.2f}' for label in labels)} |"
+                  for name, row in sensitivities.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +160,9 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
             gates = report["gate_history"][-1]["gates"] if report["gate_history"] else {}
             results.append({"name": row.name, "seed": seed, **{m: report["disease"][m] for m in METRICS[:2]},
                             "type_accuracy": report["type"]["accuracy"], "type_macro_f1": report["type"]["macro_f1"],
-                            "train_seconds": report["train_seconds"], "gates": gates})
+                            "train_seconds": report["train_seconds"], "gates": gates,
+                            "sensitivity": {label: scores["sensitivity"] for label, scores in
+                                            report["disease"]["per_class"].items()}})
             write(out, results, time.perf_counter() - start, epochs, command)
     if results:
         print((out / "ablation.md").read_text())
@@ -146,5 +174,5 @@ def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, co
     summary = summarize(results)
     (out / "ablation.json").write_text(json.dumps({"runs": results, "summary": summary, "wall_seconds": wall_seconds,
                                                    "epochs": epochs, "command": command}, indent=1))
-    (out / "ablation.md").write_text(markdown(summary, wall_seconds, command))
+    (out / "ablation.md").write_text(markdown(summary, wall_seconds, command, mean_sensitivities(results)))
     reporting.plot_ablation([{k: r[k] for k in ("name", "seed", *METRICS)} for r in results], out / "ablation.png")

@@ -140,12 +140,11 @@ def small_default_config(tokenizer, model_size: str = "small", **mdf_kwargs) -> 
 def mdf_kwargs(model_args, processor: MdfMllmProcessor) -> dict:
     kwargs = dict(use_film=not model_args.no_film, verbalizer_token_ids=processor.verbalizer_token_ids,
                   id2label=dict(enumerate(processor.label_names)), verbalizers=processor.verbalizers,
-                  disease_types=[kind for _, _, kind in DEFAULT_LABELS], **mdf_sizes(model_args))
+                  disease_types=[kind for _, _, kind in DEFAULT_LABELS], seg_loss_weight=model_args.seg_loss_weight,
+                  **mdf_sizes(model_args))
     fusion_layers = parse_fusion_layers(model_args.fusion_layers)
     if fusion_layers is not None:
         kwargs["fusion_layers"] = fusion_layers
-    if model_args.seg_loss_weight is not None:
-        kwargs["seg_loss_weight"] = model_args.seg_loss_weight
     return kwargs
 
 
@@ -169,9 +168,8 @@ def build_model(model_args, processor: MdfMllmProcessor, bf16: bool = False, che
                 bnb_4bit_compute_dtype=torch.bfloat16,
                 llm_int8_skip_modules=[".*unet.*", "multi_modal_projector", "lm_head"],
             )
-        model = from_base(model_args.base_model, torch.bfloat16 if bf16 else torch.float32, **kwargs)
-        if model_args.unet_gate_start:
-            open_unet_branches(model, model_args.unet_gate_start)
+        model, initialised = from_base(model_args.base_model, torch.bfloat16 if bf16 else torch.float32, **kwargs)
+        open_unet_branches(model, model_args.unet_gate_start, initialised)
         if model_args.load_in_4bit:
             from peft import prepare_model_for_kbit_training
 
@@ -192,9 +190,10 @@ def build_model(model_args, processor: MdfMllmProcessor, bf16: bool = False, che
     return model
 
 
-def from_base(base: str, dtype, **kwargs) -> MdfMllmForConditionalGeneration:
+def from_base(base: str, dtype, **kwargs) -> tuple[MdfMllmForConditionalGeneration, list[str]]:
     """The base's weights (every one must load) plus freshly initialised MDF modules, reported in one line rather
-    than transformers' table of the (expected) missing keys."""
+    than transformers' table of the (expected) missing keys. Returns the model and the names of the initialised
+    tensors (none when the base is an MDF-MLLM checkpoint)."""
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
@@ -203,7 +202,7 @@ def from_base(base: str, dtype, **kwargs) -> MdfMllmForConditionalGeneration:
     finally:
         transformers_logging.set_verbosity(verbosity)
     print(f"loaded every base weight from {base}; {len(info['missing_keys'])} MDF tensors initialised")
-    return model
+    return model, sorted(info["missing_keys"])
 
 
 # Flamingo's zero-initialised gates assume a pretrained language model. From scratch, a closed gate and an untrained
@@ -219,14 +218,15 @@ def open_gates(model, value: float = FROM_SCRATCH_GATE) -> None:
                 param.fill_(value)
 
 
-def open_unet_branches(model, gate: float) -> None:
-    """Every U-Net gate g_u at `gate` and every branch's value projection at zero: the model still computes exactly
-    the base, but the first step already trains the value projections. Behind a zero gate every branch tensor gets a
-    zero gradient and the gate's own gradient reads a random branch; a zero value projection behind an open gate is
-    ControlNet's zero convolution in place of Flamingo's zero gate."""
+def open_unet_branches(model, gate: float, initialised: list[str]) -> None:
+    """Every freshly initialised U-Net branch (its gate among the `initialised` tensor names; a branch loaded from an
+    MDF-MLLM checkpoint keeps its weights) gets g_u = `gate` and a zero value projection: the model still computes
+    exactly the base, but the first step already trains the value projections. Behind a zero gate every branch tensor
+    gets a zero gradient and the gate's own gradient reads a random branch; a zero value projection behind an open
+    gate is ControlNet's zero convolution in place of Flamingo's zero gate. `gate` 0 leaves the branches as they are."""
     with torch.no_grad():
         for name, module in model.named_modules():
-            if name.endswith("unet_attn"):
+            if gate and name.endswith("unet_attn") and f"{name}.gate" in initialised:
                 module.gate.fill_(gate)
                 module.value_projection.weight.zero_()
 

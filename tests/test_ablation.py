@@ -43,7 +43,9 @@ def ablation_run(tmp_path_factory):
 
     def recording_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs):
         calls.append({"name": name, "model_args": model_args, "splits": splits, "args": training_args, **kwargs})
-        return real_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs)
+        result = real_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs)
+        calls[-1]["probabilities"] = result[2]["probabilities"]
+        return result
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_hf, "run_one", recording_run_one)
@@ -55,7 +57,7 @@ def ablation_run(tmp_path_factory):
 
 def test_every_row_runs_once_per_seed_in_order(ablation_run):
     names = ["Mllama baseline", "MDF, all depths", *(f"MDF, depth {k} only" for k in range(1, 5)), "MDF, no FiLM",
-             "MDF, no clinical text", "MDF, no stage 1"]
+             "MDF, no clinical text", "MDF, no stage 1", "MDF, closed gates"]
     expected = [(name, seed) for seed in range(SEEDS) for name in names]  # seed-major: a stopped run has every row
     assert [(c["name"], c["args"].seed) for c in ablation_run["calls"]] == expected
     assert [(r["name"], r["seed"]) for r in ablation_run["runs"]] == expected
@@ -71,6 +73,10 @@ def test_rows_change_only_what_they_name(ablation_run):
     for k in range(1, 5):
         assert calls[f"MDF, depth {k} only"]["model_args"].fusion_layers == f"1:{k},3:{k}"
     assert [name for name, c in calls.items() if c["model_args"].no_film] == ["MDF, no FiLM"]
+    default = train_hf.ModelArguments()
+    gates = {name: (c["model_args"].unet_gate_start, c["model_args"].gate_learning_rate) for name, c in calls.items()}
+    assert gates == {name: (0.0, 5e-2) if name == "MDF, closed gates" else
+                     (default.unet_gate_start, default.gate_learning_rate) for name in calls}
     # The fused layers each trained run really had, from its gate log.
     gates = {r["name"]: sorted(r["gates"]) for r in ablation_run["runs"] if r["seed"] == 0}
     assert gates.pop("Mllama baseline") == []
@@ -101,7 +107,7 @@ def test_only_the_no_text_row_drops_the_clinical_text(ablation_run):
 def test_table_statistics_match_an_independent_computation(ablation_run):
     saved = json.loads((ablation_run["out"] / "ablation.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(ablation_run["runs"]))
-    table = (ablation_run["out"] / "ablation.md").read_text().splitlines()
+    table = (ablation_run["out"] / "ablation.md").read_text().split("Sensitivity per class")[0].splitlines()
     for name, summary in saved["summary"].items():
         accuracies = [r["accuracy"] for r in saved["runs"] if r["name"] == name]
         mean = sum(accuracies) / len(accuracies)
@@ -115,6 +121,23 @@ def test_table_statistics_match_an_independent_computation(ablation_run):
         assert f"| {mean:.3f} ± {std:.3f} | {mean - half:.3f}–{mean + half:.3f} |" in line
     assert [line.split(" | ")[0][2:] for line in table[2 : 2 + len(saved["summary"])]] == list(saved["summary"])
     assert (ablation_run["out"] / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sensitivity_table_is_the_mean_over_seeds_of_each_runs_report(ablation_run):
+    runs = ablation_run["runs"]
+    table = (ablation_run["out"] / "ablation.md").read_text().split("Sensitivity per class, mean over seeds:")[1]
+    labels = list(ablation_run["dataset"]["test"].features["label"].names)
+    assert table.strip().splitlines()[0] == f"| row | {' | '.join(labels)} |"
+    truth = np.array(ablation_run["calls"][0]["splits"]["test"].label_ids)
+    for name in dict.fromkeys(r["name"] for r in runs):
+        # Recomputed from each run's predicted classes against the truth, not from the reports' sensitivities.
+        predicted = [np.argmax(c["probabilities"], -1) for c in ablation_run["calls"] if c["name"] == name]
+        cells = []
+        for k in range(len(labels)):
+            rates = [np.mean(p[truth == k] == k) for p in predicted] if (truth == k).any() else None
+            cells.append("–" if rates is None else f"{np.mean(rates):.2f}")
+        assert f"| {name} | {' | '.join(cells)} |" in table
+    assert len(set(truth.tolist())) > 1
 
 
 def test_t_interval_of_three_seeds():

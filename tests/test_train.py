@@ -2,6 +2,7 @@
 the real-base path. Resume after a kill and FSDP sharding: tests/test_distributed.py."""
 
 import json
+import math
 import os
 import re
 from dataclasses import fields, replace
@@ -74,7 +75,9 @@ def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(m
         low, high = row["disease"]["ci95"]["accuracy"]
         assert low <= row["disease"]["accuracy"] <= high
     gates = mdf["gate_history"]
-    assert gates[0] == {"step": 0, "gates": {"1": 0.0, "3": 0.0}, "tau": {"1": 1.0, "3": 1.0}}
+    start = math.tanh(train_hf.ModelArguments().unet_gate_start)  # open over zero value projections
+    assert gates[0] == {"step": 0, "gates": {"1": pytest.approx(start), "3": pytest.approx(start)},
+                        "tau": {"1": 1.0, "3": 1.0}}
     assert [entry["step"] for entry in gates] == list(range(len(gates)))  # logged every step (--logging_steps 1)
     assert all(value != 0 for value in gates[-1]["gates"].values())
     assert baseline["gate_history"] == []
@@ -259,7 +262,8 @@ class GradientRecorder(TrainerCallback):
 def test_gates_get_gradients_and_open_and_mdf_parameters_have_their_own_learning_rate(made_base, tiny_data, tmp_path,
                                                                                        lora, rates):
     model_args, processor, _, splits = tiny_data
-    model_args = replace(model_args, base_model=str(made_base / "base"), lora=lora, lora_rank=4)
+    # Flamingo's closed gates: the gate is the only branch tensor with a gradient at step 1, and must get one.
+    model_args = replace(model_args, base_model=str(made_base / "base"), lora=lora, lora_rank=4, unet_gate_start=0.0)
     model = model_setup.build_model(model_args, processor)
     args = train_hf.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
                                      "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
