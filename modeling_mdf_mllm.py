@@ -697,9 +697,17 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
                     f"vessel_mask: expected shape {tuple(outputs.vessel_logits.shape)} (one mask per U-Net view), got "
                     f"{tuple(vessel_mask.shape)}"
                 )
-            segmentation_loss = F.binary_cross_entropy_with_logits(
-                outputs.vessel_logits.float(), vessel_mask.to(outputs.vessel_logits.device, torch.float32)
+            per_pixel = F.binary_cross_entropy_with_logits(
+                outputs.vessel_logits.float(), vessel_mask.to(outputs.vessel_logits.device, torch.float32),
+                reduction="none",
             )
+            if per_pixel.ndim == 5 and cross_attention_mask is not None:
+                # A sample with fewer images than the batch's widest has zero-padded views that no token sees: they
+                # hold no vessels to learn, so the loss counts only the views of real images.
+                real_views = cross_attention_mask.ne(0).any(dim=3).any(dim=1).to(per_pixel.device)  # (B, N)
+                segmentation_loss = per_pixel.mean(dim=(2, 3, 4))[real_views].mean()
+            else:
+                segmentation_loss = per_pixel.mean()
             segmentation_loss = self.config.seg_loss_weight * segmentation_loss
             loss = segmentation_loss if loss is None else loss + segmentation_loss
 

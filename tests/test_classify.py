@@ -113,6 +113,17 @@ def test_classify_equals_scoring_each_verbalizer_alone_and_the_repeated_cache(mo
         torch.testing.assert_close(probabilities.log(), reference.log_softmax(-1), atol=1e-5, rtol=0)
 
 
+def test_a_right_padded_prompt_scores_as_the_same_prompt_left_padded(model):
+    left = prompts(model.config, "tiles")  # row 0: 3 pad tokens, then 7 real ones
+    right = {key: value.clone() for key, value in left.items()}
+    for key in ("input_ids", "attention_mask", "cross_attention_mask"):
+        right[key][0] = left[key][0].roll(-3, dims=0)  # the same 7 tokens first, the pads after them
+    assert right["attention_mask"][0].tolist() == [1] * 7 + [0] * 3
+    expected = scores_one_by_one(model, left, VERBALIZERS).log_softmax(-1)
+    actual = model.classify(**right, verbalizer_ids=VERBALIZERS).log()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
 def test_one_token_verbalizers_need_no_second_pass(model):
     inputs = prompts(model.config, "tiles")
     verbalizers = [[5], [7], [12]]

@@ -446,3 +446,19 @@ def test_segmentation_loss_covers_one_mask_per_unet_view():
     torch.testing.assert_close(output.loss, mdf.config.seg_loss_weight * bce)
     with pytest.raises(ValueError, match=r"vessel_mask: expected shape \(2, 2, 1, 32, 32\)"):
         mdf(**inputs, vessel_mask=vessel_mask[:, 0])
+
+
+def test_segmentation_loss_leaves_out_zero_padded_views():
+    _, mdf = stock_and_mdf("a")
+    inputs = two_images(make_inputs(mdf.config))
+    inputs["cross_attention_mask"][1, :, 1] = 0  # sample 1 has one image: its second view is padding
+    inputs["unet_pixel_values"][1, 1] = 0
+    size = mdf.config.unet_config["image_size"]
+    vessel_mask = (torch.rand(2, 2, 1, size, size) > 0.8).float()
+    vessel_mask[1, 1] = 0
+    with torch.no_grad():
+        output = mdf(**inputs, vessel_mask=vessel_mask)
+    logits, masks = output.vessel_logits, vessel_mask
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    real = [bce(logits[0, 0], masks[0, 0]), bce(logits[0, 1], masks[0, 1]), bce(logits[1, 0], masks[1, 0])]
+    torch.testing.assert_close(output.loss, mdf.config.seg_loss_weight * sum(real) / 3)
