@@ -62,14 +62,16 @@ ROWS = (
 
 
 def row_model_args(model_args, row: Row):
-    """The model arguments of one row: fusion map, FiLM."""
+    """The model arguments of one row: fusion map, FiLM, the gates' start and learning rate."""
     if row.baseline:
         return replace(model_args, fusion_layers="none")
     if row.depth is not None:
         layers = train_hf.cross_attention_layers(model_args)
         model_args = replace(model_args, fusion_layers=",".join(f"{layer}:{row.depth}" for layer in layers))
     if row.gate_start is not None:
-        model_args = replace(model_args, unet_gate_start=row.gate_start, gate_learning_rate=row.gate_learning_rate)
+        model_args = replace(model_args, unet_gate_start=row.gate_start)
+    if row.gate_learning_rate is not None:
+        model_args = replace(model_args, gate_learning_rate=row.gate_learning_rate)
     return replace(model_args, no_film=row.no_film)
 
 
@@ -113,7 +115,7 @@ def mean_sensitivities(results: list[dict]) -> dict[str, dict[str, float | None]
 
 
 def markdown(summary: dict[str, dict], wall_seconds: float, command: str,
-             sensitivities: dict[str, dict[str, float]] | None = None) -> str:
+             sensitivities: dict[str, dict[str, float | None]] | None = None) -> str:
     lines = ["| row | seeds | accuracy | 95% CI | macro F1 | 95% CI | type accuracy | type macro F1 | train s |",
              "|---|---:|---|---|---|---|---|---|---:|"]
     cell = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731

@@ -224,9 +224,11 @@ def open_unet_branches(model, gate: float, initialised: list[str]) -> None:
     exactly the base, but the first step already trains the value projections. Behind a zero gate every branch tensor
     gets a zero gradient and the gate's own gradient reads a random branch; a zero value projection behind an open
     gate is ControlNet's zero convolution in place of Flamingo's zero gate. `gate` 0 leaves the branches as they are."""
+    if not gate:
+        return
     with torch.no_grad():
         for name, module in model.named_modules():
-            if gate and name.endswith("unet_attn") and f"{name}.gate" in initialised:
+            if name.endswith("unet_attn") and f"{name}.gate" in initialised:
                 module.gate.fill_(gate)
                 module.value_projection.weight.zero_()
 
