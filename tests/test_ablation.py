@@ -177,3 +177,13 @@ def test_a_row_with_one_seed_so_far_has_no_interval():
     assert summary["MDF, all depths"]["accuracy"] == {"mean": 0.5, "std": 0.0, "ci95": None}
     line = ablation.markdown(summary, 60.0, "cmd").splitlines()[2]
     assert line == "| MDF, all depths | 1 | 0.500 ± 0.000 | – | 0.250 ± 0.000 | – | 0.750 ± 0.000 | 0.125 ± 0.000 | 10 |"
+
+
+def test_sensitivities_are_averaged_over_seeds_per_class_and_a_missing_class_is_a_dash():
+    # The tiny runs above can predict alike under every seed; here the seeds differ by construction.
+    results = [{"name": "a", "sensitivity": {"x": 1.0, "y": None}}, {"name": "a", "sensitivity": {"x": 0.5, "y": None}},
+               {"name": "b", "sensitivity": {"x": 0.0, "y": 0.25}}, {"name": "b", "sensitivity": {"x": 0.2, "y": 0.75}}]
+    means = ablation.mean_sensitivities(results)
+    assert means == {"a": {"x": 0.75, "y": None}, "b": {"x": pytest.approx(0.1), "y": 0.5}}
+    table = ablation.markdown({}, 60.0, "pytest", means).split("Sensitivity per class, mean over seeds:")[1]
+    assert "| a | 0.75 | – |" in table and "| b | 0.10 | 0.50 |" in table
