@@ -34,12 +34,13 @@ def export(model, processor, report, trainer, dataset, data_args, model_args, ex
 
 def write_repository(
     folder: Path, model, processor, report, trainer, dataset, data_args, model_args,
-    baseline=None, gate_history: list[dict] | None = None,
+    baseline=None, gate_history: list[dict] | None = None, references: list[dict] = (),
 ) -> None:
     """Weights, code, processor, pipeline registration, results, plots and the model card.
 
     `baseline`: `(report, trainer)` of the baseline trained beside this model (its loss curve and metrics go into
-    the plot and the card), or None. `gate_history`: the U-Net gates logged during training (plotted).
+    the plot and the card), or None. `gate_history`: the U-Net gates logged during training (plotted). `references`:
+    reports of other models on the same test photos for the card's comparison (e.g. the U-Net alone).
     """
     model.config.verbalizer_token_ids = processor.verbalizer_token_ids
     model.save_pretrained(folder)
@@ -58,7 +59,7 @@ def write_repository(
         datasets=[data_args.dataset],
         widget_examples=_widget_examples(folder, dataset["test"], report, model.config),
         training_args_summary=_training_summary(trainer, model_args, data_args),
-        comparison_reports=[baseline[0]] if baseline is not None else None,
+        comparison_reports=[*([baseline[0]] if baseline is not None else []), *references] or None,
         dataset_seed=data_args.dataset_seed,
     )
 
@@ -140,8 +141,10 @@ def _rate(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def write_comparison(arms, out: Path, stage1_losses: list[float]) -> None:
-    reports = [report for _, _, report in arms]
+def write_comparison(arms, out: Path, stage1_losses: list[float], references: list[dict] = ()) -> None:
+    """comparison.md / .json: the trained arms, then `references` (reports of models without a trainer, such as the
+    U-Net alone); each baseline arm's results beside its checkpoints."""
+    reports = [report for _, _, report in arms] + list(references)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(comparison_table(reports) + "\n")
     rows = [{k: v for k, v in r.items() if k != "probabilities"} for r in reports]

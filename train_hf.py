@@ -44,6 +44,7 @@ from transformers import (
 from transformers.trainer_utils import SaveStrategy
 
 import hub_export
+import reporting
 from configuration_mdf_mllm import UNET_DEPTHS
 from model_setup import (
     BASE_CHAT_TEMPLATE,
@@ -61,8 +62,10 @@ from model_setup import (
     unwrap_peft,
 )
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+from probe_ladder import ACQUIRED_CLASSES, ladder_table, probe_ladder, selected
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
 from training import (
+    UNET_ALONE,
     GateLogger,
     MllamaCollator,
     evaluate_model,
@@ -71,6 +74,7 @@ from training import (
     remove_checkpoints,
     resolve_checkpoint,
     train,
+    unet_alone_probabilities,
     warm_up_unet,
 )
 
@@ -79,6 +83,14 @@ from training import (
 # Arguments
 
 DATASETS = ("synthetic", "all", "fives", "hrf", "stonerounds", "manifest")
+
+# The recipe (README "The recipe"; measured in the README's tables). Stage 1 teaches the U-Net the classes from the
+# photo alone; stage 2 then keeps it nearly still while the projector and branches learn to carry it into the answer.
+STAGE1_EPOCHS = 12.0
+STAGE1_LEARNING_RATE = 3e-3
+STAGE1_VESSEL_WEIGHT = 0.0
+UNET_LEARNING_RATE = 0.0
+FILM_LEARNING_RATE = 3e-4
 
 
 @dataclass
@@ -98,8 +110,11 @@ class ModelArguments:
     mdf_learning_rate: float | None = field(default=3e-3, metadata={"help": "Learning rate of the MDF modules (an "
                                             "optimizer group of their own)"})
     gate_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the U-Net gates g_u "
-                                             "in an optimizer group of their own, without weight decay (default: "
-                                             "the MDF modules' rate and group)"})
+                                             "(an optimizer group without weight decay; default: the MDF modules')"})
+    unet_learning_rate: float | None = field(default=UNET_LEARNING_RATE, metadata={"help": "Learning rate of the "
+                                             "U-Net in stage 2 (0 freezes it); None: the MDF modules'"})
+    film_learning_rate: float | None = field(default=FILM_LEARNING_RATE, metadata={"help": "Learning rate of FiLM "
+                                             "in stage 2 (0 freezes it); None: the MDF modules'"})
     unet_gate_start: float = field(default=0.5, metadata={"help": "Start of the U-Net gates g_u on a base. Above 0, "
                                    "every branch's value projection starts at zero instead, so the model still starts "
                                    "exactly as the base and the first step trains the branch; 0: Flamingo's closed "
@@ -136,9 +151,12 @@ class JobArguments:
     base_epochs: float = field(default=4.0, metadata={"help": "Epochs of base training"})
     base_cache_dir: str | None = field(default=None, metadata={"help": "Where the main job caches its base "
                                        "(default $MDF_MLLM_BASE_CACHE or ~/.cache/mdf_mllm)"})
-    no_stage1: bool = field(default=False, metadata={"help": "Skip the U-Net warm-up on vessel masks"})
-    stage1_epochs: float = field(default=1.0, metadata={"help": "Epochs of the U-Net warm-up (stage 1)"})
-    stage1_learning_rate: float = field(default=3e-3, metadata={"help": "Learning rate of stage 1"})
+    no_stage1: bool = field(default=False, metadata={"help": "Skip stage 1 (the U-Net learning classes and vessels)"})
+    stage1_epochs: float = field(default=STAGE1_EPOCHS, metadata={"help": "Epochs of stage 1"})
+    stage1_learning_rate: float = field(default=STAGE1_LEARNING_RATE, metadata={"help": "Peak learning rate of stage "
+                                        "1 (one-cycle schedule)"})
+    stage1_vessel_weight: float = field(default=STAGE1_VESSEL_WEIGHT, metadata={"help": "Weight of the vessel loss "
+                                        "beside the class loss in stage 1 (0: the U-Net decoder does not train)"})
     baseline: bool = field(default=True, metadata={"help": "Also train the baseline (plain Mllama, same base)"})
     ablation: bool = field(default=False, metadata={"help": "Run the ablation table instead of the main job"})
     seeds: int = field(default=3, metadata={"help": "Seeds per ablation row"})
@@ -147,6 +165,8 @@ class JobArguments:
                                                           "(default <output_dir>/mdf-mllm)"})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95%% CIs"})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of test-set classification"})
+    probe_ladder: bool = field(default=True, metadata={"help": "Write probe_ladder.md: linear probes of the classes "
+                               "the photo must tell apart, at every stage of the fusion, before and after stage 2"})
 
 
 @dataclass
@@ -295,7 +315,8 @@ def run_one(name, model_args, splits, collator, processor, training_args, job_ar
         unwrap_peft(model).model.unet.load_state_dict(load_file(unet_weights))
     gates = GateLogger()
     start = time.perf_counter()
-    rates = {"mdf": model_args.mdf_learning_rate, "gate": model_args.gate_learning_rate}
+    rates = {"mdf": model_args.mdf_learning_rate, "gate": model_args.gate_learning_rate,
+             "unet": model_args.unet_learning_rate, "film": model_args.film_learning_rate}
     trainer = train(model, splits, collator, training_args, resume, [gates], rates,
                     label=f"stage 2: {name}" if model_args.base_model else name)
     seconds = time.perf_counter() - start
@@ -321,6 +342,13 @@ def run_one(name, model_args, splits, collator, processor, training_args, job_ar
 # The job
 
 
+def ladder(model, splits) -> dict[str, float]:
+    """The probe ladder (probe_ladder.py) of the acquired classes, train photos -> test photos."""
+    names = model.config.label_names
+    collator = MdfMllmDataCollator(model.config.text_config.pad_token_id)
+    return probe_ladder(model, *selected(splits["train"], names), *selected(splits["test"], names), collator)
+
+
 def shard_on_cpu_processes() -> None:
     """Let `accelerate launch` with an FSDP config shard the model over CPU processes (gloo).
 
@@ -336,19 +364,36 @@ def shard_on_cpu_processes() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
-def stage1(model_args, splits, collator, processor, job_args, training_args) -> tuple[str | None, list[float]]:
-    """The stage-1 U-Net file (None where there is no stage 1) and its loss per epoch."""
+def stage1(model_args, splits, collator, processor, job_args, training_args) -> tuple[str | None, list[float], dict]:
+    """Stage 1: the U-Net file (None where there is no stage 1), its loss per epoch, and the report of the stage-1
+    U-Net with its class head on the test photos ("U-Net alone (image only)"; None without stage 1)."""
     if job_args.from_scratch or job_args.no_stage1 or parse_fusion_layers(model_args.fusion_layers) == {}:
-        return None, []
-    if not splits["train"].has_masks:
-        print("stage 1 skipped: the training photos have no vessel masks")
-        return None, []
+        return None, [], None
     set_seed(training_args.seed)
-    model = build_model(replace(model_args, lora=False), processor, bf16=training_args.bf16)
-    path = Path(training_args.output_dir) / "stage1" / "unet.safetensors"
-    losses = warm_up_unet(model, splits["train"], collator, job_args, training_args, path)
-    print(f"stage 1: vessel loss per epoch {[round(loss, 4) for loss in losses]}; U-Net written to {path}")
-    return str(path), losses
+    model = build_model(replace(model_args, lora=False, load_in_4bit=False), processor)
+    unet, config = unwrap_peft(model).model.unet, model.config
+    folder = Path(training_args.output_dir) / "stage1"
+    start = time.perf_counter()
+    losses = warm_up_unet(unet, len(config.label_names), splits["train"], collator, job_args, training_args, folder)
+    seconds = time.perf_counter() - start
+    print(f"stage 1: loss per epoch {[round(loss, 4) for loss in losses]}; U-Net written to {folder}")
+    report = unet_alone_report(unet, folder, splits, collator, config, job_args)
+    report.update(train_seconds=round(seconds, 1))
+    return str(folder / "unet.safetensors"), losses, report
+
+
+def unet_alone_report(unet, folder: Path, splits, collator, config, job_args) -> dict:
+    """The stage-1 U-Net encoder and class head on the test photos, scored like the models."""
+    head = torch.nn.Linear(sum(unet.widths), len(config.label_names))
+    head.load_state_dict(load_file(folder / "class_head.safetensors"))
+    probabilities = unet_alone_probabilities(unet, head, splits["test"], collator, job_args.eval_batch_size)
+    report = reporting.classification_report(
+        splits["test"].label_ids, probabilities.argmax(-1).tolist(), config.label_names, config.disease_types,
+        n_bootstrap=job_args.n_bootstrap, items=splits["test"].cases, probabilities=probabilities)
+    encoder = sum(p.numel() for name, p in unet.named_parameters() if name.startswith("stages."))
+    report.update(name=UNET_ALONE, parameters=encoder + sum(p.numel() for p in head.parameters()), gate_history=[],
+                  probabilities=probabilities.tolist())
+    return report
 
 
 def run(model_args, data_args, job_args, training_args) -> None:
@@ -371,7 +416,7 @@ def run(model_args, data_args, job_args, training_args) -> None:
                               epochs=job_args.ablation_epochs)
         return
     splits = process_splits(dataset, processor, no_text=data_args.no_text)
-    unet_weights, stage1_losses = stage1(model_args, splits, collator, processor, job_args, training_args)
+    unet_weights, stage1_losses, unet_alone = stage1(model_args, splits, collator, processor, job_args, training_args)
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume:
         print(f"resuming from {resume}")
@@ -383,11 +428,19 @@ def run(model_args, data_args, job_args, training_args) -> None:
                             processor, baseline_args, job_args))
     if arms[0][2] is None:  # not the main process
         return
-    hub_export.write_comparison(arms, out, stage1_losses)
+    if job_args.probe_ladder and unet_weights:
+        start = build_model(replace(model_args, lora=False), processor)
+        start.model.unet.load_state_dict(load_file(unet_weights))
+        ladders = {"start of stage 2": ladder(start, splits), "MDF-MLLM (trained)": ladder(arms[0][0], splits)}
+        (out / "probe_ladder.md").write_text(ladder_table(ladders, chance=1 / len(ACQUIRED_CLASSES)) + "\n")
+        print(f"probe ladder (acquired classes, linear probes, test accuracy): {out / 'probe_ladder.md'}")
+    references = [unet_alone] if unet_alone else []
+    hub_export.write_comparison(arms, out, stage1_losses, references)
     model, trainer, report = arms[0]
     export_dir = Path(job_args.export_dir or out / "mdf-mllm")
     hub_export.export(model, processor, report, trainer, dataset, data_args, model_args, str(export_dir),
-                      baseline=(arms[1][2], arms[1][1]) if len(arms) > 1 else None, gate_history=report["gate_history"])
+                      baseline=(arms[1][2], arms[1][1]) if len(arms) > 1 else None, gate_history=report["gate_history"],
+                      references=references)
     if training_args.push_to_hub:
         from huggingface_hub import upload_folder
 
@@ -395,7 +448,7 @@ def run(model_args, data_args, job_args, training_args) -> None:
     removed = [folder for _, trainer, _ in arms for folder in remove_checkpoints(trainer.args.output_dir)]
     if removed:
         print(f"checkpoints: {len(removed)} removed once training finished; none kept")
-    print(hub_export.summary([r for _, _, r in arms], model_args, data_args, out, export_dir))
+    print(hub_export.summary([r for _, _, r in arms] + references, model_args, data_args, out, export_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -134,42 +134,57 @@ class LabelledProgress(ProgressCallback):
             self.training_bar.set_description(self.label)
 
 
+# Optimizer groups, each falling back to the rate of the one after it when it has none of its own.
+PARAMETER_KINDS = {"gate": "mdf", "film": "mdf", "unet": "mdf", "mdf": "base", "base": None}
+
+
 def parameter_kind(name: str) -> str:
-    """"gate" (a U-Net branch's g_u), "mdf" (any other MDF parameter) or "base"."""
-    return "gate" if re.search(r"unet_attn\.(modules_to_save\.default\.)?gate$", name) else (
-        "mdf" if is_mdf_parameter(name) else "base")
+    """"gate" (a U-Net branch's g_u), "film", "unet" (the rest of the U-Net), "mdf" (the patch projector and the
+    branches' other weights) or "base"."""
+    if re.search(r"unet_attn\.(modules_to_save\.default\.)?gate$", name):
+        return "gate"
+    if re.search(r"\.unet\.(modules_to_save\.default\.)?film\.", name):
+        return "film"
+    if re.search(r"\.unet\.", name):
+        return "unet"
+    return "mdf" if is_mdf_parameter(name) else "base"
 
 
 class MdfTrainer(Trainer):
-    """Trainer whose optimizer gives the MDF parameters, and the U-Net gates among them, learning rates of their own.
+    """Trainer whose optimizer gives each kind of parameter (`parameter_kind`) a learning rate of its own.
 
-    `learning_rates`: {"mdf": lr, "gate": lr}, either may be missing (then that kind trains at the rate of the kind
-    above it: gates as MDF, MDF as base). The gates' own group has no weight decay, which would pull them shut.
+    `learning_rates`: {kind: lr}; a kind without one trains at the rate of the kind it falls back to
+    (`PARAMETER_KINDS`: gates, FiLM and U-Net as the other MDF modules, those as the base). A rate of 0 freezes that
+    kind. The gates' group has no weight decay, which would pull them shut.
     """
 
     def __init__(self, *args, learning_rates: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.learning_rates = {kind: lr for kind, lr in (learning_rates or {}).items() if lr is not None}
 
+    def rate(self, kind: str, base_rate: float) -> float:
+        while kind != "base" and kind not in self.learning_rates:
+            kind = PARAMETER_KINDS[kind]
+        return self.learning_rates.get(kind, base_rate)
+
     def create_optimizer(self, model=None):
+        model = model or self.model
+        if self.learning_rates:
+            for name, param in model.named_parameters():  # frozen before the optimizer sees them
+                if self.rate(parameter_kind(name), self.args.learning_rate) == 0:
+                    param.requires_grad_(False)
         optimizer = super().create_optimizer(model)
         if not self.learning_rates or optimizer.state:
             return optimizer
-        names = {id(p): name for name, p in (model or self.model).named_parameters()}
-        rates = self.learning_rates
-
-        def kind(param) -> str:
-            found = parameter_kind(names[id(param)])
-            return "mdf" if found == "gate" and "gate" not in rates else found
-
+        kinds = {id(p): parameter_kind(name) for name, p in model.named_parameters()}
         groups, optimizer.param_groups = optimizer.param_groups, []
         for group in groups:  # each (weight decay) group split by kind
-            for name in ("base", "mdf", "gate"):
-                params = [p for p in group["params"] if kind(p) == name]
-                lr = group["lr"] if name == "base" else rates.get(name, rates.get("mdf", group["lr"]))
-                decay = 0.0 if name == "gate" else group["weight_decay"]
+            for kind in PARAMETER_KINDS:
+                params = [p for p in group["params"] if kinds[id(p)] == kind]
                 if params:
-                    optimizer.add_param_group({**group, "params": params, "lr": lr, "weight_decay": decay})
+                    decay = 0.0 if kind == "gate" else group["weight_decay"]
+                    optimizer.add_param_group({**group, "params": params, "lr": self.rate(kind, group["lr"]),
+                                               "weight_decay": decay, "kind": kind})
         return optimizer
 
 
@@ -240,35 +255,64 @@ def evaluate_model(model, splits, collator, config: MdfMllmConfig, job_args, bf1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Stage 1
+# Stage 1: the U-Net learns what the photo shows before the language model reads it
+
+UNET_ALONE = "U-Net alone (image only)"  # the stage-1 U-Net and class head: what the photo alone gives
 
 
-def vessel_loss(model, batch: dict) -> torch.Tensor:
-    """BCE of the U-Net decoder's vessel logits, FiLM conditioned on the prompt (answer excluded) as in fusion."""
-    with torch.no_grad():
-        prompt_mask = batch["attention_mask"] * (batch["labels"] == -100)
-        context = model.model.text_context(batch["input_ids"], None, prompt_mask)
-    unet = model.model.unet
-    logits = unet.decode(unet.encode(batch["unet_pixel_values"].to(model.dtype), context))
-    return F.binary_cross_entropy_with_logits(logits.float(), batch["vessel_mask"].float())
+def pooled_skips(unet, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The skips of the photo alone (no FiLM) and their average-pooled channels, concatenated: (B, sum_k C_k)."""
+    skips = unet.encode(pixel_values, None)
+    return skips, torch.cat([skip.mean((2, 3)) for skip in skips], 1)
 
 
-def warm_up_unet(model, split, collator, job_args, training_args, path: Path) -> list[float]:
-    """Stage 1: the U-Net (FiLM and decoder included) learns vessel segmentation alone, so that the gates of stage 2
-    open onto features that mean something. Writes its weights to `path`; returns the mean loss of each epoch."""
-    optimizer = torch.optim.AdamW(model.model.unet.parameters(), lr=job_args.stage1_learning_rate)
-    loader = torch.utils.data.DataLoader(split, batch_size=training_args.per_device_train_batch_size, shuffle=True,
-                                         collate_fn=collator, generator=torch.Generator().manual_seed(training_args.seed))
-    steps = max(1, math.ceil(job_args.stage1_epochs * len(loader)))
-    bar, losses = tqdm(total=steps, desc="stage 1: U-Net vessel warm-up", disable=training_args.disable_tqdm), []
-    model.train()
-    step = 0  # counted here: a disabled tqdm bar (disable_tqdm) does not count
-    while step < steps:
+def stage1_loss(unet, class_head, batch: dict, class_ids: torch.Tensor, vessel_weight: float) -> torch.Tensor:
+    """Cross-entropy of the class head on the pooled skips, plus `vessel_weight` x the decoder's vessel BCE (the
+    decoder runs only when that weight counts and the batch has masks)."""
+    skips, pooled = pooled_skips(unet, batch["unet_pixel_values"])
+    loss = F.cross_entropy(class_head(pooled), class_ids)
+    if vessel_weight and "vessel_mask" in batch:
+        loss = loss + vessel_weight * F.binary_cross_entropy_with_logits(
+            unet.decode(skips), batch["vessel_mask"].float())
+    return loss
+
+
+def mirrored(batch: dict) -> dict:
+    """Every photo (and vessel mask) mirrored left-right, as the other eye would be photographed."""
+    return {**batch, **{key: batch[key].flip(-1) for key in ("unet_pixel_values", "vessel_mask") if key in batch}}
+
+
+def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_args, training_args,
+                 folder: Path) -> list[float]:
+    """Stage 1: the U-Net encoder, image only (FiLM stays the identity), learns the classes of the training photos
+    through a linear head on its pooled skips, and the vessels through its decoder when the photos have masks.
+    Without it, the LM loss alone gives the U-Net too weak and noisy a gradient: fine-tuning left it knowing less
+    about the classes than random weights. Writes `unet.safetensors` and `class_head.safetensors` to `folder`;
+    returns the mean loss of each epoch."""
+    class_head = torch.nn.Linear(sum(unet.widths), num_classes)
+    trained = [p for name, p in unet.named_parameters() if not name.startswith("film.")]
+    optimizer = torch.optim.AdamW([*trained, *class_head.parameters()], lr=job_args.stage1_learning_rate,
+                                  weight_decay=training_args.weight_decay)
+    generator = torch.Generator().manual_seed(training_args.seed)
+    batch_size = training_args.per_device_train_batch_size
+    steps_per_epoch = math.ceil(len(split) / batch_size)
+    steps = max(1, math.ceil(job_args.stage1_epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, job_args.stage1_learning_rate, total_steps=steps)
+    vessel_weight = job_args.stage1_vessel_weight if split.has_masks else 0.0
+    bar, losses, step = tqdm(total=steps, desc="stage 1: U-Net classes and vessels",
+                             disable=training_args.disable_tqdm), [], 0
+    unet.train()
+    while step < steps:  # counted here: a disabled tqdm bar (disable_tqdm) does not count
         epoch = []
-        for batch in loader:
-            loss = vessel_loss(model, batch)
+        for indices in torch.randperm(len(split), generator=generator).split(batch_size):
+            batch = collator([split[i] for i in indices])
+            if torch.rand((), generator=generator) < 0.5:
+                batch = mirrored(batch)
+            class_ids = torch.tensor([split.label_ids[i] for i in indices])
+            loss = stage1_loss(unet, class_head, batch, class_ids, vessel_weight)
             loss.backward()
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad()
             epoch.append(loss.item())
             step += 1
@@ -278,6 +322,18 @@ def warm_up_unet(model, split, collator, job_args, training_args, path: Path) ->
                 break
         losses.append(float(np.mean(epoch)))
     bar.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.model.unet.state_dict().items()}, path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "unet.safetensors")
+    save_file({k: v.contiguous() for k, v in class_head.state_dict().items()}, folder / "class_head.safetensors")
     return losses
+
+
+@torch.no_grad()
+def unet_alone_probabilities(unet, class_head, split: ProcessedSplit, collator, batch_size: int) -> np.ndarray:
+    """The stage-1 U-Net and class head on a split of photos, image only: (N, K) class probabilities."""
+    unet.eval()
+    probabilities = []
+    for start in range(0, len(split), batch_size):
+        batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
+        probabilities.append(class_head(pooled_skips(unet, batch["unet_pixel_values"])[1]).softmax(-1))
+    return torch.cat(probabilities).numpy()
