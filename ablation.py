@@ -2,12 +2,13 @@
 
     python train_hf.py --ablation [--seeds 3]
 
-Rows: the baseline (the base fine-tuned alone), MDF with every depth, each single depth (every fused layer reads that
-U-Net depth), MDF without FiLM, without clinical text, without the stage-1 U-Net warm-up, and with Flamingo's closed
-gates (g_u = 0, with a gate learning rate of their own) in place of the main job's open gates over zero value
-projections. Every row starts from the
-same base; every MDF row but "no stage 1" from the same stage-1 U-Net, trained once. Each row runs `seeds` times
-(seed k: data order and MDF initialisation); the table gives mean ± sample std over seeds and a 95% Student-t
+Rows: the baseline (the base fine-tuned alone), the U-Net alone (the stage-1 U-Net and its class head, image only:
+what the photo alone gives), MDF with every depth, each single depth (every fused layer reads that U-Net depth), MDF
+without FiLM, without clinical text, without stage 1 (a random U-Net, frozen as the recipe freezes the trained one),
+and with Flamingo's closed gates (g_u = 0, with a gate learning rate of their own) in place of the main job's open
+gates over zero value projections. Every row starts from the same base; every MDF row but "no stage 1" from the
+stage-1 U-Net of its seed. Each row runs `seeds` times (seed k: stage 1, data order and MDF initialisation); the
+table gives mean ± sample std over seeds and a 95% Student-t
 interval over seeds, mean ± t(0.975, n-1) · std / sqrt(n), which measures how much the result moves between training
 runs (the per-run bootstrap over test photos, in each run's report, does not); a second table gives each row's
 per-class sensitivity, the mean over seeds.
@@ -41,6 +42,7 @@ class Row:
 
     name: str
     baseline: bool = False  # the base fine-tuned alone: no U-Net at all
+    unet_alone: bool = False  # the stage-1 U-Net and class head, no language model
     depth: int | None = None  # every fused layer reads this U-Net depth (None: the default spread of depths)
     no_film: bool = False
     no_text: bool = False
@@ -51,6 +53,7 @@ class Row:
 
 ROWS = (
     Row("Mllama baseline", baseline=True),
+    Row(training.UNET_ALONE, unet_alone=True),
     Row("MDF, all depths"),
     *(Row(f"MDF, depth {depth} only", depth=depth) for depth in range(1, 5)),
     Row("MDF, no FiLM", no_film=True),
@@ -144,31 +147,39 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
     command = command or f"python {shlex.join(sys.argv)}"
     splits = {no_text: training.process_splits(dataset, processor, no_text=no_text)
               for no_text in {row.no_text for row in rows}}
-    unet_path, _ = train_hf.stage1(model_args, splits[False], collator, processor, job_args, training_args)
-    no_film_path = without_film(unet_path) if any(row.no_film for row in rows) else None
     results = []
     # Seed-major: a run stopped early still has every row for its first seeds.
     for seed in range(job_args.seeds):
+        seed_args = replace(training_args, seed=seed, output_dir=str(out / f"seed-{seed}"))
+        unet_path, _, unet_alone = train_hf.stage1(model_args, splits[False], collator, processor, job_args, seed_args)
+        no_film_path = without_film(unet_path) if any(row.no_film for row in rows) else None
         for row in rows:
+            if row.unet_alone:  # trained by stage 1 above (none without stage 1)
+                if unet_alone is not None:
+                    results.append(result(row.name, seed, unet_alone))
+                continue
             unet = None if row.baseline or not row.stage1 else no_film_path if row.no_film else unet_path
             # No checkpoints, no validation passes: each run is short and only its test result is kept.
-            args = replace(training_args, seed=seed, num_train_epochs=epochs, resume_from_checkpoint=None,
-                           save_strategy="no", eval_strategy="no",
-                           output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}")))
+            args = replace(seed_args, num_train_epochs=epochs, resume_from_checkpoint=None, save_strategy="no",
+                           eval_strategy="no", output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}")))
             _, _, report = train_hf.run_one(row.name, row_model_args(model_args, row), splits[row.no_text], collator,
                                             processor, args, job_args, unet_weights=unet)
             if report is None:  # not the main process
                 continue
-            gates = report["gate_history"][-1]["gates"] if report["gate_history"] else {}
-            results.append({"name": row.name, "seed": seed, **{m: report["disease"][m] for m in METRICS[:2]},
-                            "type_accuracy": report["type"]["accuracy"], "type_macro_f1": report["type"]["macro_f1"],
-                            "train_seconds": report["train_seconds"], "gates": gates,
-                            "sensitivity": {label: scores["sensitivity"] for label, scores in
-                                            report["disease"]["per_class"].items()}})
+            results.append(result(row.name, seed, report))
             write(out, results, time.perf_counter() - start, epochs, command)
     if results:
         print((out / "ablation.md").read_text())
     return results
+
+
+def result(name: str, seed: int, report: dict) -> dict:
+    """One run's line of ablation.json: the metrics of the table, its gates at the end, per-class sensitivity."""
+    gates = report["gate_history"][-1]["gates"] if report["gate_history"] else {}
+    return {"name": name, "seed": seed, **{m: report["disease"][m] for m in METRICS[:2]},
+            "type_accuracy": report["type"]["accuracy"], "type_macro_f1": report["type"]["macro_f1"],
+            "train_seconds": report["train_seconds"], "gates": gates,
+            "sensitivity": {label: scores["sensitivity"] for label, scores in report["disease"]["per_class"].items()}}
 
 
 def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, command: str) -> None:
