@@ -8,7 +8,12 @@ import tempfile
 from pathlib import Path
 
 import reporting
+from model_setup import describe_base
 from pipeline_mdf_mllm import register_pipeline
+
+
+# Inference Endpoints' custom handler, shipped in every export as reporting.ENDPOINT_HANDLER_FILE.
+HANDLER_SOURCE = Path(__file__).resolve().parent / "handler_mdf_mllm.py"
 
 
 def export(model, processor, report, trainer, dataset, data_args, model_args, export_dir: str, **card) -> Path:
@@ -45,6 +50,7 @@ def write_repository(
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     register_pipeline(folder)
+    shutil.copyfile(HANDLER_SOURCE, folder / reporting.ENDPOINT_HANDLER_FILE)
     reporting.write_results(report, folder)
     histories = {report["name"]: trainer.state.log_history}
     if baseline is not None:
@@ -60,6 +66,7 @@ def write_repository(
         training_args_summary=_training_summary(trainer, model_args, data_args),
         comparison_reports=[baseline[0]] if baseline is not None else None,
         dataset_seed=data_args.dataset_seed,
+        base_description=describe_base(model_args.base_model) if model_args.base_model else None,
     )
 
 
@@ -87,7 +94,10 @@ def _widget_examples(folder: Path, test_split, report, config, count: int = 3) -
 def _training_summary(trainer, model_args, data_args) -> dict:
     args = trainer.args
     return {
-        "base_model": model_args.base_model or f"none (trained from scratch, {model_args.model_size or 'small'})",
+        # A local base by its folder's name: its path is the training machine's, and the card is public.
+        "base_model": reporting.hub_base_model(model_args.base_model) or (
+            f"local folder {Path(model_args.base_model).name}" if model_args.base_model
+            else f"none (trained from scratch, {model_args.model_size or 'small'})"),
         "dataset": data_args.dataset,
         "train_examples": len(trainer.train_dataset),
         "epochs": args.num_train_epochs,
