@@ -1,6 +1,6 @@
 """What a finished training job leaves: the comparison of its models (comparison.md / .json), the trained MDF-MLLM as
-a complete Hub model repository (weights, remote code, processor, pipeline registration, results, plots, model card
-with the baseline beside it), and the job's closing summary."""
+a complete Hub model repository (weights, remote code, processor, pipeline registration, Inference Endpoints handler,
+results, plots, model card with the baseline beside it), and the job's closing summary."""
 
 import json
 import shutil
@@ -41,7 +41,7 @@ def write_repository(
     folder: Path, model, processor, report, trainer, dataset, data_args, model_args,
     baseline=None, gate_history: list[dict] | None = None,
 ) -> None:
-    """Weights, code, processor, pipeline registration, results, plots and the model card.
+    """Weights, code, processor, pipeline registration, Endpoints handler, results, plots and the model card.
 
     `baseline`: `(report, trainer)` of the baseline trained beside this model (its loss curve and metrics go into
     the plot and the card), or None. `gate_history`: the U-Net gates logged during training (plotted).
