@@ -77,6 +77,12 @@ def other_local(tmp_path: Path) -> str:
     return str(base)
 
 
+def relative_local(tmp_path: Path) -> str:
+    """`--base_model models/base` run from tmp_path (the test's working folder): shaped like a Hub id, but a folder."""
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    return "models/base"
+
+
 @pytest.mark.parametrize(
     "make_base, metadata, origin, table",
     [
@@ -85,12 +91,14 @@ def other_local(tmp_path: Path) -> str:
          "local folder base-0123456789abcdef"),
         (other_local, None, "a local base, the Mllama checkpoint in a folder named `Llama-3.2-11B-Vision-Instruct`",
          "local folder Llama-3.2-11B-Vision-Instruct"),
+        (relative_local, None, "a local base, the Mllama checkpoint in a folder named `base`", "local folder base"),
         (lambda tmp_path: LLAMA, LLAMA, f"`{LLAMA}`", LLAMA),
     ],
-    ids=["made-by-make_base", "other-local-folder", "hub-id"],
+    ids=["made-by-make_base", "other-local-folder", "relative-local-folder", "hub-id"],
 )
-def test_card_metadata_is_valid_and_no_field_holds_a_local_path(exported, tmp_path, make_base, metadata, origin,
-                                                                table):
+def test_card_metadata_is_valid_and_no_field_holds_a_local_path(exported, tmp_path, monkeypatch, make_base, metadata,
+                                                                origin, table):
+    monkeypatch.chdir(tmp_path)
     base = make_base(tmp_path)
     folder = write(exported, tmp_path / "export", base)
     card_text = (folder / "README.md").read_text()
