@@ -657,10 +657,10 @@ def _handler_note(folder: Path) -> str:
     if not (folder / ENDPOINT_HANDLER_FILE).is_file():
         return ""
     return (
-        f"\nDeployed on Inference Endpoints, the repository's `{ENDPOINT_HANDLER_FILE}` (a custom handler) serves it: "
+        f"Deployed on Inference Endpoints, the repository's `{ENDPOINT_HANDLER_FILE}` (a custom handler) serves it: "
         'send `{"inputs": <the photo, base64>, "parameters": {"clinical_text": "...", "top_k": 3, "check_fundus": '
         'true}}` (parameters optional) and get the pipeline\'s `[{"label", "score", "disease_type"}, ...]`, highest '
-        'score first, or `{"error": "..."}` for a photo that is not a fundus photograph or a malformed request.'
+        'score first, or `{"error": "..."}` for a photo that is not a fundus photograph or a malformed request.\n'
     )
 
 
@@ -691,8 +691,8 @@ The model and processor classes live in this repository, so loading needs `trust
 {usage_code}
 ```
 
-The widget on this page shows stored example outputs: the hosted inference API does not run custom code.{_handler_note(folder)}
-
+The widget on this page shows stored example outputs: the hosted inference API does not run custom code.
+{_handler_note(folder)}
 ## Results
 
 Trained and evaluated on {data}.
