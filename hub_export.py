@@ -1,6 +1,6 @@
 """What a finished training job leaves: the comparison of its models (comparison.md / .json), the trained MDF-MLLM as
-a complete Hub model repository (weights, remote code, processor, pipeline registration, results, plots, model card
-with the baseline beside it), and the job's closing summary."""
+a complete Hub model repository (weights, remote code, processor, pipeline registration, Inference Endpoints handler,
+results, plots, model card with the baseline beside it), and the job's closing summary."""
 
 import json
 import shutil
@@ -8,7 +8,12 @@ import tempfile
 from pathlib import Path
 
 import reporting
+from model_setup import describe_base
 from pipeline_mdf_mllm import register_pipeline
+
+
+# Inference Endpoints' custom handler, shipped in every export as reporting.ENDPOINT_HANDLER_FILE.
+HANDLER_SOURCE = Path(__file__).resolve().parent / "handler_mdf_mllm.py"
 
 
 def export(model, processor, report, trainer, dataset, data_args, model_args, export_dir: str, **card) -> Path:
@@ -36,7 +41,7 @@ def write_repository(
     folder: Path, model, processor, report, trainer, dataset, data_args, model_args,
     baseline=None, gate_history: list[dict] | None = None, references: list[dict] = (),
 ) -> None:
-    """Weights, code, processor, pipeline registration, results, plots and the model card.
+    """Weights, code, processor, pipeline registration, Endpoints handler, results, plots and the model card.
 
     `baseline`: `(report, trainer)` of the baseline trained beside this model (its loss curve and metrics go into
     the plot and the card), or None. `gate_history`: the U-Net gates logged during training (plotted). `references`:
@@ -46,6 +51,7 @@ def write_repository(
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     register_pipeline(folder)
+    shutil.copyfile(HANDLER_SOURCE, folder / reporting.ENDPOINT_HANDLER_FILE)
     reporting.write_results(report, folder)
     histories = {report["name"]: trainer.state.log_history}
     if baseline is not None:
@@ -61,6 +67,7 @@ def write_repository(
         training_args_summary=_training_summary(trainer, model_args, data_args),
         comparison_reports=[*([baseline[0]] if baseline is not None else []), *references] or None,
         dataset_seed=data_args.dataset_seed,
+        base_description=describe_base(model_args.base_model) if model_args.base_model else None,
     )
 
 
@@ -88,7 +95,10 @@ def _widget_examples(folder: Path, test_split, report, config, count: int = 3) -
 def _training_summary(trainer, model_args, data_args) -> dict:
     args = trainer.args
     return {
-        "base_model": model_args.base_model or f"none (trained from scratch, {model_args.model_size or 'small'})",
+        # A local base by its folder's name: its path is the training machine's, and the card is public.
+        "base_model": reporting.hub_base_model(model_args.base_model) or (
+            f"local folder {Path(model_args.base_model).name}" if model_args.base_model
+            else f"none (trained from scratch, {model_args.model_size or 'small'})"),
         "dataset": data_args.dataset,
         "train_examples": len(trainer.train_dataset),
         "epochs": args.num_train_epochs,

@@ -3,6 +3,9 @@ processor, the MDF processor on a base's settings, and building MDF-MLLM from a 
 
 `model_args` is train_hf.ModelArguments (not imported: train_hf imports this module)."""
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import AutoProcessor, MllamaConfig, MllamaProcessor
 from transformers.utils import logging as transformers_logging
@@ -101,14 +104,58 @@ def base_processor(model_args) -> MdfMllmProcessor:
 
 
 def mdf_sizes(model_args) -> dict:
-    """The MDF modules' sizes: MODEL_SIZES for our own layouts, the config's defaults for a real base."""
-    size = model_args.model_size or (None if model_args.base_model else "small")
+    """The MDF modules' sizes: MODEL_SIZES for our own layouts (a base made here records its own), the config's
+    defaults for a real base."""
+    size = layout_name(model_args)
     sizes = {} if size is None else layout_sizes(size)
     if model_args.unet_image_size:
         sizes["unet_config"] = {**sizes.get("unet_config", {}), "image_size": model_args.unet_image_size}
     if model_args.fusion_grid:
         sizes["fusion_grid"] = model_args.fusion_grid
     return sizes
+
+
+def describe_mdf_sizes(model_args) -> str:
+    """One line: the U-Net, grid and projector the MDF modules get on `model_args.base_model`, where they come from,
+    and the options that change them (the 11B defaults on a small base cost minutes per step on a CPU)."""
+    sizes = mdf_sizes(model_args)
+    unet = {**MdfMllmConfig().unet_config, **sizes.get("unet_config", {})}
+    grid, projector = sizes.get("fusion_grid", MdfMllmConfig.fusion_grid), sizes.get("projector_dim",
+                                                                                    MdfMllmConfig.projector_dim)
+    size = layout_name(model_args)
+    origin = f"the {size} layout" if size else "the defaults for Llama 3.2 11B Vision"
+    return (f"MDF modules: U-Net {unet['image_size']} px of base width {unet['base_channels']}, fusion grid "
+            f"{grid}x{grid}, projector {projector} ({origin}); --model_size, --unet_image_size and --fusion_grid "
+            "change them")
+
+
+# `train_hf.py --make_base` writes this beside the base's config.json (plain transformers ignores the file): the layout
+# it was made in, so that `--base_model` gives the base MDF modules of its size rather than the 11B defaults.
+BASE_RECORD_FILE = "mdf_mllm_base.json"
+
+
+def layout_name(model_args) -> str | None:
+    """The layout the MDF modules take: --model_size, else the one a base made here records (small without a base);
+    None for any other base (the config's defaults)."""
+    if model_args.model_size or not model_args.base_model:
+        return model_args.model_size or "small"
+    return base_record(model_args.base_model).get("model_size")
+
+
+def base_record(base_model: str) -> dict:
+    """What `train_hf.py --make_base` recorded about a base it made ({} for any other base, a Hub id included)."""
+    path = Path(base_model) / BASE_RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def describe_base(base_model: str) -> str | None:
+    """How a base made by `train_hf.py --make_base` was made, for a model card; None for any other base."""
+    record = base_record(base_model)
+    if not record:
+        return None
+    return (f"a stock Mllama of this repository's {record['model_size']} layout, trained from scratch by "
+            f"`train_hf.py --make_base` for {record['epochs']:g} epochs on the {record['dataset']} data (no "
+            "pretrained weights)")
 
 
 def layout_sizes(model_size: str) -> dict:

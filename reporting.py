@@ -324,6 +324,7 @@ def write_results(report: dict, out_dir) -> dict[str, Path]:
 
 CONFUSION_MATRIX_FILE = "confusion_matrix_{level}.png"
 TRAINING_CURVES_FILE = "training_curves.png"
+ENDPOINT_HANDLER_FILE = "handler.py"  # the name Inference Endpoints looks for
 
 
 def _loss_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -600,14 +601,31 @@ probabilities = model.classify(**inputs)  # (batch, num_labels)
 print(model.config.id2label[int(probabilities.argmax(-1)[0])])"""
 
 
-def _origin(base_model: str | None) -> str:
+def hub_base_model(base_model: str | None) -> str | None:
+    """`base_model` when it names a Hub model; None for no base or a local folder, whose path (on the training
+    machine) means nothing on the Hub: the card then describes the base in its text."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if base_model is None or Path(base_model).exists():
+        return None
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError:
+        return None
+    return base_model
+
+
+def _origin(base_model: str | None, base_description: str | None) -> str:
     if base_model is None:
         return (
             "This model was trained from scratch: Llama 3.2 Vision's (Mllama's) architecture at a small size, randomly "
             "initialised, with the repository's own tokenizer; it holds no pretrained weights."
         )
+    hub_id = hub_base_model(base_model)
+    base = f"`{hub_id}`" if hub_id else (
+        f"a local base, {base_description or f'the Mllama checkpoint in a folder named `{Path(base_model).name}`'}")
     return (
-        f"This model was fine-tuned from `{base_model}`: every Mllama weight was loaded from it, and the MDF modules "
+        f"This model was fine-tuned from {base}: every Mllama weight was loaded from it, and the MDF modules "
         "were added with their U-Net gates at zero, so training started from exactly the base model's outputs."
     )
 
@@ -635,7 +653,18 @@ def _results_section(folder: Path, model_name: str, metrics_report: dict, compar
     return "\n".join(parts)
 
 
-def _model_card_body(folder, model_name, base_model, metrics_report, data, comparison_reports, figures,
+def _handler_note(folder: Path) -> str:
+    if not (folder / ENDPOINT_HANDLER_FILE).is_file():
+        return ""
+    return (
+        f"Deployed on Inference Endpoints, the repository's `{ENDPOINT_HANDLER_FILE}` (a custom handler) serves it: "
+        'send `{"inputs": <the photo, base64>, "parameters": {"clinical_text": "...", "top_k": 3, "check_fundus": '
+        'true}}` (parameters optional) and get the pipeline\'s `[{"label", "score", "disease_type"}, ...]`, highest '
+        'score first, or `{"error": "..."}` for a photo that is not a fundus photograph or a malformed request.\n'
+    )
+
+
+def _model_card_body(folder, model_name, origin, metrics_report, data, comparison_reports, figures,
                      training_args_summary, synthetic_data, usage_code, extra_markdown) -> str:
     data_note = (
         "**The reported numbers come from synthetic fundus images; they show the pipeline works, not clinical "
@@ -652,7 +681,7 @@ are projected to the language model's width and read by its cross-attention laye
 cross-attention, and the text conditions the U-Net through FiLM. A prediction scores every class verbalizer by its
 log-likelihood given the prompt; labels are two-level (disease, and its type: {", ".join(DISEASE_TYPES)}).
 
-{_origin(base_model)}
+{origin}
 
 ## How to use
 
@@ -663,7 +692,7 @@ The model and processor classes live in this repository, so loading needs `trust
 ```
 
 The widget on this page shows stored example outputs: the hosted inference API does not run custom code.
-
+{_handler_note(folder)}
 ## Results
 
 Trained and evaluated on {data}.
@@ -699,12 +728,15 @@ def write_model_card(
     model_name: str = "MDF-MLLM",
     license: str | None = None,
     usage_code: str = DEFAULT_USAGE_CODE,
+    base_description: str | None = None,
 ) -> Path:
     """Write `folder/README.md`: a Hub model card (metadata, static widgets, usage, results, figures, limitations).
 
     Args:
-        base_model: the checkpoint actually loaded (Hub id or path), or None for a model trained from scratch: the
-            card's `base_model` metadata is then absent. The licence follows from it (`license_for`).
+        base_model: the checkpoint actually loaded (Hub id or path), or None for a model trained from scratch. Only
+            a Hub id goes into the card's `base_model` metadata; a local base is described in the text
+            (`base_description`, else its folder's name), never by its path. The licence follows from it
+            (`license_for`).
         metrics_report: `classification_report(...)` of the test set.
         datasets: the `dataset_builder` names of the data (`DATASET_DESCRIPTIONS`), described in the text.
         training_args_summary: setting -> value, shown as the training details table.
@@ -717,6 +749,7 @@ def write_model_card(
             `STANDARD_FIGURES` that exist in `folder`.
         license: overrides `license_for(base_model)`, for a Llama-derived base whose name does not show it.
         usage_code: the Python shown under "How to use" (load, preprocess, `model.classify`).
+        base_description: what a local base is and how it was made (e.g. `model_setup.describe_base`).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -726,7 +759,7 @@ def write_model_card(
         figures = {name: caption for name, caption in STANDARD_FIGURES.items() if (folder / name).is_file()}
     card_data = ModelCardData(
         model_name=model_name,
-        base_model=base_model,
+        base_model=hub_base_model(base_model),
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license=license or license_for(base_model),
@@ -734,8 +767,8 @@ def write_model_card(
         widget=_widgets(folder, widget_examples) or None,
     )
     body = _model_card_body(
-        folder, model_name, base_model, metrics_report, data, comparison_reports, figures, training_args_summary,
-        "synthetic" in datasets, usage_code, extra_markdown,
+        folder, model_name, _origin(base_model, base_description), metrics_report, data, comparison_reports, figures,
+        training_args_summary, "synthetic" in datasets, usage_code, extra_markdown,
     )
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
     path = folder / "README.md"

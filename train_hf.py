@@ -48,11 +48,13 @@ import reporting
 from configuration_mdf_mllm import UNET_DEPTHS
 from model_setup import (
     BASE_CHAT_TEMPLATE,
+    BASE_RECORD_FILE,
     MODEL_SIZES,
     UsageError,
     base_processor,
     build_model,
     default_processor,
+    describe_mdf_sizes,
     mdf_processor,
     open_gates,
     parse_fusion_layers,
@@ -248,11 +250,40 @@ def check_arguments(model_args, data_args, job_args, training_args) -> None:
         check_path(f"--{option}", getattr(data_args, option))
     if training_args.resume_from_checkpoint != "latest":
         check_path("--resume_from_checkpoint", training_args.resume_from_checkpoint)
+    if training_args.push_to_hub:
+        check_hub(job_args, training_args)
     fusion, layers = parse_fusion_layers(model_args.fusion_layers), cross_attention_layers(model_args)
     bad = {k: v for k, v in (fusion or {}).items() if (layers and k not in layers) or not 1 <= v <= UNET_DEPTHS}
     if bad:
         raise UsageError(f"--fusion_layers: {model_args.fusion_layers!r}: layers must be among the cross-attention "
                          f"layers {layers or '(of the base)'}, depths 1-{UNET_DEPTHS}")
+
+
+def check_hub(job_args, training_args) -> None:
+    """--push_to_hub pushes the export at the end: find out now, not after training, that it cannot."""
+    from huggingface_hub import HfApi, constants
+
+    if job_args.make_base or job_args.ablation:
+        raise UsageError("--push_to_hub: pushes the exported MDF model, which --make_base and --ablation do not write")
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be pushed (unset it, or upload the "
+                         "export later with `hf upload`)")
+    try:
+        HfApi().whoami(token=training_args.hub_token)
+    except Exception as error:  # no token, a rejected one, no connection: whichever it is, the push would fail
+        raise UsageError(f"--push_to_hub: the Hub cannot be used ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]})") from None
+
+
+def push_export(export_dir: Path, training_args) -> str:
+    """Push the export folder to `--hub_model_id` (default: the output folder's name, as the Trainer names it)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=training_args.hub_token)
+    name = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    repo_id = api.create_repo(name, private=training_args.hub_private_repo, exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=export_dir, commit_message="MDF-MLLM export from train_hf.py")
+    return repo_id
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -261,7 +292,8 @@ def check_arguments(model_args, data_args, job_args, training_args) -> None:
 
 def make_base(model_args, data_args, job_args, training_args, folder: Path, dataset=None) -> Path:
     """Base: a stock MllamaForConditionalGeneration of the small layout, trained on the train split with the LM loss
-    on the answer and written with its stock MllamaProcessor to `folder` (plain transformers loads both)."""
+    on the answer and written with its stock MllamaProcessor to `folder` (plain transformers loads both), with a record
+    of its layout (BASE_RECORD_FILE) from which `--base_model folder` sizes the MDF modules."""
     size = model_args.model_size or "small"
     stock = stock_processor(size)
     processor = mdf_processor(stock, MODEL_SIZES[size]["unet"]["image_size"])
@@ -275,6 +307,8 @@ def make_base(model_args, data_args, job_args, training_args, folder: Path, data
     shutil.rmtree(folder / "training", ignore_errors=True)
     base.save_pretrained(folder)
     stock.save_pretrained(folder)
+    record = dict(model_size=size, epochs=job_args.base_epochs, dataset=data_args.dataset)
+    (folder / BASE_RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return folder
 
 
@@ -398,6 +432,8 @@ def unet_alone_report(unet, folder: Path, splits, collator, config, job_args) ->
 
 def run(model_args, data_args, job_args, training_args) -> None:
     out = Path(training_args.output_dir)
+    # The job pushes its export once at the end; a Trainer pushing each arm's checkpoints would mix them in one repo.
+    push, training_args = training_args.push_to_hub, replace(training_args, push_to_hub=False)
     if job_args.make_base:
         folder = make_base(model_args, data_args, job_args, training_args, out / "base")
         print(f"base written to {folder}: MllamaForConditionalGeneration + MllamaProcessor, plain transformers")
@@ -408,6 +444,8 @@ def run(model_args, data_args, job_args, training_args) -> None:
         base = cached_base(model_args, data_args, job_args, training_args, dataset)
         model_args = replace(model_args, base_model=base, model_size=model_args.model_size or "small")
     processor = base_processor(model_args) if model_args.base_model else default_processor(model_args)
+    if model_args.base_model:
+        print(describe_mdf_sizes(model_args))
     collator = MdfMllmDataCollator(processor)
     if job_args.ablation:
         import ablation  # it imports this module
@@ -441,10 +479,8 @@ def run(model_args, data_args, job_args, training_args) -> None:
     hub_export.export(model, processor, report, trainer, dataset, data_args, model_args, str(export_dir),
                       baseline=(arms[1][2], arms[1][1]) if len(arms) > 1 else None, gate_history=report["gate_history"],
                       references=references)
-    if training_args.push_to_hub:
-        from huggingface_hub import upload_folder
-
-        upload_folder(repo_id=training_args.hub_model_id, folder_path=str(export_dir), repo_type="model")
+    if push:
+        print(f"export pushed to https://huggingface.co/{push_export(export_dir, training_args)}")
     removed = [folder for _, trainer, _ in arms for folder in remove_checkpoints(trainer.args.output_dir)]
     if removed:
         print(f"checkpoints: {len(removed)} removed once training finished; none kept")

@@ -455,19 +455,21 @@ def test_model_card_of_a_model_trained_from_scratch(report, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "base_model, license",
+    "base_model, license, origin",
     [
-        ("meta-llama/Llama-3.2-11B-Vision-Instruct", "llama3.2"),
-        ("/models/Llama-3.2-11B-Vision-Instruct", "llama3.2"),
-        ("outputs/run/base", "apache-2.0"),  # the stand-in base that `train_hf.py --make_base` trains here
+        ("meta-llama/Llama-3.2-11B-Vision-Instruct", "llama3.2", "`meta-llama/Llama-3.2-11B-Vision-Instruct`"),
+        # Local folders: no `base_model` metadata (tests/test_hub_card.py), the folder's name in the text.
+        ("/models/Llama-3.2-11B-Vision-Instruct", "llama3.2",
+         "a local base, the Mllama checkpoint in a folder named `Llama-3.2-11B-Vision-Instruct`"),
+        ("outputs/run/base", "apache-2.0", "a local base, the Mllama checkpoint in a folder named `base`"),
     ],
 )
-def test_model_card_of_a_fine_tuned_base(report, tmp_path, base_model, license):
+def test_model_card_of_a_fine_tuned_base(report, tmp_path, base_model, license, origin):
     path = write_card(report, tmp_path, base_model=base_model)
     meta = front_matter(path)
-    assert meta["base_model"] == base_model
+    assert meta.get("base_model") == reporting.hub_base_model(base_model)
     assert meta["license"] == license
-    assert f"fine-tuned from `{base_model}`" in path.read_text()
+    assert f"fine-tuned from {origin}:" in path.read_text()
 
 
 def image_links(markdown: str) -> list[str]:
