@@ -341,6 +341,12 @@ def cached_base(model_args, data_args, job_args, training_args, dataset) -> str:
     return str(folder)
 
 
+def learning_rates(model_args) -> dict[str, float | None]:
+    """The stage-2 rate of each kind of MDF parameter (training.MdfTrainer; None: the rate of the kind above)."""
+    return {"mdf": model_args.mdf_learning_rate, "gate": model_args.gate_learning_rate,
+            "unet": model_args.unet_learning_rate, "film": model_args.film_learning_rate}
+
+
 def run_one(name, model_args, splits, collator, processor, training_args, job_args, resume=None, unet_weights=None):
     """Train one model (its U-Net from `unet_weights` when given) and evaluate it on the test split."""
     set_seed(training_args.seed)
@@ -349,8 +355,7 @@ def run_one(name, model_args, splits, collator, processor, training_args, job_ar
         unwrap_peft(model).model.unet.load_state_dict(load_file(unet_weights))
     gates = GateLogger()
     start = time.perf_counter()
-    rates = {"mdf": model_args.mdf_learning_rate, "gate": model_args.gate_learning_rate,
-             "unet": model_args.unet_learning_rate, "film": model_args.film_learning_rate}
+    rates = learning_rates(model_args)
     trainer = train(model, splits, collator, training_args, resume, [gates], rates,
                     label=f"stage 2: {name}" if model_args.base_model else name)
     seconds = time.perf_counter() - start

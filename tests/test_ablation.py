@@ -39,7 +39,7 @@ def ablation_run(tmp_path_factory):
     base = train_hf.make_base(model_args, data_args, job_args, training_args, out / "base", dataset)
     model_args = replace(model_args, base_model=str(base))
     processor = model_setup.base_processor(model_args)
-    calls, real_run_one = [], train_hf.run_one
+    calls, real_run_one, real_stage1 = [], train_hf.run_one, train_hf.stage1
 
     def recording_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs):
         calls.append({"name": name, "model_args": model_args, "splits": splits, "args": training_args, **kwargs})
@@ -47,8 +47,15 @@ def ablation_run(tmp_path_factory):
         calls[-1]["probabilities"] = result[2]["probabilities"]
         return result
 
+    def recording_stage1(*args):
+        result = real_stage1(*args)
+        calls.append({"name": training.UNET_ALONE, "args": args[-1], "unet_weights": result[0],
+                      "probabilities": result[2]["probabilities"]})
+        return result
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_hf, "run_one", recording_run_one)
+        patch.setattr(train_hf, "stage1", recording_stage1)
         runs = ablation.run_ablation(model_args, data_args, job_args, training_args, dataset, processor,
                                      MdfMllmDataCollator(processor), epochs=1.0, command="pytest")
     return {"out": out, "calls": calls, "runs": runs, "dataset": dataset, "processor": processor,
@@ -56,16 +63,18 @@ def ablation_run(tmp_path_factory):
 
 
 def test_every_row_runs_once_per_seed_in_order(ablation_run):
-    names = ["Mllama baseline", "MDF, all depths", *(f"MDF, depth {k} only" for k in range(1, 5)), "MDF, no FiLM",
+    names = ["Mllama baseline", training.UNET_ALONE, "MDF, all depths", *(f"MDF, depth {k} only" for k in range(1, 5)), "MDF, no FiLM",
              "MDF, no clinical text", "MDF, no stage 1", "MDF, closed gates"]
     expected = [(name, seed) for seed in range(SEEDS) for name in names]  # seed-major: a stopped run has every row
-    assert [(c["name"], c["args"].seed) for c in ablation_run["calls"]] == expected
+    # Each seed trains its own stage 1 (the U-Net-alone row) before its rows.
+    stage1_first = [(name, seed) for seed in range(SEEDS) for name in [names[1], names[0], *names[2:]]]
+    assert [(c["name"], c["args"].seed) for c in ablation_run["calls"]] == stage1_first
     assert [(r["name"], r["seed"]) for r in ablation_run["runs"]] == expected
-    assert {c["args"].num_train_epochs for c in ablation_run["calls"]} == {1.0}
+    assert {c["args"].num_train_epochs for c in ablation_run["calls"] if c["name"] != training.UNET_ALONE} == {1.0}
 
 
 def test_rows_change_only_what_they_name(ablation_run):
-    calls = {c["name"]: c for c in ablation_run["calls"] if c["args"].seed == 0}
+    calls = {c["name"]: c for c in ablation_run["calls"] if c["args"].seed == 0 and c["name"] != training.UNET_ALONE}
     layers = ablation_run["layers"]
     assert layers == [1, 3]
     assert calls["Mllama baseline"]["model_args"].fusion_layers == "none"
@@ -79,20 +88,25 @@ def test_rows_change_only_what_they_name(ablation_run):
                      (default.unet_gate_start, default.gate_learning_rate) for name in calls}
     # The fused layers each trained run really had, from its gate log.
     gates = {r["name"]: sorted(r["gates"]) for r in ablation_run["runs"] if r["seed"] == 0}
-    assert gates.pop("Mllama baseline") == []
+    assert gates.pop("Mllama baseline") == [] and gates.pop(training.UNET_ALONE) == []
     assert set(map(tuple, gates.values())) == {("1", "3")}
 
 
-def test_mdf_rows_start_from_the_stage1_unet_except_no_stage1(ablation_run):
-    calls = {c["name"]: c for c in ablation_run["calls"] if c["args"].seed == 0}
-    stage1 = ablation_run["out"] / "stage1" / "unet.safetensors"
-    assert calls["Mllama baseline"]["unet_weights"] is None and calls["MDF, no stage 1"]["unet_weights"] is None
-    for name in ("MDF, all depths", "MDF, depth 3 only", "MDF, no clinical text"):
-        assert calls[name]["unet_weights"] == str(stage1)
-    full, no_film = load_file(stage1), load_file(calls["MDF, no FiLM"]["unet_weights"])
-    assert any(key.startswith("film.") for key in full)
-    assert sorted(no_film) == sorted(key for key in full if not key.startswith("film."))
-    assert all(np.array_equal(no_film[key].numpy(), full[key].numpy()) for key in no_film)
+def test_mdf_rows_start_from_their_seeds_stage1_unet_except_no_stage1(ablation_run):
+    firsts = []
+    for seed in range(SEEDS):
+        calls = {c["name"]: c for c in ablation_run["calls"] if c["args"].seed == seed}
+        stage1 = ablation_run["out"] / f"seed-{seed}" / "stage1" / "unet.safetensors"
+        assert calls[training.UNET_ALONE]["unet_weights"] == str(stage1)
+        assert calls["Mllama baseline"]["unet_weights"] is None and calls["MDF, no stage 1"]["unet_weights"] is None
+        for name in ("MDF, all depths", "MDF, depth 3 only", "MDF, no clinical text"):
+            assert calls[name]["unet_weights"] == str(stage1)
+        full, no_film = load_file(stage1), load_file(calls["MDF, no FiLM"]["unet_weights"])
+        assert any(key.startswith("film.") for key in full)
+        assert sorted(no_film) == sorted(key for key in full if not key.startswith("film."))
+        assert all(np.array_equal(no_film[key].numpy(), full[key].numpy()) for key in no_film)
+        firsts.append(full["stages.0.0.weight"])
+    assert not np.array_equal(firsts[0].numpy(), firsts[1].numpy())  # each seed trained its own stage 1
 
 
 def test_only_the_no_text_row_drops_the_clinical_text(ablation_run):
@@ -101,6 +115,8 @@ def test_only_the_no_text_row_drops_the_clinical_text(ablation_run):
     ids = lambda split: [item["input_ids"].tolist() for item in split.items]  # noqa: E731
     assert ids(without) != ids(with_text)  # the tiny set has photos with clinical text
     for call in ablation_run["calls"]:
+        if call["name"] == training.UNET_ALONE:  # image only: no prompt
+            continue
         assert ids(call["splits"]["train"]) == ids(without if call["name"] == "MDF, no clinical text" else with_text)
 
 
@@ -128,7 +144,7 @@ def test_sensitivity_table_is_the_mean_over_seeds_of_each_runs_report(ablation_r
     table = (ablation_run["out"] / "ablation.md").read_text().split("Sensitivity per class, mean over seeds:")[1]
     labels = list(ablation_run["dataset"]["test"].features["label"].names)
     assert table.strip().splitlines()[0] == f"| row | {' | '.join(labels)} |"
-    truth = np.array(ablation_run["calls"][0]["splits"]["test"].label_ids)
+    truth = np.array(next(c for c in ablation_run["calls"] if "splits" in c)["splits"]["test"].label_ids)
     for name in dict.fromkeys(r["name"] for r in runs):
         # Recomputed from each run's predicted classes against the truth, not from the reports' sensitivities.
         predicted = [np.argmax(c["probabilities"], -1) for c in ablation_run["calls"] if c["name"] == name]
