@@ -626,7 +626,8 @@ def _origin(base_model: str | None, base_description: str | None) -> str:
         f"a local base, {base_description or f'the Mllama checkpoint in a folder named `{Path(base_model).name}`'}")
     return (
         f"This model was fine-tuned from {base}: every Mllama weight was loaded from it, and the MDF modules "
-        "were added with their U-Net gates at zero, so training started from exactly the base model's outputs."
+        "were added so that they change nothing at the start (each U-Net branch's value projection at zero, or its "
+        "gate closed), so training started from exactly the base model's outputs."
     )
 
 

@@ -409,8 +409,10 @@ def stage1(model_args, splits, collator, processor, job_args, training_args) -> 
     if job_args.from_scratch or job_args.no_stage1 or parse_fusion_layers(model_args.fusion_layers) == {}:
         return None, [], None
     set_seed(training_args.seed)
+    # The U-Net trains alone: on a GPU it goes there, the rest of the model (11B for the real base) is dropped.
     model = build_model(replace(model_args, lora=False, load_in_4bit=False), processor)
-    unet, config = unwrap_peft(model).model.unet, model.config
+    unet, config = model.model.unet.to(training_args.device), model.config
+    del model
     folder = Path(training_args.output_dir) / "stage1"
     start = time.perf_counter()
     losses = warm_up_unet(unet, len(config.label_names), splits["train"], collator, job_args, training_args, folder)
@@ -423,8 +425,8 @@ def stage1(model_args, splits, collator, processor, job_args, training_args) -> 
 
 def unet_alone_report(unet, folder: Path, splits, collator, config, job_args) -> dict:
     """The stage-1 U-Net encoder and class head on the test photos, scored like the models."""
-    head = torch.nn.Linear(sum(unet.widths), len(config.label_names))
-    head.load_state_dict(load_file(folder / "class_head.safetensors"))
+    head = torch.nn.Linear(sum(unet.widths), len(config.label_names), device=next(unet.parameters()).device)
+    head.load_state_dict(load_file(folder / "class_head.safetensors", device=str(head.weight.device)))
     probabilities = unet_alone_probabilities(unet, head, splits["test"], collator, job_args.eval_batch_size)
     report = reporting.classification_report(
         splits["test"].label_ids, probabilities.argmax(-1).tolist(), config.label_names, config.disease_types,

@@ -277,6 +277,10 @@ def stage1_loss(unet, class_head, batch: dict, class_ids: torch.Tensor, vessel_w
     return loss
 
 
+def on_device(batch: dict, device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def mirrored(batch: dict) -> dict:
     """Every photo (and vessel mask) mirrored left-right, as the other eye would be photographed."""
     return {**batch, **{key: batch[key].flip(-1) for key in ("unet_pixel_values", "vessel_mask") if key in batch}}
@@ -289,7 +293,8 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
     Without it, the LM loss alone gives the U-Net too weak and noisy a gradient: fine-tuning left it knowing less
     about the classes than random weights. Writes `unet.safetensors` and `class_head.safetensors` to `folder`;
     returns the mean loss of each epoch."""
-    class_head = torch.nn.Linear(sum(unet.widths), num_classes)
+    device = next(unet.parameters()).device
+    class_head = torch.nn.Linear(sum(unet.widths), num_classes, device=device)
     trained = [p for name, p in unet.named_parameters() if not name.startswith("film.")]
     optimizer = torch.optim.AdamW([*trained, *class_head.parameters()], lr=job_args.stage1_learning_rate,
                                   weight_decay=training_args.weight_decay)
@@ -305,10 +310,10 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
     while step < steps:  # counted here: a disabled tqdm bar (disable_tqdm) does not count
         epoch = []
         for indices in torch.randperm(len(split), generator=generator).split(batch_size):
-            batch = collator([split[i] for i in indices])
+            batch = on_device(collator([split[i] for i in indices]), device)
             if torch.rand((), generator=generator) < 0.5:
                 batch = mirrored(batch)
-            class_ids = torch.tensor([split.label_ids[i] for i in indices])
+            class_ids = torch.tensor([split.label_ids[i] for i in indices], device=device)
             loss = stage1_loss(unet, class_head, batch, class_ids, vessel_weight)
             loss.backward()
             optimizer.step()
@@ -332,8 +337,9 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
 def unet_alone_probabilities(unet, class_head, split: ProcessedSplit, collator, batch_size: int) -> np.ndarray:
     """The stage-1 U-Net and class head on a split of photos, image only: (N, K) class probabilities."""
     unet.eval()
-    probabilities = []
+    probabilities, device = [], next(unet.parameters()).device
     for start in range(0, len(split), batch_size):
         batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
-        probabilities.append(class_head(pooled_skips(unet, batch["unet_pixel_values"])[1]).softmax(-1))
+        pixels = batch["unet_pixel_values"].to(device)
+        probabilities.append(class_head(pooled_skips(unet, pixels)[1]).softmax(-1).cpu())
     return torch.cat(probabilities).numpy()
