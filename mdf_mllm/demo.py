@@ -1,8 +1,8 @@
-"""MDF-MLLM demo (a Gradio app; Hugging Face Spaces run `app.py`): a fundus photo + clinical history in, the class
-probabilities and the explanation map out. A photo that fails the model's fundus check (not a colour fundus photograph)
-is refused unless the user ticks "Classify anyway".
+"""MDF-MLLM demo (a Gradio app; Hugging Face Spaces run the root `app.py`, which calls `main`): a fundus photo +
+clinical history in, the class probabilities and the explanation map out. A photo that fails the model's fundus check
+(not a colour fundus photograph) is refused unless the user ticks "Classify anyway".
 
-    MDF_MLLM_MODEL=path/to/exported/model python app.py       # or: python app.py path/to/model [--port 7860]
+    MDF_MLLM_MODEL=path/to/exported/model python -m mdf_mllm.demo   # or: python app.py path/to/model [--port 7860]
 
 Needs the optional `demo` extra (gradio).
 """
@@ -12,7 +12,7 @@ import os
 
 import gradio as gr
 
-from explain_mdf_mllm import draw_explanation, explain
+from mdf_mllm.explain import draw_explanation, explain
 from pipeline_mdf_mllm import load_pipeline
 
 

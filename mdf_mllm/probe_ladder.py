@@ -8,7 +8,7 @@ For every rung a logistic regression is fitted on the training photos and scored
 A rung near the image-only ceiling followed by one at chance shows where the photo's information is lost. By default
 only the classes the photo must tell apart (normal, AMD, DR, glaucoma: their prompts carry no clinical text) count.
 
-    python probe_ladder.py outputs/run/mdf-mllm [--stage1 outputs/run/stage1/unet.safetensors]
+    python -m mdf_mllm.probe_ladder outputs/run/mdf-mllm [--stage1 outputs/run/stage1/unet.safetensors]
 """
 
 import argparse
