@@ -31,7 +31,9 @@ setup() {
                 --extra-index-url https://pypi.org/simple
         fi
     fi
-    if ! python -c "import mdf_mllm_cli, pytest, gradio, bitsandbytes" 2>/dev/null; then
+    # mdf-mllm-train is on PATH only once this version of the package is installed (./mdf_mllm imports from here
+    # without it).
+    if ! python -c "import pytest, gradio, bitsandbytes" 2>/dev/null || ! command -v mdf-mllm-train >/dev/null; then
         python -m pip install --quiet -e ".[test,demo,quantization]"
     fi
 }

@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dataset_builder.synthetic import render_fundus  # noqa: E402
-from explain_mdf_mllm import explain  # noqa: E402
+from mdf_mllm.explain import explain  # noqa: E402
 
 
 MODEL = ROOT / "outputs" / "mdf-mllm"

@@ -31,7 +31,7 @@ BATCH, REPEATS, THREADS = 16, 5, 2
 def random_small_model(folder: str) -> str:
     """Export a randomly initialised small default model (gates opened, as training would) into `folder`."""
     from modeling_mdf_mllm import MdfMllmForConditionalGeneration
-    from model_setup import small_default_config
+    from mdf_mllm.model_setup import small_default_config
 
     processor = build_default_processor()
     config = small_default_config(processor.tokenizer, verbalizer_token_ids=processor.verbalizer_token_ids)

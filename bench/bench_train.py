@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset_builder.synthetic import generate  # noqa: E402
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration  # noqa: E402
 from processing_mdf_mllm import build_default_processor  # noqa: E402
-from model_setup import small_default_config  # noqa: E402
+from mdf_mllm.model_setup import small_default_config  # noqa: E402
 
 
 BATCH, WARMUP, REPEATS = 16, 2, 7

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configuration_mdf_mllm import MdfMllmConfig  # noqa: E402
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration  # noqa: E402
 from scale_11b import TEXT_TOKENS, llama_32_11b_vision_config  # noqa: E402
-from model_setup import with_lora  # noqa: E402
-from train_hf import ModelArguments  # noqa: E402
+from mdf_mllm.model_setup import with_lora  # noqa: E402
+from mdf_mllm.stages import ModelArguments  # noqa: E402
 
 
 BATCH, CLASSIFY_BATCH, WARMUP, REPEATS = 4, 16, 2, 5

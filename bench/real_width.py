@@ -51,14 +51,10 @@ from configuration_mdf_mllm import MdfMllmConfig  # noqa: E402
 from gpu_11b import batch  # noqa: E402
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration  # noqa: E402
 from processing_mdf_mllm import build_default_processor  # noqa: E402
-from reporting import memory_table_11b  # noqa: E402
+from mdf_mllm.model_setup import build_model, open_gates, with_lora  # noqa: E402
+from mdf_mllm.stages import ModelArguments  # noqa: E402
+from mdf_mllm.tables import memory_table_11b  # noqa: E402
 from scale_11b import llama_32_11b_vision_config, measure as count_11b  # noqa: E402
-from train_hf import ModelArguments  # noqa: E402
-
-try:  # moved out of train_hf
-    from model_setup import build_model, open_gates, with_lora
-except ImportError:
-    from train_hf import build_model, open_gates, with_lora
 
 
 GIB = 2**30
@@ -318,7 +314,7 @@ def layer_bytes(model) -> dict[str, float]:
 
 
 def load_and_step(folder: str, load_in_4bit: bool, dtype: str) -> dict:
-    """(child process) Load the saved slice through train_hf.build_model (in `dtype`; 4-bit computes in bf16) and run
+    """(child process) Load the saved slice through mdf_mllm.model_setup.build_model (in `dtype`; 4-bit computes in bf16) and run
     one LoRA step from the saved inputs."""
     start_rss = _rss()["VmRSS"]
     processor = build_default_processor()
@@ -436,7 +432,7 @@ def report(vision_row, rows, children, extrapolated, run) -> str:
         "Weights: the slice's measured bytes per self-attention layer x 32, per fused cross-attention layer x 8, per "
         "vision layer x 40, plus the rest; activations: bytes autograd saved per text layer in the slice's LoRA step "
         "(no gradient checkpointing) x the same counts, plus the rest; trainable state: 16 B per trainable parameter "
-        "(MDF modules + LoRA adapters, counted) as in the counted table. Counted: `reporting.memory_table_11b`.",
+        "(MDF modules + LoRA adapters, counted) as in the counted table. Counted: `mdf_mllm.tables.memory_table_11b`.",
         "",
         "| method | weights GiB | activations GiB | gradients + Adam GiB | total GiB | counted total GiB |",
         "|---|---:|---:|---:|---:|---:|",
@@ -450,7 +446,7 @@ def report(vision_row, rows, children, extrapolated, run) -> str:
 
 
 def counted_totals(counts: dict) -> tuple[float, float]:
-    """The 1-GPU totals of LoRA and QLoRA in reporting.memory_table_11b."""
+    """The 1-GPU totals of LoRA and QLoRA in mdf_mllm.tables.memory_table_11b."""
     table = memory_table_11b(counts["base_params"], counts["mdf_params"] - counts["base_params"], counts["lora_params"])
     totals = {row.split("|")[1].strip(): float(row.split("|")[6]) for row in table.splitlines()
               if row.startswith("| LoRA") or row.startswith("| QLoRA")}

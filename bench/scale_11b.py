@@ -15,8 +15,8 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configuration_mdf_mllm import MdfMllmConfig  # noqa: E402
 from modeling_mdf_mllm import LORA_TARGET_MODULES, MdfMllmForConditionalGeneration  # noqa: E402
-from reporting import memory_table_11b  # noqa: E402
-from train_hf import ModelArguments  # noqa: E402
+from mdf_mllm.stages import ModelArguments  # noqa: E402
+from mdf_mllm.tables import memory_table_11b  # noqa: E402
 
 
 LORA_RANK = ModelArguments.lora_rank

@@ -13,7 +13,7 @@ import itertools
 import os
 import sys
 
-from mdf_mllm_cli import shown
+from mdf_mllm.messages import shown
 
 from .builder import CONFIG_NAMES, build, export_imagefolder, export_parquet, write_report
 from .preview import contact_sheet

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES
-from mdf_mllm_cli import shown  # file names on one line in the report, as the CLI prints them
+from mdf_mllm.messages import shown  # file names on one line in the report, as the CLI prints them
 
 from . import synthetic
 from .sources import READERS, SPLITS, Record, Skipped, default_num_workers, ordered_map, validate_images

@@ -2,7 +2,7 @@
 
     accelerate launch --config_file configs/fsdp_cpu.yaml --num_processes 2 tests/fsdp_probe.py OUT
 
-Trains the tiny MDF-MLLM for two steps with training.train (after train_hf.shard_on_cpu_processes, as the main job
+Trains the tiny MDF-MLLM for two steps with training.train (after mdf_mllm.train.shard_on_cpu_processes, as the main job
 does) and writes OUT/rank-<r>.json: what this process holds of every parameter once the Trainer has prepared the
 model (a DTensor's local shard, or the whole tensor), and the optimizer steps it took.
 """
@@ -15,10 +15,8 @@ import numpy as np
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-import model_setup
-import train_hf
-import training
 from dataset_builder import render_fundus
+from mdf_mllm import model_setup, stages, train as job, training
 from processing_mdf_mllm import MdfMllmDataCollator
 
 
@@ -47,13 +45,13 @@ def tiny_split(processor, count: int = 8) -> list[dict]:
 
 
 def main(out: str) -> None:
-    model_args = train_hf.ModelArguments(model_size="tiny")
+    model_args = stages.ModelArguments(model_size="tiny")
     processor = model_setup.default_processor(model_args)
     model = model_setup.build_model(model_args, processor)
-    args = train_hf.MdfTrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2,
+    args = stages.MdfTrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2,
                                          save_strategy="no", eval_strategy="no", report_to="none", logging_steps=1,
                                          disable_tqdm=True, seed=0)
-    train_hf.shard_on_cpu_processes()  # after the TrainingArguments, as in train_hf.main: they set up the state
+    job.shard_on_cpu_processes()  # after the TrainingArguments, as in mdf_mllm.train.main: they set up the state
     holdings = Holdings()
     trainer = training.train(model, {"train": tiny_split(processor), "validation": []},
                              MdfMllmDataCollator(processor), args, callbacks=[holdings])

@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-import ablation
-import model_setup
-import train_hf
-import training
+from mdf_mllm import ablation, model_setup, stages, train as job, training
 from processing_mdf_mllm import MdfMllmDataCollator
 
 SEEDS = 2
@@ -34,12 +31,12 @@ T_975 = {1: 12.706204736, 2: 4.302652730}
 def ablation_run(tmp_path_factory):
     """The whole ablation on a tiny base (1 epoch per run), every run_one call recorded with what it was given."""
     out = tmp_path_factory.mktemp("ablation")
-    model_args, data_args, job_args, training_args = train_hf.parse_arguments([*TINY_ABLATION, "--output_dir", str(out)])
+    model_args, data_args, job_args, training_args = job.parse_arguments([*TINY_ABLATION, "--output_dir", str(out)])
     dataset = training.load_data(data_args)
-    base = train_hf.make_base(model_args, data_args, job_args, training_args, out / "base", dataset)
+    base = stages.make_base(model_args, data_args, job_args, training_args, out / "base", dataset)
     model_args = replace(model_args, base_model=str(base))
     processor = model_setup.base_processor(model_args)
-    calls, real_run_one, real_stage1 = [], train_hf.run_one, train_hf.stage1
+    calls, real_run_one, real_stage1 = [], stages.run_one, stages.stage1
 
     def recording_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs):
         calls.append({"name": name, "model_args": model_args, "splits": splits, "args": training_args, **kwargs})
@@ -54,8 +51,8 @@ def ablation_run(tmp_path_factory):
         return result
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_hf, "run_one", recording_run_one)
-        patch.setattr(train_hf, "stage1", recording_stage1)
+        patch.setattr(stages, "run_one", recording_run_one)
+        patch.setattr(stages, "stage1", recording_stage1)
         runs = ablation.run_ablation(model_args, data_args, job_args, training_args, dataset, processor,
                                      MdfMllmDataCollator(processor), epochs=1.0, command="pytest")
     return {"out": out, "calls": calls, "runs": runs, "dataset": dataset, "processor": processor,
@@ -82,7 +79,7 @@ def test_rows_change_only_what_they_name(ablation_run):
     for k in range(1, 5):
         assert calls[f"MDF, depth {k} only"]["model_args"].fusion_layers == f"1:{k},3:{k}"
     assert [name for name, c in calls.items() if c["model_args"].no_film] == ["MDF, no FiLM"]
-    default = train_hf.ModelArguments()
+    default = stages.ModelArguments()
     gates = {name: (c["model_args"].unet_gate_start, c["model_args"].gate_learning_rate) for name, c in calls.items()}
     assert gates == {name: (0.0, 5e-2) if name == "MDF, closed gates" else
                      (default.unet_gate_start, default.gate_learning_rate) for name in calls}

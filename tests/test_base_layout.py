@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 
-import model_setup
-import train_hf
+from mdf_mllm import model_setup, stages, train as job
 
 
 TINY_DATA = ["--num_images", "40", "--image_size", "64"]
@@ -23,8 +22,8 @@ def bases(tmp_path_factory):
     (any other local Mllama checkpoint)."""
     out = tmp_path_factory.mktemp("make-base")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_hf, "train", lambda *args, **kwargs: None)
-        train_hf.main(["--make_base", "--model_size", "tiny", "--base_epochs", "3", *TINY_DATA, "--output_dir",
+        patch.setattr(stages, "train", lambda *args, **kwargs: None)
+        job.main(["--make_base", "--model_size", "tiny", "--base_epochs", "3", *TINY_DATA, "--output_dir",
                        str(out)])
     other = shutil.copytree(out / "base", out / "other")
     # missing_ok: a base made without its record fails test_make_base_records_its_layout, not this fixture
@@ -44,7 +43,7 @@ def test_make_base_records_its_layout(bases):
 
 def test_base_model_made_here_gets_mdf_modules_of_its_layout(bases):
     made, other = bases
-    model_args = train_hf.ModelArguments(base_model=str(made))
+    model_args = stages.ModelArguments(base_model=str(made))
     assert model_setup.mdf_sizes(model_args) == model_setup.layout_sizes("tiny")
     processor = model_setup.base_processor(model_args)
     assert processor.image_processor.unet_image_size == 32
@@ -53,11 +52,11 @@ def test_base_model_made_here_gets_mdf_modules_of_its_layout(bases):
             config.projector_dim) == (32, 4, 2, 8)
     assert model_setup.describe_mdf_sizes(model_args) == TINY_LINE
     # --model_size still wins; any other base gets the config's (11B) defaults, said as such.
-    small = train_hf.ModelArguments(base_model=str(made), model_size="small")
+    small = stages.ModelArguments(base_model=str(made), model_size="small")
     assert model_setup.mdf_sizes(small) == model_setup.layout_sizes("small")
-    assert model_setup.mdf_sizes(train_hf.ModelArguments(base_model=str(other))) == {}
-    assert model_setup.describe_mdf_sizes(train_hf.ModelArguments(base_model=str(other))) == DEFAULT_LINE
-    grid = train_hf.ModelArguments(base_model=str(other), unet_image_size=64, fusion_grid=4)
+    assert model_setup.mdf_sizes(stages.ModelArguments(base_model=str(other))) == {}
+    assert model_setup.describe_mdf_sizes(stages.ModelArguments(base_model=str(other))) == DEFAULT_LINE
+    grid = stages.ModelArguments(base_model=str(other), unet_image_size=64, fusion_grid=4)
     assert model_setup.describe_mdf_sizes(grid).startswith("MDF modules: U-Net 64 px of base width 32, fusion grid "
                                                            "4x4, projector 256 (")
 
@@ -70,7 +69,7 @@ def test_the_job_says_which_mdf_sizes_it_chose_before_training(bases, which, lin
     def no_stage_1(*args):
         raise Stop
 
-    monkeypatch.setattr(train_hf, "stage1", no_stage_1)  # the first training after the sizes are chosen
+    monkeypatch.setattr(stages, "stage1", no_stage_1)  # the first training after the sizes are chosen
     with pytest.raises(Stop):
-        train_hf.main(["--base_model", str(bases[which]), *TINY_DATA, "--output_dir", str(tmp_path)])
+        job.main(["--base_model", str(bases[which]), *TINY_DATA, "--output_dir", str(tmp_path)])
     assert capsys.readouterr().out.splitlines()[-1] == line

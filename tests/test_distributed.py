@@ -3,7 +3,7 @@
 Resume: a run is SIGKILLed (just after a checkpoint, or half-way through writing one); `--resume_from_checkpoint latest`
 then starts at the checkpoint's step with the checkpoint's optimizer and scheduler states, runs only the remaining
 steps, and ends with weights bit-identical to a run that was never interrupted. A TrainerCallback passed through
-train_hf.train's `callbacks` counts the steps and snapshots the states the Trainer starts from.
+mdf_mllm.stages.train's `callbacks` counts the steps and snapshots the states the Trainer starts from.
 
 FSDP: `accelerate launch --config_file configs/fsdp_cpu.yaml` over two processes; each process writes what it holds
 of every parameter (tests/fsdp_probe.py), and each must hold a disjoint half, not a replica (as DDP would).
@@ -24,9 +24,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import train_hf
-import training
 from conftest import ROOT, launch_two_cpu_processes
+from mdf_mllm import stages, train as job, training
 
 
 STEPS, SAVE_EVERY = 6, 3  # 24 training photos in batches of 8: two epochs of three steps
@@ -55,8 +54,8 @@ class Recorder(TrainerCallback):
 
 
 def run_main(monkeypatch, out: Path, *extra: str) -> Recorder:
-    """train_hf.main in this process, with a Recorder added to the callbacks that train_hf.train gets."""
-    recorder, original = Recorder(), train_hf.train
+    """mdf_mllm.train.main in this process, with a Recorder added to the callbacks that mdf_mllm.stages.train gets."""
+    recorder, original = Recorder(), stages.train
     signature = inspect.signature(original)
 
     def train(*args, **kwargs):
@@ -65,8 +64,8 @@ def run_main(monkeypatch, out: Path, *extra: str) -> Recorder:
         return original(*bound.args, **bound.kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_hf, "train", train)  # the name run_one calls (imported from training)
-        train_hf.main([*JOB, "--output_dir", str(out), *extra])
+        patch.setattr(stages, "train", train)  # the name run_one calls (imported from training)
+        job.main([*JOB, "--output_dir", str(out), *extra])
     return recorder
 
 
@@ -83,7 +82,7 @@ KILL = textwrap.dedent(
     """
     import os, signal, sys
     import transformers
-    import train_hf
+    from mdf_mllm import train as job
 
     step, when = int(os.environ["KILL_AT_STEP"]), os.environ["KILL_WHEN"]
 
@@ -109,7 +108,7 @@ KILL = textwrap.dedent(
 
     transformers.Trainer.__init__ = init_with_kill
     transformers.Trainer._save_rng_state = save_rng_state_or_die
-    train_hf.main(sys.argv[1:])
+    job.main(sys.argv[1:])
     """
 )
 

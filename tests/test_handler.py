@@ -15,7 +15,7 @@ from conftest import ROOT
 from PIL import Image
 from skimage import data
 
-import hub_export
+from mdf_mllm import export
 from pipeline_mdf_mllm import TASK
 
 
@@ -35,7 +35,7 @@ print(json.dumps({"answers": answers, "project_modules": project, "task": module
 """
 
 
-PROJECT_MODULES = sorted({path.stem for path in ROOT.glob("*.py")} | {"dataset_builder"})
+PROJECT_MODULES = sorted({path.stem for path in ROOT.glob("*.py")} | {"dataset_builder", "mdf_mllm"})
 
 
 def png(image: Image.Image) -> bytes:
@@ -55,7 +55,7 @@ def endpoint(model_folder, photos, tmp_path_factory):
     """The answers of a handler loaded from a copy of the exported folder to REQUESTS (bytes included: pickled)."""
     root = tmp_path_factory.mktemp("endpoint")
     folder = shutil.copytree(model_folder, root / "model")
-    shutil.copyfile(hub_export.HANDLER_SOURCE, folder / "handler.py")  # as write_repository ships it
+    shutil.copyfile(export.HANDLER_SOURCE, folder / "handler.py")  # as write_repository ships it
     fundus, astronaut = (png(photo) for photo in photos)
     text = base64.b64encode(fundus).decode()
     requests = [

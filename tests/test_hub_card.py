@@ -13,11 +13,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
-import hub_export
-import reporting
-import train_hf
 from configuration_mdf_mllm import DEFAULT_LABELS
-from model_setup import BASE_RECORD_FILE
+from mdf_mllm import export, metrics, model_card, stages, train as job
+from mdf_mllm.model_setup import BASE_RECORD_FILE
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from processing_mdf_mllm import MdfMllmProcessor
 
@@ -42,7 +40,7 @@ def strings(value):
 def exported(model_folder):
     """What write_repository needs, from the tiny exported model, with a stand-in trainer and a two-photo test set."""
     names = [name for name, _, _ in DEFAULT_LABELS]
-    report = reporting.classification_report([0, 4], [0, 4], names, [kind for _, _, kind in DEFAULT_LABELS],
+    report = metrics.classification_report([0, 4], [0, 4], names, [kind for _, _, kind in DEFAULT_LABELS],
                                              n_bootstrap=10)
     report.update(name="MDF-MLLM", probabilities=[[0.9] + [0.1 / 7] * 7, [0.0] * 4 + [1.0] + [0.0] * 3])
     photo = Image.new("RGB", (32, 32), (150, 60, 20))
@@ -58,7 +56,7 @@ def exported(model_folder):
 def write(exported, folder: Path, base_model: str | None) -> Path:
     model_args = SimpleNamespace(base_model=base_model, model_size=None, lora=False)
     e = exported
-    hub_export.write_repository(folder, e["model"], e["processor"], e["report"], e["trainer"], e["dataset"],
+    export.write_repository(folder, e["model"], e["processor"], e["report"], e["trainer"], e["dataset"],
                                 e["data_args"], model_args)
     return folder
 
@@ -118,12 +116,12 @@ def test_card_metadata_is_valid_and_no_field_holds_a_local_path(exported, tmp_pa
 
 def test_every_export_ships_the_endpoints_handler_and_the_card_says_how_to_call_it(exported, tmp_path):
     folder = write(exported, tmp_path / "export", None)
-    assert (folder / "handler.py").read_bytes() == hub_export.HANDLER_SOURCE.read_bytes()
+    assert (folder / "handler.py").read_bytes() == export.HANDLER_SOURCE.read_bytes()
     card = (folder / "README.md").read_text()
     assert "the repository's `handler.py` (a custom handler) serves it" in card
     assert '"parameters": {"clinical_text": "...", "top_k": 3, "check_fundus": true}}' in card
     (folder / "handler.py").unlink()  # a card beside no handler does not mention one
-    reporting.write_model_card(folder, None, metrics_report=exported["report"], datasets=["synthetic"],
+    model_card.write_model_card(folder, None, metrics_report=exported["report"], datasets=["synthetic"],
                                training_args_summary={})
     assert "handler.py" not in (folder / "README.md").read_text()
 
@@ -139,9 +137,9 @@ def exits_2_before_training(argv, monkeypatch, capsys) -> str:
     def refuse(*args):
         raise AssertionError("the job started")
 
-    monkeypatch.setattr(train_hf, "run", refuse)
+    monkeypatch.setattr(job, "run", refuse)
     with pytest.raises(SystemExit) as exit_info:
-        train_hf.main(argv)
+        job.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("train_hf.py: error: --push_to_hub: ")
@@ -190,14 +188,14 @@ def test_the_job_pushes_its_export_not_the_trainers_checkpoints(tmp_path, monkey
         calls.append(("trainers get push_to_hub", training_args.push_to_hub))
         raise Stop
 
-    monkeypatch.setattr(train_hf, "cached_base", first_training_args)  # where the first Trainer would start
+    monkeypatch.setattr(stages, "cached_base", first_training_args)  # where the first Trainer would start
     with pytest.raises(Stop):
-        train_hf.main([*TINY, "--push_to_hub", "--output_dir", str(tmp_path / "run-7")])
+        job.main([*TINY, "--push_to_hub", "--output_dir", str(tmp_path / "run-7")])
     assert calls == [("trainers get push_to_hub", False)]
-    args = train_hf.parse_arguments(["--output_dir", str(tmp_path / "run-7"), "--hub_private_repo", "true"])[3]
-    assert train_hf.push_export(tmp_path / "export", args) == "me/run-7"
+    args = job.parse_arguments(["--output_dir", str(tmp_path / "run-7"), "--hub_private_repo", "true"])[3]
+    assert job.push_export(tmp_path / "export", args) == "me/run-7"
     args = replace(args, hub_model_id="lab/mdf-mllm", hub_private_repo=None)
-    assert train_hf.push_export(tmp_path / "export", args) == "lab/mdf-mllm"
+    assert job.push_export(tmp_path / "export", args) == "lab/mdf-mllm"
     upload = {"repo_id": "me/run-7", "folder_path": tmp_path / "export",
               "commit_message": "MDF-MLLM export from train_hf.py"}
     assert calls[1:] == [("create", "run-7", {"private": True, "exist_ok": True}), ("upload", upload),

@@ -13,14 +13,14 @@ from conftest import ROOT
 from PIL import Image
 from skimage import data
 
-from explain_mdf_mllm import answer_positions, draw_explanation, explain, overlay, upsample_cells
+from mdf_mllm.explain import answer_positions, draw_explanation, explain, overlay, upsample_cells
 from modeling_mdf_mllm import MdfMllmUnetCrossAttention
 from pipeline_mdf_mllm import TASK, register_pipeline
 from processing_mdf_mllm import crop_to_circle, to_rgb_image
 
 
 # Every module and package of this repository (pyproject's py-modules and packages).
-PROJECT_MODULES = {path.stem for path in ROOT.glob("*.py")} | {"dataset_builder", "metrics", "tests", "bench"}
+PROJECT_MODULES = {path.stem for path in ROOT.glob("*.py")} | {"dataset_builder", "mdf_mllm", "tests", "bench"}
 
 
 def fundus_photos(size=64) -> list[Image.Image]:
@@ -141,12 +141,12 @@ def test_pipeline_refuses_or_warns_about_photos_that_are_not_fundus_photos(class
 def run_cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "mdf_mllm_cli.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT
+        [sys.executable, "-m", "mdf_mllm", *args], capture_output=True, text=True, env=env, cwd=ROOT
     )
 
 
 def test_cli_json_matches_the_pipeline(model_folder, classifier, tmp_path, capsys):
-    from mdf_mllm_cli import main
+    from mdf_mllm.cli import main
 
     paths = []
     for i, photo in enumerate(fundus_photos()[:2]):
@@ -165,7 +165,7 @@ def test_cli_json_matches_the_pipeline(model_folder, classifier, tmp_path, capsy
 
 
 def test_cli_explain_writes_the_map(model_folder, classifier, tmp_path, capsys):
-    from mdf_mllm_cli import main
+    from mdf_mllm.cli import main
 
     photo = tmp_path / "photo.png"
     fundus_photos()[0].save(photo)
@@ -185,7 +185,7 @@ def test_cli_explain_writes_the_map(model_folder, classifier, tmp_path, capsys):
 
 @pytest.mark.parametrize("problem", ["missing image", "corrupt image", "missing model", "blank image"])
 def test_cli_bad_input_is_one_line_and_exit_2(problem, model_folder, tmp_path, capsys):
-    from mdf_mllm_cli import main
+    from mdf_mllm.cli import main
 
     photo, model = tmp_path / "photo.png", model_folder
     if problem == "corrupt image":
@@ -203,7 +203,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(problem, model_folder, tmp_path, c
 
 def cli_status(argv, capsys) -> tuple[int, str]:
     """Exit status and stderr of `mdf-mllm argv`, whether argparse or the command ends it."""
-    from mdf_mllm_cli import main
+    from mdf_mllm.cli import main
 
     try:
         status = main(argv)
@@ -255,7 +255,7 @@ def test_cli_explain_bad_out_label_and_missing_model(model_folder, tmp_path, cap
 
 
 def test_cli_refuses_a_photo_that_is_not_a_fundus_photo_unless_told(model_folder, classifier, tmp_path, capsys):
-    from mdf_mllm_cli import main
+    from mdf_mllm.cli import main
 
     photo = tmp_path / "astronaut.png"
     Image.fromarray(data.astronaut()).resize((64, 64)).save(photo)
@@ -276,7 +276,7 @@ def test_demo_refuses_a_photo_that_is_not_a_fundus_photo_unless_told(model_folde
         pytest.importorskip("gradio")
     import gradio as gr
 
-    from app import build_demo
+    from mdf_mllm.demo import build_demo
 
     click = next(function.fn for function in build_demo(model_folder).fns.values() if function.name == "predict")
     astronaut = Image.fromarray(data.astronaut()).resize((64, 64))
@@ -422,7 +422,7 @@ def test_only_exported_files_and_no_hub(model_folder, tmp_path):
 
 
 def test_explanation_titles_name_the_prediction_and_the_gates_as_the_models_own():
-    from explain_mdf_mllm import Explanation, _gates_note, _layers, _title
+    from mdf_mllm.explain import Explanation, _gates_note, _layers, _title
 
     crop = np.zeros((4, 4, 3), np.uint8)
     probabilities = {"amd": 0.7712, "dr": 0.004, "normal": 0.2248}

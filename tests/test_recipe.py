@@ -8,12 +8,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import MllamaForConditionalGeneration
 
-import reporting
-import train_hf
-import training
 from conftest import TINY_UNET, move_off_init, tiny_mllama_config
+from mdf_mllm import metrics, stages, train as job, training
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
-from probe_ladder import ladder_features, ladder_table, probe_accuracy, selected
+from mdf_mllm.probe_ladder import ladder_features, ladder_table, probe_accuracy, selected
 from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
 
@@ -128,8 +126,8 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
     torch.manual_seed(1)
     head = torch.nn.Linear(sum(unet.widths), 8)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp_path / "class_head.safetensors")
-    job_args = train_hf.parse_arguments(["--n_bootstrap", "20", "--eval_batch_size", "7"])[2]
-    report = train_hf.unet_alone_report(unet, tmp_path, {"test": prompts}, MdfMllmDataCollator(processor), config,
+    job_args = job.parse_arguments(["--n_bootstrap", "20", "--eval_batch_size", "7"])[2]
+    report = stages.unet_alone_report(unet, tmp_path, {"test": prompts}, MdfMllmDataCollator(processor), config,
                                         job_args)
     # By hand, one photo at a time: pooled skips of the photo alone (no FiLM, whatever the prompt) -> head -> softmax.
     expected = []
@@ -149,7 +147,7 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
     for k, name in enumerate(config.label_names):
         sensitivity = report["disease"]["per_class"][name]["sensitivity"]
         assert sensitivity == (pytest.approx((predicted[truth == k] == k).mean()) if (truth == k).any() else None)
-    kinds = reporting.type_ids(config.disease_types)
+    kinds = metrics.type_ids(config.disease_types)
     assert report["type"]["accuracy"] == pytest.approx((kinds[predicted] == kinds[truth]).mean())
     encoder = sum(p.numel() for stage in unet.stages for p in stage.parameters())
     assert report["parameters"] == encoder + 8 * sum(unet.widths) + 8

@@ -24,11 +24,11 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import train_hf
-import training
 from conftest import ROOT
 from dataset_builder import build, read_stonerounds, render_fundus
-from mdf_mllm_cli import main as cli_main, shown
+from mdf_mllm import train as job, training
+from mdf_mllm.cli import main as cli_main
+from mdf_mllm.messages import shown
 from processing_mdf_mllm import IMAGE_TOKEN, build_default_processor
 from test_inference import fundus_photos
 
@@ -155,8 +155,8 @@ def test_cli_reports_a_hostile_file_in_one_line_with_exit_2(name, hostile_dir, m
 
 def test_cli_in_a_fresh_process_prints_one_line_and_no_warning_for_a_bomb(hostile_dir, model_folder):
     path = str(hostile_dir / "bomb_10000x10000.png")
-    result = subprocess.run([sys.executable, str(ROOT / "mdf_mllm_cli.py"), "predict", path, "--model", model_folder],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run([sys.executable, "-m", "mdf_mllm", "predict", path, "--model", model_folder],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert re.fullmatch(rf"mdf-mllm: error: {re.escape(path)}: refused as a possible decompression bomb \(.*\)\n",
                         result.stderr), result.stderr
@@ -459,7 +459,7 @@ def package_sources() -> list[Path]:
 
 def test_package_never_unpickles():
     sources = package_sources()
-    assert {"modeling_mdf_mllm.py", "processing_mdf_mllm.py", "train_hf.py", "builder.py"} <= {p.name for p in sources}
+    assert {"modeling_mdf_mllm.py", "processing_mdf_mllm.py", "train_hf.py", "stages.py", "builder.py"} <= {p.name for p in sources}
     found = [f"{path.relative_to(ROOT)}: {what}" for path in sources for what, pattern in PICKLE_PATTERNS.items()
              if pattern.search(path.read_text(encoding="utf-8"))]
     assert found == []
@@ -562,10 +562,12 @@ print(json.dumps(events))
 
 
 def project_modules(root: Path) -> list[str]:
-    """Every module and package at the top of the repository (what `python -c "import X"` finds there)."""
+    """Every module and package at the top of the repository (what `python -c "import X"` finds there), and every
+    module of the mdf_mllm package (`python -m mdf_mllm` runs the CLI: not imported)."""
     modules = [path.stem for path in root.glob("*.py") if path.stem != "setup"]
     packages = [path.parent.name for path in root.glob("*/__init__.py") if path.parent.name != "tests"]
-    return sorted(modules + packages)
+    submodules = [f"mdf_mllm.{path.stem}" for path in (root / "mdf_mllm").glob("*.py") if path.stem != "__main__"]
+    return sorted(modules + packages + submodules)
 
 
 def audit_imports(root: Path, tmp_path: Path, names: list[str]) -> list[str]:
@@ -591,7 +593,7 @@ def audit_imports(root: Path, tmp_path: Path, names: list[str]) -> list[str]:
 def test_import_opens_no_socket_and_writes_no_file(tmp_path):
     names = project_modules(ROOT)
     assert {"configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm", "pipeline_mdf_mllm", "train_hf",
-            "dataset_builder", "app"} <= set(names)
+            "dataset_builder", "app", "mdf_mllm.train", "mdf_mllm.demo"} <= set(names)
     root_before = sorted(p.name for p in ROOT.iterdir())
     assert audit_imports(ROOT, tmp_path, names) == []
     assert sorted(p.name for p in ROOT.iterdir()) == root_before
@@ -657,7 +659,7 @@ def trained_twice(tmp_path_factory):
     folders = []
     for run in ("first", "second"):
         out = tmp_path_factory.mktemp(run)
-        train_hf.main([*TINY_RUN, "--output_dir", str(out), "--export_dir", str(out / "export")])
+        job.main([*TINY_RUN, "--output_dir", str(out), "--export_dir", str(out / "export")])
         folders.append(out / "export")
     return folders
 
@@ -685,7 +687,7 @@ def test_bf16_autocast_classify_matches_fp32(trained_twice):
     folder = trained_twice[0]
     model = MdfMllmForConditionalGeneration.from_pretrained(folder).eval()
     processor = MdfMllmProcessor.from_pretrained(folder)
-    _, data_args, _, _ = train_hf.parse_arguments(TINY_RUN + ["--output_dir", "unused"])
+    _, data_args, _, _ = job.parse_arguments(TINY_RUN + ["--output_dir", "unused"])
     test_split = training.ProcessedSplit(training.load_data(data_args)["test"], processor, with_answers=False)
     collator = MdfMllmDataCollator(processor)
     fp32 = training.predict(model, test_split, collator, batch_size=32)

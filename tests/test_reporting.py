@@ -1,4 +1,4 @@
-"""Metrics module, reports, plots, model card and accelerate configs (reporting.py, metrics/, configs/)."""
+"""Metrics module, reports, plots, model card and accelerate configs (mdf_mllm: metrics, tables, plots, model_card, fundus_metrics/; configs/)."""
 
 import json
 import os
@@ -13,9 +13,9 @@ import yaml
 from PIL import Image
 from sklearn import metrics as skm
 
-import reporting
 from conftest import ROOT, launch_two_cpu_processes
 from configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES
+from mdf_mllm import metrics, model_card, plots, tables
 
 LABEL_NAMES = [name for name, _, _ in DEFAULT_LABELS]
 LABEL_TYPES = [disease_type for _, _, disease_type in DEFAULT_LABELS]
@@ -32,13 +32,13 @@ def noisy_labels(seed: int, n: int = 120, num_classes: int = 8, keep: float = 0.
 
 @pytest.fixture(scope="module")
 def metric():
-    return reporting.load_fundus_metric()
+    return metrics.load_fundus_metric()
 
 
 @pytest.fixture(scope="module")
 def report():
     y_true, y_pred = noisy_labels(0, n=150)
-    return reporting.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=0)
+    return metrics.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=0)
 
 
 def test_metric_loads_from_folder_without_network(monkeypatch):
@@ -49,7 +49,7 @@ def test_metric_loads_from_folder_without_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    metric = evaluate.load(str(ROOT / "metrics" / "fundus_metrics"), keep_in_memory=True)
+    metric = evaluate.load(str(metrics.METRIC_PATH), keep_in_memory=True)
     assert metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])["accuracy"] == pytest.approx(2 / 3)
 
 
@@ -95,7 +95,7 @@ def test_metric_absent_classes_give_none_not_nan(metric):
 def test_metric_classes_from_config_name():
     import evaluate
 
-    metric = evaluate.load(str(ROOT / "metrics" / "fundus_metrics"), config_name="a,b,c", keep_in_memory=True)
+    metric = evaluate.load(str(metrics.METRIC_PATH), config_name="a,b,c", keep_in_memory=True)
     result = metric.compute(predictions=[0, 2], references=[0, 1])
     assert list(result["per_class"]) == ["a", "b", "c"]
     assert np.array(result["confusion_matrix"]).shape == (3, 3)
@@ -107,7 +107,7 @@ def test_metric_rejects_out_of_range_label(metric):
 
 
 def test_batched_confusion_matrix_matches_per_row():
-    functions = reporting._metric_functions()
+    functions = metrics._metric_functions()
     rng = np.random.default_rng(0)
     y_true, y_pred = rng.integers(0, 4, (5, 30)), rng.integers(0, 4, (5, 30))
     batched = functions.confusion_matrix(y_true, y_pred, 4)
@@ -123,7 +123,7 @@ def test_type_level_mapping_by_hand():
     disease_types = ["normal", "acquired", "acquired", "inherited"]
     # types true: normal, acquired, acquired, inherited, inherited
     # predicted:  normal, acquired, acquired, inherited, normal
-    report = reporting.classification_report(
+    report = metrics.classification_report(
         [0, 1, 2, 3, 3], [0, 2, 1, 3, 0], label_names, disease_types, n_bootstrap=10
     )
     assert report["disease"]["accuracy"] == pytest.approx(2 / 5)
@@ -143,15 +143,15 @@ def test_type_level_mapping_by_hand():
 def test_report_rejects_bad_input(kwargs, message):
     args = dict(y_true=[0, 1], y_pred=[0, 1], label_names=["a", "b"], disease_types=["normal", "acquired"])
     with pytest.raises(ValueError, match=message):
-        reporting.classification_report(**{**args, **kwargs})
+        metrics.classification_report(**{**args, **kwargs})
 
 
 def test_bootstrap_ci_brackets_estimate_and_is_seeded(report):
     y_true, y_pred = noisy_labels(0, n=150)
-    again = reporting.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=0)
-    other = reporting.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=1)
-    for level in reporting.LEVELS:
-        for name in reporting.CI_METRICS:
+    again = metrics.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=0)
+    other = metrics.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=1)
+    for level in metrics.LEVELS:
+        for name in metrics.CI_METRICS:
             low, high = report[level]["ci95"][name]
             assert low < report[level][name] < high, (level, name)
         assert again[level]["ci95"] == report[level]["ci95"]
@@ -160,7 +160,7 @@ def test_bootstrap_ci_brackets_estimate_and_is_seeded(report):
 
 def test_bootstrap_ci_equals_naive_loop():
     y_true, y_pred = noisy_labels(4, n=40)
-    ci = reporting.bootstrap_ci(y_true, y_pred, 8, n_bootstrap=300, seed=7)
+    ci = metrics.bootstrap_ci(y_true, y_pred, 8, n_bootstrap=300, seed=7)
     rng = np.random.default_rng(7)
     rows = np.concatenate([rng.integers(0, 40, (256, 40)), rng.integers(0, 40, (44, 40))])  # the chunked draws
     accuracy = [skm.accuracy_score(y_true[r], y_pred[r]) for r in rows]
@@ -177,13 +177,13 @@ def assert_png(path: Path):
 @pytest.fixture
 def figures(monkeypatch):
     """The matplotlib figures the plotting functions save, in order, for their content to be checked."""
-    saved, save = [], reporting._save
+    saved, save = [], plots._save
 
     def keep(figure, path):
         saved.append(figure)
         return save(figure, path)
 
-    monkeypatch.setattr(reporting, "_save", keep)
+    monkeypatch.setattr(plots, "_save", keep)
     return saved
 
 
@@ -196,7 +196,7 @@ KNOWN_TYPES = ["normal", "acquired", "inherited", "inherited"]
 
 def test_row_normalised_rates_of_a_known_matrix():
     counts = [[2, 1, 0, 0], [0, 1, 0, 1], [1, 0, 3, 0], [0, 0, 0, 0]]
-    rates = reporting.row_normalised(counts)
+    rates = plots.row_normalised(counts)
     expected = [[2 / 3, 1 / 3, 0, 0], [0, 1 / 2, 0, 1 / 2], [1 / 4, 0, 3 / 4, 0]]
     np.testing.assert_allclose(rates[:3], expected, atol=1e-15)
     assert np.isnan(rates[3]).all()  # no true item of class 3: its rates are undefined, not 0
@@ -204,7 +204,7 @@ def test_row_normalised_rates_of_a_known_matrix():
 
 def test_confusion_plot_colours_by_rate_and_writes_count_and_rate(figures, tmp_path):
     counts = skm.confusion_matrix(KNOWN_TRUE, KNOWN_PRED, labels=range(4))
-    assert_png(reporting.plot_confusion_matrix(counts, KNOWN_NAMES, tmp_path / "cm.png", title="t"))
+    assert_png(plots.plot_confusion_matrix(counts, KNOWN_NAMES, tmp_path / "cm.png", title="t"))
     (axes, _colourbar) = figures[0].axes
     shown = axes.images[0].get_array()
     by_hand = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
@@ -221,7 +221,7 @@ def test_misclassified_items_of_a_known_prediction_vector():
     probabilities = np.full((9, 4), 0.1)
     probabilities[np.arange(9), KNOWN_PRED] = 0.7
     probabilities[4] = [0.05, 0.15, 0.2, 0.6]
-    report = reporting.classification_report(
+    report = metrics.classification_report(
         KNOWN_TRUE, KNOWN_PRED, KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10, items=items, probabilities=probabilities
     )
     assert report["misclassified"] == [  # positions 1, 4 and 6 are wrong
@@ -232,21 +232,21 @@ def test_misclassified_items_of_a_known_prediction_vector():
         {"index": 6, "case_id": "c3", "file_name": "img/6.png", "truth": "retinitis_pigmentosa",
          "prediction": "normal", "probability": 0.7},
     ]
-    without_probabilities = reporting.classification_report(
+    without_probabilities = metrics.classification_report(
         KNOWN_TRUE, KNOWN_PRED, KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10, items=items
     )
     assert [item["probability"] for item in without_probabilities["misclassified"]] == [None] * 3
-    assert "misclassified" not in reporting.classification_report(
+    assert "misclassified" not in metrics.classification_report(
         KNOWN_TRUE, KNOWN_PRED, KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10
     )
 
 
 def test_results_list_the_misclassified_items(tmp_path):
     items = [{"case_id": f"c{i}", "file_name": f"img/{i}.png"} for i in range(9)]
-    report = reporting.classification_report(
+    report = metrics.classification_report(
         KNOWN_TRUE, KNOWN_PRED, KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10, items=items
     )
-    paths = reporting.write_results(report, tmp_path)
+    paths = model_card.write_results(report, tmp_path)
     assert json.loads(paths["json"].read_text())["misclassified"] == report["misclassified"]
     rows = [line for line in paths["markdown"].read_text().splitlines() if line.startswith("| ") and "img/" in line]
     assert rows == [
@@ -255,8 +255,8 @@ def test_results_list_the_misclassified_items(tmp_path):
         "| 6 | c6 | img/6.png | retinitis_pigmentosa | normal | – |",
     ]
     assert "Misclassified test items (3 of 9;" in paths["markdown"].read_text()
-    right = reporting.classification_report([0, 1], [0, 1], KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10, items=items[:2])
-    assert "Misclassified test items: none of 2." in reporting.write_results(right, tmp_path)["markdown"].read_text()
+    right = metrics.classification_report([0, 1], [0, 1], KNOWN_NAMES, KNOWN_TYPES, n_bootstrap=10, items=items[:2])
+    assert "Misclassified test items: none of 2." in model_card.write_results(right, tmp_path)["markdown"].read_text()
 
 
 @pytest.mark.parametrize(
@@ -269,11 +269,11 @@ def test_results_list_the_misclassified_items(tmp_path):
 )
 def test_misclassified_items_reject_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        reporting.classification_report([0, 1], [1, 0], ["a", "b"], ["normal", "acquired"], n_bootstrap=5, **kwargs)
+        metrics.classification_report([0, 1], [1, 0], ["a", "b"], ["normal", "acquired"], n_bootstrap=5, **kwargs)
 
 
 def test_write_results_files(report, tmp_path):
-    paths = reporting.write_results(report, tmp_path / "eval")
+    paths = model_card.write_results(report, tmp_path / "eval")
     assert json.loads(paths["json"].read_text()) == report
     markdown = paths["markdown"].read_text()
     accuracy, (low, high) = report["disease"]["accuracy"], report["disease"]["ci95"]["accuracy"]
@@ -306,7 +306,7 @@ def plotted(axes) -> dict[str, list]:
 
 
 def test_training_curves_both_models_on_one_log_axis(figures, tmp_path):
-    assert_png(reporting.plot_training_curves(HISTORIES, tmp_path / "curves.png"))
+    assert_png(plots.plot_training_curves(HISTORIES, tmp_path / "curves.png"))
     (axes,) = figures[0].axes
     assert axes.get_yscale() == "log"
     assert plotted(axes) == {
@@ -320,7 +320,7 @@ def test_training_curves_both_models_on_one_log_axis(figures, tmp_path):
 
 
 def test_training_curves_with_gate_panels(figures, tmp_path):
-    assert_png(reporting.plot_training_curves(HISTORIES, tmp_path / "curves.png", gate_history=GATES))
+    assert_png(plots.plot_training_curves(HISTORIES, tmp_path / "curves.png", gate_history=GATES))
     losses, gates, tau = figures[0].axes
     assert len(plotted(losses)) == 4
     assert plotted(gates) == {"layer 3": [[0, 10], [0.0, -0.05]], "layer 13": [[0, 10], [0.0, 0.2]]}
@@ -331,9 +331,9 @@ def test_training_curves_with_gate_panels(figures, tmp_path):
 
 def test_training_curves_reject_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"no entry with 'loss' or 'eval_loss' for \['empty'\]"):
-        reporting.plot_training_curves({**HISTORIES, "empty": [{"train_runtime": 3.0}]}, tmp_path / "none.png")
+        plots.plot_training_curves({**HISTORIES, "empty": [{"train_runtime": 3.0}]}, tmp_path / "none.png")
     with pytest.raises(ValueError, match=r"gate_history\[1\] has no \['tau'\]"):
-        reporting.plot_training_curves(HISTORIES, tmp_path / "x.png", [GATES[0], {"step": 5, "gates": {}}])
+        plots.plot_training_curves(HISTORIES, tmp_path / "x.png", [GATES[0], {"step": 5, "gates": {}}])
 
 
 def test_ablation_table_and_plot(tmp_path):
@@ -341,19 +341,19 @@ def test_ablation_table_and_plot(tmp_path):
         {"name": "baseline", "seed": seed, "accuracy": acc, "macro_f1": f1, "type_accuracy": 0.7, "run_dir": "x"}
         for seed, acc, f1 in [(0, 0.60, 0.50), (1, 0.64, 0.52), (2, 0.62, 0.57)]
     ] + [{"name": "mdf", "seed": 0, "accuracy": 0.9, "macro_f1": 0.88, "type_accuracy": 0.95}]
-    table = reporting.ablation_table(rows)
+    table = tables.ablation_table(rows)
     f1 = np.array([0.50, 0.52, 0.57])
     assert "| Name | Seeds | accuracy | macro_f1 | type_accuracy |" in table
     assert f"| baseline | 3 | 0.620 ± 0.020 | {f1.mean():.3f} ± {f1.std(ddof=1):.3f} | 0.700 ± 0.000 |" in table
     assert "| mdf | 1 | 0.900 ± 0.000 |" in table
-    assert_png(reporting.plot_ablation(rows, tmp_path / "ablation.png"))
+    assert_png(plots.plot_ablation(rows, tmp_path / "ablation.png"))
     with pytest.raises(ValueError, match="ablation row 0 needs 'name' and 'seed'"):
-        reporting.ablation_table([{"name": "x", "accuracy": 1.0}])
+        tables.ablation_table([{"name": "x", "accuracy": 1.0}])
 
 
 def test_memory_table():
     base, mdf, lora = 10_000_000_000, 200_000_000, 50_000_000
-    table = reporting.memory_table_11b(base, mdf, lora)
+    table = tables.memory_table_11b(base, mdf, lora)
     gib = 2**30
     full = 16 * (base + mdf)
     assert f"| Full fine-tuning | 10.200 B | {2 * (base + mdf) / gib:.1f} |" in table
@@ -368,7 +368,7 @@ def test_memory_table():
 def baseline_report():
     y_true, _ = noisy_labels(0, n=150)  # the same test items as `report`
     _, y_pred = noisy_labels(5, n=150, keep=0.4)
-    report = reporting.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=0)
+    report = metrics.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=0)
     return {**report, "name": "Mllama baseline", "parameters": 1_000_000, "train_seconds": 12.5}
 
 
@@ -385,7 +385,7 @@ def with_ci(scores: dict, name: str) -> str:
 
 def test_comparison_table_numbers_are_the_reports(report, baseline_report):
     ours = {**report, "name": "MDF-MLLM", "parameters": 1_234_567, "train_seconds": 20.0}
-    table = reporting.comparison_table([ours, baseline_report])
+    table = tables.comparison_table([ours, baseline_report])
     for row in (ours, baseline_report):
         (cells,) = table_rows(table, row["name"])
         levels = [(row["disease"], "accuracy"), (row["disease"], "macro_f1"), (row["type"], "accuracy"),
@@ -403,14 +403,14 @@ def test_comparison_table_numbers_are_the_reports(report, baseline_report):
     ]
     without_name = {key: value for key, value in ours.items() if key != "name"}
     with pytest.raises(ValueError, match=r"reports\[1\] has no 'name'"):
-        reporting.comparison_table([ours, without_name])
-    assert "Parameters" not in reporting.comparison_table([ours, {**report, "name": "no sizes"}])
+        tables.comparison_table([ours, without_name])
+    assert "Parameters" not in tables.comparison_table([ours, {**report, "name": "no sizes"}])
 
 
 def write_card(report, folder: Path, base_model=None, image_path="examples/rp.png", **kwargs):
     (folder / "examples").mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (64, 64), (120, 40, 20)).save(folder / "examples" / "rp.png")
-    return reporting.write_model_card(
+    return model_card.write_model_card(
         folder,
         base_model,
         metrics_report=report,
@@ -467,7 +467,7 @@ def test_model_card_of_a_model_trained_from_scratch(report, tmp_path):
 def test_model_card_of_a_fine_tuned_base(report, tmp_path, base_model, license, origin):
     path = write_card(report, tmp_path, base_model=base_model)
     meta = front_matter(path)
-    assert meta.get("base_model") == reporting.hub_base_model(base_model)
+    assert meta.get("base_model") == model_card.hub_base_model(base_model)
     assert meta["license"] == license
     assert f"fine-tuned from {origin}:" in path.read_text()
 
@@ -480,13 +480,13 @@ def image_links(markdown: str) -> list[str]:
 def results_folder(report, tmp_path_factory) -> Path:
     """A folder with what `write_results(report)` writes (drawn once; tests copy it)."""
     folder = tmp_path_factory.mktemp("results")
-    reporting.write_results(report, folder)
+    model_card.write_results(report, folder)
     return folder
 
 
 def test_model_card_embeds_the_figures_and_comparison_it_ships(report, baseline_report, results_folder, tmp_path):
     shutil.copytree(results_folder, tmp_path, dirs_exist_ok=True)
-    reporting.plot_training_curves(HISTORIES, tmp_path / reporting.TRAINING_CURVES_FILE, GATES)
+    plots.plot_training_curves(HISTORIES, tmp_path / plots.TRAINING_CURVES_FILE, GATES)
     body = write_card(report, tmp_path, comparison_reports=[baseline_report]).read_text()
     links = image_links(body)
     assert links == ["training_curves.png", "confusion_matrix_disease.png", "confusion_matrix_type.png"]
@@ -495,8 +495,8 @@ def test_model_card_embeds_the_figures_and_comparison_it_ships(report, baseline_
     (ours,) = table_rows(body, "MDF-MLLM")
     (baseline,) = table_rows(body, "Mllama baseline")
     assert ours[1:3] == [with_ci(report["disease"], "accuracy"), with_ci(report["disease"], "macro_f1")]
-    assert baseline[1:5] == [with_ci(baseline_report[level], name) for level in reporting.LEVELS
-                             for name in reporting.CI_METRICS]
+    assert baseline[1:5] == [with_ci(baseline_report[level], name) for level in metrics.LEVELS
+                             for name in metrics.CI_METRICS]
 
 
 def test_model_card_links_only_figures_that_exist(report, results_folder, tmp_path):
@@ -519,7 +519,7 @@ def test_model_card_parses_with_huggingface_hub(report, tmp_path):
 
 def test_model_card_rejects_unknown_dataset_names(report, tmp_path):
     with pytest.raises(ValueError, match=r"datasets: expected names from \['all', .*got \['imagenet'\]"):
-        reporting.write_model_card(
+        model_card.write_model_card(
             tmp_path, None, metrics_report=report, datasets=["imagenet"], training_args_summary={}
         )
 

@@ -15,11 +15,8 @@ from safetensors.torch import load_file
 from transformers import (AutoProcessor, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor,
                           TrainerCallback, set_seed)
 
-import hub_export
-import model_setup
-import train_hf
-import training
 from conftest import tiny_mllama_config
+from mdf_mllm import export, model_setup, stages, train as job, training
 from modeling_mdf_mllm import is_mdf_parameter
 from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
@@ -41,16 +38,16 @@ def main_job(tmp_path_factory):
     64 px photos, run from an empty working directory. Records the weights every train() call starts from."""
     out, cwd = tmp_path_factory.mktemp("job"), tmp_path_factory.mktemp("cwd")
     cache = tmp_path_factory.mktemp("base-cache")
-    starts, original_train = {}, train_hf.train
+    starts, original_train = {}, stages.train
 
     def recording_train(model, *args, label=None, **kwargs):
         starts[label] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return original_train(model, *args, label=label, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_hf, "train", recording_train)  # the name make_base and run_one call
+        patch.setattr(stages, "train", recording_train)  # the name make_base and run_one call
         patch.chdir(cwd)
-        train_hf.main([*TINY_JOB, *TINY_STAGES, "--output_dir", str(out), "--base_cache_dir", str(cache)])
+        job.main([*TINY_JOB, *TINY_STAGES, "--output_dir", str(out), "--base_cache_dir", str(cache)])
     (base,) = cache.glob("base-*")
     return {"out": out, "cwd": cwd, "base": base, "starts": starts}
 
@@ -58,9 +55,9 @@ def main_job(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_data():
     """The 40-photo set through the MDF processor of the tiny layout (a base's processor has the same settings)."""
-    model_args = train_hf.ModelArguments(model_size="tiny")
+    model_args = stages.ModelArguments(model_size="tiny")
     processor = model_setup.mdf_processor(model_setup.stock_processor("tiny"), 32)
-    data_args = train_hf.parse_arguments(TINY_JOB)[1]
+    data_args = job.parse_arguments(TINY_JOB)[1]
     dataset = training.load_data(data_args)
     return model_args, processor, dataset, training.process_splits(dataset, processor, no_text=False)
 
@@ -76,7 +73,7 @@ def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(m
         low, high = row["disease"]["ci95"]["accuracy"]
         assert low <= row["disease"]["accuracy"] <= high
     gates = mdf["gate_history"]
-    start = math.tanh(train_hf.ModelArguments().unet_gate_start)  # open over zero value projections
+    start = math.tanh(stages.ModelArguments().unet_gate_start)  # open over zero value projections
     assert gates[0] == {"step": 0, "gates": {"1": pytest.approx(start), "3": pytest.approx(start)},
                         "tau": {"1": 1.0, "3": 1.0}}
     assert [entry["step"] for entry in gates] == list(range(len(gates)))  # logged every step (--logging_steps 1)
@@ -182,9 +179,9 @@ def test_a_failed_export_keeps_the_previous_model_and_leaves_nothing_behind(main
         (staging / "model.safetensors").write_bytes(b"half a model")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(hub_export, "write_repository", crash_half_way)
+    monkeypatch.setattr(export, "write_repository", crash_half_way)
     with pytest.raises(RuntimeError, match="disk full"):
-        hub_export.export(None, None, None, None, None, None, None, str(folder))
+        export.export(None, None, None, None, None, None, None, str(folder))
     assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
     assert not [name for name in os.listdir(main_job["out"]) if name.startswith(".")]
 
@@ -209,7 +206,7 @@ def test_exported_model_reproduces_the_reported_predictions(main_job):
 @pytest.fixture(scope="module")
 def made_base(tmp_path_factory):
     out = tmp_path_factory.mktemp("make-base")
-    train_hf.main([*TINY_JOB, "--make_base", "--base_epochs", "1", "--output_dir", str(out)])
+    job.main([*TINY_JOB, "--make_base", "--base_epochs", "1", "--output_dir", str(out)])
     return out
 
 
@@ -232,7 +229,7 @@ def test_make_base_writes_a_stock_mllama_that_plain_transformers_loads(made_base
 def test_mdf_from_the_base_computes_the_base_at_step_0_for_a_prompt_in_the_base_template(made_base, tiny_data,
                                                                                          gate_start):
     _, _, dataset, _ = tiny_data
-    model_args = train_hf.ModelArguments(base_model=str(made_base / "base"), model_size="tiny",
+    model_args = stages.ModelArguments(base_model=str(made_base / "base"), model_size="tiny",
                                          unet_gate_start=gate_start)
     processor = model_setup.base_processor(model_args)
     stock = AutoProcessor.from_pretrained(made_base / "base")
@@ -276,7 +273,7 @@ def test_gates_get_gradients_and_open_and_mdf_parameters_have_their_own_learning
     # Flamingo's closed gates: the gate is the only branch tensor with a gradient at step 1, and must get one.
     model_args = replace(model_args, base_model=str(made_base / "base"), lora=lora, lora_rank=4, unet_gate_start=0.0)
     model = model_setup.build_model(model_args, processor)
-    args = train_hf.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
+    args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
                                      "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
     recorder = GradientRecorder()
     trainer = training.train(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder],
@@ -302,7 +299,7 @@ def test_open_gates_with_zero_values_train_the_branch_from_the_first_step(made_b
     model_args, processor, _, splits = tiny_data
     model_args = replace(model_args, base_model=str(made_base / "base"), unet_gate_start=0.5)
     model = model_setup.build_model(model_args, processor)
-    args = train_hf.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size",
+    args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size",
                                      "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
     recorder = GradientRecorder()
     keys = {k: b.key_projection.weight.clone() for k, b in training.unet_branches(model).items()}
@@ -320,12 +317,12 @@ def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
         made.append(folder)
         (folder / "config.json").write_text("{}")
 
-    monkeypatch.setattr(train_hf, "make_base", fake_make_base)
-    model_args, data_args, job_args, training_args = train_hf.parse_arguments(
+    monkeypatch.setattr(stages, "make_base", fake_make_base)
+    model_args, data_args, job_args, training_args = job.parse_arguments(
         [*TINY_JOB, "--base_cache_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
-    first = train_hf.cached_base(model_args, data_args, job_args, training_args, None)
-    assert train_hf.cached_base(model_args, data_args, job_args, training_args, None) == first and len(made) == 1
-    other = train_hf.cached_base(model_args, data_args, replace(job_args, base_epochs=9), training_args, None)
+    first = stages.cached_base(model_args, data_args, job_args, training_args, None)
+    assert stages.cached_base(model_args, data_args, job_args, training_args, None) == first and len(made) == 1
+    other = stages.cached_base(model_args, data_args, replace(job_args, base_epochs=9), training_args, None)
     assert other != first and len(made) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({Path(first).name, Path(other).name})
 
@@ -345,7 +342,7 @@ def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
 )
 def test_a_bad_option_exits_2_with_one_line_naming_it(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_hf.main([*argv, "--output_dir", str(tmp_path / "out")])
+        job.main([*argv, "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("train_hf.py: error: ") and message in err
@@ -354,12 +351,12 @@ def test_a_bad_option_exits_2_with_one_line_naming_it(argv, message, tmp_path, c
 
 def test_help_says_what_the_job_does_and_documents_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_hf.parse_arguments(["--help"])
+        job.parse_arguments(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert text.splitlines()[2].startswith("Fine-tune MDF-MLLM from a pretrained Llama 3.2 Vision")
-    ours = [f for cls in (train_hf.ModelArguments, train_hf.DataArguments, train_hf.JobArguments) for f in fields(cls)]
-    ours += [f for f in fields(train_hf.MdfTrainingArguments) if f.name in vars(train_hf.MdfTrainingArguments)]
+    ours = [f for cls in (stages.ModelArguments, stages.DataArguments, stages.JobArguments) for f in fields(cls)]
+    ours += [f for f in fields(stages.MdfTrainingArguments) if f.name in vars(stages.MdfTrainingArguments)]
     assert [f.name for f in ours if not f.metadata.get("help")] == []
     assert "Train only MDF-MLLM" in text and "(default: outputs/run)" in " ".join(text.split())
 
@@ -367,7 +364,7 @@ def test_help_says_what_the_job_does_and_documents_every_option(capsys):
 def test_yaml_config_file_gives_the_same_arguments(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({"model_size": "tiny", "num_images": 40, "fusion_layers": "1:2,3:4", "seeds": 2}))
-    model_args, data_args, job_args, training_args = train_hf.parse_arguments([str(path)])
+    model_args, data_args, job_args, training_args = job.parse_arguments([str(path)])
     assert (model_args.model_size, data_args.num_images, job_args.seeds) == ("tiny", 40, 2)
     assert model_setup.parse_fusion_layers(model_args.fusion_layers) == {1: 2, 3: 4}
     assert training_args.remove_unused_columns is False
@@ -395,7 +392,7 @@ def test_real_base_path_loads_every_weight_of_a_mllama_checkpoint(tmp_path):
     base.save_pretrained(tmp_path / "base")
     image_processor = MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=1)
     MllamaProcessor(image_processor, tokenizer).save_pretrained(tmp_path / "base")
-    model_args = train_hf.ModelArguments(
+    model_args = stages.ModelArguments(
         base_model=str(tmp_path / "base"), unet_image_size=32, fusion_grid=2, lora=True, lora_rank=4
     )
     processor = model_setup.base_processor(model_args)
@@ -430,10 +427,10 @@ def test_the_recipes_optimizer_groups_hold_each_module_at_its_rate(made_base, ti
     model = model_setup.build_model(model_args, processor)
     unet = {k: v.clone() for k, v in model.model.unet.state_dict().items() if not k.startswith("film.")}
     film = {k: v.clone() for k, v in model.model.unet.film.state_dict().items()}
-    args = train_hf.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
+    args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
                                      "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
     trainer = training.train(model, splits, MdfMllmDataCollator(processor), args,
-                             learning_rates=train_hf.learning_rates(model_args))
+                             learning_rates=stages.learning_rates(model_args))
     names = {id(p): n for n, p in model.named_parameters()}
     seen = {}
     for group in trainer.optimizer.param_groups:

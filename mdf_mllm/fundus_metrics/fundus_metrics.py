@@ -3,7 +3,7 @@
 `evaluate.load("accuracy")` fetches its script from the Hub; this module is loaded from disk instead, so it works
 with `HF_HUB_OFFLINE=1` / `HF_EVALUATE_OFFLINE=1` and no network:
 
-    metric = evaluate.load("/abs/path/to/metrics/fundus_metrics")
+    metric = evaluate.load("/abs/path/to/mdf_mllm/fundus_metrics")
     metric.compute(predictions=[0, 2, 1], references=[0, 1, 1], label_names=["normal", "amd", "dr"])
 
 Definitions (sklearn's conventions, so the numbers match `sklearn.metrics` with `zero_division=0`):
@@ -39,7 +39,7 @@ Returns:
     confusion_matrix (`list[list[int]]`): rows are true classes, columns predicted classes,
     num_classes (`int`), label_names (`list[str]`).
 Examples:
-    >>> metric = evaluate.load("metrics/fundus_metrics")
+    >>> metric = evaluate.load("mdf_mllm/fundus_metrics")
     >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])["accuracy"]
     0.6666666666666666
 """

@@ -27,9 +27,9 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
-import reporting
-import train_hf
-import training
+from mdf_mllm import stages
+from mdf_mllm.plots import plot_ablation
+from mdf_mllm.training import UNET_ALONE, process_splits
 
 # Stage-2 epochs of every ablation run (the main job's): 10 rows x 3 seeds fit in 45 minutes on two quiet CPU cores.
 ABLATION_EPOCHS = 2.0
@@ -53,7 +53,7 @@ class Row:
 
 ROWS = (
     Row("Mllama baseline", baseline=True),
-    Row(training.UNET_ALONE, unet_alone=True),
+    Row(UNET_ALONE, unet_alone=True),
     Row("MDF, all depths"),
     *(Row(f"MDF, depth {depth} only", depth=depth) for depth in range(1, 5)),
     Row("MDF, no FiLM", no_film=True),
@@ -69,7 +69,7 @@ def row_model_args(model_args, row: Row):
     if row.baseline:
         return replace(model_args, fusion_layers="none")
     if row.depth is not None:
-        layers = train_hf.cross_attention_layers(model_args)
+        layers = stages.cross_attention_layers(model_args)
         model_args = replace(model_args, fusion_layers=",".join(f"{layer}:{row.depth}" for layer in layers))
     if row.gate_start is not None:
         model_args = replace(model_args, unet_gate_start=row.gate_start)
@@ -145,13 +145,13 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
     `command` (default: this process's command line) is quoted in the table."""
     start, out = time.perf_counter(), Path(training_args.output_dir)
     command = command or f"python {shlex.join(sys.argv)}"
-    splits = {no_text: training.process_splits(dataset, processor, no_text=no_text)
+    splits = {no_text: process_splits(dataset, processor, no_text=no_text)
               for no_text in {row.no_text for row in rows}}
     results = []
     # Seed-major: a run stopped early still has every row for its first seeds.
     for seed in range(job_args.seeds):
         seed_args = replace(training_args, seed=seed, output_dir=str(out / f"seed-{seed}"))
-        unet_path, _, unet_alone = train_hf.stage1(model_args, splits[False], collator, processor, job_args, seed_args)
+        unet_path, _, unet_alone = stages.stage1(model_args, splits[False], collator, processor, job_args, seed_args)
         no_film_path = without_film(unet_path) if any(row.no_film for row in rows) else None
         for row in rows:
             if row.unet_alone:  # trained by stage 1 above (none without stage 1)
@@ -162,7 +162,7 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
             # No checkpoints, no validation passes: each run is short and only its test result is kept.
             args = replace(seed_args, num_train_epochs=epochs, resume_from_checkpoint=None, save_strategy="no",
                            eval_strategy="no", output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}")))
-            _, _, report = train_hf.run_one(row.name, row_model_args(model_args, row), splits[row.no_text], collator,
+            _, _, report = stages.run_one(row.name, row_model_args(model_args, row), splits[row.no_text], collator,
                                             processor, args, job_args, unet_weights=unet)
             if report is None:  # not the main process
                 continue
@@ -188,4 +188,4 @@ def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, co
     (out / "ablation.json").write_text(json.dumps({"runs": results, "summary": summary, "wall_seconds": wall_seconds,
                                                    "epochs": epochs, "command": command}, indent=1))
     (out / "ablation.md").write_text(markdown(summary, wall_seconds, command, mean_sensitivities(results)))
-    reporting.plot_ablation([{k: r[k] for k in ("name", "seed", *METRICS)} for r in results], out / "ablation.png")
+    plot_ablation([{k: r[k] for k in ("name", "seed", *METRICS)} for r in results], out / "ablation.png")

@@ -7,13 +7,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import reporting
-from model_setup import describe_base
+from mdf_mllm import model_card, plots
+from mdf_mllm.model_setup import describe_base
 from pipeline_mdf_mllm import register_pipeline
 
 
-# Inference Endpoints' custom handler, shipped in every export as reporting.ENDPOINT_HANDLER_FILE.
-HANDLER_SOURCE = Path(__file__).resolve().parent / "handler_mdf_mllm.py"
+# Inference Endpoints' custom handler, shipped in every export as model_card.ENDPOINT_HANDLER_FILE.
+HANDLER_SOURCE = Path(__file__).resolve().parent / "handler.py"
 
 
 def export(model, processor, report, trainer, dataset, data_args, model_args, export_dir: str, **card) -> Path:
@@ -51,14 +51,14 @@ def write_repository(
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     register_pipeline(folder)
-    shutil.copyfile(HANDLER_SOURCE, folder / reporting.ENDPOINT_HANDLER_FILE)
-    reporting.write_results(report, folder)
+    shutil.copyfile(HANDLER_SOURCE, folder / model_card.ENDPOINT_HANDLER_FILE)
+    model_card.write_results(report, folder)
     histories = {report["name"]: trainer.state.log_history}
     if baseline is not None:
         histories[baseline[0]["name"]] = baseline[1].state.log_history
     if all(any("loss" in entry for entry in history) for history in histories.values()):
-        reporting.plot_training_curves(histories, folder / reporting.TRAINING_CURVES_FILE, gate_history or None)
-    reporting.write_model_card(
+        plots.plot_training_curves(histories, folder / plots.TRAINING_CURVES_FILE, gate_history or None)
+    model_card.write_model_card(
         folder,
         model_args.base_model,
         metrics_report=report,
@@ -96,7 +96,7 @@ def _training_summary(trainer, model_args, data_args) -> dict:
     args = trainer.args
     return {
         # A local base by its folder's name: its path is the training machine's, and the card is public.
-        "base_model": reporting.hub_base_model(model_args.base_model) or (
+        "base_model": model_card.hub_base_model(model_args.base_model) or (
             f"local folder {Path(model_args.base_model).name}" if model_args.base_model
             else f"none (trained from scratch, {model_args.model_size or 'small'})"),
         "dataset": data_args.dataset,
@@ -140,7 +140,7 @@ def summary(reports: list[dict], model_args, data_args, out: Path, export_dir: P
             lines.append(f"{r['name']}: U-Net gates tanh(g_u) at step {end['step']}: " + ", ".join(
                 f"layer {k} {v:+.4f} (tau {end['tau'][k]:.3f})" for k, v in end["gates"].items()))
     lines += [f"report: {out / 'comparison.md'} (and comparison.json, gate values included)",
-              f"plots: {export_dir / reporting.TRAINING_CURVES_FILE}, {export_dir}/confusion_matrix_*.png",
+              f"plots: {export_dir / plots.TRAINING_CURVES_FILE}, {export_dir}/confusion_matrix_*.png",
               f"model card: {export_dir / 'README.md'}", f"exported MDF model: {export_dir}"]
     if data_args.dataset == "synthetic":
         lines.append("The data is SYNTHETIC: these numbers show the pipeline works, not how it does on real photos.")
@@ -160,4 +160,4 @@ def write_comparison(arms, out: Path, stage1_losses: list[float], references: li
     rows = [{k: v for k, v in r.items() if k != "probabilities"} for r in reports]
     (out / "comparison.json").write_text(json.dumps({"models": rows, "stage1_vessel_loss": stage1_losses}, indent=1))
     for _, trainer, report in arms[1:]:
-        reporting.write_results({k: v for k, v in report.items() if k != "gate_history"}, trainer.args.output_dir)
+        model_card.write_results({k: v for k, v in report.items() if k != "gate_history"}, trainer.args.output_dir)

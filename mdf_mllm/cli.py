@@ -20,6 +20,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from mdf_mllm.messages import shown
+
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -73,11 +75,6 @@ def parse_args(argv):
                          help="image file to write; its suffix picks the format (.png, .jpg, ...)")
     explain.add_argument("--label", default=None, help="class to explain (default: the predicted one)")
     return parser.parse_args(argv)
-
-
-def shown(text: str) -> str:
-    """`text` on one line: control characters and undecodable bytes of file names as escapes (\\n, \\x01, \\udcff)."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
 
 
 def check_device(device: str) -> None:
@@ -183,7 +180,7 @@ def predict(args) -> None:
 
 
 def explain(args) -> None:
-    from explain_mdf_mllm import draw_explanation, explain as explain_image
+    from mdf_mllm.explain import draw_explanation, explain as explain_image
 
     out_folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_folder):

@@ -1,9 +1,9 @@
-"""Data, training and evaluation for the main job (train_hf.py): the processed splits and collators, the Trainer with
+"""Data, training and evaluation for the main job (mdf_mllm.train): the processed splits and collators, the Trainer with
 its own learning rates for the MDF modules and gates, gate logging, checkpoints, stage 1's U-Net warm-up and test-set
 classification.
 
-`data_args` and `job_args` are train_hf's DataArguments and JobArguments (not imported: train_hf imports this
-module)."""
+`data_args` and `job_args` are mdf_mllm.stages' DataArguments and JobArguments (not imported: a floor above this
+one)."""
 
 import math
 import re
@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
-import reporting
 from configuration_mdf_mllm import MdfMllmConfig
-from model_setup import UsageError
+from mdf_mllm.metrics import classification_report
+from mdf_mllm.model_setup import UsageError
 from modeling_mdf_mllm import is_mdf_parameter
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
 
@@ -246,7 +246,7 @@ def predict(model, split: ProcessedSplit, collator, batch_size: int, bf16: bool 
 
 def evaluate_model(model, splits, collator, config: MdfMllmConfig, job_args, bf16=False) -> dict:
     probabilities = predict(model, splits["test"], collator, job_args.eval_batch_size, bf16)
-    report = reporting.classification_report(
+    report = classification_report(
         splits["test"].label_ids, probabilities.argmax(-1).tolist(), config.label_names, config.disease_types,
         n_bootstrap=job_args.n_bootstrap, items=splits["test"].cases, probabilities=probabilities,
     )

@@ -1,0 +1,16 @@
+"""MDF-MLLM: multi-depth U-Net features fused into Llama 3.2 Vision (Mllama) for retinal disease classification.
+
+The model, processor and pipeline are the four Hub files beside this package (`configuration_mdf_mllm`,
+`modeling_mdf_mllm`, `processing_mdf_mllm`, `pipeline_mdf_mllm`), which every export ships as remote code. This
+package trains, evaluates, exports and serves them; its modules stand on floors, each importing only those below:
+
+    messages, handler                              plain helpers; the Inference Endpoints handler template
+    model_setup, probe_ladder, explain             models and processors: set-up, probes, explanation maps
+    metrics, tables, plots, model_card             reporting: one module per job
+    training                                       data, the Trainer, stage 1's warm-up, evaluation
+    stages, export                                 what the job and the ablation share; the Hub export
+    ablation                                       the ablation table
+    train, cli, demo, __main__                     entry points: the job, `mdf-mllm`, the Gradio demo
+
+Importing the package imports none of them.
+"""

@@ -1,0 +1,232 @@
+"""Fine-tune MDF-MLLM from a pretrained Llama 3.2 Vision (Mllama) base and compare it with fine-tuning the base alone.
+
+With no arguments the whole study runs offline on the synthetic fundus set (everything under --output_dir):
+  base     a small stock MllamaForConditionalGeneration trained on the train split (LM loss on the answer),
+           cached in ~/.cache/mdf_mllm/base-<key> ($MDF_MLLM_BASE_CACHE or --base_cache_dir), or --base_model
+  stage 1  the U-Net and its decoder warm up on the vessel masks (--no_stage1 skips it)
+  stage 2  two arms from the same base weights, data order, steps and learning rate: the baseline (the base
+           fine-tuned alone) and MDF-MLLM (base + MDF modules, U-Net gates at 0, U-Net from stage 1)
+  then     comparison with 95% CIs, U-Net gate values per step, plots, and the MDF model exported as a Hub
+           repository to <output_dir>/mdf-mllm (--export_dir)
+
+    python train_hf.py                          # the main job above (or mdf-mllm-train, python -m mdf_mllm.train)
+    python train_hf.py job.yaml                 # the same arguments from a YAML or JSON file
+    python train_hf.py --make_base --output_dir DIR       # only write the stock Mllama base to DIR/base
+    python train_hf.py --from_scratch           # both models from scratch, every gate open (no base, no stage 1)
+    python train_hf.py --base_model meta-llama/Llama-3.2-11B-Vision-Instruct --dataset all \\
+        --fives FIVES --hrf HRF --stonerounds StoneRounds --lora --bf16 --gradient_checkpointing
+    accelerate launch --config_file configs/fsdp_gpu.yaml train_hf.py --base_model ... --bf16
+"""
+
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from safetensors.torch import load_file
+from transformers import HfArgumentParser
+
+from configuration_mdf_mllm import UNET_DEPTHS
+from mdf_mllm import ablation, export, stages
+from mdf_mllm.model_setup import (
+    MODEL_SIZES,
+    UsageError,
+    base_processor,
+    build_model,
+    default_processor,
+    describe_mdf_sizes,
+    parse_fusion_layers,
+)
+from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table, probe_ladder, selected
+from mdf_mllm.training import load_data, process_splits, remove_checkpoints, resolve_checkpoint
+from processing_mdf_mllm import MdfMllmDataCollator
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):
+        # "(default: None)" says nothing; a help that explains its default already says more.
+        documented = action.default is None or "default" in (action.help or "")
+        return action.help if documented else super()._get_help_string(action)
+
+
+class Parser(HfArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_arguments(argv: list[str]) -> tuple:
+    """(ModelArguments, DataArguments, JobArguments, MdfTrainingArguments) from the command line or a YAML/JSON file."""
+    dataclasses = (stages.ModelArguments, stages.DataArguments, stages.JobArguments, stages.MdfTrainingArguments)
+    parser = Parser(dataclasses, prog="train_hf.py", description=__doc__,
+                    usage="python train_hf.py [options] | python train_hf.py job.yaml", formatter_class=HelpFormatter)
+    for action in parser._actions:
+        if "--no_baseline" in action.option_strings:
+            action.help = "Train only MDF-MLLM (default: both models)"
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    *arguments, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return tuple(arguments)
+
+
+def check_path(option: str, path: str | None, hub_id_allowed: bool = False) -> None:
+    # A string shaped like `org/name` may be a Hub id; anything else that does not exist is a local path mistyped,
+    # reported now rather than after transformers has retried the Hub.
+    if path is None or os.path.exists(path) or (hub_id_allowed and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path)):
+        return
+    raise UsageError(f"{option}: no such file or folder: {path}")
+
+
+
+def check_arguments(model_args, data_args, job_args, training_args) -> None:
+    """Raise UsageError naming the option for a value that would fail later (or silently reach for the Hub)."""
+    for option, value, allowed in (("--model_size", model_args.model_size, MODEL_SIZES),
+                                   ("--dataset", data_args.dataset, stages.DATASETS)):
+        if value is not None and value not in allowed:
+            raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
+    check_path("--base_model", model_args.base_model, hub_id_allowed=True)
+    for option in ("fives", "hrf", "stonerounds", "data_dir"):
+        check_path(f"--{option}", getattr(data_args, option))
+    if training_args.resume_from_checkpoint != "latest":
+        check_path("--resume_from_checkpoint", training_args.resume_from_checkpoint)
+    if training_args.push_to_hub:
+        check_hub(job_args, training_args)
+    fusion, layers = parse_fusion_layers(model_args.fusion_layers), stages.cross_attention_layers(model_args)
+    bad = {k: v for k, v in (fusion or {}).items() if (layers and k not in layers) or not 1 <= v <= UNET_DEPTHS}
+    if bad:
+        raise UsageError(f"--fusion_layers: {model_args.fusion_layers!r}: layers must be among the cross-attention "
+                         f"layers {layers or '(of the base)'}, depths 1-{UNET_DEPTHS}")
+
+
+def check_hub(job_args, training_args) -> None:
+    """--push_to_hub pushes the export at the end: find out now, not after training, that it cannot."""
+    from huggingface_hub import HfApi, constants
+
+    if job_args.make_base or job_args.ablation:
+        raise UsageError("--push_to_hub: pushes the exported MDF model, which --make_base and --ablation do not write")
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be pushed (unset it, or upload the "
+                         "export later with `hf upload`)")
+    try:
+        HfApi().whoami(token=training_args.hub_token)
+    except Exception as error:  # no token, a rejected one, no connection: whichever it is, the push would fail
+        raise UsageError(f"--push_to_hub: the Hub cannot be used ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]})") from None
+
+
+def push_export(export_dir: Path, training_args) -> str:
+    """Push the export folder to `--hub_model_id` (default: the output folder's name, as the Trainer names it)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=training_args.hub_token)
+    name = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    repo_id = api.create_repo(name, private=training_args.hub_private_repo, exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=export_dir, commit_message="MDF-MLLM export from train_hf.py")
+    return repo_id
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def ladder(model, splits) -> dict[str, float]:
+    """The probe ladder (probe_ladder.py) of the acquired classes, train photos -> test photos."""
+    names = model.config.label_names
+    collator = MdfMllmDataCollator(model.config.text_config.pad_token_id)
+    return probe_ladder(model, *selected(splits["train"], names), *selected(splits["test"], names), collator)
+
+
+def shard_on_cpu_processes() -> None:
+    """Let `accelerate launch` with an FSDP config shard the model over CPU processes (gloo).
+
+    accelerate 1.15 turns FSDP on only for GPU-like process groups and silently falls back to DDP on CPU, although
+    torch's FSDP2 runs on gloo; marking the CPU process group as a multi-device one before the Trainer builds its
+    Accelerator keeps the FSDP plugin, and every tensor stays on the CPU.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState()
+    if state.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def run(model_args, data_args, job_args, training_args) -> None:
+    out = Path(training_args.output_dir)
+    # The job pushes its export once at the end; a Trainer pushing each arm's checkpoints would mix them in one repo.
+    push, training_args = training_args.push_to_hub, replace(training_args, push_to_hub=False)
+    if job_args.make_base:
+        folder = stages.make_base(model_args, data_args, job_args, training_args, out / "base")
+        print(f"base written to {folder}: MllamaForConditionalGeneration + MllamaProcessor, plain transformers")
+        return
+    shard_on_cpu_processes()
+    dataset = load_data(data_args)
+    if not job_args.from_scratch and not model_args.base_model:
+        base = stages.cached_base(model_args, data_args, job_args, training_args, dataset)
+        model_args = replace(model_args, base_model=base, model_size=model_args.model_size or "small")
+    processor = base_processor(model_args) if model_args.base_model else default_processor(model_args)
+    if model_args.base_model:
+        print(describe_mdf_sizes(model_args))
+    collator = MdfMllmDataCollator(processor)
+    if job_args.ablation:
+        ablation.run_ablation(model_args, data_args, job_args, training_args, dataset, processor, collator,
+                              epochs=job_args.ablation_epochs)
+        return
+    splits = process_splits(dataset, processor, no_text=data_args.no_text)
+    unet_weights, stage1_losses, unet_alone = stages.stage1(model_args, splits, collator, processor, job_args,
+                                                            training_args)
+    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume:
+        print(f"resuming from {resume}")
+    arms = [stages.run_one("MDF-MLLM", model_args, splits, collator, processor, training_args, job_args, resume,
+                    unet_weights)]
+    if job_args.baseline and parse_fusion_layers(model_args.fusion_layers) != {}:
+        baseline_args = replace(training_args, output_dir=str(out / "baseline"), resume_from_checkpoint=None)
+        arms.append(stages.run_one("Mllama baseline", replace(model_args, fusion_layers="none"), splits, collator,
+                            processor, baseline_args, job_args))
+    if arms[0][2] is None:  # not the main process
+        return
+    if job_args.probe_ladder and unet_weights:
+        start = build_model(replace(model_args, lora=False), processor)
+        start.model.unet.load_state_dict(load_file(unet_weights))
+        ladders = {"start of stage 2": ladder(start, splits), "MDF-MLLM (trained)": ladder(arms[0][0], splits)}
+        (out / "probe_ladder.md").write_text(ladder_table(ladders, chance=1 / len(ACQUIRED_CLASSES)) + "\n")
+        print(f"probe ladder (acquired classes, linear probes, test accuracy): {out / 'probe_ladder.md'}")
+    references = [unet_alone] if unet_alone else []
+    export.write_comparison(arms, out, stage1_losses, references)
+    model, trainer, report = arms[0]
+    export_dir = Path(job_args.export_dir or out / "mdf-mllm")
+    export.export(model, processor, report, trainer, dataset, data_args, model_args, str(export_dir),
+                      baseline=(arms[1][2], arms[1][1]) if len(arms) > 1 else None, gate_history=report["gate_history"],
+                      references=references)
+    if push:
+        print(f"export pushed to https://huggingface.co/{push_export(export_dir, training_args)}")
+    removed = [folder for _, trainer, _ in arms for folder in remove_checkpoints(trainer.args.output_dir)]
+    if removed:
+        print(f"checkpoints: {len(removed)} removed once training finished; none kept")
+    print(export.summary([r for _, _, r in arms] + references, model_args, data_args, out, export_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+        check_arguments(*arguments)
+        run(*arguments)
+    except UsageError as error:
+        print(f"train_hf.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
