@@ -8,7 +8,6 @@ For every rung a logistic regression is fitted on the training photos and scored
 A rung near the image-only ceiling followed by one at chance shows where the photo's information is lost. By default
 only the classes the photo must tell apart (normal, AMD, DR, glaucoma: their prompts carry no clinical text) count.
 The main job writes the ladder of the model at the start and at the end of stage 2 to `probe_ladder.md`.
-
 """
 
 import numpy as np
