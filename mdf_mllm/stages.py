@@ -54,7 +54,7 @@ DATASETS = ("synthetic", "all", "fives", "hrf", "stonerounds", "manifest")
 # The recipe (README "The recipe"; measured in the README's tables). Stage 1 teaches the U-Net the classes from the
 # photo alone; stage 2 then keeps it nearly still while the projector and branches learn to carry it into the answer.
 STAGE1_EPOCHS = 12.0
-STAGE1_LEARNING_RATE = 3e-3
+STAGE1_LEARNING_RATE = 1e-3
 STAGE1_VESSEL_WEIGHT = 0.0
 UNET_LEARNING_RATE = 0.0
 FILM_LEARNING_RATE = 3e-4

@@ -134,7 +134,7 @@ class LabelledProgress(ProgressCallback):
             self.training_bar.set_description(self.label)
 
 
-# Optimizer groups, each falling back to the rate of the one after it when it has none of its own.
+# Optimizer groups: each kind without a rate of its own trains at the rate of the kind it names here.
 PARAMETER_KINDS = {"gate": "mdf", "film": "mdf", "unet": "mdf", "mdf": "base", "base": None}
 
 
@@ -295,9 +295,9 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
     returns the mean loss of each epoch."""
     device = next(unet.parameters()).device
     class_head = torch.nn.Linear(sum(unet.widths), num_classes, device=device)
-    trained = [p for name, p in unet.named_parameters() if not name.startswith("film.")]
-    optimizer = torch.optim.AdamW([*trained, *class_head.parameters()], lr=job_args.stage1_learning_rate,
-                                  weight_decay=training_args.weight_decay)
+    parameters = [p for name, p in unet.named_parameters() if not name.startswith("film.")]
+    parameters += list(class_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=job_args.stage1_learning_rate, weight_decay=training_args.weight_decay)
     generator = torch.Generator().manual_seed(training_args.seed)
     batch_size = training_args.per_device_train_batch_size
     steps_per_epoch = math.ceil(len(split) / batch_size)
@@ -316,6 +316,7 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
             class_ids = torch.tensor([split.label_ids[i] for i in indices], device=device)
             loss = stage1_loss(unet, class_head, batch, class_ids, vessel_weight)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, training_args.max_grad_norm)  # as the Trainer clips stage 2
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()

@@ -165,7 +165,7 @@ def test_export_is_a_complete_hub_repository(main_job):
     assert "trained from scratch by `train_hf.py --make_base` for 2 epochs on the synthetic data" in card
     results = json.loads((folder / "results.json").read_text())
     assert f"| disease | {results['disease']['accuracy']:.3f} (" in card
-    assert "| Mllama baseline | " in card  # the comparison with the baseline
+    assert "| Mllama baseline | " in card and "| U-Net alone (image only) | " in card  # the comparison rows
     for widget in front_matter["widget"]:
         assert (folder / widget["src"]).is_file()
     assert not [name for name in os.listdir(main_job["out"]) if name.startswith(".")]  # no staging left behind
