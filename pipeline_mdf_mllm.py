@@ -106,15 +106,32 @@ class FundusClassificationPipeline(Pipeline):
         ]
 
 
+def require_safetensors(model) -> None:
+    """Refuse a local model folder whose weights are only a pickle (`pytorch_model*.bin`): unpickling runs whatever
+    code the file holds, so MDF-MLLM reads weights as safetensors only. A `ValueError` names the file."""
+    if not isinstance(model, (str, os.PathLike)) or not os.path.isdir(model):
+        return
+    names = sorted(os.listdir(model))
+    pickles = [name for name in names if name.startswith("pytorch_model") and name.endswith(".bin")]
+    if pickles and not any(name.endswith(".safetensors") for name in names):
+        raise ValueError(
+            f"{os.path.join(model, pickles[0])}: weights stored as a pickle; MDF-MLLM loads safetensors only (convert "
+            "with model.save_pretrained(folder), which writes model.safetensors)"
+        )
+
+
 def load_pipeline(model, **pipeline_kwargs) -> FundusClassificationPipeline:
-    """`pipeline("fundus-classification", model=model, trust_remote_code=True, **pipeline_kwargs)`, also for a model
-    folder whose config.json has no `custom_pipelines` entry (the task is registered here for this process)."""
+    """`pipeline("fundus-classification", model=model, trust_remote_code=True, **pipeline_kwargs)` with weights read
+    as safetensors only (`require_safetensors`), also for a model folder whose config.json has no `custom_pipelines`
+    entry (the task is registered here for this process)."""
     from transformers import AutoModel, pipeline
     from transformers.pipelines import PIPELINE_REGISTRY
 
+    require_safetensors(model)
     if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
         PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=FundusClassificationPipeline, pt_model=AutoModel)
-    return pipeline(TASK, model=model, trust_remote_code=True, **pipeline_kwargs)
+    model_kwargs = {**pipeline_kwargs.pop("model_kwargs", {}), "use_safetensors": True}
+    return pipeline(TASK, model=model, trust_remote_code=True, model_kwargs=model_kwargs, **pipeline_kwargs)
 
 
 def register_pipeline(model_folder: str | os.PathLike) -> None:

@@ -3,6 +3,7 @@ a complete Hub model repository (weights, remote code, processor, pipeline regis
 results, plots, model card with the baseline beside it), and the job's closing summary."""
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,24 +17,65 @@ from pipeline_mdf_mllm import register_pipeline
 HANDLER_SOURCE = Path(__file__).resolve().parent / "handler.py"
 
 
-def export(model, processor, report, trainer, dataset, data_args, model_args, export_dir: str, **card) -> Path:
+# Every file an export wrote, so that a later export replaces the folder only when it holds nothing else.
+EXPORT_MANIFEST = "export_files.json"
+
+
+def files_in(folder: Path) -> set[str]:
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if not path.is_dir()}
+
+
+def export_dir_problem(export_dir: Path, overwrite: bool) -> str | None:
+    """Why the export may not go to `export_dir` (None: it may). It may when the folder is missing or empty, or with
+    `overwrite` when it is an earlier export of this project holding only what that export wrote; never when it
+    holds anything else, which an export would delete."""
+    if not export_dir.exists() or (export_dir.is_dir() and not any(export_dir.iterdir())):
+        return None
+    if not export_dir.is_dir():
+        return f"--export_dir: {export_dir} is a file"
+    try:
+        ours = json.loads((export_dir / "config.json").read_text())["model_type"] == "mdf_mllm"
+        written = set(json.loads((export_dir / EXPORT_MANIFEST).read_text())["files"]) if ours else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        ours, written = False, set()
+    foreign = sorted(files_in(export_dir) - written - {EXPORT_MANIFEST}) if ours else sorted(files_in(export_dir))
+    if foreign or not ours:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return (f"--export_dir: {export_dir} holds files an export did not write ({shown or 'no MDF-MLLM export'}); "
+                "the export replaces its folder, so choose another --export_dir")
+    if not overwrite:
+        return f"--export_dir: {export_dir} holds an earlier export; --overwrite_export replaces it"
+    return None
+
+
+def export(model, processor, report, trainer, dataset, data_args, model_args, export_dir: str, overwrite=False,
+           **card) -> Path:
     """Write the repository into `export_dir`, atomically: everything goes to a temporary folder beside it that
-    replaces the old one only once complete, so a crash never leaves a half-written model. `card`: see
-    `write_repository`."""
+    replaces the old one only once complete, so a crash never leaves a half-written model. `export_dir` must pass
+    `export_dir_problem` (checked before training; should files have appeared there since, the export goes to a new
+    folder beside it instead: nothing the project did not write is deleted). `card`: see `write_repository`."""
     export_dir = Path(export_dir)
+    if export_dir_problem(export_dir, overwrite):
+        taken = export_dir
+        export_dir = next(taken.with_name(f"{taken.name}-{n}") for n in range(1, 10**6)
+                          if not taken.with_name(f"{taken.name}-{n}").exists())
+        print(f"{taken} changed during training: the export goes to {export_dir} instead")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
     try:
         write_repository(staging, model, processor, report, trainer, dataset, data_args, model_args, **card)
+        (staging / EXPORT_MANIFEST).write_text(json.dumps({"files": sorted(files_in(staging))}, indent=1) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # a folder's usual permissions, not mkdtemp's 0700
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    previous = export_dir.with_name(f".{export_dir.name}-previous")
-    if export_dir.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        export_dir.rename(previous)
+    previous = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-previous-", dir=export_dir.parent))
+    if export_dir.exists():  # an earlier export (export_dir_problem): moved aside, deleted once replaced
+        export_dir.rename(previous / export_dir.name)
     staging.rename(export_dir)
-    shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(previous)
     return export_dir
 
 

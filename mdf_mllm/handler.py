@@ -26,7 +26,8 @@ PARAMETERS = ("clinical_text", "top_k", "check_fundus")
 
 class EndpointHandler:
     def __init__(self, path: str = ""):
-        self.pipeline = pipeline(TASK, model=path, trust_remote_code=True,
+        # Weights as safetensors only: a pickle-only folder fails here (ValueError: "no file named model.safetensors").
+        self.pipeline = pipeline(TASK, model=path, trust_remote_code=True, model_kwargs={"use_safetensors": True},
                                  device="cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, data: dict) -> list[dict] | dict:

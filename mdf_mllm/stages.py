@@ -130,6 +130,8 @@ class JobArguments:
     ablation_epochs: float = field(default=2.0, metadata={"help": "Epochs of each ablation run"})
     export_dir: str | None = field(default=None, metadata={"help": "The Hub-ready MDF model folder "
                                                           "(default <output_dir>/mdf-mllm)"})
+    overwrite_export: bool = field(default=False, metadata={"help": "Replace an earlier export in --export_dir (a "
+                                   "folder holding anything else is never replaced)"})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95%% CIs"})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of test-set classification"})
     probe_ladder: bool = field(default=True, metadata={"help": "Write probe_ladder.md: linear probes of the classes "
@@ -248,7 +250,7 @@ def run_one(name, model_args, splits, collator, processor, training_args, job_ar
         final = os.path.join(training_args.output_dir, "final-model")
         trainer.save_model(final)
         if trainer.is_world_process_zero():
-            model = MdfMllmForConditionalGeneration.from_pretrained(final)
+            model = MdfMllmForConditionalGeneration.from_pretrained(final, use_safetensors=True)
     if not trainer.is_world_process_zero():  # under accelerate launch, the main process evaluates and exports
         return model, trainer, None
     state = trainer.accelerator.state

@@ -42,6 +42,7 @@ from mdf_mllm.model_setup import (
 )
 from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table, probe_ladder, selected
 from mdf_mllm.training import load_data, process_splits, remove_checkpoints, resolve_checkpoint
+from pipeline_mdf_mllm import require_safetensors
 from processing_mdf_mllm import MdfMllmDataCollator
 
 
@@ -101,6 +102,31 @@ def check_arguments(model_args, data_args, job_args, training_args) -> None:
         check_path("--resume_from_checkpoint", training_args.resume_from_checkpoint)
     if training_args.push_to_hub:
         check_hub(job_args, training_args)
+    check_output_folders(model_args, job_args, training_args)
+
+
+def export_folder(job_args, training_args) -> Path:
+    return Path(job_args.export_dir or Path(training_args.output_dir) / "mdf-mllm")
+
+
+def check_output_folders(model_args, job_args, training_args) -> None:
+    """Nothing the job would overwrite or delete belongs to someone else: the base is read as safetensors, the export
+    folder is free (export.export_dir_problem), and no checkpoint of another run sits where the job removes its own
+    once finished (resuming that run is the way to use them)."""
+    try:
+        require_safetensors(model_args.base_model)
+    except ValueError as error:
+        raise UsageError(f"--base_model: {error}") from None
+    if not (job_args.make_base or job_args.ablation):
+        problem = export.export_dir_problem(export_folder(job_args, training_args), job_args.overwrite_export)
+        if problem:
+            raise UsageError(problem)
+    if training_args.resume_from_checkpoint is None:
+        out = Path(training_args.output_dir)
+        found = sorted(str(path) for folder in (out, out / "baseline") for path in folder.glob("checkpoint-*"))
+        if found:
+            raise UsageError(f"--output_dir: {found[0]} is a checkpoint of an earlier run, which the job would remove "
+                             "once finished: resume it (--resume_from_checkpoint latest) or choose another --output_dir")
     fusion, layers = parse_fusion_layers(model_args.fusion_layers), stages.cross_attention_layers(model_args)
     bad = {k: v for k, v in (fusion or {}).items() if (layers and k not in layers) or not 1 <= v <= UNET_DEPTHS}
     if bad:
@@ -206,10 +232,10 @@ def run(model_args, data_args, job_args, training_args) -> None:
     references = [unet_alone] if unet_alone else []
     export.write_comparison(arms, out, stage1_losses, references)
     model, trainer, report = arms[0]
-    export_dir = Path(job_args.export_dir or out / "mdf-mllm")
-    export.export(model, processor, report, trainer, dataset, data_args, model_args, str(export_dir),
-                      baseline=(arms[1][2], arms[1][1]) if len(arms) > 1 else None, gate_history=report["gate_history"],
-                      references=references)
+    export_dir = export.export(model, processor, report, trainer, dataset, data_args, model_args,
+                               str(export_folder(job_args, training_args)), overwrite=job_args.overwrite_export,
+                               baseline=(arms[1][2], arms[1][1]) if len(arms) > 1 else None,
+                               gate_history=report["gate_history"], references=references)
     if push:
         print(f"export pushed to https://huggingface.co/{push_export(export_dir, training_args)}")
     removed = [folder for _, trainer, _ in arms for folder in remove_checkpoints(trainer.args.output_dir)]
