@@ -134,7 +134,8 @@ def test_require_safetensors_names_the_pickle(pickled_model, tmp_path):
     require_safetensors("org/hub-model")  # a Hub id: from_pretrained(use_safetensors=True) decides
 
 
-def test_the_pipeline_and_the_demo_refuse_a_pickle(pickled_model, monkeypatch):
+def test_the_pipeline_loader_refuses_a_pickle_even_when_asked_to_load_one(pickled_model, monkeypatch):
+    # load_pipeline is also what the demo and the CLI load with.
     with pytest.raises(ValueError, match="pytorch_model.bin: weights stored as a pickle"):
         load_pipeline(str(pickled_model))
     calls = []
