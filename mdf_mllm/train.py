@@ -3,11 +3,12 @@
 With no arguments the whole study runs offline on the synthetic fundus set (everything under --output_dir):
   base     a small stock MllamaForConditionalGeneration trained on the train split (LM loss on the answer),
            cached in ~/.cache/mdf_mllm/base-<key> ($MDF_MLLM_BASE_CACHE or --base_cache_dir), or --base_model
-  stage 1  the U-Net and its decoder warm up on the vessel masks (--no_stage1 skips it)
+  stage 1  the U-Net learns the classes from the photo alone (a linear head on its pooled skips; the U-Net with
+           that head is the "U-Net alone (image only)" row; --no_stage1 skips it)
   stage 2  two arms from the same base weights, data order, steps and learning rate: the baseline (the base
-           fine-tuned alone) and MDF-MLLM (base + MDF modules, U-Net gates at 0, U-Net from stage 1)
-  then     comparison with 95% CIs, U-Net gate values per step, plots, and the MDF model exported as a Hub
-           repository to <output_dir>/mdf-mllm (--export_dir)
+           fine-tuned alone) and MDF-MLLM (base + MDF modules starting as the identity, the stage-1 U-Net frozen)
+  then     comparison with 95% CIs, the probe ladder, U-Net gate values per step, plots, and the MDF model exported
+           as a Hub repository to <output_dir>/mdf-mllm (--export_dir; --overwrite_export replaces an earlier one)
 
     python train_hf.py                          # the main job above (or mdf-mllm-train, python -m mdf_mllm.train)
     python train_hf.py job.yaml                 # the same arguments from a YAML or JSON file
