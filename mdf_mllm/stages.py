@@ -268,9 +268,10 @@ def stage1(model_args, splits, collator, processor, job_args, training_args) -> 
     if job_args.from_scratch or job_args.no_stage1 or parse_fusion_layers(model_args.fusion_layers) == {}:
         return None, [], None
     set_seed(training_args.seed)
-    # The U-Net trains alone: on a GPU it goes there, the rest of the model (11B for the real base) is dropped.
-    model = build_model(replace(model_args, lora=False, load_in_4bit=False), processor)
-    unet, config = model.model.unet.to(training_args.device), model.config
+    # The U-Net trains alone, in fp32, on the training device; the rest of the model (11B for the real base, read in
+    # bf16 with --bf16) is dropped.
+    model = build_model(replace(model_args, lora=False, load_in_4bit=False), processor, bf16=training_args.bf16)
+    unet, config = model.model.unet.float().to(training_args.device), model.config
     del model
     folder = Path(training_args.output_dir) / "stage1"
     start = time.perf_counter()
