@@ -8,6 +8,7 @@ transformers and its sibling configuration file, and does no I/O at import time.
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,20 @@ for ours, mllamas in (("mdf_mllm", "mllama"), ("MdfMllmModel", "MllamaModel")):
 LORA_TARGET_MODULES = (
     r".*language_model.*\.(self_attn|cross_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
+
+
+def require_safetensors(model) -> None:
+    """Refuse a local model folder whose weights are only a pickle (`pytorch_model*.bin`): unpickling runs whatever
+    code the file holds, so MDF-MLLM reads weights as safetensors only. A `ValueError` names the file."""
+    if not isinstance(model, (str, os.PathLike)) or not os.path.isdir(model):
+        return
+    names = sorted(os.listdir(model))
+    pickles = [name for name in names if name.startswith("pytorch_model") and name.endswith(".bin")]
+    if pickles and not any(name.endswith(".safetensors") for name in names):
+        raise ValueError(
+            f"{os.path.join(model, pickles[0])}: weights stored as a pickle; MDF-MLLM loads safetensors only (convert "
+            "with model.save_pretrained(folder), which writes model.safetensors)"
+        )
 
 
 def is_mdf_parameter(name: str) -> bool:
@@ -580,11 +595,14 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Load an MDF-MLLM checkpoint, or a plain Mllama one with `unet_config=...`, `fusion_layers=...`: every base
-        weight must load with its shape (else a `ValueError` naming the weights, even with
-        `ignore_mismatched_sizes=True`); the MDF modules a Mllama checkpoint lacks are initialised and logged."""
+        """Load an MDF-MLLM checkpoint, or a plain Mllama one with `unet_config=...`, `fusion_layers=...`, from
+        safetensors only (`require_safetensors`): every base weight must load with its shape (else a `ValueError`
+        naming the weights, even with `ignore_mismatched_sizes=True`); the MDF modules a Mllama checkpoint lacks are
+        initialised and logged."""
         output_loading_info = kwargs.pop("output_loading_info", False)
         kwargs.pop("ignore_mismatched_sizes", None)
+        require_safetensors(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        kwargs["use_safetensors"] = True  # whatever was asked: a pickle can run code when loaded
         # Mismatches are let through transformers (whose error points to a report in the log) to be named here.
         model, loading_info = super().from_pretrained(
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs

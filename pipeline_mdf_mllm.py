@@ -19,8 +19,10 @@ from transformers import Pipeline
 
 
 try:
+    from .modeling_mdf_mllm import require_safetensors
     from .processing_mdf_mllm import to_rgb_image
 except ImportError:  # imported from the repository rather than from an exported folder
+    from modeling_mdf_mllm import require_safetensors
     from processing_mdf_mllm import to_rgb_image
 
 
@@ -104,20 +106,6 @@ class FundusClassificationPipeline(Pipeline):
             {"label": config.id2label[i], "score": probabilities[i], "disease_type": config.disease_types[i]}
             for i in order
         ]
-
-
-def require_safetensors(model) -> None:
-    """Refuse a local model folder whose weights are only a pickle (`pytorch_model*.bin`): unpickling runs whatever
-    code the file holds, so MDF-MLLM reads weights as safetensors only. A `ValueError` names the file."""
-    if not isinstance(model, (str, os.PathLike)) or not os.path.isdir(model):
-        return
-    names = sorted(os.listdir(model))
-    pickles = [name for name in names if name.startswith("pytorch_model") and name.endswith(".bin")]
-    if pickles and not any(name.endswith(".safetensors") for name in names):
-        raise ValueError(
-            f"{os.path.join(model, pickles[0])}: weights stored as a pickle; MDF-MLLM loads safetensors only (convert "
-            "with model.save_pretrained(folder), which writes model.safetensors)"
-        )
 
 
 def load_pipeline(model, **pipeline_kwargs) -> FundusClassificationPipeline:

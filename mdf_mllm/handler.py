@@ -26,7 +26,7 @@ PARAMETERS = ("clinical_text", "top_k", "check_fundus")
 
 class EndpointHandler:
     def __init__(self, path: str = ""):
-        # Weights as safetensors only: a pickle-only folder fails here (ValueError: "no file named model.safetensors").
+        # Weights as safetensors only: the remote code refuses a pickle-only folder, naming its pytorch_model.bin.
         self.pipeline = pipeline(TASK, model=path, trust_remote_code=True, model_kwargs={"use_safetensors": True},
                                  device="cuda" if torch.cuda.is_available() else "cpu")
 

@@ -42,7 +42,7 @@ from mdf_mllm.model_setup import (
     parse_fusion_layers,
 )
 from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table, probe_ladder, selected
-from mdf_mllm.training import load_data, process_splits, remove_checkpoints, resolve_checkpoint
+from mdf_mllm.training import checkpoints, load_data, process_splits, remove_checkpoints, resolve_checkpoint
 from pipeline_mdf_mllm import require_safetensors
 from processing_mdf_mllm import MdfMllmDataCollator
 
@@ -124,7 +124,7 @@ def check_output_folders(model_args, job_args, training_args) -> None:
             raise UsageError(problem)
     if training_args.resume_from_checkpoint is None:
         out = Path(training_args.output_dir)
-        found = sorted(str(path) for folder in (out, out / "baseline") for path in folder.glob("checkpoint-*"))
+        found = [str(path) for folder in (out, out / "baseline") for path in checkpoints(folder)]
         if found:
             raise UsageError(f"--output_dir: {found[0]} is a checkpoint of an earlier run, which the job would remove "
                              "once finished: resume it (--resume_from_checkpoint latest) or choose another --output_dir")

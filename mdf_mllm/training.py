@@ -212,7 +212,7 @@ def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
     if resume is None:
         return None
     if resume == "latest":
-        folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        folders = checkpoints(output_dir)
         complete = [folder for folder in folders if is_complete_checkpoint(folder)]
         for folder in sorted(set(folders) - set(complete)):
             print(f"skipping incomplete checkpoint {folder} (no trainer_state.json: the run stopped mid-save)")
@@ -222,9 +222,17 @@ def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
     return resume
 
 
+def checkpoints(output_dir) -> list[Path]:
+    """The Trainer's checkpoint folders in `output_dir` (`checkpoint-<step>`, oldest first): nothing else of that name
+    pattern, such as a user's `checkpoint-best` or a file."""
+    found = [path for path in Path(output_dir).glob("checkpoint-*") if path.is_dir() and re.fullmatch(r"checkpoint-\d+",
+                                                                                                      path.name)]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
 def remove_checkpoints(output_dir: str) -> list[Path]:
     """Checkpoints only serve to resume an unfinished arm: once it has finished, they go."""
-    folders = list(Path(output_dir).glob("checkpoint-*"))
+    folders = checkpoints(output_dir)
     for folder in folders:
         shutil.rmtree(folder)
     return folders

@@ -134,6 +134,16 @@ def test_require_safetensors_names_the_pickle(pickled_model, tmp_path):
     require_safetensors("org/hub-model")  # a Hub id: from_pretrained(use_safetensors=True) decides
 
 
+def test_only_trainer_checkpoint_folders_are_removed(tmp_path):
+    from mdf_mllm.training import remove_checkpoints
+
+    for name in ("checkpoint-5", "checkpoint-12", "checkpoint-best"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-notes.txt").write_text("mine")
+    assert [p.name for p in remove_checkpoints(str(tmp_path))] == ["checkpoint-5", "checkpoint-12"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best", "checkpoint-notes.txt"]
+
+
 def test_the_pipeline_loader_refuses_a_pickle_even_when_asked_to_load_one(pickled_model, monkeypatch):
     # load_pipeline is also what the demo and the CLI load with.
     with pytest.raises(ValueError, match="pytorch_model.bin: weights stored as a pickle"):
@@ -165,8 +175,13 @@ def test_train_hf_refuses_a_pickled_base_before_training(pickled_model, tmp_path
     assert f"--base_model: {pickled_model / 'pytorch_model.bin'}: weights stored as a pickle" in err
 
 
-def test_the_endpoint_handler_loads_safetensors_only(pickled_model):
+def test_the_endpoint_handler_and_automodel_load_safetensors_only(pickled_model):
+    from transformers import AutoModel
+
     from mdf_mllm.handler import EndpointHandler
 
-    with pytest.raises(ValueError, match="no file named model.safetensors"):
+    message = f"{pickled_model / 'pytorch_model.bin'}: weights stored as a pickle"
+    with pytest.raises(ValueError, match=message):  # the exported remote code refuses it itself
+        AutoModel.from_pretrained(pickled_model, trust_remote_code=True, use_safetensors=False)
+    with pytest.raises(ValueError, match=message):
         EndpointHandler(str(pickled_model))
