@@ -203,7 +203,7 @@ def build_model(model_args, processor: MdfMllmProcessor, bf16: bool = False, che
     if checkpoint and not model_args.lora:
         # Trainer's resume loads a checkpoint's state dict as saved, in Mllama's on-disk key names, which do not match
         # the module names (transformers 5.24 renames keys only in from_pretrained): load the weights here instead.
-        model = MdfMllmForConditionalGeneration.from_pretrained(checkpoint, use_safetensors=True)
+        model = MdfMllmForConditionalGeneration.from_pretrained(checkpoint)
     elif model_args.base_model:
         if model_args.load_in_4bit:
             from transformers import BitsAndBytesConfig
@@ -245,7 +245,7 @@ def from_base(base: str, dtype, **kwargs) -> tuple[MdfMllmForConditionalGenerati
     transformers_logging.set_verbosity_error()
     try:
         model, info = MdfMllmForConditionalGeneration.from_pretrained(
-            base, dtype=dtype, output_loading_info=True, use_safetensors=True, **kwargs)
+            base, dtype=dtype, output_loading_info=True, **kwargs)
     finally:
         transformers_logging.set_verbosity(verbosity)
     print(f"loaded every base weight from {base}; {len(info['missing_keys'])} MDF tensors initialised")

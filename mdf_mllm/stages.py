@@ -250,7 +250,7 @@ def run_one(name, model_args, splits, collator, processor, training_args, job_ar
         final = os.path.join(training_args.output_dir, "final-model")
         trainer.save_model(final)
         if trainer.is_world_process_zero():
-            model = MdfMllmForConditionalGeneration.from_pretrained(final, use_safetensors=True)
+            model = MdfMllmForConditionalGeneration.from_pretrained(final)
     if not trainer.is_world_process_zero():  # under accelerate launch, the main process evaluates and exports
         return model, trainer, None
     state = trainer.accelerator.state
