@@ -566,6 +566,12 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         return MdfMllmModelOutputWithPast(**outputs, vessel_logits=vessel_logits)
 
 
+def last_prompt_token(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask of the prompt tokens -> (B,) index of each row's last one (left or right padding alike): where the
+    answer's first token is predicted."""
+    return prompt_mask.shape[1] - 1 - prompt_mask.flip(-1).argmax(-1)
+
+
 def pack_verbalizers(verbalizer_ids: list[list[int]], device) -> tuple[torch.Tensor, ...]:
     """The K verbalizers side by side in one row of P = sum_k (n_k - 1) input tokens (each verbalizer but its last
     token) -> tokens (P,), the token each predicts (P,), its verbalizer k (P,), its offset after the prompt (P,), and
@@ -808,9 +814,9 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch, length = input_ids.shape
+        batch = input_ids.shape[0]
         rows = torch.arange(batch, device=input_ids.device)
-        last = length - 1 - attention_mask.flip(-1).argmax(-1)  # (B,) the last real prompt token of each row
+        last = last_prompt_token(attention_mask)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         prompt = self(
             input_ids=input_ids,

@@ -15,7 +15,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from modeling_mdf_mllm import MdfMllmUnetCrossAttention
+from modeling_mdf_mllm import MdfMllmUnetCrossAttention, last_prompt_token
 
 ACQUIRED_CLASSES = ("normal", "amd", "dr", "glaucoma")
 
@@ -40,7 +40,7 @@ def ladder_features(model, items: list[dict], collator, batch_size: int = 32) ->
             # Training items end with their answer: the prompt is what precedes it (causal attention: the prompt's
             # hidden states do not see the answer; FiLM must not either).
             prompt = batch["attention_mask"] * (labels == -100) if labels is not None else batch["attention_mask"]
-            last = prompt.shape[1] - 1 - prompt.flip(-1).argmax(-1)  # the answer position: the last prompt token
+            last = last_prompt_token(prompt)  # the answer position
             rows = torch.arange(len(last))
             skips = inner.unet.encode(batch["unet_pixel_values"].to(model.dtype),
                                       inner.text_context(batch["input_ids"], None, prompt))
