@@ -235,7 +235,7 @@ def _stratified_take(case_keys, cases, records, fraction, rng) -> list:
     """A seeded choice of `round(n * fraction)` cases per stratum (at least 1 when n >= 3 and fraction > 0)."""
     strata = defaultdict(list)
     for case in case_keys:
-        labels = tuple(sorted({records[i].label for i in cases[case]}))
+        labels = tuple(sorted({_stratum_label(records[i]) for i in cases[case]}))
         strata[(case[0], labels)].append(case)
     taken = []
     for stratum in sorted(strata):
@@ -245,6 +245,13 @@ def _stratified_take(case_keys, cases, records, fraction, rng) -> list:
             count = max(count, 1)
         taken += [members[i] for i in rng.permutation(len(members))[:count]]
     return taken
+
+
+def _stratum_label(record: Record) -> str:
+    """A record's label, with its synthetic presentation where it has one, so that both sides of every phenocopy
+    pair and overlapping history reach every split."""
+    presentation = getattr(record.synthetic, "presentation", "")
+    return f"{record.label}/{presentation}" if presentation else record.label
 
 
 # ---------------------------------------------------------------------------------------------------------------------

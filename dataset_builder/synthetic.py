@@ -84,8 +84,6 @@ NOISE_SIGMA = (0.005, 0.02)
 BLUR_SIGMA = (0.2, 0.8)
 ILLUMINATION = {"gain": (0.75, 1.15), "vignetting": (0.15, 0.45), "gradient": 0.2, "blotches": 0.05, "cast": 0.04}
 TESSELLATION_PROBABILITY = 0.2
-CUP_TO_DISC = {"normal": (0.2, 0.5), "glaucoma": (0.65, 0.9)}
-
 FOV_RADIUS = 0.47  # of S
 LABEL_NAMES = [name for name, _, _ in DEFAULT_LABELS]
 LABEL_TYPES = {name: kind for name, _, kind in DEFAULT_LABELS}
@@ -95,24 +93,34 @@ DEFAULT_COMPOSITION = {
     "fives": {"normal": 200, "amd": 200, "dr": 200, "glaucoma": 200},
     "hrf": {"normal": 15, "dr": 15, "glaucoma": 15},
     "stonerounds": {
-        "retinitis_pigmentosa": 130,
-        "stargardt": 110,
-        "choroideremia": 70,
-        "best_disease": 70,
-        "normal": 20,
-        "amd": 20,
+        "retinitis_pigmentosa": 120,
+        "stargardt": 90,
+        "choroideremia": 60,
+        "best_disease": 60,
+        "normal": 50,
+        "amd": 40,
         "dr": 20,
         "glaucoma": 20,
     },
 }
-TINY_COMPOSITION = {  # 43 images; every split gets every class of every part
+# 81 images: every split gets every class of FIVES and HRF and both sides of every phenocopy pair and of every
+# overlapping history (4 one-photo cases per presentation: 1 test, 1 validation, 2 train).
+TINY_COMPOSITION = {
     "fives": {"normal": 4, "amd": 4, "dr": 4, "glaucoma": 4},
     "hrf": {"normal": 3, "dr": 3, "glaucoma": 3},
-    "stonerounds": {"retinitis_pigmentosa": 4, "stargardt": 4, "choroideremia": 4, "best_disease": 4, "dr": 2},
+    "stonerounds": {
+        "retinitis_pigmentosa": {"x_linked": 4, "sine_pigmento": 4},
+        "choroideremia": {"x_linked": 4},
+        "stargardt": {"central_blur": 4, "late_onset": 4},
+        "best_disease": {"central_blur": 4},
+        "amd": {"typical": 4, "vitelliform": 4},
+        "normal": {"diabetes": 4, "glaucoma_family": 4, "large_cup": 4},
+        "dr": {"typical": 4},
+        "glaucoma": {"typical": 4, "early": 4},
+    },
 }
 FIVES_TRAIN_FRACTION = 0.75  # FIVES' official 600 / 200 split
 SECOND_EYE_PROBABILITY = 0.35  # a StoneRounds-like case shows both eyes this often
-ACQUIRED_TEXT_PROBABILITY = 0.25  # StoneRounds-like acquired / normal cases with a (short) history
 
 # Reflectance colours (RGB in [0, 1]) before illumination.
 COLOURS = {
@@ -147,6 +155,9 @@ class SyntheticItem:
     case_id: str
     text: str
     official_split: str | None
+    presentation: str = ""  # StoneRounds-like cases: the name in PRESENTATIONS[label]
+    look: str = ""  # the picture drawn (a label, or "large_cup"); "" means the label's own
+    history: str = ""  # the kind of history written (HISTORIES), "" for none
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,7 +167,7 @@ class SyntheticItem:
 def scale_composition(num_images: int, composition: dict | None = None) -> dict:
     """Scale a composition (part -> label -> count) to `num_images` in total, by largest remainders."""
     composition = composition or DEFAULT_COMPOSITION
-    cells = [(part, label, count) for part, counts in composition.items() for label, count in counts.items()]
+    cells = [(part, label, _images(count)) for part, counts in composition.items() for label, count in counts.items()]
     total = sum(count for _, _, count in cells)
     exact = [count * num_images / total for _, _, count in cells]
     floors = [int(x) for x in exact]
@@ -176,7 +187,7 @@ def plan(num_images: int | None = None, seed: int = 0, composition: dict | None 
         composition = DEFAULT_COMPOSITION if num_images is None else scale_composition(num_images)
     elif num_images is not None:
         composition = scale_composition(num_images, composition)
-    if not sum(sum(counts.values()) for counts in composition.values()):
+    if not sum(_images(count) for counts in composition.values() for count in counts.values()):
         raise ValueError(f"num_images / composition: the synthetic set would be empty ({composition})")
     unknown = {label for counts in composition.values() for label in counts} - set(LABEL_NAMES)
     if unknown or set(composition) - {"fives", "hrf", "stonerounds"}:
@@ -192,6 +203,11 @@ def plan(num_images: int | None = None, seed: int = 0, composition: dict | None 
 
 
 _PART_IDS = {"fives": 0, "hrf": 1, "stonerounds": 2}
+
+
+def _images(count) -> int:
+    """Images of a composition cell: a count, or {presentation: one-photo cases}."""
+    return sum(count.values()) if isinstance(count, dict) else count
 
 
 def _plan_fives(counts: dict, rng: np.random.Generator) -> list[SyntheticItem]:
@@ -215,112 +231,236 @@ def _plan_hrf(counts: dict, rng: np.random.Generator) -> list[SyntheticItem]:
 
 
 def _plan_stonerounds(counts: dict, rng: np.random.Generator) -> list[SyntheticItem]:
+    """Cases of one or two eyes; each case gets one presentation (its look and its history), allocated to the
+    label's cases by `PRESENTATIONS` shares (largest remainders, then shuffled) so that every presentation of a label
+    with enough cases is present. A count may instead be {presentation: cases} (one photo each), as in
+    `TINY_COMPOSITION`."""
     items = []
-    num_cases = 0
     for label, count in counts.items():
-        left = count
-        while left:
-            eyes = 2 if left >= 2 and rng.random() < SECOND_EYE_PROBABILITY else 1
-            num_cases += 1
-            case_id = f"synthetic_stonerounds/case_{num_cases:04d}"
-            text = case_text(clinical_case(label, rng))
+        if isinstance(count, dict):
+            unknown = set(count) - set(PRESENTATIONS[label])
+            if unknown:
+                raise ValueError(f"composition: {label} has no presentation {sorted(unknown)}; "
+                                 f"known: {sorted(PRESENTATIONS[label])}")
+            cases = [(name, 1) for name, n in count.items() for _ in range(n)]
+        else:
+            eyes = []
+            while sum(eyes) < count:
+                left = count - sum(eyes)
+                eyes.append(2 if left >= 2 and rng.random() < SECOND_EYE_PROBABILITY else 1)
+            names = _allocate(PRESENTATIONS[label], len(eyes))
+            cases = list(zip((names[i] for i in rng.permutation(len(names))), eyes))
+        for name, eyes in cases:
+            look, history = PRESENTATIONS[label][name][:2]
+            case_id = f"synthetic_stonerounds/case_{len({item.case_id for item in items}) + 1:04d}"
+            text = case_text(clinical_case(history, rng))
             for _ in range(eyes):
-                items.append(SyntheticItem("stonerounds", len(items), label, case_id, text, None))
-            left -= eyes
+                items.append(SyntheticItem("stonerounds", len(items), label, case_id, text, None, name, look, history))
     return items
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Clinical texts (StoneRounds-like): the fields of a case.json.
+def _allocate(presentations: dict, num_cases: int) -> list[str]:
+    """`num_cases` presentation names in proportion to their shares (largest remainders; ties to the first)."""
+    names = list(presentations)
+    exact = [presentations[name][2] * num_cases for name in names]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(names)), key=lambda i: (counts[i] - exact[i], i))[: num_cases - sum(counts)]:
+        counts[i] += 1
+    return [name for name, n in zip(names, counts) for _ in range(n)]
 
-_INHERITED_HISTORIES = {
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The StoneRounds-like part: photo and history complete each other, as in the clinic (see the data documentation,
+# docs/data.md). A presentation is (look, history, share of the label's cases): the look is which picture is drawn
+# (a label's typical signs, or "large_cup"), the history which kind of history is written. A look drawn for two
+# labels is a phenocopy (only the history separates them); a history kind written for two labels is an overlapping
+# history (only the photo separates them). No case has both, so the two together always decide.
+
+PRESENTATIONS = {
     "retinitis_pigmentosa": {
-        "onset": (6, 25),
-        "complaints": [
-            "Night blindness since age {onset}, with a slowly shrinking visual field.",
-            "Difficulty seeing in dim light since age {onset}; bumps into objects at the sides.",
-            "Progressive nyctalopia from age {onset} and peripheral field loss on perimetry.",
-        ],
-        "families": [
-            ("Father and paternal aunt are affected (autosomal dominant).", "RHO"),
-            ("Parents unaffected; a sister has night blindness and congenital hearing loss.", "USH2A"),
-            ("A maternal uncle is affected; the mother is unaffected.", "RPGR"),
-            ("No known family history.", "PRPH2"),
-        ],
-        "acuity": ["20/25", "20/30", "20/40", "20/60"],
-        "extra": ["ERG shows markedly reduced rod responses.", "Goldmann fields constricted to 15 degrees."],
-    },
-    "stargardt": {
-        "onset": (7, 22),
-        "complaints": [
-            "Gradual loss of central vision since age {onset}; difficulty reading and recognising faces.",
-            "Blurred central vision noticed at school at age {onset}; no night blindness.",
-        ],
-        "families": [
-            ("Parents unaffected; a brother has similar central vision loss.", "ABCA4"),
-            ("Parents are first cousins; no other affected relatives.", "ABCA4"),
-            ("No known family history.", "ABCA4"),
-        ],
-        "acuity": ["20/80", "20/100", "20/200", "20/400"],
-        "extra": ["Fluorescein angiography shows a dark choroid.", "Central scotoma on perimetry."],
+        "typical": ("retinitis_pigmentosa", "rod_cone_dystrophy", 0.20),
+        "x_linked": ("retinitis_pigmentosa", "x_linked", 0.40),  # history as choroideremia's
+        "sine_pigmento": ("normal", "rod_cone_dystrophy", 0.40),  # photo as a normal eye's
     },
     "choroideremia": {
-        "onset": (5, 15),
-        "complaints": [
-            "Night blindness since childhood (age {onset}) and progressive peripheral field loss; reading is fine.",
-            "Poor vision in the dark since age {onset}; the side vision has narrowed over the years.",
-        ],
-        "families": [
-            ("The maternal grandfather had the same condition; the mother has mild peripheral pigment changes.", "CHM"),
-            ("A maternal cousin (male) is affected (X-linked).", "CHM"),
-        ],
-        "acuity": ["20/20", "20/25", "20/30", "20/50"],
-        "extra": ["ERG is reduced in a rod-cone pattern.", "Central vision preserved."],
+        "x_linked": ("choroideremia", "x_linked", 0.85),  # history as X-linked RP's
+        "gene_tested": ("choroideremia", "x_linked_chm", 0.15),
+    },
+    "stargardt": {
+        "typical": ("stargardt", "juvenile_macular", 0.25),
+        "central_blur": ("stargardt", "central_blur", 0.40),  # history as Best's
+        "late_onset": ("amd", "late_onset_macular", 0.35),  # photo as AMD's geographic atrophy
     },
     "best_disease": {
-        "onset": (4, 40),
-        "complaints": [
-            "Mild blur and distortion of central vision noticed at age {onset}.",
-            "Found on a routine examination at age {onset}; reading vision slightly reduced.",
-        ],
-        "families": [
-            ("Father and paternal grandmother are affected (autosomal dominant).", "BEST1"),
-            ("Mother and a sibling have similar macular lesions.", "BEST1"),
-        ],
-        "acuity": ["20/20", "20/25", "20/40", "20/60"],
-        "extra": ["EOG Arden ratio reduced (1.2) with a normal ERG.", "OCT shows subretinal yellow material."],
+        "typical": ("best_disease", "dominant_macular", 0.40),
+        "central_blur": ("best_disease", "central_blur", 0.60),  # history as Stargardt's
+    },
+    "amd": {
+        "typical": ("amd", "elderly_macular", 0.45),
+        "vitelliform": ("best_disease", "elderly_macular", 0.55),  # photo as Best's (adult-onset vitelliform lesion)
+    },
+    "normal": {
+        "screening": ("normal", "no_complaints", 0.25),
+        "diabetes": ("normal", "diabetes", 0.30),  # history as DR's
+        "glaucoma_family": ("normal", "glaucoma_family", 0.20),  # history as glaucoma's
+        "large_cup": ("large_cup", "large_cup_workup", 0.25),  # photo as early glaucoma's
+    },
+    "dr": {"typical": ("dr", "diabetes", 1.0)},  # history as a diabetic's without retinopathy
+    "glaucoma": {
+        "typical": ("glaucoma", "glaucoma_family", 0.50),  # history as a normal eye's with a family history
+        "early": ("large_cup", "raised_pressure", 0.50),  # photo as a physiological large cup's
     },
 }
-_ACQUIRED_HISTORIES = {
-    "normal": ["Routine examination, no visual complaints.", "Referred for a family history screening; asymptomatic."],
-    "amd": ["Gradual central blur and distortion over two years.", "Difficulty reading fine print; smoker."],
-    "dr": ["Type 2 diabetes for {years} years, HbA1c 8.9 %.", "Type 1 diabetes since childhood ({years} years)."],
-    "glaucoma": ["Elevated intraocular pressure ({iop} mmHg) on screening.", "Family history of glaucoma; IOP {iop}."],
+LOOKS = [*LABEL_NAMES, "large_cup"]
+CUP_TO_DISC = {"normal": (0.2, 0.5), "glaucoma": (0.65, 0.9), "large_cup": (0.6, 0.8)}
+
+# History kinds: the fields of a case.json, written as a clinician would (age, complaint, family, tests); a gene
+# only where genetic testing would have been done, never a diagnosis. A kind is written the same way whichever
+# label it is drawn for (the label is not an input), so an overlapping history carries nothing about the label.
+HISTORIES = {
+    "rod_cone_dystrophy": {
+        "age": ("onset", (6, 25), (3, 35)),
+        "sex": None,
+        "complaint": ["Night blindness since age {onset}, with a slowly shrinking visual field.",
+                      "Difficulty seeing in dim light since age {onset}; bumps into objects at the sides."],
+        "family": [("Father and paternal aunt have the same night vision problem.", "RHO"),
+                   ("Parents unaffected; a sister has night blindness and was born with hearing loss.", "USH2A"),
+                   ("No family history known.", "PRPH2")],
+        "tests": ["Full-field ERG: rod responses extinguished, cone responses reduced.",
+                  "Goldmann fields constricted to 15 degrees; rod ERG severely reduced."],
+        "gene": 0.4,
+    },
+    "x_linked": {
+        "age": ("onset", (4, 15), (5, 30)),
+        "sex": "male",
+        "complaint": ["Night blindness since early childhood (age {onset}); the side vision has narrowed since.",
+                      "Poor vision in the dark since age {onset} and progressive peripheral field loss."],
+        "family": [("A maternal uncle has the same condition; the mother has no complaints.", None),
+                   ("His maternal grandfather was affected; parents unaffected.", None)],
+        "tests": ["ERG reduced in a rod-cone pattern; central acuity preserved.",
+                  "Visual fields constricted; genetic testing pending."],
+        "gene": 0.0,
+    },
+    "juvenile_macular": {
+        "age": ("onset", (7, 22), (1, 25)),
+        "sex": None,
+        "complaint": ["Gradual loss of central vision since age {onset}; difficulty reading and recognising faces.",
+                      "Blurred central vision first noticed at school at age {onset}; no night blindness."],
+        "family": [("Parents unaffected; a brother has similar central vision loss.", "ABCA4"),
+                   ("Parents are first cousins; no other affected relatives.", "ABCA4")],
+        "tests": ["Fluorescein angiography shows a dark choroid.", "Central scotoma on perimetry."],
+        "gene": 0.5,
+    },
+    "late_onset_macular": {
+        "age": ("onset", (35, 55), (2, 15)),
+        "sex": None,
+        "complaint": ["Slowly progressive central blur since age {onset}; the very centre was spared for years.",
+                      "Difficulty reading since age {onset}; never smoked."],
+        "family": [("Parents unaffected; an older sister has the same condition.", "ABCA4"),
+                   ("Parents unaffected; a cousin lost central vision in her forties.", "ABCA4")],
+        "tests": ["Fluorescein angiography shows a dark choroid.",
+                  "Autofluorescence shows flecks beyond the vascular arcades."],
+        "gene": 0.4,
+    },
+    "dominant_macular": {
+        "age": ("onset", (4, 30), (1, 20)),
+        "sex": None,
+        "complaint": ["Mild blur of central vision noticed at age {onset}.",
+                      "Found on a school eye examination at age {onset}; reading slightly harder."],
+        "family": [("Father and paternal grandmother have similar macular lesions.", "BEST1"),
+                   ("Mother and a sibling have similar macular lesions.", "BEST1")],
+        "tests": ["EOG Arden ratio 1.2 with a full-field ERG within limits.",
+                  "EOG light rise markedly reduced; ERG within limits."],
+        "gene": 0.4,
+    },
+    "central_blur": {
+        "age": ("age", (14, 45), None),
+        "sex": None,
+        "complaint": ["Gradual central blur over the past {years} years; difficulty reading.",
+                      "Blurred central vision and mild distortion for {years} years."],
+        "family": [("No family history known.", None), ("Adopted; family history unknown.", None)],
+        "tests": ["No electrophysiology done yet.", "Full-field ERG within limits."],
+        "gene": 0.0,
+    },
+    "elderly_macular": {
+        "age": ("age", (66, 89), None),
+        "sex": None,
+        "complaint": ["Gradual central blur and distortion over {years} years.",
+                      "Difficulty reading fine print for {years} years; straight lines look wavy."],
+        "family": [("Smoker, 40 pack-years; no family history of eye disease.", None),
+                   ("Ex-smoker with hypertension; no family history of eye disease.", None)],
+        "tests": ["EOG Arden ratio 2.0.", "The fellow eye shows soft drusen."],
+        "gene": 0.0,
+    },
+    "no_complaints": {
+        "age": ("age", (18, 80), None),
+        "sex": None,
+        "complaint": ["Routine examination; no visual complaints and good vision in the dark.",
+                      "Seen for new glasses; no other complaints."],
+        "family": [("No family history of eye disease.", None)],
+        "tests": ["Intraocular pressure 15 mmHg; visual fields full.", "Visual fields full on confrontation."],
+        "gene": 0.0,
+    },
+    "diabetes": {
+        "age": ("age", (35, 80), None),
+        "sex": None,
+        "complaint": ["Type 2 diabetes for {years} years, HbA1c {hba1c} %; annual eye screening.",
+                      "Type 1 diabetes since childhood ({years} years), HbA1c {hba1c} %; no visual complaints."],
+        "family": [("", None)],
+        "tests": ["Blood pressure 145/90 on treatment.", "Microalbuminuria on the last check."],
+        "gene": 0.0,
+    },
+    "glaucoma_family": {
+        "age": ("age", (40, 80), None),
+        "sex": None,
+        "complaint": ["Referred for screening: the father uses eye drops for raised eye pressure.",
+                      "Asymptomatic; a brother and the mother are treated for raised eye pressure."],
+        "family": [("", None)],
+        "tests": ["Pressure not yet measured.", "First eye examination."],
+        "gene": 0.0,
+    },
+    "large_cup_workup": {
+        "age": ("age", (25, 75), None),
+        "sex": None,
+        "complaint": ["Referred by the optician for a large optic cup; no complaints.",
+                      "Large cups noted at a routine sight test; asymptomatic."],
+        "family": [("No family history of eye disease.", None), ("Her mother also has large optic discs.", None)],
+        "tests": ["Intraocular pressure 14 and 15 mmHg; visual fields full on repeat testing; OCT nerve fibre layer "
+                  "within limits.",
+                  "Pressure 16 mmHg in both eyes; fields full and stable over two years."],
+        "gene": 0.0,
+    },
+    "raised_pressure": {
+        "age": ("age", (45, 85), None),
+        "sex": None,
+        "complaint": ["Intraocular pressure {iop} mmHg at a routine sight test.",
+                      "Noticed patchy vision on one side; intraocular pressure {iop} mmHg."],
+        "family": [("No family history known.", None), ("", None)],
+        "tests": ["Inferior arcuate field defect on perimetry; started on drops.",
+                  "OCT shows thinning of the superior nerve fibre layer; field defect confirmed."],
+        "gene": 0.0,
+    },
 }
-GENE_REPORTED_PROBABILITY = 0.75
+HISTORIES["x_linked_chm"] = {**HISTORIES["x_linked"], "family": [(text, "CHM") for text, _ in
+                                                                 HISTORIES["x_linked"]["family"]], "gene": 1.0}
+HISTORIES["x_linked_chm"]["tests"] = ["ERG reduced in a rod-cone pattern; genetic testing done.",
+                                      "Visual fields constricted; genetic testing done."]
 
 
-def clinical_case(label: str, rng: np.random.Generator) -> dict:
-    """A StoneRounds-like case record (`age`, `sex`, `history`, `gene`) for `label`; most acquired cases have none."""
-    if LABEL_TYPES[label] != "inherited":
-        if rng.random() >= ACQUIRED_TEXT_PROBABILITY:
-            return {}
-        history = _pick(rng, _ACQUIRED_HISTORIES[label]).format(years=rng.integers(5, 30), iop=rng.integers(23, 34))
-        return {"age": int(rng.integers(45, 85)), "sex": _pick(rng, ["male", "female"]), "history": history}
-    spec = _INHERITED_HISTORIES[label]
-    onset = int(rng.integers(*spec["onset"]))
-    family, gene = spec["families"][rng.integers(len(spec["families"]))]
-    sex = "male" if label == "choroideremia" or gene == "RPGR" else _pick(rng, ["male", "female"])
-    history = " ".join(
-        [
-            _pick(rng, spec["complaints"]).format(onset=onset),
-            family,
-            f"Visual acuity {_pick(rng, spec['acuity'])} OD, {_pick(rng, spec['acuity'])} OS.",
-            _pick(rng, spec["extra"]),
-        ]
-    )
-    case = {"age": onset + int(rng.integers(1, 30)), "sex": sex, "history": history}
-    if rng.random() < GENE_REPORTED_PROBABILITY:
+def clinical_case(history: str, rng: np.random.Generator) -> dict:
+    """A StoneRounds-like case record (`age`, `sex`, `history`, maybe `gene`) of one history kind (`HISTORIES`)."""
+    spec = HISTORIES[history]
+    mode, first, second = spec["age"]
+    start = int(rng.integers(*first))
+    age = start + int(rng.integers(*second)) if mode == "onset" else start
+    sex = spec["sex"] or _pick(rng, ["male", "female"])
+    family, gene = _pick(rng, spec["family"])
+    text = _pick(rng, spec["complaint"]).format(onset=start, years=rng.integers(2, 25),
+                                                 hba1c=round(float(rng.uniform(6.2, 10.5)), 1),
+                                                 iop=rng.integers(24, 36))
+    history_text = " ".join(part for part in (text, family, _pick(rng, spec["tests"])) if part)
+    case = {"age": age, "sex": sex, "history": history_text}
+    if gene and rng.random() < spec["gene"]:
         case["gene"] = gene
     return case
 
@@ -336,7 +476,7 @@ def _pick(rng: np.random.Generator, options: list):
 def render(item: SyntheticItem, image_size: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Render one planned item: (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255})."""
     rng = np.random.default_rng([seed, _PART_IDS[item.part], item.index])
-    return render_fundus(item.label, rng, image_size)
+    return render_fundus(item.look or item.label, rng, image_size)
 
 
 def generate(
@@ -430,10 +570,11 @@ def _window(centre, half: float, size: int):
 
 
 def render_fundus(label: str, rng: np.random.Generator, size: int = 512, return_lesions: bool = False) -> tuple:
-    """Render a fundus photo of class `label`: (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255}), and
-    with `return_lesions` the mask of the dots and strokes of its disease signs (S, S) bool."""
-    if label not in LABEL_TYPES:
-        raise ValueError(f"label: {label!r} is not one of {LABEL_NAMES}")
+    """Render a fundus photo with the signs of `label` (a class, or the look "large_cup": a normal fundus with a
+    large cup and no notch): (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255}), and with
+    `return_lesions` the mask of the dots and strokes of its disease signs (S, S) bool."""
+    if label not in LOOKS:
+        raise ValueError(f"label: {label!r} is not one of {LOOKS}")
     canvas = _Canvas(size, rng)
     # Anatomy: right or left eye, the macula near the centre and the disc 0.25-0.29 S nasal to it.
     eye = float(rng.choice([-1.0, 1.0]))
@@ -485,7 +626,7 @@ def _optic_disc(canvas: _Canvas, disc, radius: float, label: str) -> None:
         canvas.blend(*halo, COLOURS["atrophy"], opacity=0.5)
     disc_layer = canvas.layer(lambda d: d.ellipse([cx - r, cy - 1.08 * r, cx + r, cy + 1.08 * r], 255), 0.12 * r)
     canvas.blend(*disc_layer, colour)
-    cup_r = rng.uniform(*CUP_TO_DISC["glaucoma" if label == "glaucoma" else "normal"]) * r
+    cup_r = rng.uniform(*CUP_TO_DISC.get(label, CUP_TO_DISC["normal"])) * r
     pole = float(rng.choice([-1.0, 1.0]))
 
     def draw_cup(draw):
