@@ -447,6 +447,33 @@ HISTORIES["x_linked_chm"]["tests"] = ["ERG reduced in a rod-cone pattern; geneti
                                       "Visual fields constricted; genetic testing done."]
 
 
+# Which labels draw each look, and which write each history kind (the StoneRounds-like part; FIVES- and HRF-like
+# photos draw their label's own look).
+LOOK_LABELS = {look: sorted({label for label, ps in PRESENTATIONS.items() for lk, _, _ in ps.values() if lk == look})
+               for look in LOOKS}
+HISTORY_LABELS = {kind: sorted({label for label, ps in PRESENTATIONS.items() for _, h, _ in ps.values() if h == kind})
+                  for kind in HISTORIES}
+# A misleading history for a photo that decides alone: the first of these that no label drawing the photo's look
+# would write.
+MISLEADING_HISTORIES = ("juvenile_macular", "x_linked")
+
+
+def counterfactual_history(label: str, look: str = "") -> tuple[str, str, str | None]:
+    """The history to swap in for a test photo of `label` drawn with `look` ("" = the label's own), to ask whether a
+    model fuses: ("phenocopy", history kind, the label that history points to) when another label draws the same
+    look (its own distinctive history for that look: the answer should follow it), else ("photo decides", a history
+    kind no label of this look writes, None) (the answer should not move)."""
+    look = look or label
+    twins = [other for other in LOOK_LABELS[look] if other != label]
+    if twins:
+        twin = twins[0]
+        kinds = [h for lk, h, _ in PRESENTATIONS[twin].values() if lk == look and HISTORY_LABELS[h] == [twin]]
+        return "phenocopy", kinds[0], twin
+    drawing = set(LOOK_LABELS[look]) | {label}
+    kind = next(k for k in MISLEADING_HISTORIES if not drawing & set(HISTORY_LABELS[k]))
+    return "photo decides", kind, None
+
+
 def clinical_case(history: str, rng: np.random.Generator) -> dict:
     """A StoneRounds-like case record (`age`, `sex`, `history`, maybe `gene`) of one history kind (`HISTORIES`)."""
     spec = HISTORIES[history]

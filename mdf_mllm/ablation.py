@@ -3,7 +3,8 @@
     python train_hf.py --ablation [--seeds 3]
 
 Rows: the baseline (the base fine-tuned alone), the U-Net alone (the stage-1 U-Net and its class head, image only:
-what the photo alone gives), MDF with every depth, each single depth (every fused layer reads that U-Net depth), MDF
+what the photo alone gives), text only and late fusion (the references of `comparison`: what the history alone
+gives, and the two combined without a language model), MDF with every depth, each single depth (every fused layer reads that U-Net depth), MDF
 without FiLM, without clinical text, without stage 1 (a random U-Net, frozen as the recipe freezes the trained one),
 and with Flamingo's closed gates (g_u = 0, with a gate learning rate of their own) in place of the main job's open
 gates over zero value projections. Every row starts from the same base; every MDF row but "no stage 1" from the
@@ -27,13 +28,15 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
-from mdf_mllm import stages
+from mdf_mllm import comparison, stages
+from mdf_mllm.comparison import Result
+from mdf_mllm.model_setup import mdf_kwargs
 from mdf_mllm.plots import plot_ablation
 from mdf_mllm.training import UNET_ALONE, process_splits
 
 # Stage-2 epochs of every ablation run (the main job's): 10 rows x 3 seeds fit in 45 minutes on two quiet CPU cores.
 ABLATION_EPOCHS = 2.0
-METRICS = ("accuracy", "macro_f1", "type_accuracy", "type_macro_f1")
+METRICS = ("accuracy", "accuracy_with_history", "macro_f1", "type_accuracy", "type_macro_f1")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Row:
     name: str
     baseline: bool = False  # the base fine-tuned alone: no U-Net at all
     unet_alone: bool = False  # the stage-1 U-Net and class head, no language model
+    reference: str | None = None  # comparison.TEXT_ONLY or comparison.LATE_FUSION: no model trained
     depth: int | None = None  # every fused layer reads this U-Net depth (None: the default spread of depths)
     no_film: bool = False
     no_text: bool = False
@@ -54,6 +58,8 @@ class Row:
 ROWS = (
     Row("Mllama baseline", baseline=True),
     Row(UNET_ALONE, unet_alone=True),
+    Row(comparison.TEXT_ONLY, reference=comparison.TEXT_ONLY),
+    Row(comparison.LATE_FUSION, reference=comparison.LATE_FUSION),
     Row("MDF, all depths"),
     *(Row(f"MDF, depth {depth} only", depth=depth) for depth in range(1, 5)),
     Row("MDF, no FiLM", no_film=True),
@@ -100,8 +106,8 @@ def summarize(results: list[dict]) -> dict[str, dict]:
         runs = [r for r in results if r["name"] == name]
         summary[name] = {"seeds": len(runs)}
         for metric in (*METRICS, "train_seconds"):
-            values = [r[metric] for r in runs]
-            summary[name][metric] = {"mean": float(np.mean(values)),
+            values = [r[metric] for r in runs if r[metric] is not None]  # None: no test photo with a history
+            summary[name][metric] = {"mean": float(np.mean(values)) if values else None,
                                      "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                                      "ci95": t_interval(values)}
     return summary
@@ -119,12 +125,13 @@ def mean_sensitivities(results: list[dict]) -> dict[str, dict[str, float | None]
 
 def markdown(summary: dict[str, dict], wall_seconds: float, command: str,
              sensitivities: dict[str, dict[str, float | None]] | None = None) -> str:
-    lines = ["| row | seeds | accuracy | 95% CI | macro F1 | 95% CI | type accuracy | type macro F1 | train s |",
-             "|---|---:|---|---|---|---|---|---|---:|"]
-    cell = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
+    lines = ["| row | seeds | accuracy | 95% CI | with a history | 95% CI | macro F1 | 95% CI | type accuracy | "
+             "type macro F1 | train s |", "|---|---:|---|---|---|---|---|---|---|---|---:|"]
+    cell = lambda s: "–" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
     ci = lambda s: f"{s['ci95'][0]:.3f}–{s['ci95'][1]:.3f}" if s["ci95"] else "–"  # noqa: E731
     for name, s in summary.items():
-        lines.append(f"| {name} | {s['seeds']} | {cell(s['accuracy'])} | {ci(s['accuracy'])} | {cell(s['macro_f1'])} | "
+        lines.append(f"| {name} | {s['seeds']} | {cell(s['accuracy'])} | {ci(s['accuracy'])} | "
+                     f"{cell(s['accuracy_with_history'])} | {ci(s['accuracy_with_history'])} | {cell(s['macro_f1'])} | "
                      f"{ci(s['macro_f1'])} | {cell(s['type_accuracy'])} | {cell(s['type_macro_f1'])} | "
                      f"{s['train_seconds']['mean']:.0f} |")
     lines += ["", "Mean ± sample standard deviation over seeds; 95% CI: Student-t interval of the mean over seeds.",
@@ -148,37 +155,44 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
     splits = {no_text: process_splits(dataset, processor, no_text=no_text)
               for no_text in {row.no_text for row in rows}}
     results = []
+    text_only = stages.text_only_reference(dataset)
+    labels = mdf_kwargs(model_args, processor)
+    label_names, disease_types = list(labels["id2label"].values()), labels["disease_types"]
     # Seed-major: a run stopped early still has every row for its first seeds.
     for seed in range(job_args.seeds):
         seed_args = replace(training_args, seed=seed, output_dir=str(out / f"seed-{seed}"))
         unet_path, _, unet_alone = stages.stage1(model_args, splits[False], collator, processor, job_args, seed_args)
         no_film_path = without_film(unet_path) if any(row.no_film for row in rows) else None
+        # The references of this seed's U-Net alone (none without stage 1): no model is trained for their rows.
+        references = {r.name: r for r in [*([unet_alone] if unet_alone else []), *stages.references(
+            dataset, splits[False]["test"], unet_alone, text_only, label_names, disease_types, job_args)]}
         for row in rows:
-            if row.unet_alone:  # trained by stage 1 above (none without stage 1)
-                if unet_alone is not None:
-                    results.append(result(row.name, seed, unet_alone))
+            if row.unet_alone or row.reference:
+                if row.name in references:
+                    results.append(result(row.name, seed, references[row.name]))
                 continue
             unet = None if row.baseline or not row.stage1 else no_film_path if row.no_film else unet_path
             # No checkpoints, no validation passes: each run is short and only its test result is kept.
             args = replace(seed_args, num_train_epochs=epochs, resume_from_checkpoint=None, save_strategy="no",
                            eval_strategy="no", output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}")))
-            _, _, report = stages.run_one(row.name, row_model_args(model_args, row), splits[row.no_text], collator,
-                                            processor, args, job_args, unet_weights=unet)
-            if report is None:  # not the main process
+            run = stages.run_one(row.name, row_model_args(model_args, row), splits[row.no_text], collator, processor,
+                                 args, job_args, unet_weights=unet)
+            if run.report is None:  # not the main process
                 continue
-            results.append(result(row.name, seed, report))
+            results.append(result(row.name, seed, run))
             write(out, results, time.perf_counter() - start, epochs, command)
     if results:
         print((out / "ablation.md").read_text())
     return results
 
 
-def result(name: str, seed: int, report: dict) -> dict:
+def result(name: str, seed: int, run: Result) -> dict:
     """One run's line of ablation.json: the metrics of the table, its gates at the end, per-class sensitivity."""
-    gates = report["gate_history"][-1]["gates"] if report["gate_history"] else {}
-    return {"name": name, "seed": seed, **{m: report["disease"][m] for m in METRICS[:2]},
+    report = run.report
+    return {"name": name, "seed": seed, "accuracy": report["disease"]["accuracy"],
+            "accuracy_with_history": run.accuracy("with_history"), "macro_f1": report["disease"]["macro_f1"],
             "type_accuracy": report["type"]["accuracy"], "type_macro_f1": report["type"]["macro_f1"],
-            "train_seconds": report["train_seconds"], "gates": gates,
+            "train_seconds": run.train_seconds or 0.0, "gates": run.gate_history[-1]["gates"] if run.gate_history else {},
             "sensitivity": {label: scores["sensitivity"] for label, scores in report["disease"]["per_class"].items()}}
 
 

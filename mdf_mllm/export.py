@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 from mdf_mllm import model_card, plots
+from mdf_mllm.comparison import Result
+from mdf_mllm.tables import comparison_markdown, comparison_table
 from mdf_mllm.model_setup import describe_base
 from pipeline_mdf_mllm import register_pipeline
 
@@ -48,7 +50,7 @@ def export_dir_problem(export_dir: Path, overwrite: bool) -> str | None:
     return None
 
 
-def export(model, processor, report, trainer, dataset, data_args, model_args, export_dir: str, overwrite=False,
+def export(model, processor, ours, trainer, dataset, data_args, model_args, export_dir: str, overwrite=False,
            **card) -> Path:
     """Write the repository into `export_dir`, atomically: everything goes to a temporary folder beside it that
     replaces the old one only once complete, so a crash never leaves a half-written model. `export_dir` must pass
@@ -63,7 +65,7 @@ def export(model, processor, report, trainer, dataset, data_args, model_args, ex
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
     try:
-        write_repository(staging, model, processor, report, trainer, dataset, data_args, model_args, **card)
+        write_repository(staging, model, processor, ours, trainer, dataset, data_args, model_args, **card)
         (staging / EXPORT_MANIFEST).write_text(json.dumps({"files": sorted(files_in(staging))}, indent=1) + "\n")
         umask = os.umask(0)
         os.umask(umask)
@@ -79,41 +81,39 @@ def export(model, processor, report, trainer, dataset, data_args, model_args, ex
     return export_dir
 
 
-def write_repository(
-    folder: Path, model, processor, report, trainer, dataset, data_args, model_args,
-    baseline=None, gate_history: list[dict] | None = None, references: list[dict] = (),
-) -> None:
+def write_repository(folder: Path, model, processor, ours, trainer, dataset, data_args, model_args,
+                     baseline: Result | None = None, comparison: str = "") -> None:
     """Weights, code, processor, pipeline registration, Endpoints handler, results, plots and the model card.
 
-    `baseline`: `(report, trainer)` of the baseline trained beside this model (its loss curve and metrics go into
-    the plot and the card), or None. `gate_history`: the U-Net gates logged during training (plotted). `references`:
-    reports of other models on the same test photos for the card's comparison (e.g. the U-Net alone).
+    `ours`: the exported model's `Result` (its gate history is plotted); `baseline`: the `Result` of the baseline
+    trained beside it (its loss curve goes into the plot), or None; `comparison`: the comparison as markdown
+    (`tables.comparison_markdown`) for the card.
     """
     model.config.verbalizer_token_ids = processor.verbalizer_token_ids
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     register_pipeline(folder)
     shutil.copyfile(HANDLER_SOURCE, folder / model_card.ENDPOINT_HANDLER_FILE)
-    model_card.write_results(report, folder)
-    histories = {report["name"]: trainer.state.log_history}
+    model_card.write_results(ours.report, folder)
+    histories = {ours.name: trainer.state.log_history}
     if baseline is not None:
-        histories[baseline[0]["name"]] = baseline[1].state.log_history
+        histories[baseline.name] = baseline.trainer.state.log_history
     if all(any("loss" in entry for entry in history) for history in histories.values()):
-        plots.plot_training_curves(histories, folder / plots.TRAINING_CURVES_FILE, gate_history or None)
+        plots.plot_training_curves(histories, folder / plots.TRAINING_CURVES_FILE, ours.gate_history or None)
     model_card.write_model_card(
         folder,
         model_args.base_model,
-        metrics_report=report,
+        metrics_report=ours.report,
         datasets=[data_args.dataset],
-        widget_examples=_widget_examples(folder, dataset["test"], report, model.config),
+        widget_examples=_widget_examples(folder, dataset["test"], ours.probabilities, model.config),
         training_args_summary=_training_summary(trainer, model_args, data_args),
-        comparison_reports=[*([baseline[0]] if baseline is not None else []), *references] or None,
+        comparison=comparison,
         dataset_seed=data_args.dataset_seed,
         base_description=describe_base(model_args.base_model) if model_args.base_model else None,
     )
 
 
-def _widget_examples(folder: Path, test_split, report, config, count: int = 3) -> list[dict]:
+def _widget_examples(folder: Path, test_split, probabilities, config, count: int = 3) -> list[dict]:
     """The first test photos of distinct classes, shipped in the folder with the model's (static) outputs."""
     (folder / "examples").mkdir()
     widgets, seen = [], set()
@@ -123,7 +123,7 @@ def _widget_examples(folder: Path, test_split, report, config, count: int = 3) -
         seen.add(example["label"])
         path = folder / "examples" / f"{config.label_names[example['label']]}.png"
         example["image"].convert("RGB").save(path)
-        scores = report["probabilities"][index]
+        scores = probabilities[index]
         widgets.append(
             {
                 "image_path": str(path.relative_to(folder)),
@@ -153,35 +153,22 @@ def _training_summary(trainer, model_args, data_args) -> dict:
     }
 
 
-def comparison_table(reports: list[dict]) -> str:
-    rows = [
-        "| model | parameters | accuracy (95% CI) | macro F1 (95% CI) | type accuracy | type macro F1 | train s |",
-        "|---|---:|---|---|---:|---:|---:|",
-    ]
-    for r in reports:
-        d, t = r["disease"], r["type"]
-        rows.append(
-            f"| {r['name']} | {r['parameters']:,} | {d['accuracy']:.3f} ({d['ci95']['accuracy'][0]:.3f}-"
-            f"{d['ci95']['accuracy'][1]:.3f}) | {d['macro_f1']:.3f} ({d['ci95']['macro_f1'][0]:.3f}-"
-            f"{d['ci95']['macro_f1'][1]:.3f}) | {t['accuracy']:.3f} | {t['macro_f1']:.3f} | {r['train_seconds']} |"
-        )
-    return "\n".join(rows)
-
-
-def summary(reports: list[dict], model_args, data_args, out: Path, export_dir: Path) -> str:
+def summary(results: list[Result], model_args, data_args, out: Path, export_dir: Path) -> str:
     """The job's last lines: what was compared, the headline numbers, where everything is."""
-    names = " vs ".join(r["name"] for r in reports)
     base = f"fine-tuned from {model_args.base_model}" if model_args.base_model else "trained from scratch"
-    lines = [f"\n{names}, {base}, on {data_args.dataset} (test n={reports[0]['num_items']}):", comparison_table(reports)]
-    for r in reports:
-        sensitivity = ", ".join(f"{name} {_rate(s['sensitivity'])}" for name, s in r["disease"]["per_class"].items())
-        lines.append(f"{r['name']}: accuracy {r['disease']['accuracy']:.3f}, macro F1 {r['disease']['macro_f1']:.3f}; "
+    lines = [f"\n{' vs '.join(r.name for r in results)}, {base}, on {data_args.dataset} "
+             f"(test n={results[0].report['num_items']}):", comparison_table(results)]
+    for r in results:
+        sensitivity = ", ".join(f"{name} {_rate(s['sensitivity'])}" for name, s in r.report["disease"]["per_class"].items())
+        lines.append(f"{r.name}: accuracy {r.accuracy():.3f} (with a history {_rate(r.accuracy('with_history'))}, "
+                     f"without {_rate(r.accuracy('without_history'))}), macro F1 {r.report['disease']['macro_f1']:.3f}; "
                      f"sensitivity: {sensitivity}")
-        if r["gate_history"]:
-            end = r["gate_history"][-1]
-            lines.append(f"{r['name']}: U-Net gates tanh(g_u) at step {end['step']}: " + ", ".join(
+        if r.gate_history:
+            end = r.gate_history[-1]
+            lines.append(f"{r.name}: U-Net gates tanh(g_u) at step {end['step']}: " + ", ".join(
                 f"layer {k} {v:+.4f} (tau {end['tau'][k]:.3f})" for k, v in end["gates"].items()))
-    lines += [f"report: {out / 'comparison.md'} (and comparison.json, gate values included)",
+    lines += [f"report: {out / 'comparison.md'} (and comparison.json: paired differences, counterfactual histories, "
+              "gate values)",
               f"plots: {export_dir / plots.TRAINING_CURVES_FILE}, {export_dir}/confusion_matrix_*.png",
               f"model card: {export_dir / 'README.md'}", f"exported MDF model: {export_dir}"]
     if data_args.dataset == "synthetic":
@@ -193,13 +180,17 @@ def _rate(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def write_comparison(arms, out: Path, stage1_losses: list[float], references: list[dict] = ()) -> None:
-    """comparison.md / .json: the trained arms, then `references` (reports of models without a trainer, such as the
-    U-Net alone); each baseline arm's results beside its checkpoints."""
-    reports = [report for _, _, report in arms] + list(references)
+def write_comparison(results: list[Result], differences: dict, counterfactual: dict, out: Path,
+                     stage1_losses: list[float]) -> str:
+    """comparison.md / .json: every row (the first is ours), the paired differences of ours against each other row,
+    the counterfactual-history table; each trained baseline's results beside its checkpoints. Returns the markdown."""
+    markdown = comparison_markdown(results, differences, counterfactual)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(comparison_table(reports) + "\n")
-    rows = [{k: v for k, v in r.items() if k != "probabilities"} for r in reports]
-    (out / "comparison.json").write_text(json.dumps({"models": rows, "stage1_vessel_loss": stage1_losses}, indent=1))
-    for _, trainer, report in arms[1:]:
-        model_card.write_results({k: v for k, v in report.items() if k != "gate_history"}, trainer.args.output_dir)
+    (out / "comparison.md").write_text(markdown)
+    (out / "comparison.json").write_text(json.dumps(
+        {"models": [r.as_json() for r in results], "paired_differences": {results[0].name: differences},
+         "counterfactual_histories": counterfactual, "stage1_loss": stage1_losses}, indent=1, allow_nan=False))
+    for result in results[1:]:
+        if result.trainer is not None:
+            model_card.write_results(result.report, result.trainer.args.output_dir)
+    return markdown

@@ -7,7 +7,7 @@ from pathlib import Path
 from configuration_mdf_mllm import DISEASE_TYPES
 from mdf_mllm.metrics import LEVELS
 from mdf_mllm.plots import CONFUSION_MATRIX_FILE, TRAINING_CURVES_FILE, plot_confusion_matrix
-from mdf_mllm.tables import comparison_table, markdown_table, misclassified_table
+from mdf_mllm.tables import markdown_table, misclassified_table
 
 ENDPOINT_HANDLER_FILE = "handler.py"  # the name Inference Endpoints looks for
 
@@ -149,15 +149,12 @@ def _origin(base_model: str | None, base_description: str | None) -> str:
     )
 
 
-def _results_section(folder: Path, model_name: str, metrics_report: dict, comparison_reports, figures) -> str:
+def _results_section(folder: Path, metrics_report: dict, comparison: str, figures) -> str:
     """Results tables, the comparison with other models, the full results file and the figures, as markdown."""
     parts = [markdown_table(metrics_report)]
-    if comparison_reports:
-        ours = {"name": model_name, **metrics_report}
-        parts.append(
-            "### Comparison\n\nThe same test items, every model trained on the same data:\n\n"
-            + comparison_table([ours, *comparison_reports])
-        )
+    if comparison:
+        parts.append("### Comparison\n\nThe same test photos, every model and reference trained on the same data:\n\n"
+                     + comparison)
     if (folder / "results.md").is_file():
         listed = " and the misclassified test items" if "misclassified" in metrics_report else ""
         parts.append(f"The full results{listed}: [results.md](results.md).\n")
@@ -183,7 +180,7 @@ def _handler_note(folder: Path) -> str:
     )
 
 
-def _model_card_body(folder, model_name, origin, metrics_report, data, comparison_reports, figures,
+def _model_card_body(folder, model_name, origin, metrics_report, data, comparison, figures,
                      training_args_summary, synthetic_data, usage_code, extra_markdown) -> str:
     data_note = (
         "**The reported numbers come from synthetic fundus images; they show the pipeline works, not clinical "
@@ -216,7 +213,7 @@ The widget on this page shows stored example outputs: the hosted inference API d
 
 Trained and evaluated on {data}.
 
-{_results_section(folder, model_name, metrics_report, comparison_reports, figures)}
+{_results_section(folder, metrics_report, comparison, figures)}
 ## Intended use and limitations
 
 Research use only. This model is not a medical device, has not been validated clinically, and must not be used
@@ -240,7 +237,7 @@ def write_model_card(
     datasets: list[str],
     training_args_summary: dict,
     widget_examples: list[dict] = (),
-    comparison_reports: list[dict] | None = None,
+    comparison: str = "",
     dataset_seed: int | None = None,
     figures: dict[str, str] | None = None,
     extra_markdown: str = "",
@@ -261,8 +258,8 @@ def write_model_card(
         training_args_summary: setting -> value, shown as the training details table.
         widget_examples: `[{"image_path": file inside folder, "text": clinical text, "output": {label: score},
             "title": optional caption}]`; the Hub shows these stored outputs.
-        comparison_reports: reports of other models on the same test items (each with its "name", e.g. the
-            baseline's), shown in a comparison table beside this model's.
+        comparison: the comparison with the other models and references on the same test photos, as markdown
+            (`tables.comparison_markdown`: this model's row first).
         dataset_seed: the seed the synthetic set (and the splits) were made with.
         figures: path (inside `folder`) -> caption of each image embedded in the card; default: the
             `STANDARD_FIGURES` that exist in `folder`.
@@ -286,7 +283,7 @@ def write_model_card(
         widget=_widgets(folder, widget_examples) or None,
     )
     body = _model_card_body(
-        folder, model_name, _origin(base_model, base_description), metrics_report, data, comparison_reports, figures,
+        folder, model_name, _origin(base_model, base_description), metrics_report, data, comparison, figures,
         training_args_summary, "synthetic" in datasets, usage_code, extra_markdown,
     )
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")

@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import IntervalStrategy, MllamaForConditionalGeneration, SchedulerType, TrainingArguments, set_seed
 from transformers.trainer_utils import SaveStrategy
 
-from mdf_mllm.metrics import classification_report
+from mdf_mllm import comparison
+from mdf_mllm.comparison import Result
 from mdf_mllm.model_setup import (
     BASE_CHAT_TEMPLATE,
     BASE_RECORD_FILE,
@@ -35,9 +37,12 @@ from mdf_mllm.training import (
     UNET_ALONE,
     GateLogger,
     MllamaCollator,
+    ProcessedSplit,
     evaluate_model,
     load_data,
+    predict,
     process_splits,
+    scored,
     train,
     unet_alone_probabilities,
     warm_up_unet,
@@ -232,8 +237,10 @@ def learning_rates(model_args) -> dict[str, float | None]:
             "unet": model_args.unet_learning_rate, "film": model_args.film_learning_rate}
 
 
-def run_one(name, model_args, splits, collator, processor, training_args, job_args, resume=None, unet_weights=None):
-    """Train one model (its U-Net from `unet_weights` when given) and evaluate it on the test split."""
+def run_one(name, model_args, splits, collator, processor, training_args, job_args, resume=None,
+            unet_weights=None) -> Result:
+    """Train one model (its U-Net from `unet_weights` when given) and evaluate it on the test split. On the processes
+    of a distributed run that do not evaluate, the result has the model and trainer but no report."""
     set_seed(training_args.seed)
     model = build_model(model_args, processor, bf16=training_args.bf16, checkpoint=resume)
     if unet_weights and not resume:
@@ -252,18 +259,20 @@ def run_one(name, model_args, splits, collator, processor, training_args, job_ar
         if trainer.is_world_process_zero():
             model = MdfMllmForConditionalGeneration.from_pretrained(final)
     if not trainer.is_world_process_zero():  # under accelerate launch, the main process evaluates and exports
-        return model, trainer, None
+        return Result(name, None, None, model=model, trainer=trainer)
     state = trainer.accelerator.state
     print(f"{name}: trained with {state.distributed_type.value} over {state.num_processes} process(es)"
           if state.num_processes > 1 else f"{name}: trained in one process")
-    report = evaluate_model(model, splits, collator, model.config, job_args, bf16=training_args.bf16)
-    report.update(name=name, train_seconds=round(seconds, 1), parameters=sum(p.numel() for p in model.parameters()),
-                  gate_history=gates.history)
-    return model, trainer, report
+    result = evaluate_model(name, model, splits["test"], collator, model.config, job_args, bf16=training_args.bf16,
+                            train_seconds=round(seconds, 1), parameters=sum(p.numel() for p in model.parameters()),
+                            gate_history=gates.history)
+    result.model, result.trainer = model, trainer
+    return result
 
 
-def stage1(model_args, splits, collator, processor, job_args, training_args) -> tuple[str | None, list[float], dict]:
-    """Stage 1: the U-Net file (None where there is no stage 1), its loss per epoch, and the report of the stage-1
+def stage1(model_args, splits, collator, processor, job_args, training_args) -> tuple[str | None, list[float],
+                                                                                    Result | None]:
+    """Stage 1: the U-Net file (None where there is no stage 1), its loss per epoch, and the result of the stage-1
     U-Net with its class head on the test photos ("U-Net alone (image only)"; None without stage 1)."""
     if job_args.from_scratch or job_args.no_stage1 or parse_fusion_layers(model_args.fusion_layers) == {}:
         return None, [], None
@@ -278,20 +287,79 @@ def stage1(model_args, splits, collator, processor, job_args, training_args) -> 
     losses = warm_up_unet(unet, len(config.label_names), splits["train"], collator, job_args, training_args, folder)
     seconds = time.perf_counter() - start
     print(f"stage 1: loss per epoch {[round(loss, 4) for loss in losses]}; U-Net written to {folder}")
-    report = unet_alone_report(unet, folder, splits, collator, config, job_args)
-    report.update(train_seconds=round(seconds, 1))
-    return str(folder / "unet.safetensors"), losses, report
+    result = unet_alone_result(unet, folder, splits["test"], collator, config, job_args, train_seconds=round(seconds, 1))
+    return str(folder / "unet.safetensors"), losses, result
 
 
-def unet_alone_report(unet, folder: Path, splits, collator, config, job_args) -> dict:
-    """The stage-1 U-Net encoder and class head on the test photos, scored like the models."""
+def unet_alone_result(unet, folder: Path, split: ProcessedSplit, collator, config, job_args, **timings) -> Result:
+    """The stage-1 U-Net encoder and class head (read from `folder`) on the photos of `split`, scored like the
+    models."""
     head = torch.nn.Linear(sum(unet.widths), len(config.label_names), device=next(unet.parameters()).device)
     head.load_state_dict(load_file(folder / "class_head.safetensors", device=str(head.weight.device)))
-    probabilities = unet_alone_probabilities(unet, head, splits["test"], collator, job_args.eval_batch_size)
-    report = classification_report(
-        splits["test"].label_ids, probabilities.argmax(-1).tolist(), config.label_names, config.disease_types,
-        n_bootstrap=job_args.n_bootstrap, items=splits["test"].cases, probabilities=probabilities)
     encoder = sum(p.numel() for name, p in unet.named_parameters() if name.startswith("stages."))
-    report.update(name=UNET_ALONE, parameters=encoder + sum(p.numel() for p in head.parameters()), gate_history=[],
-                  probabilities=probabilities.tolist())
-    return report
+    return scored(UNET_ALONE, unet_alone_probabilities(unet, head, split, collator, job_args.eval_batch_size), split,
+                  config.label_names, config.disease_types, job_args,
+                  parameters=encoder + sum(p.numel() for p in head.parameters()), **timings)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The references beside the trained models, and the counterfactual histories
+
+
+def text_only_reference(dataset) -> "comparison.TextOnly":
+    """The text-only reference fitted on the training split's histories."""
+    num_classes = len(dataset["train"].features["label"].names)
+    return comparison.TextOnly(dataset["train"]["text"], dataset["train"]["label"], num_classes)
+
+
+def references(dataset, split: ProcessedSplit, unet_alone: Result | None, text_only: "comparison.TextOnly",
+               label_names: list[str], disease_types: list[str], job_args) -> list[Result]:
+    """Text only and, with a U-Net alone, late fusion: their results on the photos of `split` (the test split of
+    `dataset`)."""
+    text_probabilities = text_only.probabilities(dataset["test"]["text"])
+    results = [scored(comparison.TEXT_ONLY, text_probabilities, split, label_names, disease_types, job_args)]
+    if unet_alone is not None:
+        prior = comparison.class_prior(dataset["train"]["label"], len(label_names))
+        fused = comparison.late_fusion(unet_alone.probabilities, text_probabilities, prior)
+        results.append(scored(comparison.LATE_FUSION, fused, split, label_names, disease_types, job_args))
+    return results
+
+
+def counterfactual(dataset, data_args, processor, collator, models: dict, text_only: "comparison.TextOnly",
+                   unet_alone: Result | None, job_args, bf16: bool = False) -> dict[str, list[dict]]:
+    """The counterfactual-history table of the synthetic set ({} for other data): each test photo whose look
+    another label draws too gets that label's distinctive history (the answer should follow it), each photo whose
+    look only its own label draws gets a misleading history (the answer should not move); see
+    `dataset_builder.synthetic.counterfactual_history`. {model or reference name: `comparison.counterfactual_summary`
+    rows}; `models`: name -> (model, its answers to the photos' own inputs (N,)); late fusion is added from the
+    U-Net alone and `text_only`."""
+    from dataset_builder import synthetic
+
+    if data_args.dataset != "synthetic":
+        return {}
+    test = dataset["test"]
+    plan = synthetic.plan(data_args.num_images, data_args.dataset_seed)
+    looks = {(item.case_id, item.label): item.look or item.label for item in plan}
+    names = test.features["label"].names
+    rng = np.random.default_rng(data_args.dataset_seed)
+    groups, kinds, points_to, texts = [], [], [], []
+    for case_id, label in zip(test["case_id"], test["label"]):
+        look = looks[(case_id, names[label])]
+        kind, history, twin = synthetic.counterfactual_history(names[label], look)
+        texts.append(synthetic.case_text(synthetic.clinical_case(history, rng)))
+        pointed = f"history of {twin}" if twin else f"a misleading history ({history})"
+        groups.append(f"{names[label]} photo drawn as {look}, {pointed}")
+        kinds.append(kind)
+        points_to.append(None if twin is None else names.index(twin))
+    swapped = ProcessedSplit(test.remove_columns("text").add_column("text", texts), processor, with_answers=False)
+    table = {}
+    for name, (model, original) in models.items():
+        answers = predict(model, swapped, collator, job_args.eval_batch_size, bf16).argmax(-1)
+        table[name] = comparison.counterfactual_summary(groups, kinds, points_to, original, answers)
+    if unet_alone is not None:
+        prior = comparison.class_prior(dataset["train"]["label"], len(names))
+        fuse = lambda text_probabilities: comparison.late_fusion(  # noqa: E731
+            unet_alone.probabilities, text_probabilities, prior).argmax(-1)
+        table[comparison.LATE_FUSION] = comparison.counterfactual_summary(
+            groups, kinds, points_to, fuse(text_only.probabilities(test["text"])), fuse(text_only.probabilities(texts)))
+    return table

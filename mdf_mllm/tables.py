@@ -3,7 +3,8 @@ estimate."""
 
 import numpy as np
 
-from mdf_mllm.metrics import CI_METRICS, LEVELS
+from mdf_mllm.comparison import Result
+from mdf_mllm.metrics import LEVELS
 
 
 def _fmt(value: float | None) -> str:
@@ -70,33 +71,79 @@ def misclassified_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_table(reports: list[dict]) -> str:
-    """Markdown comparison of several models evaluated on the same items: one row per report (named by its "name"),
-    disease and type accuracy and macro F1 with their 95% CIs (plus parameters and training seconds when every report
-    has them), then per-class sensitivity side by side."""
-    for index, report in enumerate(reports):
-        if "name" not in report:
-            raise ValueError(f"reports[{index}] has no 'name'; each compared report needs one")
-    extra = [key for key in ("parameters", "train_seconds") if all(key in report for report in reports)]
-    headers = {"parameters": "Parameters", "train_seconds": "Train s"}
-    columns = ["Model", "Accuracy (95% CI)", "Macro F1 (95% CI)", "Type accuracy (95% CI)", "Type macro F1 (95% CI)"]
-    lines = [
-        "| " + " | ".join(columns + [headers[key] for key in extra]) + " |",
-        "|---|---|---|---|---|" + "---:|" * len(extra),
-    ]
-    for report in reports:
-        disease, kind = report["disease"], report["type"]
-        cells = [_with_ci(level, name) for level in (disease, kind) for name in CI_METRICS]
-        cells += [f"{report[key]:,}" for key in extra]
-        lines.append(f"| {report['name']} | " + " | ".join(cells) + " |")
+def _accuracy(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def comparison_table(results: list[Result]) -> str:
+    """Markdown comparison of models and references scored on the same photos: one row per `Result`, accuracy over
+    all photos (95% CI), over the photos with a clinical history and those without, macro F1 and type accuracy (95%
+    CIs), parameters and training seconds where known; then per-class sensitivity side by side."""
+    reports = [result.report for result in results]
+    subsets = reports[0]["subsets"]
+    columns = ["Model", "Accuracy, all (95% CI)", f"With a history (n={subsets['with_history']['n']})",
+               f"Without (n={subsets['without_history']['n']})", "Macro F1 (95% CI)", "Type accuracy (95% CI)",
+               "Parameters", "Train s"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|---:|---:|---|---|---:|---:|"]
+    for result, report in zip(results, reports):
+        cells = [_with_ci(report["disease"], "accuracy"), _accuracy(result.accuracy("with_history")),
+                 _accuracy(result.accuracy("without_history")), _with_ci(report["disease"], "macro_f1"),
+                 _with_ci(report["type"], "accuracy"),
+                 "–" if result.parameters is None else f"{result.parameters:,}",
+                 "–" if result.train_seconds is None else f"{result.train_seconds:.0f}"]
+        lines.append(f"| {result.name} | " + " | ".join(cells) + " |")
     lines += ["", _bootstrap_note(reports[0]), "", "Sensitivity per class:", ""]
-    lines.append("| Class | Support | " + " | ".join(report["name"] for report in reports) + " |")
-    lines.append("|---|---:|" + "---:|" * len(reports))
+    lines.append("| Class | Support | " + " | ".join(result.name for result in results) + " |")
+    lines.append("|---|---:|" + "---:|" * len(results))
     for name, scores in reports[0]["disease"]["per_class"].items():
         sensitivities = [_fmt(report["disease"]["per_class"][name]["sensitivity"]) for report in reports]
         lines.append(f"| {name} | {scores['support']} | " + " | ".join(sensitivities) + " |")
     return "\n".join(lines) + "\n"
 
+
+def _difference(entry: dict) -> str:
+    if entry["difference"] is None:
+        return "–"
+    low, high = entry["ci95"]
+    return f"{entry['difference']:+.3f} ({low:+.3f} to {high:+.3f})"
+
+
+def paired_table(ours: str, differences: dict[str, dict]) -> str:
+    """Markdown table of `comparison.paired_differences`: our accuracy minus each other row's, with the paired 95%
+    bootstrap interval, over all photos and over the photos with a history."""
+    lines = [f"| {ours} minus | All photos: difference (95% CI) | Photos with a history: difference (95% CI) |",
+             "|---|---|---|"]
+    lines += [f"| {name} | {_difference(d['all'])} | {_difference(d['with_history'])} |"
+              for name, d in differences.items()]
+    return "\n".join(lines) + "\n"
+
+
+def counterfactual_table(table: dict[str, list[dict]]) -> str:
+    """Markdown table of `stages.counterfactual`: per group of photos, how often each model's answer follows the
+    swapped history (phenocopies) and how often it changes (photos that decide alone)."""
+    names = list(table)
+    lines = ["| Test photos | Kind | n | " + " | ".join(f"{name}: follows / changed" for name in names) + " |",
+             "|---|---|---:|" + "---|" * len(names)]
+    for index, row in enumerate(table[names[0]]):
+        cells = [f"{_accuracy(table[name][index]['follows'])} / {table[name][index]['changed']:.3f}" for name in names]
+        label = f"**{row['group']}**" if row["group"].startswith("all ") else row["group"]
+        lines.append(f"| {label} | {row['kind']} | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(results: list[Result], differences: dict[str, dict],
+                        counterfactual: dict[str, list[dict]] | None = None) -> str:
+    """The comparison as comparison.md and the model card show it: the rows, the paired differences of the first
+    row against the others and, where there is one, the counterfactual-history table."""
+    parts = [comparison_table(results), f"Paired differences (the same resampled test photos for both models, "
+             f"{results[0].report['bootstrap']['n_resamples']} resamples):", "", paired_table(results[0].name, differences)]
+    if counterfactual:
+        parts += ["Counterfactual histories: each test photo whose look another class draws too gets that class's "
+                  "own history (phenocopy: does the answer follow the history?), each photo that only its class "
+                  "draws gets a misleading history (photo decides: does the answer change?). Follows: share of "
+                  "answers that are the class the history points to; changed: share of answers that differ from the "
+                  "answer to the photo's own input.", "", counterfactual_table(counterfactual)]
+    return "\n".join(parts)
 
 
 def ablation_summary(rows: list[dict]) -> tuple[list[str], dict[str, dict]]:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
-from mdf_mllm import ablation, export, stages
+from mdf_mllm import ablation, comparison, export, stages, tables
 from mdf_mllm.model_setup import (
     MODEL_SIZES,
     UsageError,
@@ -216,33 +216,44 @@ def run(model_args, data_args, job_args, training_args) -> None:
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume:
         print(f"resuming from {resume}")
-    arms = [stages.run_one("MDF-MLLM", model_args, splits, collator, processor, training_args, job_args, resume,
-                    unet_weights)]
+    ours = stages.run_one("MDF-MLLM", model_args, splits, collator, processor, training_args, job_args, resume,
+                          unet_weights)
+    arms = [ours]
     if job_args.baseline and parse_fusion_layers(model_args.fusion_layers) != {}:
         baseline_args = replace(training_args, output_dir=str(out / "baseline"), resume_from_checkpoint=None)
         arms.append(stages.run_one("Mllama baseline", replace(model_args, fusion_layers="none"), splits, collator,
-                            processor, baseline_args, job_args))
-    if arms[0][2] is None:  # not the main process
+                                   processor, baseline_args, job_args))
+    if ours.report is None:  # not the main process
         return
     if job_args.probe_ladder and unet_weights:
         start = build_model(replace(model_args, lora=False), processor)
         start.model.unet.load_state_dict(load_file(unet_weights))
-        ladders = {"start of stage 2": ladder(start, splits), "MDF-MLLM (trained)": ladder(arms[0][0], splits)}
+        ladders = {"start of stage 2": ladder(start, splits), "MDF-MLLM (trained)": ladder(ours.model, splits)}
         (out / "probe_ladder.md").write_text(ladder_table(ladders, chance=1 / len(ACQUIRED_CLASSES)) + "\n")
         print(f"probe ladder (acquired classes, linear probes, test accuracy): {out / 'probe_ladder.md'}")
-    references = [unet_alone] if unet_alone else []
-    export.write_comparison(arms, out, stage1_losses, references)
-    model, trainer, report = arms[0]
-    export_dir = export.export(model, processor, report, trainer, dataset, data_args, model_args,
+    config = ours.model.config
+    text_only = stages.text_only_reference(dataset)
+    results = [*arms, *([unet_alone] if unet_alone else []), *stages.references(
+        dataset, splits["test"], unet_alone, text_only, config.label_names, config.disease_types, job_args)]
+    history = splits["test"].has_history
+    differences = comparison.paired_differences(ours, results[1:], splits["test"].label_ids, history,
+                                                job_args.n_bootstrap)
+    counterfactual = stages.counterfactual(dataset, data_args, processor, collator,
+                                           {arm.name: (arm.model, arm.predictions) for arm in arms}, text_only,
+                                           unet_alone, job_args, bf16=training_args.bf16)
+    markdown = export.write_comparison(results, differences, counterfactual, out, stage1_losses)
+    export_dir = export.export(ours.model, processor, ours, ours.trainer, dataset, data_args, model_args,
                                str(export_folder(job_args, training_args)), overwrite=job_args.overwrite_export,
-                               baseline=(arms[1][2], arms[1][1]) if len(arms) > 1 else None,
-                               gate_history=report["gate_history"], references=references)
+                               baseline=arms[1] if len(arms) > 1 else None, comparison=markdown)
     if push:
         print(f"export pushed to https://huggingface.co/{push_export(export_dir, training_args)}")
-    removed = [folder for _, trainer, _ in arms for folder in remove_checkpoints(trainer.args.output_dir)]
+    removed = [folder for arm in arms for folder in remove_checkpoints(arm.trainer.args.output_dir)]
     if removed:
         print(f"checkpoints: {len(removed)} removed once training finished; none kept")
-    print(export.summary([r for _, _, r in arms] + references, model_args, data_args, out, export_dir))
+    print(export.summary(results, model_args, data_args, out, export_dir))
+    if counterfactual:
+        print("counterfactual histories (follows / changed):\n" + tables.counterfactual_table(
+            {name: [row for row in rows if row["group"].startswith("all ")] for name, rows in counterfactual.items()}))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from configuration_mdf_mllm import MdfMllmConfig
-from mdf_mllm.metrics import classification_report
+from mdf_mllm.comparison import Result, has_history, score
 from mdf_mllm.model_setup import UsageError
 from modeling_mdf_mllm import is_mdf_parameter
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
@@ -45,12 +45,14 @@ class ProcessedSplit(torch.utils.data.Dataset):
     """One split run through the processor once: each item is what the model takes, batch dimension removed.
 
     `with_answers` appends the verbalizer and returns `labels` (training, validation loss); without it the items are
-    prompts for `classify()`, and `label_ids` holds the truth, `cases` each item's case id and file name. Vessel
-    masks are used when every photo has one (`has_masks`).
+    prompts for `classify()`, and `label_ids` holds the truth, `cases` each item's case id and file name,
+    `has_history` whether the photo has a clinical history in the data (even where `no_text` leaves it out of the
+    prompt). Vessel masks are used when every photo has one (`has_masks`).
     """
 
     def __init__(self, split, processor: MdfMllmProcessor, with_answers: bool, no_text: bool = False):
         self.label_ids = list(split["label"])
+        self.has_history = has_history(split["text"])
         self.cases = [{key: example.get(key) for key in ("case_id", "file_name")} for example in
                       split.select_columns([c for c in ("case_id", "file_name") if c in split.column_names])]
         self.has_masks = len(split) > 0 and all(mask is not None for mask in split["vessel_mask"])
@@ -252,14 +254,17 @@ def predict(model, split: ProcessedSplit, collator, batch_size: int, bf16: bool 
     return torch.cat(probabilities).numpy()
 
 
-def evaluate_model(model, splits, collator, config: MdfMllmConfig, job_args, bf16=False) -> dict:
-    probabilities = predict(model, splits["test"], collator, job_args.eval_batch_size, bf16)
-    report = classification_report(
-        splits["test"].label_ids, probabilities.argmax(-1).tolist(), config.label_names, config.disease_types,
-        n_bootstrap=job_args.n_bootstrap, items=splits["test"].cases, probabilities=probabilities,
-    )
-    report["probabilities"] = probabilities.tolist()
-    return report
+def evaluate_model(name: str, model, split: ProcessedSplit, collator, config: MdfMllmConfig, job_args, bf16=False,
+                   **timings) -> Result:
+    """`model.classify()` on the photos of `split` (the test split), scored as one row of the comparison."""
+    return scored(name, predict(model, split, collator, job_args.eval_batch_size, bf16), split, config.label_names,
+                  config.disease_types, job_args, **timings)
+
+
+def scored(name: str, probabilities, split: ProcessedSplit, label_names, disease_types, job_args, **timings) -> Result:
+    """The `Result` of class probabilities (N, K) on the photos of `split`."""
+    return score(name, probabilities, split.label_ids, split.has_history, label_names, disease_types,
+                 n_bootstrap=job_args.n_bootstrap, items=split.cases, **timings)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

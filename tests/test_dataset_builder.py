@@ -30,7 +30,7 @@ from dataset_builder import (
 )
 from dataset_builder.__main__ import main
 from dataset_builder.sources import Record
-from dataset_builder.synthetic import DEFAULT_COMPOSITION, LABEL_TYPES, clinical_case, scale_composition
+from dataset_builder.synthetic import DEFAULT_COMPOSITION, scale_composition
 
 
 SIZE = 64
@@ -369,10 +369,10 @@ def test_synthetic_is_identical_for_a_seed_and_different_for_another(tmp_path):
         assert all(np.array_equal(np.asarray(a), np.asarray(b))
                    for a, b in zip(first[split]["image"], second[split]["image"]))
     assert not np.array_equal(np.asarray(first["train"][0]["image"]), np.asarray(other["train"][0]["image"]))
-    assert sum(len(first[s]) for s in first) == 43
+    assert sum(len(first[s]) for s in first) == 81
     # Stable generated file names: unique, the same in every build of the plan, shared by both seeds' plans.
     names = [name for split in first for name in first[split]["file_name"]]
-    assert len(set(names)) == 43 and all(name.startswith("synthetic_") and name.endswith(".jpg") for name in names)
+    assert len(set(names)) == 81 and all(name.startswith("synthetic_") and name.endswith(".jpg") for name in names)
     assert names == [name for split in second for name in second[split]["file_name"]]
     assert "synthetic_fives_00000.jpg" in names and "synthetic_stonerounds_00000.jpg" in names
     mask = np.asarray(first["train"][0]["vessel_mask"])
@@ -410,26 +410,12 @@ def test_default_composition_mirrors_the_paper():
     assert {i.label for i in by_part["fives"]} == {"normal", "amd", "dr", "glaucoma"}
     assert sum(i.official_split == "test" for i in by_part["fives"]) == 200
     assert all(i.text == "" for i in by_part["fives"] + by_part["hrf"])
-    inherited = [i for i in by_part["stonerounds"] if LABEL_TYPES[i.label] == "inherited"]
-    acquired = [i for i in by_part["stonerounds"] if LABEL_TYPES[i.label] != "inherited"]
-    assert all(i.text for i in inherited) and sum(bool(i.text) for i in acquired) < len(acquired) / 2
+    assert all(i.text for i in by_part["stonerounds"])  # acquired and normal cases too (tests/test_testbed.py)
     cases = {}
     for item in by_part["stonerounds"]:
         cases.setdefault(item.case_id, []).append(item)
     assert any(len(v) == 2 for v in cases.values()) and all(len({i.text for i in v}) == 1 for v in cases.values())
     assert sum(scale_composition(100).get(p, {}).get(l, 0) for p in DEFAULT_COMPOSITION for l in LABELS) == 100
-
-
-def test_inherited_case_texts_carry_history_and_gene():
-    rng = np.random.default_rng(0)
-    genes = {"retinitis_pigmentosa": ("RHO", "USH2A", "RPGR", "PRPH2"), "stargardt": ("ABCA4",),
-             "choroideremia": ("CHM",), "best_disease": ("BEST1",)}
-    for label, options in genes.items():
-        cases = [clinical_case(label, rng) for _ in range(20)]
-        assert all(case["history"] and case["age"] > 0 for case in cases)
-        assert {case.get("gene") for case in cases} - {None} <= set(options)
-        assert any("gene" in case for case in cases)
-    assert all(clinical_case("choroideremia", rng)["sex"] == "male" for _ in range(5))
 
 
 def test_disease_signs_show_in_colour_statistics():
