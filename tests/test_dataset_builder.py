@@ -30,7 +30,7 @@ from dataset_builder import (
 )
 from dataset_builder.__main__ import main
 from dataset_builder.sources import Record
-from dataset_builder.synthetic import DEFAULT_COMPOSITION, scale_composition
+from dataset_builder.synthetic import DEFAULT_COMPOSITION, LABEL_TYPES, scale_composition
 
 
 SIZE = 64
