@@ -37,6 +37,15 @@ Difficulty (fixed module constants, set before any model comparison; ranges are 
 
 The vessel mask is exact: vessels are drawn last (nothing occludes them) and the mask is the drawn binary mask
 clipped to the field of view.
+
+The StoneRounds-like part is where photo and history complete each other (docs/data.md): every case has a
+presentation, a look (which picture is drawn: a label's signs, or "large_cup", a normal fundus with a cup-to-disc
+ratio of 0.6-0.8 and no notch) and a kind of history (`HISTORIES`), with the shares of `PRESENTATIONS`. Phenocopies
+draw another label's look (RP sine pigmento as a normal eye, late-onset Stargardt as AMD, an adult-onset vitelliform
+lesion of AMD as Best disease, a physiological large cup and early glaucoma alike); overlapping histories are one
+kind written for two labels (X-linked night blindness for RP and choroideremia, central blur for Stargardt and Best,
+diabetes for DR and a normal eye, a family history of raised pressure for glaucoma and a normal eye). No case is
+both, so the two together decide. The FIVES- and HRF-like parts draw their label's look and carry no text.
 """
 
 from __future__ import annotations
