@@ -127,8 +127,8 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
     head = torch.nn.Linear(sum(unet.widths), 8)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp_path / "class_head.safetensors")
     job_args = job.parse_arguments(["--n_bootstrap", "20", "--eval_batch_size", "7"])[2]
-    report = stages.unet_alone_report(unet, tmp_path, {"test": prompts}, MdfMllmDataCollator(processor), config,
-                                        job_args)
+    row = stages.unet_alone_result(unet, tmp_path, prompts, MdfMllmDataCollator(processor), config, job_args)
+    report = row.report
     # By hand, one photo at a time: pooled skips of the photo alone (no FiLM, whatever the prompt) -> head -> softmax.
     expected = []
     with torch.no_grad():
@@ -140,9 +140,9 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
                 skips.append(features.mean((2, 3)))
             expected.append(head(torch.cat(skips, 1)).softmax(-1)[0])
     expected = torch.stack(expected).numpy()
-    np.testing.assert_allclose(np.array(report["probabilities"]), expected, atol=1e-5)
+    np.testing.assert_allclose(row.probabilities, expected, atol=1e-5)
     truth, predicted = np.array(prompts.label_ids), expected.argmax(-1)
-    assert report["name"] == "U-Net alone (image only)" and report["gate_history"] == []
+    assert row.name == "U-Net alone (image only)" and row.gate_history == []
     assert report["disease"]["accuracy"] == pytest.approx((predicted == truth).mean())
     for k, name in enumerate(config.label_names):
         sensitivity = report["disease"]["per_class"][name]["sensitivity"]
@@ -150,4 +150,4 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
     kinds = metrics.type_ids(config.disease_types)
     assert report["type"]["accuracy"] == pytest.approx((kinds[predicted] == kinds[truth]).mean())
     encoder = sum(p.numel() for stage in unet.stages for p in stage.parameters())
-    assert report["parameters"] == encoder + 8 * sum(unet.widths) + 8
+    assert row.parameters == encoder + 8 * sum(unet.widths) + 8

@@ -15,7 +15,7 @@ from sklearn import metrics as skm
 
 from conftest import ROOT, launch_two_cpu_processes
 from configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES
-from mdf_mllm import metrics, model_card, plots, tables
+from mdf_mllm import comparison, metrics, model_card, plots, tables
 
 LABEL_NAMES = [name for name, _, _ in DEFAULT_LABELS]
 LABEL_TYPES = [disease_type for _, _, disease_type in DEFAULT_LABELS]
@@ -364,14 +364,6 @@ def test_memory_table():
     assert f"| {qlora_total / gib:.1f} | {qlora_total / 8 / gib:.1f} |" in table
 
 
-@pytest.fixture(scope="module")
-def baseline_report():
-    y_true, _ = noisy_labels(0, n=150)  # the same test items as `report`
-    _, y_pred = noisy_labels(5, n=150, keep=0.4)
-    report = metrics.classification_report(y_true, y_pred, LABEL_NAMES, LABEL_TYPES, n_bootstrap=300, seed=0)
-    return {**report, "name": "Mllama baseline", "parameters": 1_000_000, "train_seconds": 12.5}
-
-
 def table_rows(markdown: str, first_cell: str) -> list[list[str]]:
     """The cells of every markdown table row whose first cell is `first_cell`."""
     rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith(f"| {first_cell} |")]
@@ -383,28 +375,36 @@ def with_ci(scores: dict, name: str) -> str:
     return f"{scores[name]:.3f} ({low:.3f}–{high:.3f})"
 
 
-def test_comparison_table_numbers_are_the_reports(report, baseline_report):
-    ours = {**report, "name": "MDF-MLLM", "parameters": 1_234_567, "train_seconds": 20.0}
-    table = tables.comparison_table([ours, baseline_report])
-    for row in (ours, baseline_report):
-        (cells,) = table_rows(table, row["name"])
-        levels = [(row["disease"], "accuracy"), (row["disease"], "macro_f1"), (row["type"], "accuracy"),
-                  (row["type"], "macro_f1")]
-        assert cells[1:5] == [with_ci(scores, name) for scores, name in levels]
-        assert cells[5:] == [f"{row['parameters']:,}", f"{row['train_seconds']:,}"]
-    y_true, _ = noisy_labels(0, n=150)
-    _, y_pred = noisy_labels(5, n=150, keep=0.4)
+def scored(name, y_true, y_pred, **timings):
+    """A comparison row of hard predictions; the first 50 of the 150 test items carry a history."""
+    history = np.arange(len(y_true)) < 50
+    return comparison.score(name, np.eye(len(LABEL_NAMES))[y_pred], y_true, history, LABEL_NAMES, LABEL_TYPES,
+                            n_bootstrap=300, **timings)
+
+
+def test_comparison_table_numbers_are_the_results():
+    y_true, y_ours = noisy_labels(0, n=150)
+    _, y_base = noisy_labels(5, n=150, keep=0.4)
+    ours = scored("MDF-MLLM", y_true, y_ours, parameters=1_234_567, train_seconds=20.0)
+    base = scored("Mllama baseline", y_true, y_base)
+    table = tables.comparison_table([ours, base])
+    for row, y_pred in ((ours, y_ours), (base, y_base)):
+        (cells,) = table_rows(table, row.name)
+        report = row.report
+        right = y_pred == y_true
+        assert cells[1:6] == [with_ci(report["disease"], "accuracy"), f"{right[:50].mean():.3f}",
+                              f"{right[50:].mean():.3f}", with_ci(report["disease"], "macro_f1"),
+                              with_ci(report["type"], "accuracy")]
+    assert table_rows(table, "MDF-MLLM")[0][6:] == ["1,234,567", "20"]
+    assert table_rows(table, "Mllama baseline")[0][6:] == ["–", "–"]  # a row without sizes says so
+    assert "| Model | Accuracy, all (95% CI) | With a history (n=50) | Without (n=100) |" in table
     (amd,) = table_rows(table, "amd")
     amd_id = LABEL_NAMES.index("amd")
     assert amd[1:] == [
         str(int((y_true == amd_id).sum())),
-        f"{report['disease']['per_class']['amd']['sensitivity']:.3f}",
-        f"{skm.recall_score(y_true, y_pred, labels=[amd_id], average=None)[0]:.3f}",
+        f"{ours.report['disease']['per_class']['amd']['sensitivity']:.3f}",
+        f"{skm.recall_score(y_true, y_base, labels=[amd_id], average=None)[0]:.3f}",
     ]
-    without_name = {key: value for key, value in ours.items() if key != "name"}
-    with pytest.raises(ValueError, match=r"reports\[1\] has no 'name'"):
-        tables.comparison_table([ours, without_name])
-    assert "Parameters" not in tables.comparison_table([ours, {**report, "name": "no sizes"}])
 
 
 def write_card(report, folder: Path, base_model=None, image_path="examples/rp.png", **kwargs):
@@ -484,20 +484,24 @@ def results_folder(report, tmp_path_factory) -> Path:
     return folder
 
 
-def test_model_card_embeds_the_figures_and_comparison_it_ships(report, baseline_report, results_folder, tmp_path):
+def test_model_card_embeds_the_figures_and_comparison_it_ships(report, results_folder, tmp_path):
     shutil.copytree(results_folder, tmp_path, dirs_exist_ok=True)
     plots.plot_training_curves(HISTORIES, tmp_path / plots.TRAINING_CURVES_FILE, GATES)
-    body = write_card(report, tmp_path, comparison_reports=[baseline_report]).read_text()
+    y_true, y_ours = noisy_labels(0, n=150)
+    _, y_base = noisy_labels(5, n=150, keep=0.4)
+    rows = [scored("MDF-MLLM", y_true, y_ours), scored("Mllama baseline", y_true, y_base)]
+    markdown = tables.comparison_markdown(rows, comparison.paired_differences(rows[0], rows[1:], y_true,
+                                                                              np.arange(150) < 50, 300))
+    body = write_card(report, tmp_path, comparison=markdown).read_text()
     links = image_links(body)
     assert links == ["training_curves.png", "confusion_matrix_disease.png", "confusion_matrix_type.png"]
     assert all((tmp_path / link).is_file() for link in links)
     assert "[results.md](results.md)" in body
+    assert markdown in body
     (ours,) = table_rows(body, "MDF-MLLM")
-    (baseline,) = table_rows(body, "Mllama baseline")
-    assert ours[1:3] == [with_ci(report["disease"], "accuracy"), with_ci(report["disease"], "macro_f1")]
-    assert baseline[1:5] == [with_ci(baseline_report[level], name) for level in metrics.LEVELS
-                             for name in metrics.CI_METRICS]
-
+    baseline, paired = table_rows(body, "Mllama baseline")  # its comparison row, then MDF-MLLM minus it
+    assert ours[1] == with_ci(report["disease"], "accuracy")  # the card's row is the exported model's report
+    assert baseline[1] == with_ci(rows[1].report["disease"], "accuracy")
 
 def test_model_card_links_only_figures_that_exist(report, results_folder, tmp_path):
     shutil.copytree(results_folder, tmp_path, dirs_exist_ok=True)  # confusion matrices, no training curve
