@@ -123,6 +123,36 @@ def mean_sensitivities(results: list[dict]) -> dict[str, dict[str, float | None]
     return summary
 
 
+REFERENCE_ROW = "MDF, all depths"  # what each other row is compared with, seed by seed
+
+
+def differences(results: list[dict], reference: str = REFERENCE_ROW) -> dict[str, dict]:
+    """{row name: {metric: {"mean", "ci95", "seeds"}}}: the row minus `reference` on the same seed (same stage 1,
+    data order and test photos), for accuracy over all photos and over the photos with a history; the mean over
+    seeds and its Student-t 95% interval."""
+    base = {r["seed"]: r for r in results if r["name"] == reference}
+    table = {}
+    for name in dict.fromkeys(r["name"] for r in results if r["name"] != reference):
+        paired = [(r, base[r["seed"]]) for r in results if r["name"] == name and r["seed"] in base]
+        table[name] = {}
+        for metric in ("accuracy", "accuracy_with_history"):
+            values = [row[metric] - ref[metric] for row, ref in paired
+                      if row[metric] is not None and ref[metric] is not None]
+            table[name][metric] = {"mean": float(np.mean(values)) if values else None, "ci95": t_interval(values),
+                                   "seeds": len(values)}
+    return table
+
+
+def differences_markdown(table: dict[str, dict], reference: str = REFERENCE_ROW) -> str:
+    cell = lambda d: "–" if d["mean"] is None else (  # noqa: E731
+        f"{d['mean']:+.3f}" + (f" ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})" if d["ci95"] else ""))
+    lines = [f"Each row minus \"{reference}\" on the same seed (mean over seeds, Student-t 95% interval):", "",
+             "| row | seeds | accuracy, all photos | photos with a history |", "|---|---:|---|---|"]
+    lines += [f"| {name} | {d['accuracy']['seeds']} | {cell(d['accuracy'])} | {cell(d['accuracy_with_history'])} |"
+              for name, d in table.items()]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict[str, dict], wall_seconds: float, command: str,
              sensitivities: dict[str, dict[str, float | None]] | None = None) -> str:
     lines = ["| row | seeds | accuracy | 95% CI | with a history | 95% CI | macro F1 | 95% CI | type accuracy | "
@@ -199,7 +229,12 @@ def result(name: str, seed: int, run: Result) -> dict:
 def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, command: str) -> None:
     """ablation.json (every run, the summary), ablation.md and ablation.png of the runs so far."""
     summary = summarize(results)
-    (out / "ablation.json").write_text(json.dumps({"runs": results, "summary": summary, "wall_seconds": wall_seconds,
-                                                   "epochs": epochs, "command": command}, indent=1))
-    (out / "ablation.md").write_text(markdown(summary, wall_seconds, command, mean_sensitivities(results)))
+    against = differences(results)
+    (out / "ablation.json").write_text(json.dumps({"runs": results, "summary": summary, "differences": against,
+                                                   "wall_seconds": wall_seconds, "epochs": epochs, "command": command},
+                                                  indent=1))
+    table = markdown(summary, wall_seconds, command, mean_sensitivities(results))
+    if any(r["name"] == REFERENCE_ROW for r in results):
+        table += "\n" + differences_markdown(against)
+    (out / "ablation.md").write_text(table)
     plot_ablation([{k: r[k] for k in ("name", "seed", *METRICS)} for r in results], out / "ablation.png")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from mdf_mllm import ablation, model_setup, stages, train as job, training
+from mdf_mllm import ablation, comparison, model_setup, stages, train as job, training
 from processing_mdf_mllm import MdfMllmDataCollator
 
 SEEDS = 2
@@ -41,13 +41,13 @@ def ablation_run(tmp_path_factory):
     def recording_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs):
         calls.append({"name": name, "model_args": model_args, "splits": splits, "args": training_args, **kwargs})
         result = real_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs)
-        calls[-1]["probabilities"] = result[2]["probabilities"]
+        calls[-1]["probabilities"] = result.probabilities
         return result
 
     def recording_stage1(*args):
         result = real_stage1(*args)
         calls.append({"name": training.UNET_ALONE, "args": args[-1], "unet_weights": result[0],
-                      "probabilities": result[2]["probabilities"]})
+                      "probabilities": result[2].probabilities})
         return result
 
     with pytest.MonkeyPatch.context() as patch:
@@ -60,11 +60,12 @@ def ablation_run(tmp_path_factory):
 
 
 def test_every_row_runs_once_per_seed_in_order(ablation_run):
-    names = ["Mllama baseline", training.UNET_ALONE, "MDF, all depths", *(f"MDF, depth {k} only" for k in range(1, 5)), "MDF, no FiLM",
-             "MDF, no clinical text", "MDF, no stage 1", "MDF, closed gates"]
+    names = ["Mllama baseline", training.UNET_ALONE, comparison.TEXT_ONLY, comparison.LATE_FUSION, "MDF, all depths",
+             *(f"MDF, depth {k} only" for k in range(1, 5)), "MDF, no FiLM", "MDF, no clinical text", "MDF, no stage 1",
+             "MDF, closed gates"]
     expected = [(name, seed) for seed in range(SEEDS) for name in names]  # seed-major: a stopped run has every row
-    # Each seed trains its own stage 1 (the U-Net-alone row) before its rows.
-    stage1_first = [(name, seed) for seed in range(SEEDS) for name in [names[1], names[0], *names[2:]]]
+    # Each seed trains its own stage 1 (the U-Net-alone row) before its rows; the references train no model.
+    stage1_first = [(name, seed) for seed in range(SEEDS) for name in [names[1], names[0], *names[4:]]]
     assert [(c["name"], c["args"].seed) for c in ablation_run["calls"]] == stage1_first
     assert [(r["name"], r["seed"]) for r in ablation_run["runs"]] == expected
     assert {c["args"].num_train_epochs for c in ablation_run["calls"] if c["name"] != training.UNET_ALONE} == {1.0}
@@ -142,7 +143,7 @@ def test_sensitivity_table_is_the_mean_over_seeds_of_each_runs_report(ablation_r
     labels = list(ablation_run["dataset"]["test"].features["label"].names)
     assert table.strip().splitlines()[0] == f"| row | {' | '.join(labels)} |"
     truth = np.array(next(c for c in ablation_run["calls"] if "splits" in c)["splits"]["test"].label_ids)
-    for name in dict.fromkeys(r["name"] for r in runs):
+    for name in dict.fromkeys(c["name"] for c in ablation_run["calls"]):
         # Recomputed from each run's predicted classes against the truth, not from the reports' sensitivities.
         predicted = [np.argmax(c["probabilities"], -1) for c in ablation_run["calls"] if c["name"] == name]
         cells = []
@@ -200,3 +201,19 @@ def test_sensitivities_are_averaged_over_seeds_per_class_and_a_missing_class_is_
     assert means == {"a": {"x": 0.75, "y": None}, "b": {"x": pytest.approx(0.1), "y": 0.5}}
     table = ablation.markdown({}, 60.0, "pytest", means).split("Sensitivity per class, mean over seeds:")[1]
     assert "| a | 0.75 | – |" in table and "| b | 0.10 | 0.50 |" in table
+
+
+def test_differences_pair_rows_by_seed():
+    runs = [{"name": "MDF, all depths", "seed": 0, "accuracy": 0.90, "accuracy_with_history": 0.80},
+            {"name": "MDF, no FiLM", "seed": 0, "accuracy": 0.85, "accuracy_with_history": 0.70},
+            {"name": "MDF, all depths", "seed": 1, "accuracy": 0.92, "accuracy_with_history": 0.90},
+            {"name": "MDF, no FiLM", "seed": 1, "accuracy": 0.90, "accuracy_with_history": 0.95},
+            {"name": "MDF, no FiLM", "seed": 2, "accuracy": 0.10, "accuracy_with_history": 0.10}]  # no pair: left out
+    table = ablation.differences(runs)
+    values = [0.85 - 0.90, 0.90 - 0.92]
+    assert table["MDF, no FiLM"]["accuracy"]["mean"] == pytest.approx(np.mean(values))
+    assert table["MDF, no FiLM"]["accuracy"]["ci95"] == pytest.approx(ablation.t_interval(values))
+    assert table["MDF, no FiLM"]["accuracy_with_history"]["mean"] == pytest.approx((-0.10 + 0.05) / 2)
+    assert table["MDF, no FiLM"]["accuracy"]["seeds"] == 2
+    line = ablation.differences_markdown(table).splitlines()[-1]
+    assert line.startswith(f"| MDF, no FiLM | 2 | {np.mean(values):+.3f} (")
