@@ -326,40 +326,51 @@ def references(dataset, split: ProcessedSplit, unet_alone: Result | None, text_o
 
 
 def counterfactual(dataset, data_args, processor, collator, models: dict, text_only: "comparison.TextOnly",
-                   unet_alone: Result | None, job_args, bf16: bool = False) -> dict[str, list[dict]]:
-    """The counterfactual-history table of the synthetic set ({} for other data): each test photo whose look
-    another label draws too gets that label's distinctive history (the answer should follow it), each photo whose
-    look only its own label draws gets a misleading history (the answer should not move); see
-    `dataset_builder.synthetic.counterfactual_history`. {model or reference name: `comparison.counterfactual_summary`
-    rows}; `models`: name -> (model, its answers to the photos' own inputs (N,)); late fusion is added from the
-    U-Net alone and `text_only`."""
+                   unet_alone: Result | None, job_args, bf16: bool = False) -> dict:
+    """The counterfactual-history table of the synthetic set ({} for other data): each test photo whose look another
+    label draws too gets that label's own history (the answer should follow it), each photo whose look only its own
+    label draws gets a misleading history (the answer should not move); see
+    `dataset_builder.synthetic.counterfactual_history`. `models`: name -> (model, its answers (N,) to the photos' own
+    inputs); late fusion is added from the U-Net alone and `text_only`.
+
+    Returns {"summary": {name: `comparison.counterfactual_summary` rows}, "photos": one entry per test photo (its
+    case, file, group, kind, the history kind given, the label it points to, and each model's answer with its own
+    input and with the swapped history)}.
+    """
     from dataset_builder import synthetic
 
     if data_args.dataset != "synthetic":
         return {}
     test = dataset["test"]
-    plan = synthetic.plan(data_args.num_images, data_args.dataset_seed)
-    looks = {(item.case_id, item.label): item.look or item.label for item in plan}
+    looks = {(item.case_id, item.label): item.look or item.label
+             for item in synthetic.plan(data_args.num_images, data_args.dataset_seed)}
     names = test.features["label"].names
     rng = np.random.default_rng(data_args.dataset_seed)
-    groups, kinds, points_to, texts = [], [], [], []
-    for case_id, label in zip(test["case_id"], test["label"]):
-        look = looks[(case_id, names[label])]
-        kind, history, twin = synthetic.counterfactual_history(names[label], look)
+    photos, texts = [], []
+    for example in test.select_columns(["case_id", "file_name", "label"]):
+        label = names[example["label"]]
+        look = looks[(example["case_id"], label)]
+        kind, history, twin = synthetic.counterfactual_history(label, look)
         texts.append(synthetic.case_text(synthetic.clinical_case(history, rng)))
         pointed = f"history of {twin}" if twin else f"a misleading history ({history})"
-        groups.append(f"{names[label]} photo drawn as {look}, {pointed}")
-        kinds.append(kind)
-        points_to.append(None if twin is None else names.index(twin))
+        photos.append({"case_id": example["case_id"], "file_name": example["file_name"], "kind": kind,
+                       "group": f"{label} photo drawn as {look}, {pointed}", "history": history,
+                       "points_to": twin, "answers": {}})
+    answers = {}
     swapped = ProcessedSplit(test.remove_columns("text").add_column("text", texts), processor, with_answers=False)
-    table = {}
     for name, (model, original) in models.items():
-        answers = predict(model, swapped, collator, job_args.eval_batch_size, bf16).argmax(-1)
-        table[name] = comparison.counterfactual_summary(groups, kinds, points_to, original, answers)
+        answers[name] = (np.asarray(original), predict(model, swapped, collator, job_args.eval_batch_size,
+                                                       bf16).argmax(-1))
     if unet_alone is not None:
         prior = comparison.class_prior(dataset["train"]["label"], len(names))
         fuse = lambda text_probabilities: comparison.late_fusion(  # noqa: E731
             unet_alone.probabilities, text_probabilities, prior).argmax(-1)
-        table[comparison.LATE_FUSION] = comparison.counterfactual_summary(
-            groups, kinds, points_to, fuse(text_only.probabilities(test["text"])), fuse(text_only.probabilities(texts)))
-    return table
+        answers[comparison.LATE_FUSION] = (fuse(text_only.probabilities(test["text"])),
+                                           fuse(text_only.probabilities(texts)))
+    points_to = [None if photo["points_to"] is None else names.index(photo["points_to"]) for photo in photos]
+    groups, kinds = [photo["group"] for photo in photos], [photo["kind"] for photo in photos]
+    for name, (original, changed) in answers.items():
+        for photo, before, after in zip(photos, original, changed):
+            photo["answers"][name] = [names[before], names[after]]
+    return {"summary": {name: comparison.counterfactual_summary(groups, kinds, points_to, *pair)
+                        for name, pair in answers.items()}, "photos": photos}

@@ -119,7 +119,7 @@ def paired_table(ours: str, differences: dict[str, dict]) -> str:
 
 
 def counterfactual_table(table: dict[str, list[dict]]) -> str:
-    """Markdown table of `stages.counterfactual`: per group of photos, how often each model's answer follows the
+    """Markdown table of the summary of `stages.counterfactual`: per group of photos, how often each model's answer follows the
     swapped history (phenocopies) and how often it changes (photos that decide alone)."""
     names = list(table)
     lines = ["| Test photos | Kind | n | " + " | ".join(f"{name}: follows / changed" for name in names) + " |",
@@ -132,7 +132,7 @@ def counterfactual_table(table: dict[str, list[dict]]) -> str:
 
 
 def comparison_markdown(results: list[Result], differences: dict[str, dict],
-                        counterfactual: dict[str, list[dict]] | None = None) -> str:
+                        counterfactual: dict | None = None) -> str:
     """The comparison as comparison.md and the model card show it: the rows, the paired differences of the first
     row against the others and, where there is one, the counterfactual-history table."""
     parts = [comparison_table(results), f"Paired differences (the same resampled test photos for both models, "
@@ -142,7 +142,7 @@ def comparison_markdown(results: list[Result], differences: dict[str, dict],
                   "own history (phenocopy: does the answer follow the history?), each photo that only its class "
                   "draws gets a misleading history (photo decides: does the answer change?). Follows: share of "
                   "answers that are the class the history points to; changed: share of answers that differ from the "
-                  "answer to the photo's own input.", "", counterfactual_table(counterfactual)]
+                  "answer to the photo's own input.", "", counterfactual_table(counterfactual["summary"])]
     return "\n".join(parts)
 
 

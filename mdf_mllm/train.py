@@ -253,7 +253,8 @@ def run(model_args, data_args, job_args, training_args) -> None:
     print(export.summary(results, model_args, data_args, out, export_dir))
     if counterfactual:
         print("counterfactual histories (follows / changed):\n" + tables.counterfactual_table(
-            {name: [row for row in rows if row["group"].startswith("all ")] for name, rows in counterfactual.items()}))
+            {name: [row for row in rows if row["group"].startswith("all ")]
+             for name, rows in counterfactual["summary"].items()}))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,7 +86,8 @@ def test_rows_change_only_what_they_name(ablation_run):
                      (default.unet_gate_start, default.gate_learning_rate) for name in calls}
     # The fused layers each trained run really had, from its gate log.
     gates = {r["name"]: sorted(r["gates"]) for r in ablation_run["runs"] if r["seed"] == 0}
-    assert gates.pop("Mllama baseline") == [] and gates.pop(training.UNET_ALONE) == []
+    assert [gates.pop(name) for name in ("Mllama baseline", training.UNET_ALONE, comparison.TEXT_ONLY,
+                                         comparison.LATE_FUSION)] == [[]] * 4
     assert set(map(tuple, gates.values())) == {("1", "3")}
 
 

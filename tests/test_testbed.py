@@ -236,3 +236,70 @@ def test_counterfactual_summary_by_hand():
     ]
     table = tables.counterfactual_table({"MDF-MLLM": rows})
     assert "| **all phenocopy photos** | phenocopy | 3 | 0.667 / 0.667 |" in table
+
+
+def test_counterfactual_table_on_a_tiny_model():
+    """The main job's counterfactual histories on a tiny model: every photo gets the history its look calls for,
+    each recorded answer is what the model says to that photo and history (classified here one at a time), and the
+    summary is the share of those answers."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from conftest import TINY_UNET, move_off_init, tiny_mllama_config
+    from configuration_mdf_mllm import MdfMllmConfig
+    from dataset_builder import load
+    from mdf_mllm import stages, training
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+    from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
+
+    processor = build_default_processor(image_size=28, unet_image_size=32)
+    base = tiny_mllama_config(vocab_size=processor.tokenizer.convert_tokens_to_ids("<|image|>"))
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(base.text_config, key, getattr(processor.tokenizer, key))
+    config = MdfMllmConfig.from_mllama_config(base, unet_config=TINY_UNET, fusion_grid=2, projector_dim=8,
+                                              film_hidden_dim=8, image_token_index=base.image_token_index)
+    torch.manual_seed(0)
+    model = MdfMllmForConditionalGeneration(config).eval()
+    move_off_init(model)
+    model.config.verbalizer_token_ids = processor.verbalizer_token_ids
+    data_args = SimpleNamespace(dataset="synthetic", num_images=60, dataset_seed=0)
+    dataset = load("synthetic", num_images=60, image_size=64, seed=0)
+    collator = MdfMllmDataCollator(processor)
+    job_args = SimpleNamespace(eval_batch_size=4)
+    test = training.ProcessedSplit(dataset["test"], processor, with_answers=False)
+    own = training.predict(model, test, collator, 4).argmax(-1)
+    table = stages.counterfactual(dataset, data_args, processor, collator, {"tiny": (model, own)},
+                                  stages.text_only_reference(dataset), None, job_args)
+    names = dataset["test"].features["label"].names
+    photos = table["photos"]
+    assert [p["case_id"] for p in photos] == dataset["test"]["case_id"] and len(photos) == len(test)
+    looks = {(i.case_id, i.label): i.look or i.label for i in synthetic.plan(60, 0)}
+    for photo, label in zip(photos, dataset["test"]["label"]):
+        look = looks[(photo["case_id"], names[label])]
+        shared = len(synthetic.LOOK_LABELS[look]) > 1
+        assert photo["kind"] == ("phenocopy" if shared else "photo decides")
+        writers = synthetic.HISTORY_LABELS[photo["history"]]
+        if shared:  # the twin's own history: only the twin writes it, and the twin draws this look
+            assert writers == [photo["points_to"]] and photo["points_to"] in synthetic.LOOK_LABELS[look]
+        else:  # no label that draws this look writes it
+            assert photo["points_to"] is None and not set(writers) & {names[label], *synthetic.LOOK_LABELS[look]}
+    assert {p["kind"] for p in photos} == {"phenocopy", "photo decides"}
+    # Each swapped answer, one photo at a time, from the photo and the history kind recorded for it.
+    rng = np.random.default_rng(0)
+    for index, photo in enumerate(photos):
+        text = synthetic.case_text(synthetic.clinical_case(photo["history"], rng))
+        example = dataset["test"][index]
+        inputs = processor(images=[example["image"]], clinical_text=[text])
+        batch = collator([{key: value[0] for key, value in inputs.items()}])
+        with torch.no_grad():
+            answer = model.classify(**{k: v for k, v in batch.items() if k != "vessel_mask"}).argmax(-1).item()
+        assert photo["answers"]["tiny"] == [names[own[index]], names[answer]]
+    rows = {row["group"]: row for row in table["summary"]["tiny"]}
+    phenocopies = [p for p in photos if p["kind"] == "phenocopy"]
+    follows = np.mean([p["answers"]["tiny"][1] == p["points_to"] for p in phenocopies])
+    assert rows["all phenocopy photos"]["n"] == len(phenocopies)
+    assert rows["all phenocopy photos"]["follows"] == pytest.approx(follows)
+    decided = [p for p in photos if p["kind"] == "photo decides"]
+    changed = np.mean([p["answers"]["tiny"][0] != p["answers"]["tiny"][1] for p in decided])
+    assert rows["all photo decides photos"]["changed"] == pytest.approx(changed)
