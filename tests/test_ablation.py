@@ -164,8 +164,9 @@ def test_t_interval_of_three_seeds():
 
 def test_summary_and_table_of_three_seeds():
     def run(name, seed, accuracy):
-        return {"name": name, "seed": seed, "accuracy": accuracy, "macro_f1": accuracy / 2, "type_accuracy": 0.75,
-                "type_macro_f1": 0.125, "train_seconds": 10.0 + seed, "gates": {}}
+        return {"name": name, "seed": seed, "accuracy": accuracy, "accuracy_with_history": accuracy - 0.1,
+                "macro_f1": accuracy / 2, "type_accuracy": 0.75, "type_macro_f1": 0.125, "train_seconds": 10.0 + seed,
+                "gates": {}}
 
     runs = [run(name, seed, a) for seed, (a, b) in enumerate([(0.5, 0.4), (0.7, 0.4), (0.6, 0.4)])
             for name, a in (("MDF, all depths", a), ("Mllama baseline", b))]
@@ -180,18 +181,21 @@ def test_summary_and_table_of_three_seeds():
     baseline = summary["Mllama baseline"]["accuracy"]
     assert (baseline["mean"], baseline["std"], *baseline["ci95"]) == pytest.approx((0.4, 0.0, 0.4, 0.4))
     lines = ablation.markdown(summary, 90.0, "python train_hf.py --ablation").splitlines()
-    assert lines[2] == (f"| MDF, all depths | 3 | 0.600 ± 0.100 | {0.6 - half:.3f}–{0.6 + half:.3f} | 0.300 ± 0.050 | "
+    assert lines[2] == (f"| MDF, all depths | 3 | 0.600 ± 0.100 | {0.6 - half:.3f}–{0.6 + half:.3f} | 0.500 ± 0.100 | "
+                        f"{0.5 - half:.3f}–{0.5 + half:.3f} | 0.300 ± 0.050 | "
                         f"{0.3 - half / 2:.3f}–{0.3 + half / 2:.3f} | 0.750 ± 0.000 | 0.125 ± 0.000 | 11 |")
     assert lines[-1] == "Command: `python train_hf.py --ablation`; wall time 1.5 min."
 
 
 def test_a_row_with_one_seed_so_far_has_no_interval():
-    run = {"name": "MDF, all depths", "seed": 0, "accuracy": 0.5, "macro_f1": 0.25, "type_accuracy": 0.75,
-           "type_macro_f1": 0.125, "train_seconds": 10.0}
+    run = {"name": "MDF, all depths", "seed": 0, "accuracy": 0.5, "accuracy_with_history": None, "macro_f1": 0.25,
+           "type_accuracy": 0.75, "type_macro_f1": 0.125, "train_seconds": 10.0}
     summary = ablation.summarize([run])
     assert summary["MDF, all depths"]["accuracy"] == {"mean": 0.5, "std": 0.0, "ci95": None}
     line = ablation.markdown(summary, 60.0, "cmd").splitlines()[2]
-    assert line == "| MDF, all depths | 1 | 0.500 ± 0.000 | – | 0.250 ± 0.000 | – | 0.750 ± 0.000 | 0.125 ± 0.000 | 10 |"
+    # No test photo with a history: a dash, not a number.
+    assert line == ("| MDF, all depths | 1 | 0.500 ± 0.000 | – | – | – | 0.250 ± 0.000 | – | 0.750 ± 0.000 | "
+                    "0.125 ± 0.000 | 10 |")
 
 
 def test_sensitivities_are_averaged_over_seeds_per_class_and_a_missing_class_is_a_dash():

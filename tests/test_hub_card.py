@@ -14,7 +14,7 @@ from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
 from configuration_mdf_mllm import DEFAULT_LABELS
-from mdf_mllm import export, metrics, model_card, stages, train as job
+from mdf_mllm import comparison, export, model_card, stages, train as job
 from mdf_mllm.model_setup import BASE_RECORD_FILE
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from processing_mdf_mllm import MdfMllmProcessor
@@ -40,23 +40,22 @@ def strings(value):
 def exported(model_folder):
     """What write_repository needs, from the tiny exported model, with a stand-in trainer and a two-photo test set."""
     names = [name for name, _, _ in DEFAULT_LABELS]
-    report = metrics.classification_report([0, 4], [0, 4], names, [kind for _, _, kind in DEFAULT_LABELS],
-                                             n_bootstrap=10)
-    report.update(name="MDF-MLLM", probabilities=[[0.9] + [0.1 / 7] * 7, [0.0] * 4 + [1.0] + [0.0] * 3])
+    ours = comparison.score("MDF-MLLM", [[0.9] + [0.1 / 7] * 7, [0.0] * 4 + [1.0] + [0.0] * 3], [0, 4],
+                            [True, False], names, [kind for _, _, kind in DEFAULT_LABELS], n_bootstrap=10)
     photo = Image.new("RGB", (32, 32), (150, 60, 20))
     test = [{"image": photo, "label": 0, "text": "Routine check."}, {"image": photo, "label": 4, "text": ""}]
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=[{"train_runtime": 1.0}]), train_dataset=[0, 1, 2],
                               args=SimpleNamespace(num_train_epochs=1, per_device_train_batch_size=2,
                                                    learning_rate=1e-3, bf16=False, seed=0))
     return dict(model=MdfMllmForConditionalGeneration.from_pretrained(model_folder),
-                processor=MdfMllmProcessor.from_pretrained(model_folder), report=report, trainer=trainer,
+                processor=MdfMllmProcessor.from_pretrained(model_folder), ours=ours, trainer=trainer,
                 dataset={"test": test}, data_args=SimpleNamespace(dataset="synthetic", dataset_seed=0))
 
 
 def write(exported, folder: Path, base_model: str | None) -> Path:
     model_args = SimpleNamespace(base_model=base_model, model_size=None, lora=False)
     e = exported
-    export.write_repository(folder, e["model"], e["processor"], e["report"], e["trainer"], e["dataset"],
+    export.write_repository(folder, e["model"], e["processor"], e["ours"], e["trainer"], e["dataset"],
                                 e["data_args"], model_args)
     return folder
 
@@ -121,7 +120,7 @@ def test_every_export_ships_the_endpoints_handler_and_the_card_says_how_to_call_
     assert "the repository's `handler.py` (a custom handler) serves it" in card
     assert '"parameters": {"clinical_text": "...", "top_k": 3, "check_fundus": true}}' in card
     (folder / "handler.py").unlink()  # a card beside no handler does not mention one
-    model_card.write_model_card(folder, None, metrics_report=exported["report"], datasets=["synthetic"],
+    model_card.write_model_card(folder, None, metrics_report=exported["ours"].report, datasets=["synthetic"],
                                training_args_summary={})
     assert "handler.py" not in (folder / "README.md").read_text()
 

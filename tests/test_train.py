@@ -16,7 +16,7 @@ from transformers import (AutoProcessor, MllamaForConditionalGeneration, MllamaI
                           TrainerCallback, set_seed)
 
 from conftest import tiny_mllama_config
-from mdf_mllm import export, model_setup, stages, train as job, training
+from mdf_mllm import comparison, export, model_setup, stages, train as job, training
 from modeling_mdf_mllm import is_mdf_parameter
 from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
@@ -63,15 +63,28 @@ def tiny_data():
 
 
 def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(main_job):
-    rows = json.loads((main_job["out"] / "comparison.json").read_text())["models"]
-    assert [row["name"] for row in rows] == ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)"]
-    mdf, baseline, unet_alone = rows
+    saved = json.loads((main_job["out"] / "comparison.json").read_text())
+    rows = saved["models"]
+    assert [row["name"] for row in rows] == ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)",
+                                            comparison.TEXT_ONLY, comparison.LATE_FUSION]
+    mdf, baseline, unet_alone, text_only, late_fusion = rows
     assert mdf["parameters"] > baseline["parameters"]
     assert unet_alone["gate_history"] == [] and unet_alone["train_seconds"] > 0
+    assert "parameters" not in text_only and "train_seconds" not in late_fusion  # references: nothing trained
     for row in rows:
         assert row["num_items"] == 10  # the test split of 40 photos
         low, high = row["disease"]["ci95"]["accuracy"]
         assert low <= row["disease"]["accuracy"] <= high
+        subsets = row["subsets"]
+        assert subsets["with_history"]["n"] + subsets["without_history"]["n"] == 10
+    # MDF-MLLM against every other row, paired, over all photos and over the photos with a history.
+    differences = saved["paired_differences"]["MDF-MLLM"]
+    assert list(differences) == [row["name"] for row in rows[1:]]
+    assert differences["Mllama baseline"]["all"]["difference"] == pytest.approx(
+        mdf["disease"]["accuracy"] - baseline["disease"]["accuracy"])
+    counterfactual = saved["counterfactual_histories"]
+    assert set(counterfactual["summary"]) == {"MDF-MLLM", "Mllama baseline", comparison.LATE_FUSION}
+    assert len(counterfactual["photos"]) == 10
     gates = mdf["gate_history"]
     start = math.tanh(stages.ModelArguments().unet_gate_start)  # open over zero value projections
     assert gates[0] == {"step": 0, "gates": {"1": pytest.approx(start), "3": pytest.approx(start)},
@@ -80,23 +93,24 @@ def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(m
     assert all(value != 0 for value in gates[-1]["gates"].values())
     assert baseline["gate_history"] == []
     table = (main_job["out"] / "comparison.md").read_text()
-    assert "| MDF-MLLM |" in table and "| Mllama baseline |" in table and "| U-Net alone (image only) |" in table
+    assert all(f"| {row['name']} |" in table for row in rows)
 
 
 README_TABLE = "<!-- outputs/run/comparison.md of the default run -->"
 
 
 def test_readme_quotes_the_default_runs_comparison_in_the_format_the_job_writes(main_job):
-    """The README's results table is the default run's comparison.md, pasted: same columns, same row layout, both
-    arms, as the job writes it today (a changed table format or a hand-edited README fails here)."""
+    """The README's results table is the default run's comparison table, pasted: same columns, same row layout,
+    every row, as the job writes it today (a changed table format or a hand-edited README fails here)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     quoted = readme.split(README_TABLE)[1].split("<!-- end -->")[0].strip().splitlines()
-    written = (main_job["out"] / "comparison.md").read_text().strip().splitlines()
-    assert quoted[:2] == written[:2]
-    row = re.compile(r"\| (MDF-MLLM|Mllama baseline|U-Net alone \(image only\)) \| [\d,]+ \| (0|1)\.\d{3} \((0|1)\.\d{3}-(0|1)\.\d{3}\) \| "
-                     r"(0|1)\.\d{3} \((0|1)\.\d{3}-(0|1)\.\d{3}\) \| (0|1)\.\d{3} \| (0|1)\.\d{3} \| [\d.]+ \|$")
-    assert [row.match(line)[1] for line in written[2:]] == [row.match(line)[1] for line in quoted[2:]] == [
-        "MDF-MLLM", "Mllama baseline", "U-Net alone (image only)"]
+    written = (main_job["out"] / "comparison.md").read_text().split("\n\n")[0].strip().splitlines()
+    assert quoted[0].split(" | ")[:2] == written[0].split(" | ")[:2] and quoted[1] == written[1]
+    ci = r"(0|1)\.\d{3} \((0|1)\.\d{3}–(0|1)\.\d{3}\)"
+    row = re.compile(rf"\| ([^|]+) \| {ci} \| ((0|1)\.\d{{3}}|–) \| ((0|1)\.\d{{3}}|–) \| {ci} \| {ci} \| ([\d,]+|–) \| "
+                     r"(\d+|–) \|$")
+    names = ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION]
+    assert [row.match(line)[1] for line in written[2:]] == [row.match(line)[1] for line in quoted[2:]] == names
 
 
 def test_both_arms_start_from_bit_identical_base_weights(main_job):
@@ -234,7 +248,7 @@ def test_mdf_from_the_base_computes_the_base_at_step_0_for_a_prompt_in_the_base_
     processor = model_setup.base_processor(model_args)
     stock = AutoProcessor.from_pretrained(made_base / "base")
     assert processor.chat_template == stock.chat_template != build_default_processor().chat_template
-    example = next(example for example in dataset["test"] if example["text"])
+    example = next(example for example in dataset["train"] if example["text"])
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": processor.instruction + "\n"
                  + processor.clinical_text_template.format(clinical_text=example["text"])}]}]
     prompt = stock.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
