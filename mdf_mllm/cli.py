@@ -20,31 +20,15 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from mdf_mllm.messages import shown
+from mdf_mllm.messages import OneLineParser, number_in, shown
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+positive_int = number_in(int, 1)
 
 
 class InputError(Exception):
     """A problem with what the user gave: reported in one line, exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {shown(message)}\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def image_file(text: str) -> str:
