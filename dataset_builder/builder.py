@@ -316,7 +316,7 @@ def write_report(report: dict, folder: str) -> None:
     """Write `split_report.json` and `split_report.md` into `folder`."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{REPORT_NAME}.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=2, allow_nan=False)
     with open(os.path.join(folder, f"{REPORT_NAME}.md"), "w", encoding="utf-8") as f:
         f.write(report_markdown(report))
 
@@ -502,7 +502,7 @@ def export_imagefolder(dataset: datasets.DatasetDict, out: str) -> None:
                     case_id=row["case_id"],
                     split=split,
                 )
-                manifest.write(json.dumps(row_out) + "\n")
+                manifest.write(json.dumps(row_out, allow_nan=False) + "\n")
 
 
 def _write_image(folder: str, stem: str, image: dict) -> str:

@@ -110,7 +110,7 @@ def open_image(path: str) -> Image.Image:
 def check_fundus(images, paths, model_folder: str, enforce: bool) -> None:
     """The model's fundus check on every photo, with the model folder's threshold, before the model loads: a refusal
     (`InputError`) or, when not `enforce`d, a one-line warning on stderr."""
-    from processing_mdf_mllm import MdfMllmImageProcessor
+    from processing_mdf_mllm import MdfMllmImageProcessor, NotFundusError
 
     try:
         image_processor = MdfMllmImageProcessor.from_pretrained(model_folder)
@@ -119,10 +119,12 @@ def check_fundus(images, paths, model_folder: str, enforce: bool) -> None:
     for image, path in zip(images, paths):
         try:
             image_processor.check_fundus(image, path)
-        except ValueError as error:
+        except NotFundusError as error:
             if enforce:
                 raise InputError(f"{error}; --no_fundus_check classifies it anyway") from None
             print(f"mdf-mllm: warning: {shown(error)}", file=sys.stderr)
+        except ValueError as error:  # unusable whatever the check says (a bad threshold, a photo of NaNs): no hint
+            raise InputError(str(error)) from None
 
 
 def load(args):
@@ -137,8 +139,9 @@ def load(args):
     dtype = getattr(torch, args.dtype) if args.dtype else "auto"
     try:
         return load_pipeline(args.model, device=args.device, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise InputError(f"--model {args.model}: cannot load the model ({str(error).splitlines()[0]})") from None
+    except Exception as error:  # noqa: BLE001 - a truncated file, a bad config value: whatever it is, it is the folder's
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise InputError(f"--model {args.model}: cannot load the model ({type(error).__name__}: {first})") from None
 
 
 def checked_inputs(args, paths: list[str]) -> list[Image.Image]:
@@ -156,7 +159,8 @@ def predict(args) -> None:
     results = classifier(images, clinical_text=args.text, top_k=args.top_k, batch_size=args.batch_size,
                          check_fundus=False)  # checked above
     if args.json:
-        print(json.dumps([{"image": path, "predictions": result} for path, result in zip(args.images, results)]))
+        print(json.dumps([{"image": path, "predictions": result} for path, result in zip(args.images, results)],
+                         allow_nan=False))  # a NaN score is an error, never invalid JSON
         return
     for path, result in zip(args.images, results):
         best = result[0]

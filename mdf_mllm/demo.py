@@ -28,7 +28,7 @@ def build_demo(model_folder: str) -> gr.Blocks:
             raise gr.Error("Upload a fundus photograph first.")
         try:
             classifier.processor.image_processor.check_fundus(image, "The photo")
-        except ValueError as error:  # refused, unless the user asked to classify it anyway
+        except NotFundusError as error:  # refused, unless the user asked to classify it anyway
             if not skip_fundus_check:
                 raise gr.Error(f"{error}. Tick 'Classify anyway' to classify it nonetheless.") from None
             gr.Warning(str(error))

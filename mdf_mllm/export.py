@@ -64,7 +64,7 @@ def export(model, processor, report, trainer, dataset, data_args, model_args, ex
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
     try:
         write_repository(staging, model, processor, report, trainer, dataset, data_args, model_args, **card)
-        (staging / EXPORT_MANIFEST).write_text(json.dumps({"files": sorted(files_in(staging))}, indent=1) + "\n")
+        (staging / EXPORT_MANIFEST).write_text(json.dumps({"files": sorted(files_in(staging))}, indent=1, allow_nan=False) + "\n")
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # a folder's usual permissions, not mkdtemp's 0700
@@ -200,6 +200,7 @@ def write_comparison(arms, out: Path, stage1_losses: list[float], references: li
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(comparison_table(reports) + "\n")
     rows = [{k: v for k, v in r.items() if k != "probabilities"} for r in reports]
-    (out / "comparison.json").write_text(json.dumps({"models": rows, "stage1_vessel_loss": stage1_losses}, indent=1))
+    comparison = {"models": rows, "stage1_vessel_loss": stage1_losses}
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=1, allow_nan=False))
     for _, trainer, report in arms[1:]:
         model_card.write_results({k: v for k, v in report.items() if k != "gate_history"}, trainer.args.output_dir)

@@ -18,7 +18,7 @@ def write_results(report: dict, out_dir) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     misclassified = misclassified_table(report)
     paths["markdown"].write_text(
         "# Evaluation results\n\n" + markdown_table(report) + (f"\n{misclassified}" if misclassified else "")
