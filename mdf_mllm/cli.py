@@ -124,7 +124,7 @@ def check_fundus(images, paths, model_folder: str, enforce: bool) -> None:
                 raise InputError(f"{error}; --no_fundus_check classifies it anyway") from None
             print(f"mdf-mllm: warning: {shown(error)}", file=sys.stderr)
         except ValueError as error:  # unusable whatever the check says (a bad threshold, a photo of NaNs): no hint
-            raise InputError(str(error)) from None
+            raise InputError(f"{path}: {error}") from None
 
 
 def load(args):

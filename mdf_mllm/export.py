@@ -113,8 +113,12 @@ def write_repository(
     )
 
 
+EXAMPLE_HISTORIES = "histories.json"  # examples/<photo> -> its clinical history, which the demo offers with it
+
+
 def _widget_examples(folder: Path, test_split, report, config, count: int = 3) -> list[dict]:
-    """The first test photos of distinct classes, shipped in the folder with the model's (static) outputs."""
+    """The first test photos of distinct classes, shipped in the folder with the model's (static) outputs and, for
+    the demo, their histories."""
     (folder / "examples").mkdir()
     widgets, seen = [], set()
     for index, example in enumerate(test_split):
@@ -131,6 +135,8 @@ def _widget_examples(folder: Path, test_split, report, config, count: int = 3) -
                 "output": {name: round(float(score), 4) for name, score in zip(config.label_names, scores)},
             }
         )
+    histories = {Path(widget["image_path"]).name: widget["text"] for widget in widgets}
+    (folder / "examples" / EXAMPLE_HISTORIES).write_text(json.dumps(histories, indent=1, allow_nan=False) + "\n")
     return widgets
 
 

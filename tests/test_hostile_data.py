@@ -63,10 +63,10 @@ def test_row_4_train_job_on_a_nul_manifest_builds_the_rest(tmp_path):
     from mdf_mllm.training import load_data
     from mdf_mllm.stages import DataArguments
 
-    rows = _labelled_folder(tmp_path / "d", 8)
+    rows = _labelled_folder(tmp_path / "d", 12)
     _manifest(tmp_path / "d", rows + [{"file_name": "a\u0000.png", "label": "dr"}])
     dataset = load_data(DataArguments(dataset="manifest", data_dir=str(tmp_path / "d")))
-    assert sum(len(part) for part in dataset.values()) == 8
+    assert sum(len(part) for part in dataset.values()) == 12
 
 
 # ---------------------------------------------------------------------------------------------------------------------
