@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mdf_mllm import model_card, plots
 from mdf_mllm.model_setup import describe_base
+from mdf_mllm.real_photos import real_photo_section
 from pipeline_mdf_mllm import register_pipeline
 
 
@@ -64,7 +65,8 @@ def export(model, processor, report, trainer, dataset, data_args, model_args, ex
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
     try:
         write_repository(staging, model, processor, report, trainer, dataset, data_args, model_args, **card)
-        (staging / EXPORT_MANIFEST).write_text(json.dumps({"files": sorted(files_in(staging))}, indent=1, allow_nan=False) + "\n")
+        written = json.dumps({"files": sorted(files_in(staging))}, indent=1, allow_nan=False)
+        (staging / EXPORT_MANIFEST).write_text(written + "\n")
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # a folder's usual permissions, not mkdtemp's 0700
@@ -110,6 +112,7 @@ def write_repository(
         comparison_reports=[*([baseline[0]] if baseline is not None else []), *references] or None,
         dataset_seed=data_args.dataset_seed,
         base_description=describe_base(model_args.base_model) if model_args.base_model else None,
+        extra_markdown=real_photo_section(model, processor) if data_args.dataset == "synthetic" else "",
     )
 
 

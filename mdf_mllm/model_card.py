@@ -187,7 +187,8 @@ def _model_card_body(folder, model_name, origin, metrics_report, data, compariso
                      training_args_summary, synthetic_data, usage_code, extra_markdown) -> str:
     data_note = (
         "**The reported numbers come from synthetic fundus images; they show the pipeline works, not clinical "
-        "performance.** "
+        "performance. These weights demonstrate the pipeline and are not for real eyes** (see what they answer on "
+        "real photos below). "
         if synthetic_data
         else ""
     )

@@ -239,3 +239,14 @@ def test_rows_11_15_16_demo_limits_uploads_warns_and_offers_examples(model_folde
     assert "dataset" in kinds  # gr.Examples
     text = json.dumps(config)
     assert "not for real eyes" in text
+
+
+def test_row_15_card_section_measures_the_real_photos_and_says_what_the_weights_are_for(classifier):
+    from mdf_mllm.real_photos import REAL_PHOTOS, real_photo_section
+
+    section = real_photo_section(classifier.model, classifier.processor)
+    assert "## What these weights answer on real photos" in section and "not for real eyes" in section
+    rows = [line for line in section.splitlines() if line.startswith("| `skimage")]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {call}" for _, call, _, _ in REAL_PHOTOS]
+    assert all(len(row.split(" | ")[3].split(", ")) == 3 for row in rows)  # three answers with their scores
+
