@@ -434,7 +434,8 @@ def parquet_export_problem(out: str) -> str | None:
     data = os.path.join(out, "data")
     if os.path.exists(data) and not os.path.isdir(data):
         return f"--out {out}: {data} is a file; choose another --out"
-    foreign = sorted(name for name in (os.listdir(data) if os.path.isdir(data) else []) if not SHARD_NAME.fullmatch(name))
+    names = os.listdir(data) if os.path.isdir(data) else []
+    foreign = sorted(name for name in names if not SHARD_NAME.fullmatch(name))
     if foreign:
         return (f"--out {out}: {data} holds files an export did not write ({', '.join(foreign[:3])}); the export "
                 "replaces that folder, so choose another --out")

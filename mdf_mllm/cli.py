@@ -139,7 +139,7 @@ def load(args):
     dtype = getattr(torch, args.dtype) if args.dtype else "auto"
     try:
         return load_pipeline(args.model, device=args.device, dtype=dtype)
-    except Exception as error:  # noqa: BLE001 - a truncated file, a bad config value: whatever it is, it is the folder's
+    except Exception as error:  # noqa: BLE001 - a truncated file, a bad config value: whichever, it is the folder
         first = str(error).splitlines()[0] if str(error) else ""
         raise InputError(f"--model {args.model}: cannot load the model ({type(error).__name__}: {first})") from None
 

@@ -372,8 +372,8 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
     bar.close()
     bad = non_finite_parameters(unet) + non_finite_parameters(class_head)
     if bad:
-        raise Diverged(f"stage 1: diverged at step {step}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); "
-                       "nothing was saved")
+        raise Diverged(f"stage 1: diverged at step {step}: {len(bad)} weight tensors hold NaN or inf "
+                       f"(first: {bad[0]}); nothing was saved")
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "unet.safetensors")
     save_file({k: v.contiguous() for k, v in class_head.state_dict().items()}, folder / "class_head.safetensors")
