@@ -16,7 +16,7 @@ import gradio as gr
 from mdf_mllm.explain import draw_explanation, explain
 from mdf_mllm.export import EXAMPLE_HISTORIES
 from pipeline_mdf_mllm import load_pipeline
-from processing_mdf_mllm import NotFundusError
+from processing_mdf_mllm import MdfMllmImageProcessor, NotFundusError
 
 
 MODEL_ENV = "MDF_MLLM_MODEL"
@@ -56,13 +56,14 @@ def example_photos(model_folder: str) -> list[list[str]]:
     return [[os.path.join(folder, name), histories.get(name) or SAMPLE_HISTORY] for name in photos]
 
 
-def answer(classifier, image, clinical_text, skip_fundus_check=False):
+def answer(classifier, checker, image, clinical_text, skip_fundus_check=False):
     """The demo's answer to one photo: (summary, class probabilities, explanation map); a gr.Error in words for a
-    photo that cannot be classified."""
+    photo that cannot be classified. `checker`: this repository's image processor with the model's settings, whose
+    NotFundusError is the class caught here (the pipeline's processor is the model folder's own copy of the code)."""
     if image is None:
         raise gr.Error("Upload a fundus photograph first.")
     try:
-        classifier.processor.image_processor.check_fundus(image, "The photo")
+        checker.check_fundus(image, "The photo")
     except NotFundusError as error:  # refused, unless the user asked to classify it anyway
         if not skip_fundus_check:
             raise gr.Error(f"{error}. Tick 'Classify anyway' to classify it nonetheless.") from None
@@ -81,9 +82,10 @@ def answer(classifier, image, clinical_text, skip_fundus_check=False):
 def build_demo(model_folder: str) -> gr.Blocks:
     """The demo page for the model in `model_folder`."""
     classifier = load_pipeline(model_folder, device="cpu")
+    checker = MdfMllmImageProcessor.from_pretrained(model_folder)
 
     def predict(image, clinical_text, skip_fundus_check=False):
-        return answer(classifier, image, clinical_text, skip_fundus_check)
+        return answer(classifier, checker, image, clinical_text, skip_fundus_check)
 
     with gr.Blocks(title="MDF-MLLM") as demo:
         gr.Markdown(
