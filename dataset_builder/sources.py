@@ -223,7 +223,7 @@ def read_manifest(root: str | None) -> tuple[list[Record], list[Skipped]]:
 
     A bad row is skipped with its file and line (JSON, fields, encoding, a file outside the data folder); a UTF-8 BOM
     is accepted. Nothing reached through a symlink (a file, or a split folder) that leads outside `root` is read. A
-    photo listed twice with one label is kept once; with two labels it is a conflict and both rows are skipped."""
+    photo listed twice with one label is kept once; with two labels it is a conflict and none of its rows is kept."""
     root = require_dir(root, "manifest")
     manifests = [(os.path.join(root, MANIFEST), None)] + [
         (os.path.join(root, split, MANIFEST), split) for split in SPLITS

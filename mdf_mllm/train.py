@@ -98,7 +98,7 @@ def check_arguments(model_args, data_args, job_args, training_args) -> None:
                                    ("--dataset", data_args.dataset, stages.DATASETS)):
         if value is not None and value not in allowed:
             raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
-    check_numbers(data_args, job_args, training_args)
+    check_numbers(model_args, data_args, job_args, training_args)
     if data_args.dataset in ("manifest", "fives", "hrf", "stonerounds"):
         option = "data_dir" if data_args.dataset == "manifest" else data_args.dataset
         if not (getattr(data_args, option) or data_args.data_dir):
@@ -113,11 +113,13 @@ def check_arguments(model_args, data_args, job_args, training_args) -> None:
     check_output_folders(model_args, job_args, training_args)
 
 
-def check_numbers(data_args, job_args, training_args) -> None:
+def check_numbers(model_args, data_args, job_args, training_args) -> None:
     """Rates finite and not negative, sizes and batch sizes positive: a NaN rate would train into NaN weights."""
     rates = {"--learning_rate": training_args.learning_rate, "--stage1_learning_rate": job_args.stage1_learning_rate,
              "--num_train_epochs": training_args.num_train_epochs, "--base_epochs": job_args.base_epochs,
              "--weight_decay": training_args.weight_decay, "--max_grad_norm": training_args.max_grad_norm}
+    rates |= {f"--{kind}_learning_rate": rate for kind, rate in stages.learning_rates(model_args).items()
+              if rate is not None}
     for option, value in rates.items():
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{option}: expected a finite number >= 0, got {value}")

@@ -186,7 +186,7 @@ class MdfTrainer(Trainer):
         grad_norm = super()._get_grad_norm(model, grad_norm)
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             raise Diverged(f"{self.label}: diverged at step {self.state.global_step + 1}: the loss or its gradients "
-                           f"are not finite (gradient norm {float(grad_norm)}); nothing was saved")
+                           f"are not finite (gradient norm {float(grad_norm)}); nothing was exported or cached")
         return grad_norm
 
     def rate(self, kind: str, base_rate: float) -> float:
@@ -229,7 +229,7 @@ def train(model, splits, collator, training_args: TrainingArguments, resume_from
     bad = non_finite_parameters(model)  # a last step can write NaN into weights whose gradients were finite
     if bad:
         raise Diverged(f"{trainer.label}: diverged at step {trainer.state.global_step}: {len(bad)} weight tensors hold "
-                       f"NaN or inf (first: {bad[0]}); nothing was saved")
+                       f"NaN or inf (first: {bad[0]}); nothing was exported or cached")
     return trainer
 
 
@@ -356,7 +356,8 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
             class_ids = torch.tensor([split.label_ids[i] for i in indices], device=device)
             loss = stage1_loss(unet, class_head, batch, class_ids, vessel_weight)
             if not math.isfinite(loss.item()):
-                raise Diverged(f"stage 1: diverged at step {step + 1}: the loss is {loss.item()}; nothing was saved")
+                raise Diverged(f"stage 1: diverged at step {step + 1}: the loss is {loss.item()}; nothing was exported "
+                               "or cached")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, training_args.max_grad_norm)  # as the Trainer clips stage 2
             optimizer.step()
@@ -373,7 +374,7 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
     bad = non_finite_parameters(unet) + non_finite_parameters(class_head)
     if bad:
         raise Diverged(f"stage 1: diverged at step {step}: {len(bad)} weight tensors hold NaN or inf "
-                       f"(first: {bad[0]}); nothing was saved")
+                       f"(first: {bad[0]}); nothing was exported or cached")
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "unet.safetensors")
     save_file({k: v.contiguous() for k, v in class_head.state_dict().items()}, folder / "class_head.safetensors")

@@ -62,7 +62,7 @@ def test_row_1_a_run_that_diverges_stops_and_caches_nothing(tmp_path, capsys):
                   str(cache)])
     assert stop.value.code == 1
     error = one_line_error(capsys, "base: stock Mllama (tiny): diverged at step")
-    assert "nothing was saved" in error
+    assert "nothing was exported or cached" in error
     assert not list(cache.glob("base-*")) and not (tmp_path / "out" / "mdf-mllm").exists()
 
 
