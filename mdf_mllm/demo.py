@@ -33,6 +33,8 @@ class UploadedPhoto(gr.Image):
     """The photo input, saying in words what was wrong with an upload that is not a readable image (Gradio would
     answer "upstream app raised an exception")."""
 
+    is_template = True  # Gradio's mark of a subclass that the page draws with its parent's widget (gr.Image's)
+
     def preprocess(self, payload):
         try:
             return super().preprocess(payload)
