@@ -641,7 +641,12 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
         included, and a closed frozen gate keeps the U-Net out of the model for good (the model trains as the
         baseline; `train()` warns).
         """
-        from peft import LoraConfig  # only here: the exported model code needs nothing beyond torch and transformers
+        # Imported here, inside a try block: transformers' remote-code check imports every package a model file names
+        # outside one, and peft pulls in bitsandbytes, which loading a model for inference must not.
+        try:
+            from peft import LoraConfig
+        except ImportError as error:
+            raise ImportError(f"mdf_lora_config needs peft (pip install peft): {error}") from None
 
         modules_to_save = ["unet", "unet_projector", "unet_attn", *(kwargs.pop("modules_to_save", None) or [])]
         return LoraConfig(

@@ -29,6 +29,20 @@ except ImportError:  # imported from the repository rather than from an exported
 TASK = "fundus-classification"
 
 
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the model's floating-point parameters holding NaN or inf (what a diverged training run leaves)."""
+    return [name for name, parameter in model.named_parameters()
+            if parameter.is_floating_point() and not torch.isfinite(parameter.detach()).all()]
+
+
+def require_finite(model: torch.nn.Module, where: str) -> None:
+    """A `ValueError` naming `where` and the first non-finite tensor, for weights no answer can be trusted from."""
+    bad = non_finite_parameters(model)
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); the weights come "
+                         "from a training run that diverged and cannot be used")
+
+
 class FundusClassificationPipeline(Pipeline):
     """Scores every class of an MDF-MLLM model for each fundus photo, highest first.
 
@@ -53,6 +67,7 @@ class FundusClassificationPipeline(Pipeline):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        require_finite(self.model, getattr(self.model, "name_or_path", None) or "the model")
         # The batching collator pads token ids on the tokenizer's side; classify() expects what the processor does.
         self.tokenizer.padding_side = "left"
 
@@ -138,11 +153,12 @@ def register_pipeline(model_folder: str | os.PathLike) -> None:
         TASK: {"impl": f"{module}.{FundusClassificationPipeline.__name__}", "pt": ["AutoModel"], "type": "multimodal"}
     }
     with open(config_path, "w", encoding="utf-8") as file:
-        json.dump(config, file, indent=2, sort_keys=True)
+        json.dump(config, file, indent=2, sort_keys=True, allow_nan=False)
         file.write("\n")
     target = os.path.join(model_folder, os.path.basename(__file__))
     if os.path.abspath(target) != os.path.abspath(__file__):
         shutil.copyfile(__file__, target)
 
 
-__all__ = ["FundusClassificationPipeline", "load_pipeline", "register_pipeline", "TASK"]
+__all__ = ["FundusClassificationPipeline", "load_pipeline", "non_finite_parameters", "register_pipeline",
+           "require_finite", "TASK"]

@@ -165,6 +165,11 @@ def _open(image, name: str):
     return _decoded(opened, name)
 
 
+class NotFundusError(ValueError):
+    """A photo refused by the fundus check: readable, but it does not look like a colour fundus photograph (what
+    "classify anyway" overrides; any other ValueError about a photo is not overridden)."""
+
+
 def to_rgb_image(image, name: str = "image") -> Image.Image:
     """Any photo -> upright RGB uint8 PIL image.
 
@@ -541,7 +546,8 @@ class MdfMllmImageProcessor(MllamaImageProcessor):
         (`on_failure="error"`) or a `UserWarning` saying the same (`"warn"`)."""
         if on_failure not in ("error", "warn"):
             raise ValueError(f"on_failure: expected 'error' or 'warn', got {on_failure!r}")
-        if isinstance(self.fundus_threshold, bool) or not 0 <= self.fundus_threshold <= 1:
+        threshold = self.fundus_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"fundus_threshold: expected a number in [0, 1], got {self.fundus_threshold!r}")
         score = self.fundus_score(image)
         if score < self.fundus_threshold:
@@ -549,7 +555,7 @@ class MdfMllmImageProcessor(MllamaImageProcessor):
                        f"{score:.2f} < threshold {self.fundus_threshold:.2f}: no bright round field of view on a "
                        "dark surround with retinal colour)")
             if on_failure == "error":
-                raise ValueError(message)
+                raise NotFundusError(message)
             warnings.warn(message, UserWarning, stacklevel=2)
         return score
 

@@ -13,12 +13,15 @@ import itertools
 import os
 import sys
 
-from mdf_mllm.messages import shown
+from mdf_mllm.messages import OneLineParser, number_in, shown
 
-from .builder import CONFIG_NAMES, build, export_imagefolder, export_parquet, write_report
+from .builder import CONFIG_NAMES, build, export_imagefolder, export_parquet, parquet_export_problem, write_report
 from .preview import contact_sheet
 from .sources import SPLITS
 from .synthetic import LABEL_NAMES, generate
+
+
+MIN_IMAGE_SIZE = 32  # the smallest photo the synthetic renderer draws a fundus on
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +34,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, help="synthetic: total images (default: the paper's 1,305 mix)")
-    parser.add_argument("--image-size", type=int, default=512, help="synthetic: side in pixels")
+    parser.add_argument("--image-size", type=number_in(int, MIN_IMAGE_SIZE), default=512,
+                        help=f"synthetic: side in pixels (at least {MIN_IMAGE_SIZE})")
     parser.add_argument("--cache-dir", help="where the builder caches Arrow files")
     parser.add_argument("--num-workers", type=int, help="decoding / rendering threads (default: the CPU count)")
 
@@ -52,15 +56,17 @@ def _source_kwargs(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataset_builder", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m dataset_builder", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser("build", help="build a dataset and export it")
     _add_source_arguments(build_parser)
     build_parser.add_argument("--out", required=True, help="output folder")
     build_parser.add_argument("--format", choices=("parquet", "imagefolder"), default="parquet")
-    build_parser.add_argument("--test-size", type=float, default=0.2)
-    build_parser.add_argument("--validation-size", type=float, default=0.1)
-    build_parser.add_argument("--max-shard-mb", type=int, default=500, help="Parquet shard size")
+    fraction = number_in(float, 0.0, 1.0, high_open=True)
+    build_parser.add_argument("--test-size", type=fraction, default=0.2, help="fraction of cases held out for test")
+    build_parser.add_argument("--validation-size", type=fraction, default=0.1,
+                              help="fraction of the remaining training cases held out for validation")
+    build_parser.add_argument("--max-shard-mb", type=number_in(int, 1), default=500, help="Parquet shard size")
     build_parser.add_argument("--push-to-hub", metavar="REPO", help="also push the DatasetDict to this Hub repo")
     preview_parser = commands.add_parser("preview", help="draw a contact sheet of examples per class with masks")
     _add_source_arguments(preview_parser)
@@ -81,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> None:
+    problem = parquet_export_problem(args.out) if args.format == "parquet" else None
+    if problem:  # found before the build, not after it
+        raise ValueError(problem)
     dataset, report = build(
         args.source, test_size=args.test_size, validation_size=args.validation_size, **_source_kwargs(args)
     )
@@ -89,7 +98,8 @@ def _build(args: argparse.Namespace) -> None:
     else:
         export_imagefolder(dataset, args.out)
     write_report(report, args.out)
-    totals = ", ".join(f"{split} {report['totals'][split]}" for split in SPLITS)
+    empty = " (empty: not written, the export loads without it)" if args.format == "parquet" else " (empty)"
+    totals = ", ".join(f"{split} {count}" + ("" if count else empty) for split, count in report["totals"].items())
     print(f"wrote {args.out} ({args.format}): {totals}; {report['num_skipped']} files skipped "
           f"(see {os.path.join(args.out, 'split_report.md')})")
     if args.push_to_hub:

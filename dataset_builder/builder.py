@@ -15,6 +15,9 @@ import io
 import json
 import math
 import os
+import re
+import shutil
+import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 
@@ -141,7 +144,12 @@ def collect_records(config: MdfFundusConfig, num_workers: int = 1) -> tuple[list
         records += [replace(record, file_name=os.path.relpath(record.image_path, root)) for record in found]
         skipped += bad
     records, unreadable = validate_images(records, num_workers)
-    return records, skipped + unreadable
+    skipped += unreadable
+    if not records:
+        first = f"; first: {shown(skipped[0].path)}: {shown(skipped[0].reason)}" if skipped else ""
+        raise ValueError(f"{config.name}: no usable photo in {', '.join(roots.values())} ({len(skipped)} skipped"
+                         f"{first})")
+    return records, skipped
 
 
 def source_roots(config: MdfFundusConfig) -> dict[str, str]:
@@ -315,7 +323,7 @@ def write_report(report: dict, folder: str) -> None:
     """Write `split_report.json` and `split_report.md` into `folder`."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{REPORT_NAME}.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=2, allow_nan=False)
     with open(os.path.join(folder, f"{REPORT_NAME}.md"), "w", encoding="utf-8") as f:
         f.write(report_markdown(report))
 
@@ -424,22 +432,58 @@ def load(
 DEFAULT_MAX_SHARD_BYTES = 500 * 2**20
 
 
+SHARD_NAME = re.compile(r"(train|validation|test)-\d{5}-of-\d{5}\.parquet")
+
+
+def parquet_export_problem(out: str) -> str | None:
+    """Why a Parquet export may not go to `out` (None: it may): its `data/` folder holds files other than shards of
+    an earlier export, which `load_dataset(out)` would mix in and which the export must not delete."""
+    data = os.path.join(out, "data")
+    if os.path.exists(data) and not os.path.isdir(data):
+        return f"--out {out}: {data} is a file; choose another --out"
+    names = os.listdir(data) if os.path.isdir(data) else []
+    foreign = sorted(name for name in names if not SHARD_NAME.fullmatch(name))
+    if foreign:
+        return (f"--out {out}: {data} holds files an export did not write ({', '.join(foreign[:3])}); the export "
+                "replaces that folder, so choose another --out")
+    return None
+
+
 def export_parquet(
     dataset: datasets.DatasetDict, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> list[str]:
     """Write `out/data/<split>-<i>-of-<n>.parquet` (images embedded, features in the schema); return the paths.
 
-    `datasets.load_dataset("parquet", data_dir=out)` and `load_dataset(out)` read it back with the same features.
+    `datasets.load_dataset("parquet", data_dir=out)` and `load_dataset(out)` read it back with the same features. The
+    shards are written into a temporary folder that replaces `out/data` once complete, so an earlier export's shards
+    never mix with these and a failed export leaves the earlier one whole; `out/data` must pass
+    `parquet_export_problem`. A split with no rows is not written (datasets cannot read back an empty split): the
+    export then loads with the other splits.
     """
-    paths = []
-    for split, part in dataset.items():
-        num_shards = max(1, math.ceil(part.data.nbytes / max_shard_bytes))
-        for index in range(num_shards):
-            path = os.path.join(out, "data", f"{split}-{index:05d}-of-{num_shards:05d}.parquet")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            part.shard(num_shards, index, contiguous=True).to_parquet(path)
-            paths.append(path)
-    return paths
+    problem = parquet_export_problem(out)
+    if problem:
+        raise ValueError(problem)
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes: expected a positive size, got {max_shard_bytes}")
+    if not any(len(part) for part in dataset.values()):
+        raise ValueError("nothing to export: every split is empty")
+    os.makedirs(out, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".data-", dir=out)
+    try:
+        names = []
+        for split, part in dataset.items():
+            num_shards = max(1, math.ceil(part.data.nbytes / max_shard_bytes)) if len(part) else 0
+            for index in range(num_shards):
+                names.append(f"{split}-{index:05d}-of-{num_shards:05d}.parquet")
+                part.shard(num_shards, index, contiguous=True).to_parquet(os.path.join(staging, names[-1]))
+        data = os.path.join(out, "data")
+        if os.path.isdir(data):
+            os.rename(data, staging + "-old")
+        os.rename(staging, data)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging + "-old", ignore_errors=True)
+    return [os.path.join(out, "data", name) for name in names]
 
 
 def export_imagefolder(dataset: datasets.DatasetDict, out: str) -> None:
@@ -466,7 +510,7 @@ def export_imagefolder(dataset: datasets.DatasetDict, out: str) -> None:
                     case_id=row["case_id"],
                     split=split,
                 )
-                manifest.write(json.dumps(row_out) + "\n")
+                manifest.write(json.dumps(row_out, allow_nan=False) + "\n")
 
 
 def _write_image(folder: str, stem: str, image: dict) -> str:

@@ -219,7 +219,11 @@ MANIFEST = "metadata.jsonl"
 
 def read_manifest(root: str | None) -> tuple[list[Record], list[Skipped]]:
     """An image folder with `metadata.jsonl` (`file_name`, `label`, optional `text`, `case_id`, `mask_file_name`,
-    `source`, `split`) at its root or in `train/`, `validation/`, `test/` (as `export_imagefolder` writes it)."""
+    `source`, `split`) at its root or in `train/`, `validation/`, `test/` (as `export_imagefolder` writes it).
+
+    A bad row is skipped with its file and line (JSON, fields, encoding, a file outside the data folder); a UTF-8 BOM
+    is accepted. Nothing reached through a symlink (a file, or a split folder) that leads outside `root` is read. A
+    photo listed twice with one label is kept once; with two labels it is a conflict and none of its rows is kept."""
     root = require_dir(root, "manifest")
     manifests = [(os.path.join(root, MANIFEST), None)] + [
         (os.path.join(root, split, MANIFEST), split) for split in SPLITS
@@ -229,15 +233,50 @@ def read_manifest(root: str | None) -> tuple[list[Record], list[Skipped]]:
         raise ValueError(f"manifest data_dir {root!r} has no {MANIFEST} (nor train/{MANIFEST}, ...)")
     records, skipped = [], []
     for manifest, folder_split in manifests:
-        with open(manifest, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if line.strip():
-                    record = _manifest_row(manifest, line_number, line, folder_split)
-                    (records if isinstance(record, Record) else skipped).append(record)
-    return records, skipped
+        if not _inside(root, os.path.relpath(manifest, root)):
+            skipped.append(Skipped(manifest, "reached through a symlink that leads outside the data folder; not read"))
+            continue
+        with open(manifest, "rb") as f:
+            lines = f.read().removeprefix(b"\xef\xbb\xbf").split(b"\n")  # a BOM (Windows editors) is not a row
+        for line_number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                skipped.append(Skipped(f"{manifest}:{line_number}", f"row not valid UTF-8 ({error.reason} at byte "
+                                                                    f"{error.start}); save the manifest as UTF-8"))
+                continue
+            if line.strip():
+                record = _manifest_row(root, manifest, line_number, line, folder_split)
+                if isinstance(record, Record):
+                    records.append((record, f"{manifest}:{line_number}"))
+                else:
+                    skipped.append(record)
+    return _one_row_per_photo(records, skipped)
 
 
-def _manifest_row(manifest: str, line_number: int, line: str, folder_split: str | None) -> Record | Skipped:
+def _one_row_per_photo(rows: list[tuple[Record, str]], skipped: list[Skipped]) -> tuple[list[Record], list[Skipped]]:
+    """(record, file:line) rows -> one record per photo: a photo listed again with the same label is kept once; one
+    listed with two labels is a conflict, and none of its rows is kept (which label is right is the user's call)."""
+    by_photo = {}
+    for record, where in rows:
+        by_photo.setdefault(os.path.realpath(record.image_path), []).append((record, where))
+    kept = []
+    for photo_rows in by_photo.values():
+        (first, first_where), *again = photo_rows
+        labels = sorted({record.label for record, _ in photo_rows})
+        if len(labels) > 1:
+            lines = ", ".join(where for _, where in photo_rows)
+            skipped.append(Skipped(first.image_path, f"conflict: listed with labels {', '.join(labels)} ({lines}); "
+                                                     "none kept, fix the manifest"))
+            continue
+        kept.append(first)
+        skipped += [Skipped(where, f"{record.image_path} listed again with the same label (first at {first_where}); "
+                                   "kept once") for record, where in again]
+    return kept, skipped
+
+
+def _manifest_row(root: str, manifest: str, line_number: int, line: str,
+                  folder_split: str | None) -> Record | Skipped:
     where = f"{manifest}:{line_number}"
     try:
         row = json.loads(line)
@@ -248,18 +287,23 @@ def _manifest_row(manifest: str, line_number: int, line: str, folder_split: str 
                   if key in row and not isinstance(row[key], str) and (key == "file_name" or row[key] is not None)]
     if wrong_type or not file_name:
         return Skipped(where, f"bad metadata row: {wrong_type or ['file_name']} must be a string (file_name non-empty)")
+    mask_name = row.get("mask_file_name") or row.get("vessel_mask_file_name")
+    if any("\x00" in name for name in (file_name, mask_name) if isinstance(name, str)):
+        return Skipped(where, "bad metadata row: a file name holds a NUL byte")
+    if mask_name is not None and not isinstance(mask_name, str):
+        return Skipped(where, "bad metadata row: vessel_mask_file_name must be a string")
     folder = os.path.dirname(manifest)
     path = os.path.join(folder, file_name)
-    mask_name = row.get("mask_file_name") or row.get("vessel_mask_file_name")
-    outside = [name for name in (file_name, mask_name) if name and not _inside(folder, name)]
+    outside = [name for name in (file_name, mask_name) if name and not _inside(root, os.path.relpath(
+        os.path.join(folder, name), root))]
     if outside:
-        return Skipped(where, f"file name {outside[0]!r} points outside the manifest's folder")
+        return Skipped(where, f"file name {outside[0]!r} points outside the data folder (a path or a symlink)")
     label = _manifest_label(diagnosis)
     split = row.get("split") or folder_split
     if isinstance(label, Skipped):
         return Skipped(path, f"{label.reason} ({where})")
     if not _is_image(file_name):
-        return _suffix_skip(path)
+        return Skipped(path, f"{_suffix_skip(path).reason} ({where})")
     if not os.path.isfile(path):
         return Skipped(path, f"file not found ({where})")
     if split not in (None, *SPLITS):
@@ -276,7 +320,8 @@ def _manifest_row(manifest: str, line_number: int, line: str, folder_split: str 
 
 
 def _inside(folder: str, name: str) -> bool:
-    """Whether `name`, relative to `folder`, stays inside it (no absolute path, no `..` out of it)."""
+    """Whether `name`, relative to `folder`, stays inside it once every symlink is followed (no absolute path, no `..`
+    out of it, no link to a file or folder elsewhere)."""
     folder = os.path.realpath(folder)
     return os.path.commonpath([folder, os.path.realpath(os.path.join(folder, name))]) == folder
 

@@ -5,7 +5,8 @@ The model, processor and pipeline are the four Hub files beside this package (`c
 package trains, evaluates, exports and serves them; its modules stand on floors, each importing only those below:
 
     messages, handler                              plain helpers; the Inference Endpoints handler template
-    model_setup, probe_ladder, explain             models and processors: set-up, probes, explanation maps
+    model_setup, probe_ladder, explain,            models and processors: set-up, probes, explanation maps,
+      real_photos                                  answers on the real photos available offline
     metrics, tables, plots, model_card             reporting: one module per job
     training                                       data, the Trainer, stage 1's warm-up, evaluation
     stages, export                                 what the job and the ablation share; the Hub export

@@ -232,7 +232,7 @@ def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, co
     against = differences(results)
     (out / "ablation.json").write_text(json.dumps({"runs": results, "summary": summary, "differences": against,
                                                    "wall_seconds": wall_seconds, "epochs": epochs, "command": command},
-                                                  indent=1))
+                                                  indent=1, allow_nan=False))
     table = markdown(summary, wall_seconds, command, mean_sensitivities(results))
     if any(r["name"] == REFERENCE_ROW for r in results):
         table += "\n" + differences_markdown(against)

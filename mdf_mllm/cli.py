@@ -20,31 +20,15 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from mdf_mllm.messages import shown
+from mdf_mllm.messages import OneLineParser, number_in, shown
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+positive_int = number_in(int, 1)
 
 
 class InputError(Exception):
     """A problem with what the user gave: reported in one line, exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {shown(message)}\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def image_file(text: str) -> str:
@@ -126,7 +110,7 @@ def open_image(path: str) -> Image.Image:
 def check_fundus(images, paths, model_folder: str, enforce: bool) -> None:
     """The model's fundus check on every photo, with the model folder's threshold, before the model loads: a refusal
     (`InputError`) or, when not `enforce`d, a one-line warning on stderr."""
-    from processing_mdf_mllm import MdfMllmImageProcessor
+    from processing_mdf_mllm import MdfMllmImageProcessor, NotFundusError
 
     try:
         image_processor = MdfMllmImageProcessor.from_pretrained(model_folder)
@@ -135,10 +119,12 @@ def check_fundus(images, paths, model_folder: str, enforce: bool) -> None:
     for image, path in zip(images, paths):
         try:
             image_processor.check_fundus(image, path)
-        except ValueError as error:
+        except NotFundusError as error:
             if enforce:
                 raise InputError(f"{error}; --no_fundus_check classifies it anyway") from None
             print(f"mdf-mllm: warning: {shown(error)}", file=sys.stderr)
+        except ValueError as error:  # unusable whatever the check says (a bad threshold, a photo of NaNs): no hint
+            raise InputError(f"{path}: {error}") from None
 
 
 def load(args):
@@ -153,8 +139,9 @@ def load(args):
     dtype = getattr(torch, args.dtype) if args.dtype else "auto"
     try:
         return load_pipeline(args.model, device=args.device, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise InputError(f"--model {args.model}: cannot load the model ({str(error).splitlines()[0]})") from None
+    except Exception as error:  # noqa: BLE001 - a truncated file, a bad config value: whichever, it is the folder
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise InputError(f"--model {args.model}: cannot load the model ({type(error).__name__}: {first})") from None
 
 
 def checked_inputs(args, paths: list[str]) -> list[Image.Image]:
@@ -172,7 +159,8 @@ def predict(args) -> None:
     results = classifier(images, clinical_text=args.text, top_k=args.top_k, batch_size=args.batch_size,
                          check_fundus=False)  # checked above
     if args.json:
-        print(json.dumps([{"image": path, "predictions": result} for path, result in zip(args.images, results)]))
+        print(json.dumps([{"image": path, "predictions": result} for path, result in zip(args.images, results)],
+                         allow_nan=False))  # a NaN score is an error, never invalid JSON
         return
     for path, result in zip(args.images, results):
         best = result[0]

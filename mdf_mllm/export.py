@@ -12,6 +12,7 @@ from mdf_mllm import model_card, plots
 from mdf_mllm.comparison import Result
 from mdf_mllm.tables import comparison_markdown, comparison_table
 from mdf_mllm.model_setup import describe_base
+from mdf_mllm.real_photos import real_photo_section
 from pipeline_mdf_mllm import register_pipeline
 
 
@@ -66,7 +67,8 @@ def export(model, processor, ours, trainer, dataset, data_args, model_args, expo
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
     try:
         write_repository(staging, model, processor, ours, trainer, dataset, data_args, model_args, **card)
-        (staging / EXPORT_MANIFEST).write_text(json.dumps({"files": sorted(files_in(staging))}, indent=1) + "\n")
+        written = json.dumps({"files": sorted(files_in(staging))}, indent=1, allow_nan=False)
+        (staging / EXPORT_MANIFEST).write_text(written + "\n")
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # a folder's usual permissions, not mkdtemp's 0700
@@ -110,11 +112,16 @@ def write_repository(folder: Path, model, processor, ours, trainer, dataset, dat
         comparison=comparison,
         dataset_seed=data_args.dataset_seed,
         base_description=describe_base(model_args.base_model) if model_args.base_model else None,
+        extra_markdown=real_photo_section(model, processor) if data_args.dataset == "synthetic" else "",
     )
 
 
+EXAMPLE_HISTORIES = "histories.json"  # examples/<photo> -> its clinical history, which the demo offers with it
+
+
 def _widget_examples(folder: Path, test_split, probabilities, config, count: int = 3) -> list[dict]:
-    """The first test photos of distinct classes, shipped in the folder with the model's (static) outputs."""
+    """The first test photos of distinct classes, shipped in the folder with the model's (static) outputs and, for
+    the demo, their histories."""
     (folder / "examples").mkdir()
     widgets, seen = [], set()
     for index, example in enumerate(test_split):
@@ -131,6 +138,8 @@ def _widget_examples(folder: Path, test_split, probabilities, config, count: int
                 "output": {name: round(float(score), 4) for name, score in zip(config.label_names, scores)},
             }
         )
+    histories = {Path(widget["image_path"]).name: widget["text"] for widget in widgets}
+    (folder / "examples" / EXAMPLE_HISTORIES).write_text(json.dumps(histories, indent=1, allow_nan=False) + "\n")
     return widgets
 
 
@@ -159,7 +168,8 @@ def summary(results: list[Result], model_args, data_args, out: Path, export_dir:
     lines = [f"\n{' vs '.join(r.name for r in results)}, {base}, on {data_args.dataset} "
              f"(test n={results[0].report['num_items']}):", comparison_table(results)]
     for r in results:
-        sensitivity = ", ".join(f"{name} {_rate(s['sensitivity'])}" for name, s in r.report["disease"]["per_class"].items())
+        per_class = r.report["disease"]["per_class"]
+        sensitivity = ", ".join(f"{name} {_rate(s['sensitivity'])}" for name, s in per_class.items())
         lines.append(f"{r.name}: accuracy {r.accuracy():.3f} (with a history {_rate(r.accuracy('with_history'))}, "
                      f"without {_rate(r.accuracy('without_history'))}), macro F1 {r.report['disease']['macro_f1']:.3f}; "
                      f"sensitivity: {sensitivity}")

@@ -14,6 +14,8 @@ and transformers (which loads the pipeline and model code from the folder) and d
 import base64
 import binascii
 import io
+import math
+import warnings
 
 import torch
 from PIL import Image
@@ -30,11 +32,17 @@ class EndpointHandler:
         self.pipeline = pipeline(TASK, model=path, trust_remote_code=True, model_kwargs={"use_safetensors": True},
                                  device="cuda" if torch.cuda.is_available() else "cpu")
 
-    def __call__(self, data: dict) -> list[dict] | dict:
+    def __call__(self, data) -> list[dict] | dict:
         try:
-            return self.pipeline(read_image(data.get("inputs")), **read_parameters(data.get("parameters")))
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object {{\"inputs\": ..., \"parameters\": {{...}}}}, got "
+                                 f"{type(data).__name__}")
+            answer = self.pipeline(read_image(data.get("inputs")), **read_parameters(data.get("parameters")))
         except ValueError as error:  # a bad request, or the pipeline refusing a photo: the client reads why
             return {"error": str(error)}
+        if not all(math.isfinite(item["score"]) for item in answer):  # NaN is not JSON, and no answer
+            return {"error": "the model gave non-finite scores for this photo; no answer can be given"}
+        return answer
 
 
 def read_image(inputs) -> Image.Image:
@@ -50,11 +58,16 @@ def read_image(inputs) -> Image.Image:
     if not isinstance(inputs, (bytes, bytearray)):
         raise ValueError(f"inputs: expected a photo as base64 text or raw bytes, got {type(inputs).__name__}")
     try:
-        image = Image.open(io.BytesIO(inputs))
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked just below
+            image = Image.open(io.BytesIO(inputs))
     except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"inputs: not an image PIL can read ({error})") from None
-    return image
+    # From the header, before any pixel is decoded: a small file can declare a photo of gigabytes.
+    if Image.MAX_IMAGE_PIXELS is not None and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"inputs: {image.width}x{image.height} pixels exceeds the limit of {Image.MAX_IMAGE_PIXELS}; "
+                         "refused as a possible decompression bomb")
+    return image  # decoded by the pipeline, which reports a truncated or corrupt file
 
 
 def read_parameters(parameters) -> dict:

@@ -18,7 +18,7 @@ def write_results(report: dict, out_dir) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     misclassified = misclassified_table(report)
     paths["markdown"].write_text(
         "# Evaluation results\n\n" + markdown_table(report) + (f"\n{misclassified}" if misclassified else "")
@@ -184,7 +184,8 @@ def _model_card_body(folder, model_name, origin, metrics_report, data, compariso
                      training_args_summary, synthetic_data, usage_code, extra_markdown) -> str:
     data_note = (
         "**The reported numbers come from synthetic fundus images; they show the pipeline works, not clinical "
-        "performance.** "
+        "performance. These weights demonstrate the pipeline and are not for real eyes** (see what they answer on "
+        "real photos below). "
         if synthetic_data
         else ""
     )

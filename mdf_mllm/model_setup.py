@@ -12,6 +12,7 @@ from transformers.utils import logging as transformers_logging
 
 from configuration_mdf_mllm import DEFAULT_LABELS, MdfMllmConfig
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+from pipeline_mdf_mllm import require_finite
 from processing_mdf_mllm import MdfMllmImageProcessor, MdfMllmProcessor, build_default_processor, build_tokenizer
 from processing_mdf_mllm import MllamaImageProcessor  # the backend AutoImageProcessor picks (PIL or torchvision)
 
@@ -227,6 +228,11 @@ def build_model(model_args, processor: MdfMllmProcessor, bf16: bool = False, che
         model = MdfMllmForConditionalGeneration(small_default_config(processor.tokenizer, model_args.model_size or
                                                                      "small", **kwargs))
         open_gates(model)
+    if checkpoint or model_args.base_model:
+        try:
+            require_finite(model, checkpoint or model_args.base_model)
+        except ValueError as error:
+            raise UsageError(f"{'--resume_from_checkpoint' if checkpoint else '--base_model'}: {error}") from None
     if model_args.freeze_vision:
         for module in (model.model.vision_model, model.model.multi_modal_projector):
             module.requires_grad_(False)

@@ -191,14 +191,18 @@ def make_base(model_args, data_args, job_args, training_args, folder: Path, data
     set_seed(training_args.seed)
     base = MllamaForConditionalGeneration(small_mllama_config(stock.tokenizer, size))
     open_gates(base)  # a pretrained base's cross-attention gates are open; ours are trained from scratch
-    args = replace(training_args, output_dir=str(folder / "training"), num_train_epochs=job_args.base_epochs,
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".training-", dir=folder)  # its own: removing it deletes nothing of the user's
+    args = replace(training_args, output_dir=scratch, num_train_epochs=job_args.base_epochs,
                    eval_strategy="no", save_strategy="no", resume_from_checkpoint=None)
-    train(base, splits, MllamaCollator(processor), args, label=f"base: stock Mllama ({size})")
-    shutil.rmtree(folder / "training", ignore_errors=True)
+    try:
+        train(base, splits, MllamaCollator(processor), args, label=f"base: stock Mllama ({size})")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     base.save_pretrained(folder)
     stock.save_pretrained(folder)
     record = dict(model_size=size, epochs=job_args.base_epochs, dataset=data_args.dataset)
-    (folder / BASE_RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    (folder / BASE_RECORD_FILE).write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     return folder
 
 

@@ -21,6 +21,7 @@ With no arguments the whole study runs offline on the synthetic fundus set (ever
 
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -33,6 +34,7 @@ from transformers import HfArgumentParser
 from configuration_mdf_mllm import UNET_DEPTHS
 from mdf_mllm import ablation, comparison, export, stages, tables
 from mdf_mllm.model_setup import (
+    BASE_RECORD_FILE,
     MODEL_SIZES,
     UsageError,
     base_processor,
@@ -42,7 +44,7 @@ from mdf_mllm.model_setup import (
     parse_fusion_layers,
 )
 from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table, probe_ladder, selected
-from mdf_mllm.training import checkpoints, load_data, process_splits, remove_checkpoints, resolve_checkpoint
+from mdf_mllm.training import Diverged, checkpoints, load_data, process_splits, remove_checkpoints, resolve_checkpoint
 from pipeline_mdf_mllm import require_safetensors
 from processing_mdf_mllm import MdfMllmDataCollator
 
@@ -96,6 +98,11 @@ def check_arguments(model_args, data_args, job_args, training_args) -> None:
                                    ("--dataset", data_args.dataset, stages.DATASETS)):
         if value is not None and value not in allowed:
             raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
+    check_numbers(model_args, data_args, job_args, training_args)
+    if data_args.dataset in ("manifest", "fives", "hrf", "stonerounds"):
+        option = "data_dir" if data_args.dataset == "manifest" else data_args.dataset
+        if not (getattr(data_args, option) or data_args.data_dir):
+            raise UsageError(f"--dataset {data_args.dataset}: needs --{option} (the data folder)")
     check_path("--base_model", model_args.base_model, hub_id_allowed=True)
     for option in ("fives", "hrf", "stonerounds", "data_dir"):
         check_path(f"--{option}", getattr(data_args, option))
@@ -106,6 +113,25 @@ def check_arguments(model_args, data_args, job_args, training_args) -> None:
     check_output_folders(model_args, job_args, training_args)
 
 
+def check_numbers(model_args, data_args, job_args, training_args) -> None:
+    """Rates finite and not negative, sizes and batch sizes positive: a NaN rate would train into NaN weights."""
+    rates = {"--learning_rate": training_args.learning_rate, "--stage1_learning_rate": job_args.stage1_learning_rate,
+             "--num_train_epochs": training_args.num_train_epochs, "--base_epochs": job_args.base_epochs,
+             "--weight_decay": training_args.weight_decay, "--max_grad_norm": training_args.max_grad_norm}
+    rates |= {f"--{kind}_learning_rate": rate for kind, rate in stages.learning_rates(model_args).items()
+              if rate is not None}
+    for option, value in rates.items():
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"{option}: expected a finite number >= 0, got {value}")
+    counts = {"--per_device_train_batch_size": training_args.per_device_train_batch_size,
+              "--per_device_eval_batch_size": training_args.per_device_eval_batch_size,
+              "--eval_batch_size": job_args.eval_batch_size, "--image_size": data_args.image_size,
+              "--num_images": data_args.num_images or 1}
+    for option, value in counts.items():
+        if value < 1:
+            raise UsageError(f"{option}: expected a positive integer, got {value}")
+
+
 def export_folder(job_args, training_args) -> Path:
     return Path(job_args.export_dir or Path(training_args.output_dir) / "mdf-mllm")
 
@@ -114,10 +140,15 @@ def check_output_folders(model_args, job_args, training_args) -> None:
     """Nothing the job would overwrite or delete belongs to someone else: the base is read as safetensors, the export
     folder is free (export.export_dir_problem), and no checkpoint of another run sits where the job removes its own
     once finished (resuming that run is the way to use them)."""
+    if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
+        raise UsageError(f"--output_dir: {training_args.output_dir} is a file, not a folder")
     try:
         require_safetensors(model_args.base_model)
     except ValueError as error:
         raise UsageError(f"--base_model: {error}") from None
+    base = Path(training_args.output_dir) / "base"
+    if job_args.make_base and base.is_dir() and any(base.iterdir()) and not (base / BASE_RECORD_FILE).is_file():
+        raise UsageError(f"--make_base: {base} holds files a base did not write; choose another --output_dir")
     if not (job_args.make_base or job_args.ablation):
         problem = export.export_dir_problem(export_folder(job_args, training_args), job_args.overwrite_export)
         if problem:
@@ -265,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as error:
         print(f"train_hf.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Diverged as error:  # not the user's mistake, but no model either: one line, and nothing left behind
+        print(f"train_hf.py: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

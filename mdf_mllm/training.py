@@ -20,8 +20,10 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from configuration_mdf_mllm import MdfMllmConfig
 from mdf_mllm.comparison import Result, has_history, score
+from mdf_mllm.messages import shown
 from mdf_mllm.model_setup import UsageError
 from modeling_mdf_mllm import is_mdf_parameter
+from pipeline_mdf_mllm import non_finite_parameters
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
 
 
@@ -30,6 +32,8 @@ from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
 
 
 def load_data(data_args):
+    """The dataset's splits; a source the builder refuses, or a split left without photos to train or test on, is a
+    UsageError with the counts."""
     from dataset_builder import load
 
     if data_args.dataset == "synthetic":
@@ -37,8 +41,16 @@ def load_data(data_args):
         if data_args.num_images:
             kwargs["num_images"] = data_args.num_images
         return load("synthetic", seed=data_args.dataset_seed, **kwargs)
-    return load(data_args.dataset, fives=data_args.fives, hrf=data_args.hrf, stonerounds=data_args.stonerounds,
-                data_dir=data_args.data_dir, seed=data_args.dataset_seed)
+    try:
+        dataset = load(data_args.dataset, fives=data_args.fives, hrf=data_args.hrf, stonerounds=data_args.stonerounds,
+                       data_dir=data_args.data_dir, seed=data_args.dataset_seed)
+    except (ValueError, OSError) as error:
+        raise UsageError(f"--dataset {data_args.dataset}: {shown(error)}") from None
+    counts = {split: len(part) for split, part in dataset.items()}
+    if not counts["train"] or not counts["test"]:
+        raise UsageError(f"--dataset {data_args.dataset}: {', '.join(f'{s} {n}' for s, n in counts.items())} photos; "
+                         "training needs photos in train and test (see the builder's split_report.md)")
+    return dataset
 
 
 class ProcessedSplit(torch.utils.data.Dataset):
@@ -152,6 +164,10 @@ def parameter_kind(name: str) -> str:
     return "mdf" if is_mdf_parameter(name) else "base"
 
 
+class Diverged(RuntimeError):
+    """Training went non-finite: the run stops, and nothing of it is cached, exported or reported."""
+
+
 class MdfTrainer(Trainer):
     """Trainer whose optimizer gives each kind of parameter (`parameter_kind`) a learning rate of its own.
 
@@ -160,9 +176,20 @@ class MdfTrainer(Trainer):
     kind. The gates' group has no weight decay, which would pull them shut.
     """
 
-    def __init__(self, *args, learning_rates: dict[str, float] | None = None, **kwargs):
+    def __init__(self, *args, learning_rates: dict[str, float] | None = None, label: str = "training", **kwargs):
         super().__init__(*args, **kwargs)
         self.learning_rates = {kind: lr for kind, lr in (learning_rates or {}).items() if lr is not None}
+        self.label = label
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Checked before every optimizer step: a NaN or inf loss gives non-finite gradients, which the step would write
+        # into every weight (the Trainer's logging_nan_inf_filter only hides such a loss from the log). The norm is
+        # the same on every process, so all of them stop together.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise Diverged(f"{self.label}: diverged at step {self.state.global_step + 1}: the loss or its gradients "
+                           f"are not finite (gradient norm {float(grad_norm)}); nothing was exported or cached")
+        return grad_norm
 
     def rate(self, kind: str, base_rate: float) -> float:
         while kind != "base" and kind not in self.learning_rates:
@@ -195,11 +222,16 @@ def train(model, splits, collator, training_args: TrainingArguments, resume_from
     """Train with the Trainer (`learning_rates`: see MdfTrainer; `label`: the progress bar's description)."""
     trainer = MdfTrainer(model=model, args=training_args, train_dataset=splits["train"],
                          eval_dataset=splits["validation"] if len(splits["validation"]) else None,
-                         data_collator=collator, callbacks=callbacks, learning_rates=learning_rates)
+                         data_collator=collator, callbacks=callbacks, learning_rates=learning_rates,
+                         label=label or "training")
     if label and not training_args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LabelledProgress(label))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    bad = non_finite_parameters(model)  # a last step can write NaN into weights whose gradients were finite
+    if bad:
+        raise Diverged(f"{trainer.label}: diverged at step {trainer.state.global_step}: {len(bad)} weight tensors hold "
+                       f"NaN or inf (first: {bad[0]}); nothing was exported or cached")
     return trainer
 
 
@@ -328,6 +360,9 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
                 batch = mirrored(batch)
             class_ids = torch.tensor([split.label_ids[i] for i in indices], device=device)
             loss = stage1_loss(unet, class_head, batch, class_ids, vessel_weight)
+            if not math.isfinite(loss.item()):
+                raise Diverged(f"stage 1: diverged at step {step + 1}: the loss is {loss.item()}; nothing was exported "
+                               "or cached")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, training_args.max_grad_norm)  # as the Trainer clips stage 2
             optimizer.step()
@@ -341,6 +376,10 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
                 break
         losses.append(float(np.mean(epoch)))
     bar.close()
+    bad = non_finite_parameters(unet) + non_finite_parameters(class_head)
+    if bad:
+        raise Diverged(f"stage 1: diverged at step {step}: {len(bad)} weight tensors hold NaN or inf "
+                       f"(first: {bad[0]}); nothing was exported or cached")
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "unet.safetensors")
     save_file({k: v.contiguous() for k, v in class_head.state_dict().items()}, folder / "class_head.safetensors")

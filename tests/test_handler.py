@@ -7,8 +7,10 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import pytest
 from conftest import ROOT
@@ -44,6 +46,15 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares `width` x `height` pixels (decoding it would allocate them)."""
+    data = bytearray(png(Image.new("L", (8, 8))))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
 @pytest.fixture(scope="module")
 def photos():
     fundus = Image.fromarray(data.retina()).resize((64, 64))
@@ -72,6 +83,9 @@ def endpoint(model_folder, photos, tmp_path_factory):
         {"inputs": fundus, "parameters": {"top_k": "3"}},
         {"inputs": fundus, "parameters": {"clinical_text": ["two", "texts"]}},
         {"inputs": fundus, "parameters": {"check_fundus": "no"}},
+        ["x"],  # issue 25 row 10: payloads of any shape
+        "abc",
+        {"inputs": bomb_png(13000, 13000)},
     ]
     (root / "requests.pkl").write_bytes(pickle.dumps(requests))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
@@ -113,5 +127,16 @@ def test_handler_answers_a_bad_request_or_a_photo_that_is_not_fundus_with_an_err
         "parameters.top_k: expected a whole number >= 1, got '3'",
         "parameters.clinical_text: expected text, got ['two', 'texts']",
         "check_fundus: expected True, False or 'warn', got 'no'",
+        *messages[-3:],
     ]
     assert messages[2].startswith("inputs: not an image PIL can read (cannot identify image file")
+
+
+def test_row_10_any_payload_shape_and_a_bomb_get_an_error(endpoint):
+    """Issue 25 row 10: a list or a string as the whole payload, and a PNG declaring 13000x13000 pixels (refused from
+    its header, before 650 MB are decoded)."""
+    messages = [answer["error"] for answer in endpoint["answers"][-3:]]
+    assert messages[:2] == ['expected a JSON object {"inputs": ..., "parameters": {...}}, got list',
+                            'expected a JSON object {"inputs": ..., "parameters": {...}}, got str']
+    assert messages[2] == ("inputs: 13000x13000 pixels exceeds the limit of 89478485; refused as a possible "
+                           "decompression bomb")

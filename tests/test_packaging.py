@@ -19,8 +19,8 @@ FLOORS = (
     ("configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm", "pipeline_mdf_mllm"),  # the Hub files
     ("mdf_mllm", "mdf_mllm.messages", "mdf_mllm.handler"),  # helpers
     ("dataset_builder",),  # data
-    ("mdf_mllm.model_setup", "mdf_mllm.probe_ladder", "mdf_mllm.explain"),  # models and processors
-    ("mdf_mllm.metrics", "mdf_mllm.tables", "mdf_mllm.plots", "mdf_mllm.model_card"),  # reporting
+    ("mdf_mllm.model_setup", "mdf_mllm.probe_ladder", "mdf_mllm.explain", "mdf_mllm.real_photos"),  # models, processors
+    ("mdf_mllm.metrics", "mdf_mllm.comparison", "mdf_mllm.tables", "mdf_mllm.plots", "mdf_mllm.model_card"),  # reporting
     ("mdf_mllm.training",),  # data, Trainer, stage 1, evaluation
     ("mdf_mllm.stages", "mdf_mllm.export", "mdf_mllm.ablation"),  # what the job and the ablation share; export
     ("mdf_mllm.train", "mdf_mllm.cli", "mdf_mllm.demo", "mdf_mllm.__main__"),  # entry points

@@ -383,7 +383,8 @@ def test_builder_skips_and_reports_every_hostile_file_and_row(hostile_manifest, 
     names = dataset["train"].features["label"].names
     kept = sorted((row["case_id"], names[row["label"]]) for row in rows)
     expected = [(f"manifest/{name}", ["dr", "glaucoma"][i % 2]) for i, name in enumerate(GOOD_NAMES)]
-    assert kept == sorted([*expected, ("label id 3", "glaucoma")])
+    # plain.png is listed as dr and as glaucoma (label id 3): a conflict, neither kept (issue 25 row 5)
+    assert kept == sorted(expected[1:])
     assert all(row["text"] in ("Patiënt 患者 \x00 \u202e", "") for row in rows)
     reasons = {entry["path"]: entry["reason"] for entry in report["skipped"]}
     manifest = os.path.join(folder, "metadata.jsonl")
@@ -395,8 +396,8 @@ def test_builder_skips_and_reports_every_hostile_file_and_row(hostile_manifest, 
         os.path.join(folder, "bomb_50000x50000.png"): "unreadable image (DecompressionBombError",
         os.path.join(folder, "bomb_10000x10000.png"): "unreadable image (DecompressionBombError: 10000x10000 pixels",
         os.path.join(folder, NOT_UTF8): "image_path, case_id not valid UTF-8",
-        f"{manifest}:17": "file name '../outside.png' points outside the manifest's folder",
-        f"{manifest}:18": "file name '/etc/hostname.png' points outside the manifest's folder",
+        f"{manifest}:17": "file name '../outside.png' points outside the data folder",
+        f"{manifest}:18": "file name '/etc/hostname.png' points outside the data folder",
         f"{manifest}:19": "bad metadata row: ['file_name'] must be a string",
         f"{manifest}:20": "bad metadata row: ['text'] must be a string",
         f"{manifest}:21": "bad metadata row, needs file_name and label",
@@ -406,7 +407,9 @@ def test_builder_skips_and_reports_every_hostile_file_and_row(hostile_manifest, 
         assert reasons[path].startswith(reason), (path, reasons[path])
     plain = [e["reason"] for e in report["skipped"] if e["path"] == os.path.join(folder, "plain.png")]
     assert plain == [f"label id 99 outside 0..7 ({manifest}:14)", f"unknown label 'flu' ({manifest}:15)",
-                     f"unknown label None ({manifest}:16)"]
+                     f"unknown label None ({manifest}:16)",
+                     f"conflict: listed with labels dr, glaucoma ({manifest}:1, {manifest}:13); none kept, fix the "
+                     "manifest"]
     assert report["num_skipped"] == len(expected_reasons) + len(plain)
     # The Markdown report lists each skipped file on its own line, whatever its name holds.
     markdown = (Path(tmp_path / "cache").rglob("split_report.md").__next__()).read_text(encoding="utf-8")

@@ -182,6 +182,10 @@ def test_export_is_a_complete_hub_repository(main_job):
     assert "| Mllama baseline | " in card and "| U-Net alone (image only) | " in card  # the comparison rows
     for widget in front_matter["widget"]:
         assert (folder / widget["src"]).is_file()
+    # Issue 25 row 15: a synthetic-trained export says what it is for, with its answers on real photos measured.
+    assert "not for real eyes" in card and "| `skimage.data.retina()` | a normal human retina" in card
+    histories = json.loads((folder / "examples" / "histories.json").read_text())
+    assert sorted(histories) == sorted(os.path.basename(w["src"]) for w in front_matter["widget"])
     assert not [name for name in os.listdir(main_job["out"]) if name.startswith(".")]  # no staging left behind
 
 
