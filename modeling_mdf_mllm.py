@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.mllama.configuration_mllama import MllamaTextConfig
@@ -220,11 +220,10 @@ class MdfMllmUnetProjector(nn.Module):
 # The fused cross-attention layer
 
 
-def _unet_cache_layer(cache: Cache, index: int) -> DynamicLayer:
-    # DynamicCache(config=...) holds one slot per decoder layer; the U-Net branches keep theirs after those.
-    while len(cache.layers) <= index:
-        cache.layers.append(DynamicLayer())
-    return cache.layers[index]
+def vision_tokens_per_image(config: MdfMllmConfig) -> int:
+    """How many vision tokens (keys of the stock cross-attention) one image gives: its tiles' patches plus class token."""
+    vision = config.vision_config
+    return vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
 
 
 def _unet_attention_mask(cross_attention_mask: torch.Tensor | None, num_images: int, tokens_per_image: int):
@@ -249,9 +248,13 @@ class MdfMllmUnetCrossAttention(nn.Module):
     a_u = softmax(q_norm(W_q x) . k_norm(W_k^u U)^T * tau / sqrt(d)) . W_v^u U, then W_o. W_q, q_norm, k_norm and
     W_o are the stock cross-attention's (passed in, not owned); W_k^u, W_v^u, tau and the branch's tanh gate g_u
     (zero-initialised, applied by the layer) are this module's, so that one module holds every new weight of a layer.
+
+    Its keys and values live in the layer's own cache entry, in front of the stock branch's vision keys and values:
+    `[U-Net tokens (N_images * G^2); vision tokens (N_images * tiles * P)]`. The cache keeps one entry per decoder
+    layer, as Mllama's does, so static caches, beam-search reordering and the other cache utilities handle it as is.
     """
 
-    def __init__(self, config: MllamaTextConfig, cache_index: int, tokens_per_image: int):
+    def __init__(self, config: MllamaTextConfig, tokens_per_image: int, vision_tokens_per_image: int):
         super().__init__()
         head_dim = config.hidden_size // config.num_attention_heads
         # Not `k_proj` / `v_proj`: a generic PEFT target list such as ["q_proj", "v_proj"] must not wrap these by
@@ -260,32 +263,43 @@ class MdfMllmUnetCrossAttention(nn.Module):
         self.value_projection = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.ones(1))
         self.gate = nn.Parameter(torch.zeros(1))
-        self.cache_index = cache_index
         self.tokens_per_image = tokens_per_image
+        self.vision_tokens_per_image = vision_tokens_per_image
+
+    def keys_values(
+        self, unet_states: torch.Tensor | None, shared: MllamaTextCrossAttention, cache: Cache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """unet_states (B, N_images * G^2, D) -> keys, values (B, H_kv, N_images * G^2, d); written to the front of
+        the layer's cache entry (before the stock branch adds its own), or, when `unet_states` is None (a decoding
+        step), read from there."""
+        if unet_states is not None:
+            batch = unet_states.shape[0]
+            key = self.key_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
+            value = self.value_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
+            key, value = shared.k_norm(key.transpose(1, 2)), value.transpose(1, 2)
+            if cache is not None:
+                cache.update(key, value, shared.layer_idx)
+            return key, value
+        layer = cache.layers[shared.layer_idx]
+        # Shapes only (static under torch.compile): each image holds G^2 U-Net and tiles * P vision tokens.
+        num_images = layer.keys.shape[2] // (self.tokens_per_image + self.vision_tokens_per_image)
+        unet_tokens = num_images * self.tokens_per_image
+        return layer.keys[:, :, :unet_tokens], layer.values[:, :, :unet_tokens]
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         shared: MllamaTextCrossAttention,
-        unet_states: torch.Tensor | None,
+        key: torch.Tensor,
+        value: torch.Tensor,
         cross_attention_mask: torch.Tensor | None,
-        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states (B, T, D), unet_states (B, N_images * G^2, D) or None to read the cached keys/values,
+        """hidden_states (B, T, D), key/value (B, H_kv, N_images * G^2, d) from `keys_values`,
         cross_attention_mask: the stock branch's (B, 1, T, N_images * tiles * P) -> (B, T, D)."""
         batch, length, _ = hidden_states.shape
         query = shared.q_proj(hidden_states).view(batch, length, shared.num_heads, shared.head_dim).transpose(1, 2)
         query = shared.q_norm(query) * self.logit_scale
-        if unet_states is not None:
-            key = self.key_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
-            value = self.value_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
-            key, value = shared.k_norm(key.transpose(1, 2)), value.transpose(1, 2)
-            if cache is not None:
-                key, value = _unet_cache_layer(cache, self.cache_index).update(key, value)
-        else:
-            key, value = cache.layers[self.cache_index].keys, cache.layers[self.cache_index].values
-
         num_images = key.shape[2] // self.tokens_per_image
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             shared.config._attn_implementation, eager_attention_forward
@@ -304,6 +318,20 @@ class MdfMllmUnetCrossAttention(nn.Module):
         return shared.o_proj(attn_output.reshape(batch, length, -1)), attn_weights
 
 
+def _hide_unet_tokens(
+    cross_attention_mask: torch.Tensor | None, unet_tokens: int, vision_tokens: int, hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """The stock branch's additive mask (B, 1, T, N_v) widened to a cache entry holding [U-Net; vision] keys
+    (B, 1, T, N_u + N_v): the U-Net columns hidden, so the stock branch attends to the vision tokens only."""
+    if cross_attention_mask is None:
+        batch, length = hidden_states.shape[:2]
+        cross_attention_mask = hidden_states.new_zeros(batch, 1, length, vision_tokens)
+    hidden = cross_attention_mask.new_full(
+        (*cross_attention_mask.shape[:-1], unet_tokens), torch.finfo(cross_attention_mask.dtype).min
+    )
+    return torch.cat([hidden, cross_attention_mask], dim=-1)
+
+
 class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
     """Mllama's tanh-gated cross-attention layer, plus (when the layer is in `fusion_layers`) a gated, scaled U-Net
     branch reading the U-Net tokens of the images each text token may see:
@@ -318,12 +346,14 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
     a token that sees no image reads no U-Net token either. g_u starts at 0, so a fresh layer is the stock layer.
     """
 
-    def __init__(self, config: MllamaTextConfig, layer_idx: int, mdf_config: MdfMllmConfig, cache_index=None):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int, mdf_config: MdfMllmConfig):
         super().__init__(config, layer_idx)
         self.unet_depth = mdf_config.fusion_layers.get(layer_idx)
         self.mask_stock_update = mdf_config.pre_image_text_masking == "reference"
         if self.unet_depth is not None:
-            self.unet_attn = MdfMllmUnetCrossAttention(config, cache_index, mdf_config.fusion_grid**2)
+            self.unet_attn = MdfMllmUnetCrossAttention(
+                config, mdf_config.fusion_grid**2, vision_tokens_per_image(mdf_config)
+            )
 
     def forward(
         self,
@@ -342,9 +372,22 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
         row_mask = full_text_row_masked_out_mask[:, 0] if full_text_row_masked_out_mask is not None else 1.0
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
+        stock_mask = cross_attention_mask
+        if self.unet_depth is not None:
+            cache = kwargs.get(CACHE)
+            unet = unet_states[self.unet_depth] if unet_states is not None else None
+            unet_key, unet_value = self.unet_attn.keys_values(unet, self.cross_attn, cache)
+            if cache is not None:
+                # The stock branch reads the whole cache entry, [U-Net; vision]: hide the U-Net part from it.
+                vision_tokens = (
+                    cross_attention_states.numel() // (hidden_states.shape[0] * cross_attention_states.shape[-1])
+                    if cross_attention_states is not None
+                    else cache.layers[self.layer_idx].keys.shape[2] - unet_key.shape[2]
+                )
+                stock_mask = _hide_unet_tokens(cross_attention_mask, unet_key.shape[2], vision_tokens, hidden_states)
         vision_update, _ = self.cross_attn(
             hidden_states=hidden_states,
-            attention_mask=cross_attention_mask,
+            attention_mask=stock_mask,
             cross_attention_states=cross_attention_states,
             **kwargs,
         )
@@ -352,9 +395,10 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
         if self.mask_stock_update:
             update = row_mask * update
         if self.unet_depth is not None:
-            unet = unet_states[self.unet_depth] if unet_states is not None else None
-            cache = kwargs.pop(CACHE, None)
-            unet_update, _ = self.unet_attn(hidden_states, self.cross_attn, unet, cross_attention_mask, cache, **kwargs)
+            attention_kwargs = {key: value for key, value in kwargs.items() if key != CACHE}
+            unet_update, _ = self.unet_attn(
+                hidden_states, self.cross_attn, unet_key, unet_value, cross_attention_mask, **attention_kwargs
+            )
             update = update + row_mask * self.unet_attn.gate.tanh() * unet_update
         hidden_states = residual + update
 
@@ -430,10 +474,8 @@ class MdfMllmTextModel(MdfMllmPreTrainedModel, MllamaTextModel):
 
     def __init__(self, config: MllamaTextConfig, mdf_config: MdfMllmConfig):
         super().__init__(config)
-        fused = sorted(mdf_config.fusion_layers)
         for layer_idx in config.cross_attention_layers:
-            cache_index = config.num_hidden_layers + fused.index(layer_idx) if layer_idx in fused else None
-            self.layers[layer_idx] = MdfMllmCrossAttentionDecoderLayer(config, layer_idx, mdf_config, cache_index)
+            self.layers[layer_idx] = MdfMllmCrossAttentionDecoderLayer(config, layer_idx, mdf_config)
         self.post_init()
 
 
@@ -522,6 +564,7 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         vessel_logits = self.unet.decode(skips)
         return unet_states, vessel_logits.reshape(*unet_pixel_values.shape[:-3], *vessel_logits.shape[1:])
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -561,6 +604,7 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
             inputs_embeds=inputs_embeds,
             cross_attention_states=cross_attention_states,
             unet_states=unet_states,
+            return_dict=True,  # `can_return_tuple` above makes the tuple, with `vessel_logits`, when asked
             **kwargs,
         )
         return MdfMllmModelOutputWithPast(**outputs, vessel_logits=vessel_logits)
@@ -716,6 +760,7 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             # The decoder costs twice the encoder: it runs only for a loss that counts.
             output_vessel_logits=vessel_mask is not None and self.model.unet is not None
             and self.config.unet_config["use_decoder"] and self.config.seg_loss_weight > 0,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -750,10 +795,11 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
     def generate(self, inputs=None, *args, prompt_mask=None, **kwargs):
         """`GenerationMixin.generate`, with the FiLM context fixed to the prompt.
 
-        `prompt_mask` defaults here to the prompt's own `attention_mask` (ones when there is none), before `generate`
-        drops an all-ones mask or turns it 4-D for a static cache; generated tokens are then appended outside it, so
-        decoding with a dynamic or a static cache, or without one (which reruns the U-Net every step), conditions
-        the U-Net on the same text.
+        `prompt_mask` (B, prompt length) defaults here to the prompt's own `attention_mask` (ones when there is none),
+        before `generate` drops an all-ones mask or turns it 4-D for a static cache. It stays the prompt's length: the
+        forward passes that run the U-Net (pre-fill, or every step without a cache) get it padded with zeros over the
+        tokens generated so far (`prepare_inputs_for_generation`), and cached decoding steps get none, so no input
+        grows step by step (a compiled forward does not recompile per token).
         """
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt_mask is None and prompt is not None:
@@ -765,28 +811,35 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             )
         return super().generate(inputs, *args, prompt_mask=prompt_mask, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, unet_pixel_values=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids=None, *args, inputs_embeds=None, unet_pixel_values=None, prompt_mask=None, **kwargs
+    ):
+        # `inputs_embeds` by name: `generate` supports `inputs_embeds` only when this signature names it.
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         # Like pixel_values: the U-Net runs at pre-fill; decoding steps read its cached keys/values.
         if kwargs.get("use_cache") and not kwargs.get("is_first_iteration"):
-            unet_pixel_values = None
+            unet_pixel_values, prompt_mask = None, None
+        if prompt_mask is not None:
+            # The forward's tokens start at the prompt's first (pre-fill, or the whole sequence without a cache):
+            # generated tokens, drafted ones included, lie after the prompt and outside the FiLM context.
+            tokens = model_inputs.get("input_ids")
+            if model_inputs.get("inputs_embeds") is not None:
+                tokens = model_inputs["inputs_embeds"]
+            length = tokens.shape[1]
+            prompt_mask = F.pad(prompt_mask, (0, max(0, length - prompt_mask.shape[1])))[:, :length]
         model_inputs["unet_pixel_values"] = unet_pixel_values
+        model_inputs["prompt_mask"] = prompt_mask
         return model_inputs
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder, **kwargs):
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, **kwargs)
-        if model_kwargs.get("prompt_mask") is not None:  # generated tokens stay outside the FiLM context
-            model_kwargs["prompt_mask"] = F.pad(model_kwargs["prompt_mask"], (0, kwargs.get("num_new_tokens", 1)))
-        return model_kwargs
 
     def _prepare_static_cache(self, *args, model_kwargs, **kwargs) -> Cache:
         cache = super()._prepare_static_cache(*args, model_kwargs=model_kwargs, **kwargs)
-        # The U-Net branches' slots follow the decoder layers' (see `_unet_cache_layer`); fixed-size like the vision
-        # cross-attention's: G^2 tokens per image.
-        views = model_kwargs.get("unet_pixel_values")
-        num_images = views.shape[1] if views is not None and views.ndim == 5 else 1
-        unet_tokens = num_images * self.config.fusion_grid**2
-        cache.layers.extend(StaticLayer(max_cache_len=unet_tokens) for _ in self.config.fusion_layers)
+        # Mllama sizes each cross-attention layer for its vision tokens; a fused layer's entry also holds the U-Net
+        # branch's G^2 tokens per image, in front of them (`MdfMllmUnetCrossAttention`).
+        pixel_values = model_kwargs.get("pixel_values")
+        num_images = pixel_values.shape[1] if pixel_values is not None else 1
+        per_image = vision_tokens_per_image(self.config) + self.config.fusion_grid**2
+        for layer_idx in self.config.fusion_layers:
+            cache.layers[layer_idx] = StaticLayer(max_cache_len=num_images * per_image)
         return cache
 
     @torch.no_grad()
