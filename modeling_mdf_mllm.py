@@ -155,11 +155,14 @@ class MdfMllmUNet(nn.Module):
             self.decoder = nn.ModuleList(MdfMllmConvBlock(2 * w, w) for w in reversed(widths))
             self.vessel_head = nn.Conv2d(widths[0], 1, 1)
 
-    def encode(self, pixel_values: torch.Tensor, text_context: torch.Tensor | None) -> list[torch.Tensor]:
-        """pixel_values (B, C_in, S, S), text_context (B, D) -> skips s_1..s_4, s_k of shape (B, C_k, S/2^(k-1), ...).
-        `text_context` None: the photo alone, no FiLM (stage 1's image-only pre-training)."""
+    def encode(
+        self, pixel_values: torch.Tensor, text_context: torch.Tensor | None, depths: int = UNET_DEPTHS
+    ) -> list[torch.Tensor]:
+        """pixel_values (B, C_in, S, S), text_context (B, D) -> skips s_1..s_depths, s_k of shape
+        (B, C_k, S/2^(k-1), S/2^(k-1)). `text_context` None: the photo alone, no FiLM (stage 1's image-only
+        pre-training). `depths` < 4 stops early: the deeper stages feed nothing then."""
         skips, features = [], pixel_values
-        for k, stage in enumerate(self.stages):
+        for k, stage in enumerate(self.stages[:depths]):
             features = stage(features)
             if self.film is not None and text_context is not None:
                 features = self.film[k](features, text_context)
@@ -496,6 +499,26 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         self.unet = MdfMllmUNet(config) if config.fusion_layers else None
         self.unet_projector = MdfMllmUnetProjector(config, self.unet.widths) if config.fusion_layers else None
         self.post_init()
+        # Built (so that every checkpoint and the stage-1 U-Net load alike, and construction draws the same random
+        # numbers) but not trainable: a trainable parameter that gets no gradient stops DDP with
+        # find_unused_parameters=False (what the Trainer sets with gradient checkpointing).
+        for module in self.idle_unet_modules():
+            module.requires_grad_(False)
+
+    def idle_unet_modules(self) -> list[nn.Module]:
+        """The U-Net parts no forward pass of this configuration runs: without a vessel loss (`use_decoder` and
+        `seg_loss_weight` > 0) the bottleneck, decoder and vessel head, and the encoder stages (with their FiLM)
+        below the deepest depth `fusion_layers` reads. Stage 1 (`mdf_mllm.training.warm_up_unet`), which trains the
+        U-Net on its own, makes them trainable again."""
+        if self.unet is None or (self.config.unet_config["use_decoder"] and self.config.seg_loss_weight > 0):
+            return []
+        deepest = max(self.config.fusion_layers.values())
+        idle = list(self.unet.stages[deepest:])
+        if self.unet.film is not None:
+            idle += list(self.unet.film[deepest:])
+        if self.config.unet_config["use_decoder"]:
+            idle += [self.unet.bottleneck, self.unet.upsample, self.unet.decoder, self.unet.vessel_head]
+        return idle
 
     def text_context(self, input_ids, inputs_embeds, prompt_mask) -> torch.Tensor:
         """c = sum_t m_t E[x_t] / sum_t m_t over the prompt tokens m (B, T); every token when m is None -> (B, D)."""
@@ -555,7 +578,11 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         (B, [N,] 1, S, S) or None). Every view of a sample is conditioned by that sample's prompt."""
         views = unet_pixel_values if unet_pixel_values.ndim == 5 else unet_pixel_values[:, None]
         batch, num_views = views.shape[:2]
-        skips = self.unet.encode(views.flatten(0, 1).to(self.dtype), text_context.repeat_interleave(num_views, 0))
+        # The decoder reads every depth; without it, the stages below the deepest fused depth feed nothing.
+        depths = UNET_DEPTHS if output_vessel_logits else max(self.config.fusion_layers.values())
+        skips = self.unet.encode(
+            views.flatten(0, 1).to(self.dtype), text_context.repeat_interleave(num_views, 0), depths
+        )
         unet_states = {
             depth: tokens.reshape(batch, -1, tokens.shape[-1]) for depth, tokens in self.unet_projector(skips).items()
         }
