@@ -434,6 +434,57 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
     # each name up and fails on one it cannot find.
     _no_split_modules = ["MllamaVisionEncoderLayer", "MllamaSelfAttentionDecoderLayer", "MdfMllmCrossAttentionDecoderLayer"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load an MDF-MLLM checkpoint, or a plain Mllama one with `unet_config=...`, `fusion_layers=...`, from
+        safetensors only (`require_safetensors`). A `ValueError` naming the tensors when:
+
+        - a base weight is missing or of another shape (even with `ignore_mismatched_sizes=True`): the pretrained
+          base must load whole. Two exceptions, as on stock Mllama: weights tied to one that loaded, and the
+          language-model head when the checkpoint is a base model's (`MdfMllmModel` / `MllamaModel`), which is
+          initialised and reported missing;
+        - the checkpoint is an MDF-MLLM one (`model_type` "mdf_mllm") and an MDF tensor is missing, unexpected or of
+          another shape: its MDF modules must load whole too.
+
+        The MDF modules a plain Mllama checkpoint lacks are initialised, reported missing and logged in one line.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        kwargs.pop("ignore_mismatched_sizes", None)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        require_safetensors(source)
+        kwargs["use_safetensors"] = True  # whatever was asked: a pickle can run code when loaded
+        # Mismatches are let through transformers (whose error points to a report in the log) to be named here.
+        model, loading_info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        missing = set(loading_info["missing_keys"]) - _tied_to_loaded(model, loading_info["missing_keys"])
+        base_missing = sorted(key for key in missing if not is_mdf_parameter(key))
+        head = getattr(model, "_checkpoint_head_keys", ())
+        architectures = getattr(model.config, "architectures", None) or []
+        if head and set(base_missing) <= set(head) and any(name in BASE_ARCHITECTURES for name in architectures):
+            base_missing = []  # a base model's checkpoint: the head is new, as stock Mllama does
+        wrong_shape = sorted(map(str, loading_info["mismatched_keys"]))
+        if base_missing or wrong_shape:
+            raise ValueError(f"base weights did not load from {source}: missing {base_missing}, wrong shape {wrong_shape}")
+        mdf_missing = sorted(key for key in missing if is_mdf_parameter(key))
+        if _checkpoint_model_type(source, kwargs) == MdfMllmConfig.model_type:
+            unexpected = sorted(key for key in loading_info["unexpected_keys"] if is_mdf_parameter(key))
+            if mdf_missing or unexpected:
+                raise ValueError(
+                    f"{source}: an MDF-MLLM checkpoint (config.json model_type {MdfMllmConfig.model_type!r}) whose MDF "
+                    f"tensors do not match the model: missing in {_modules_of(mdf_missing)}, unexpected in "
+                    f"{_modules_of(unexpected)}; only a plain Mllama checkpoint gets freshly initialised MDF modules"
+                )
+        loading_info["missing_keys"] = missing
+        if mdf_missing:
+            # One line per module, not per tensor: a Mllama checkpoint lacks every MDF tensor (over a hundred).
+            logger.warning(
+                "Initialised %d MDF-MLLM tensors the checkpoint does not hold, in %s",
+                len(mdf_missing),
+                ", ".join(_modules_of(mdf_missing)),
+            )
+        return (model, loading_info) if output_loading_info else model
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.get_text_config().initializer_range
@@ -455,6 +506,34 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
         elif isinstance(module, MdfMllmUnetProjector):
             init.normal_(module.position_embedding, std=std)
             init.normal_(module.depth_embedding, std=std)
+
+
+# The classes whose checkpoints hold no language-model head: loading one into the generation model initialises it.
+BASE_ARCHITECTURES = ("MdfMllmModel", "MllamaModel")
+
+
+def _tied_to_loaded(model: nn.Module, missing) -> set[str]:
+    """The missing keys whose parameter is the same tensor as a parameter that did load (tied weights)."""
+    names_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    missing = set(missing)
+    return {name for names in names_of.values() if not set(names) <= missing for name in names if name in missing}
+
+
+def _modules_of(keys) -> list[str]:
+    """MDF tensor names -> the MDF modules holding them ("model.unet", "model.language_model.layers.3.unet_attn")."""
+    return sorted({key.split(".unet")[0] + ".unet" + key.split(".unet")[1].split(".")[0] for key in keys})
+
+
+def _checkpoint_model_type(source, kwargs: dict) -> str | None:
+    """The `model_type` in the checkpoint's own config.json (a config passed to from_pretrained does not count)."""
+    hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+    try:
+        config_dict, _ = MdfMllmConfig.get_config_dict(source, **{key: kwargs[key] for key in hub if key in kwargs})
+    except (OSError, ValueError):  # no config.json: nothing says it is an MDF-MLLM checkpoint
+        return None
+    return config_dict.get("model_type")
 
 
 class MdfMllmVisionModel(MllamaVisionModel):
@@ -663,44 +742,15 @@ def pack_verbalizers(verbalizer_ids: list[list[int]], device) -> tuple[torch.Ten
 class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForConditionalGeneration):
     """MDF-MLLM with Mllama's language-modelling head, a vessel-segmentation loss and `classify()`."""
 
+    # What a base model's checkpoint (MdfMllmModel, MllamaModel) lacks; see `MdfMllmPreTrainedModel.from_pretrained`.
+    _checkpoint_head_keys = ("lm_head.weight",)
+
     def __init__(self, config: MdfMllmConfig):
         # As in MdfMllmModel: Mllama's __init__ would build a stock MllamaModel to be thrown away.
         MllamaPreTrainedModel.__init__(self, config)
         self.model = MdfMllmModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Load an MDF-MLLM checkpoint, or a plain Mllama one with `unet_config=...`, `fusion_layers=...`, from
-        safetensors only (`require_safetensors`): every base weight must load with its shape (else a `ValueError`
-        naming the weights, even with `ignore_mismatched_sizes=True`); the MDF modules a Mllama checkpoint lacks are
-        initialised and logged."""
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        kwargs.pop("ignore_mismatched_sizes", None)
-        require_safetensors(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
-        kwargs["use_safetensors"] = True  # whatever was asked: a pickle can run code when loaded
-        # Mismatches are let through transformers (whose error points to a report in the log) to be named here.
-        model, loading_info = super().from_pretrained(
-            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
-        base_missing = sorted(key for key in loading_info["missing_keys"] if not is_mdf_parameter(key))
-        wrong_shape = sorted(map(str, loading_info["mismatched_keys"]))
-        if base_missing or wrong_shape:
-            raise ValueError(
-                f"base weights did not load from {args[0] if args else kwargs.get('pretrained_model_name_or_path')}: "
-                f"missing {base_missing}, wrong shape {wrong_shape}"
-            )
-        if loading_info["missing_keys"]:
-            # One line per module, not per tensor: a Mllama checkpoint lacks every MDF tensor (over a hundred).
-            missing = loading_info["missing_keys"]
-            modules = {key.split(".unet")[0] + ".unet" + key.split(".unet")[1].split(".")[0] for key in missing}
-            logger.warning(
-                "Initialised %d MDF-MLLM tensors the checkpoint does not hold, in %s",
-                len(missing),
-                ", ".join(sorted(modules)),
-            )
-        return (model, loading_info) if output_loading_info else model
 
     def mdf_lora_config(self, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs):
         """A `peft.LoraConfig` for MDF-MLLM: LoRA on the language model's attention and MLP projections, and every
