@@ -716,6 +716,16 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         return MdfMllmModelOutputWithPast(**outputs, vessel_logits=vessel_logits)
 
 
+def _with_keyword_parameters(signature: inspect.Signature, *names: str) -> inspect.Signature:
+    """`signature` with keyword-only parameters `names` (default None) added before its `**kwargs`."""
+    parameters = list(signature.parameters.values())
+    position = next(
+        (i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters)
+    )
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
+    return signature.replace(parameters=parameters[:position] + added + parameters[position:])
+
+
 def last_prompt_token(prompt_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) mask of the prompt tokens -> (B,) index of each row's last one (left or right padding alike): where the
     answer's first token is predicted."""
@@ -907,6 +917,12 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
         model_inputs["unet_pixel_values"] = unet_pixel_values
         model_inputs["prompt_mask"] = prompt_mask
         return model_inputs
+
+    # `generate` reads this signature to route model inputs (`inputs_embeds`, and the cache under the name the
+    # installed release gives it, which an assistant model is handed): Mllama's, plus the two inputs added here.
+    prepare_inputs_for_generation.__signature__ = _with_keyword_parameters(
+        inspect.signature(MllamaForConditionalGeneration.prepare_inputs_for_generation), "unet_pixel_values", "prompt_mask"
+    )
 
     def _prepare_static_cache(self, *args, model_kwargs, **kwargs) -> Cache:
         cache = super()._prepare_static_cache(*args, model_kwargs=model_kwargs, **kwargs)
