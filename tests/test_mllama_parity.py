@@ -148,6 +148,13 @@ def test_tuple_outputs_hold_what_dict_outputs_hold_on_every_model_class(open_mdf
                 if isinstance(value, torch.Tensor):
                     assert torch.equal(value, as_dict[field]), field
     assert as_dict.vessel_logits is None and "vessel_logits" not in as_dict  # the base model ran no decoder
+    mdf.config.return_dict = False  # tuples by default (torchscript and old code set it)
+    try:
+        with torch.no_grad():
+            as_tuple = mdf(**inputs)
+    finally:
+        mdf.config.return_dict = True
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], mdf(**inputs).logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
