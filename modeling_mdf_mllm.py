@@ -476,6 +476,9 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
                     f"{_modules_of(unexpected)}; only a plain Mllama checkpoint gets freshly initialised MDF modules"
                 )
         loading_info["missing_keys"] = missing
+        for module in model.modules():
+            if isinstance(module, MdfMllmModel):
+                module.freeze_idle_unet_modules()
         if mdf_missing:
             # One line per module, not per tensor: a Mllama checkpoint lacks every MDF tensor (over a hundred).
             logger.warning(
@@ -531,7 +534,7 @@ def _checkpoint_model_type(source, kwargs: dict) -> str | None:
     hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
     try:
         config_dict, _ = MdfMllmConfig.get_config_dict(source, **{key: kwargs[key] for key in hub if key in kwargs})
-    except (OSError, ValueError):  # no config.json: nothing says it is an MDF-MLLM checkpoint
+    except (OSError, ValueError, TypeError):  # no config.json (or no path): nothing says it is an MDF-MLLM checkpoint
         return None
     return config_dict.get("model_type")
 
@@ -578,9 +581,13 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         self.unet = MdfMllmUNet(config) if config.fusion_layers else None
         self.unet_projector = MdfMllmUnetProjector(config, self.unet.widths) if config.fusion_layers else None
         self.post_init()
-        # Built (so that every checkpoint and the stage-1 U-Net load alike, and construction draws the same random
-        # numbers) but not trainable: a trainable parameter that gets no gradient stops DDP with
-        # find_unused_parameters=False (what the Trainer sets with gradient checkpointing).
+        self.freeze_idle_unet_modules()
+
+    def freeze_idle_unet_modules(self) -> None:
+        """Built (so that every checkpoint and the stage-1 U-Net load alike, and construction draws the same random
+        numbers) but not trainable: a trainable parameter that gets no gradient stops DDP with
+        find_unused_parameters=False (what the Trainer sets with gradient checkpointing). Called on construction and
+        again by `from_pretrained`, whose loading makes every parameter trainable."""
         for module in self.idle_unet_modules():
             module.requires_grad_(False)
 

@@ -269,3 +269,23 @@ def test_every_trainable_parameter_gets_a_gradient_in_the_configured_mode(kwargs
     # Exactly the parts that do not run: one level below the U-Net, a stage's or FiLM layer's index included.
     modules = {".".join(name.split(".")[:4 if name.split(".")[2] in ("stages", "film") else 3]) for name in not_trainable}
     assert modules == frozen
+
+
+def test_weights_tied_to_one_that_loaded_are_not_missing():
+    from modeling_mdf_mllm import _tied_to_loaded
+
+    model = MdfMllmForConditionalGeneration(mdf_config("a"))
+    # Mllama ties nothing itself; a model whose head is its input embedding (as tie_word_embeddings ties elsewhere).
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    assert _tied_to_loaded(model, {"lm_head.weight"}) == {"lm_head.weight"}
+    both = {"lm_head.weight", "model.language_model.embed_tokens.weight"}
+    assert _tied_to_loaded(model, both) == set()  # neither loaded: both missing
+    assert _tied_to_loaded(model, {"model.language_model.norm.weight"}) == set()
+
+
+def test_from_pretrained_keeps_the_idle_unet_parts_frozen(tmp_path):
+    model = MdfMllmForConditionalGeneration(mdf_config("a", seg_loss_weight=0.0))
+    model.save_pretrained(tmp_path)
+    reloaded = MdfMllmForConditionalGeneration.from_pretrained(tmp_path)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and {name for name, p in reloaded.named_parameters() if not p.requires_grad} == frozen
