@@ -121,7 +121,8 @@ class MdfMllmConfig(MllamaConfig):
     verbalizers (`list[str]`, *optional*):
         The answer text of each label id, scored by `classify()`.
     disease_types (`list[str]`, *optional*):
-        The disease type of each label id, one of `DISEASE_TYPES`.
+        The disease type of each label id, one of `DISEASE_TYPES` (the evaluation's second level). Defaults to the
+        MDF label set's; `None` for labels of your own (`num_labels` / `id2label`) given without them.
     verbalizer_token_ids (`list[list[int]]`, *optional*):
         Each verbalizer tokenised as it appears in an answer (with the end-of-turn token), written by the training
         script so that `classify()` needs no tokenizer.
@@ -142,9 +143,16 @@ class MdfMllmConfig(MllamaConfig):
     verbalizer_token_ids: list[list[int]] | None = None
 
     def __post_init__(self, **kwargs):
-        # No labels, or transformers' generic LABEL_0/LABEL_1 (what a Mllama config carries): the MDF label space.
+        # The MDF label space is the default only: when nobody asked for labels (none given, or transformers' generic
+        # LABEL_0/LABEL_1 that every Mllama config.json carries). A `num_labels` passed here is the user's and wins,
+        # as do generic labels saved with their verbalizers (an MDF-MLLM config.json of such labels, which for two
+        # labels transformers writes without id2label).
         given = kwargs.get("id2label", self.id2label)
-        if given is None or all(str(name) == f"LABEL_{i}" for i, name in dict(given).items()):
+        generic = given is None or all(str(name) == f"LABEL_{i}" for i, name in dict(given).items())
+        saved = self.verbalizers is not None and self.verbalizers == [f"LABEL_{i}" for i in range(len(self.verbalizers))]
+        if saved and given is None:
+            kwargs["num_labels"] = len(self.verbalizers)
+        if generic and "num_labels" not in kwargs and not saved:
             kwargs.pop("num_labels", None)
             kwargs.pop("label2id", None)
             kwargs["id2label"] = {i: name for i, (name, _, _) in enumerate(DEFAULT_LABELS)}
@@ -164,8 +172,6 @@ class MdfMllmConfig(MllamaConfig):
         }
         if self.verbalizers is None:
             self.verbalizers = [self.id2label[i] for i in range(self.num_labels)]
-        if self.disease_types is None:
-            raise ValueError("disease_types: give the disease type of each label when you give your own labels")
         if getattr(self, "auto_map", None) is None:
             self.auto_map = {
                 "AutoConfig": "configuration_mdf_mllm.MdfMllmConfig",
@@ -209,14 +215,14 @@ class MdfMllmConfig(MllamaConfig):
         if self.unet_config["use_decoder"] and size % 2**UNET_DEPTHS:
             raise ValueError(f"unet_config.image_size: {size} must be divisible by 16 for the U-Net decoder")
         for field in ("verbalizers", "disease_types"):
-            if len(getattr(self, field)) != self.num_labels:
+            if getattr(self, field) is not None and len(getattr(self, field)) != self.num_labels:
                 raise ValueError(f"{field}: {len(getattr(self, field))} entries for {self.num_labels} labels")
         if not all(isinstance(v, str) and v.strip() for v in self.verbalizers):
             raise ValueError(f"verbalizers: every verbalizer must be non-empty text, got {self.verbalizers}")
         duplicates = sorted({v for v in self.verbalizers if self.verbalizers.count(v) > 1})
         if duplicates:
             raise ValueError(f"verbalizers: duplicate verbalizers {duplicates}; each label needs its own answer")
-        unknown = sorted(set(self.disease_types) - set(DISEASE_TYPES))
+        unknown = sorted(set(self.disease_types or []) - set(DISEASE_TYPES))
         if unknown:
             raise ValueError(f"disease_types: {unknown} not in {DISEASE_TYPES}")
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.mllama.configuration_mllama import MllamaTextConfig
@@ -155,11 +155,14 @@ class MdfMllmUNet(nn.Module):
             self.decoder = nn.ModuleList(MdfMllmConvBlock(2 * w, w) for w in reversed(widths))
             self.vessel_head = nn.Conv2d(widths[0], 1, 1)
 
-    def encode(self, pixel_values: torch.Tensor, text_context: torch.Tensor | None) -> list[torch.Tensor]:
-        """pixel_values (B, C_in, S, S), text_context (B, D) -> skips s_1..s_4, s_k of shape (B, C_k, S/2^(k-1), ...).
-        `text_context` None: the photo alone, no FiLM (stage 1's image-only pre-training)."""
+    def encode(
+        self, pixel_values: torch.Tensor, text_context: torch.Tensor | None, depths: int = UNET_DEPTHS
+    ) -> list[torch.Tensor]:
+        """pixel_values (B, C_in, S, S), text_context (B, D) -> skips s_1..s_depths, s_k of shape
+        (B, C_k, S/2^(k-1), S/2^(k-1)). `text_context` None: the photo alone, no FiLM (stage 1's image-only
+        pre-training). `depths` < 4 stops early: the deeper stages feed nothing then."""
         skips, features = [], pixel_values
-        for k, stage in enumerate(self.stages):
+        for k, stage in enumerate(self.stages[:depths]):
             features = stage(features)
             if self.film is not None and text_context is not None:
                 features = self.film[k](features, text_context)
@@ -220,11 +223,10 @@ class MdfMllmUnetProjector(nn.Module):
 # The fused cross-attention layer
 
 
-def _unet_cache_layer(cache: Cache, index: int) -> DynamicLayer:
-    # DynamicCache(config=...) holds one slot per decoder layer; the U-Net branches keep theirs after those.
-    while len(cache.layers) <= index:
-        cache.layers.append(DynamicLayer())
-    return cache.layers[index]
+def vision_tokens_per_image(config: MdfMllmConfig) -> int:
+    """How many vision tokens (keys of the stock cross-attention) one image gives: its tiles' patches plus class token."""
+    vision = config.vision_config
+    return vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
 
 
 def _unet_attention_mask(cross_attention_mask: torch.Tensor | None, num_images: int, tokens_per_image: int):
@@ -249,9 +251,13 @@ class MdfMllmUnetCrossAttention(nn.Module):
     a_u = softmax(q_norm(W_q x) . k_norm(W_k^u U)^T * tau / sqrt(d)) . W_v^u U, then W_o. W_q, q_norm, k_norm and
     W_o are the stock cross-attention's (passed in, not owned); W_k^u, W_v^u, tau and the branch's tanh gate g_u
     (zero-initialised, applied by the layer) are this module's, so that one module holds every new weight of a layer.
+
+    Its keys and values live in the layer's own cache entry, in front of the stock branch's vision keys and values:
+    `[U-Net tokens (N_images * G^2); vision tokens (N_images * tiles * P)]`. The cache keeps one entry per decoder
+    layer, as Mllama's does, so static caches, beam-search reordering and the other cache utilities handle it as is.
     """
 
-    def __init__(self, config: MllamaTextConfig, cache_index: int, tokens_per_image: int):
+    def __init__(self, config: MllamaTextConfig, tokens_per_image: int, vision_tokens_per_image: int):
         super().__init__()
         head_dim = config.hidden_size // config.num_attention_heads
         # Not `k_proj` / `v_proj`: a generic PEFT target list such as ["q_proj", "v_proj"] must not wrap these by
@@ -260,32 +266,43 @@ class MdfMllmUnetCrossAttention(nn.Module):
         self.value_projection = nn.Linear(config.hidden_size, config.num_key_value_heads * head_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.ones(1))
         self.gate = nn.Parameter(torch.zeros(1))
-        self.cache_index = cache_index
         self.tokens_per_image = tokens_per_image
+        self.vision_tokens_per_image = vision_tokens_per_image
+
+    def keys_values(
+        self, unet_states: torch.Tensor | None, shared: MllamaTextCrossAttention, cache: Cache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """unet_states (B, N_images * G^2, D) -> keys, values (B, H_kv, N_images * G^2, d); written to the front of
+        the layer's cache entry (before the stock branch adds its own), or, when `unet_states` is None (a decoding
+        step), read from there."""
+        if unet_states is not None:
+            batch = unet_states.shape[0]
+            key = self.key_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
+            value = self.value_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
+            key, value = shared.k_norm(key.transpose(1, 2)), value.transpose(1, 2)
+            if cache is not None:
+                cache.update(key, value, shared.layer_idx)
+            return key, value
+        layer = cache.layers[shared.layer_idx]
+        # Shapes only (static under torch.compile): each image holds G^2 U-Net and tiles * P vision tokens.
+        num_images = layer.keys.shape[2] // (self.tokens_per_image + self.vision_tokens_per_image)
+        unet_tokens = num_images * self.tokens_per_image
+        return layer.keys[:, :, :unet_tokens], layer.values[:, :, :unet_tokens]
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         shared: MllamaTextCrossAttention,
-        unet_states: torch.Tensor | None,
+        key: torch.Tensor,
+        value: torch.Tensor,
         cross_attention_mask: torch.Tensor | None,
-        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states (B, T, D), unet_states (B, N_images * G^2, D) or None to read the cached keys/values,
+        """hidden_states (B, T, D), key/value (B, H_kv, N_images * G^2, d) from `keys_values`,
         cross_attention_mask: the stock branch's (B, 1, T, N_images * tiles * P) -> (B, T, D)."""
         batch, length, _ = hidden_states.shape
         query = shared.q_proj(hidden_states).view(batch, length, shared.num_heads, shared.head_dim).transpose(1, 2)
         query = shared.q_norm(query) * self.logit_scale
-        if unet_states is not None:
-            key = self.key_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
-            value = self.value_projection(unet_states).view(batch, -1, shared.num_key_value_heads, shared.head_dim)
-            key, value = shared.k_norm(key.transpose(1, 2)), value.transpose(1, 2)
-            if cache is not None:
-                key, value = _unet_cache_layer(cache, self.cache_index).update(key, value)
-        else:
-            key, value = cache.layers[self.cache_index].keys, cache.layers[self.cache_index].values
-
         num_images = key.shape[2] // self.tokens_per_image
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             shared.config._attn_implementation, eager_attention_forward
@@ -304,6 +321,20 @@ class MdfMllmUnetCrossAttention(nn.Module):
         return shared.o_proj(attn_output.reshape(batch, length, -1)), attn_weights
 
 
+def _hide_unet_tokens(
+    cross_attention_mask: torch.Tensor | None, unet_tokens: int, vision_tokens: int, hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """The stock branch's additive mask (B, 1, T, N_v) widened to a cache entry holding [U-Net; vision] keys
+    (B, 1, T, N_u + N_v): the U-Net columns hidden, so the stock branch attends to the vision tokens only."""
+    if cross_attention_mask is None:
+        batch, length = hidden_states.shape[:2]
+        cross_attention_mask = hidden_states.new_zeros(batch, 1, length, vision_tokens)
+    hidden = cross_attention_mask.new_full(
+        (*cross_attention_mask.shape[:-1], unet_tokens), torch.finfo(cross_attention_mask.dtype).min
+    )
+    return torch.cat([hidden, cross_attention_mask], dim=-1)
+
+
 class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
     """Mllama's tanh-gated cross-attention layer, plus (when the layer is in `fusion_layers`) a gated, scaled U-Net
     branch reading the U-Net tokens of the images each text token may see:
@@ -318,12 +349,14 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
     a token that sees no image reads no U-Net token either. g_u starts at 0, so a fresh layer is the stock layer.
     """
 
-    def __init__(self, config: MllamaTextConfig, layer_idx: int, mdf_config: MdfMllmConfig, cache_index=None):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int, mdf_config: MdfMllmConfig):
         super().__init__(config, layer_idx)
         self.unet_depth = mdf_config.fusion_layers.get(layer_idx)
         self.mask_stock_update = mdf_config.pre_image_text_masking == "reference"
         if self.unet_depth is not None:
-            self.unet_attn = MdfMllmUnetCrossAttention(config, cache_index, mdf_config.fusion_grid**2)
+            self.unet_attn = MdfMllmUnetCrossAttention(
+                config, mdf_config.fusion_grid**2, vision_tokens_per_image(mdf_config)
+            )
 
     def forward(
         self,
@@ -342,9 +375,22 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
         row_mask = full_text_row_masked_out_mask[:, 0] if full_text_row_masked_out_mask is not None else 1.0
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
+        stock_mask = cross_attention_mask
+        if self.unet_depth is not None:
+            cache = kwargs.get(CACHE)
+            unet = unet_states[self.unet_depth] if unet_states is not None else None
+            unet_key, unet_value = self.unet_attn.keys_values(unet, self.cross_attn, cache)
+            if cache is not None:
+                # The stock branch reads the whole cache entry, [U-Net; vision]: hide the U-Net part from it.
+                vision_tokens = (
+                    cross_attention_states.numel() // (hidden_states.shape[0] * cross_attention_states.shape[-1])
+                    if cross_attention_states is not None
+                    else cache.layers[self.layer_idx].keys.shape[2] - unet_key.shape[2]
+                )
+                stock_mask = _hide_unet_tokens(cross_attention_mask, unet_key.shape[2], vision_tokens, hidden_states)
         vision_update, _ = self.cross_attn(
             hidden_states=hidden_states,
-            attention_mask=cross_attention_mask,
+            attention_mask=stock_mask,
             cross_attention_states=cross_attention_states,
             **kwargs,
         )
@@ -352,9 +398,10 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
         if self.mask_stock_update:
             update = row_mask * update
         if self.unet_depth is not None:
-            unet = unet_states[self.unet_depth] if unet_states is not None else None
-            cache = kwargs.pop(CACHE, None)
-            unet_update, _ = self.unet_attn(hidden_states, self.cross_attn, unet, cross_attention_mask, cache, **kwargs)
+            attention_kwargs = {key: value for key, value in kwargs.items() if key != CACHE}
+            unet_update, _ = self.unet_attn(
+                hidden_states, self.cross_attn, unet_key, unet_value, cross_attention_mask, **attention_kwargs
+            )
             update = update + row_mask * self.unet_attn.gate.tanh() * unet_update
         hidden_states = residual + update
 
@@ -387,6 +434,60 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
     # each name up and fails on one it cannot find.
     _no_split_modules = ["MllamaVisionEncoderLayer", "MllamaSelfAttentionDecoderLayer", "MdfMllmCrossAttentionDecoderLayer"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load an MDF-MLLM checkpoint, or a plain Mllama one with `unet_config=...`, `fusion_layers=...`, from
+        safetensors only (`require_safetensors`). A `ValueError` naming the tensors when:
+
+        - a base weight is missing or of another shape (even with `ignore_mismatched_sizes=True`): the pretrained
+          base must load whole. Two exceptions, as on stock Mllama: weights tied to one that loaded, and the
+          language-model head when the checkpoint is a base model's (`MdfMllmModel` / `MllamaModel`), which is
+          initialised and reported missing;
+        - the checkpoint is an MDF-MLLM one (`model_type` "mdf_mllm") and an MDF tensor is missing, unexpected or of
+          another shape: its MDF modules must load whole too.
+
+        The MDF modules a plain Mllama checkpoint lacks are initialised, reported missing and logged in one line.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        kwargs.pop("ignore_mismatched_sizes", None)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        require_safetensors(source)
+        kwargs["use_safetensors"] = True  # whatever was asked: a pickle can run code when loaded
+        # Mismatches are let through transformers (whose error points to a report in the log) to be named here.
+        model, loading_info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        missing = set(loading_info["missing_keys"]) - _tied_to_loaded(model, loading_info["missing_keys"])
+        base_missing = sorted(key for key in missing if not is_mdf_parameter(key))
+        head = getattr(model, "_checkpoint_head_keys", ())
+        architectures = getattr(model.config, "architectures", None) or []
+        if head and set(base_missing) <= set(head) and any(name in BASE_ARCHITECTURES for name in architectures):
+            base_missing = []  # a base model's checkpoint: the head is new, as stock Mllama does
+        wrong_shape = sorted(map(str, loading_info["mismatched_keys"]))
+        if base_missing or wrong_shape:
+            raise ValueError(f"base weights did not load from {source}: missing {base_missing}, wrong shape {wrong_shape}")
+        mdf_missing = sorted(key for key in missing if is_mdf_parameter(key))
+        if _checkpoint_model_type(source, kwargs) == MdfMllmConfig.model_type:
+            unexpected = sorted(key for key in loading_info["unexpected_keys"] if is_mdf_parameter(key))
+            if mdf_missing or unexpected:
+                raise ValueError(
+                    f"{source}: an MDF-MLLM checkpoint (config.json model_type {MdfMllmConfig.model_type!r}) whose MDF "
+                    f"tensors do not match the model: missing in {_modules_of(mdf_missing)}, unexpected in "
+                    f"{_modules_of(unexpected)}; only a plain Mllama checkpoint gets freshly initialised MDF modules"
+                )
+        loading_info["missing_keys"] = missing
+        for module in model.modules():
+            if isinstance(module, MdfMllmModel):
+                module.freeze_idle_unet_modules()
+        if mdf_missing:
+            # One line per module, not per tensor: a Mllama checkpoint lacks every MDF tensor (over a hundred).
+            logger.warning(
+                "Initialised %d MDF-MLLM tensors the checkpoint does not hold, in %s",
+                len(mdf_missing),
+                ", ".join(_modules_of(mdf_missing)),
+            )
+        return (model, loading_info) if output_loading_info else model
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.get_text_config().initializer_range
@@ -410,6 +511,34 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
             init.normal_(module.depth_embedding, std=std)
 
 
+# The classes whose checkpoints hold no language-model head: loading one into the generation model initialises it.
+BASE_ARCHITECTURES = ("MdfMllmModel", "MllamaModel")
+
+
+def _tied_to_loaded(model: nn.Module, missing) -> set[str]:
+    """The missing keys whose parameter is the same tensor as a parameter that did load (tied weights)."""
+    names_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    missing = set(missing)
+    return {name for names in names_of.values() if not set(names) <= missing for name in names if name in missing}
+
+
+def _modules_of(keys) -> list[str]:
+    """MDF tensor names -> the MDF modules holding them ("model.unet", "model.language_model.layers.3.unet_attn")."""
+    return sorted({key.split(".unet")[0] + ".unet" + key.split(".unet")[1].split(".")[0] for key in keys})
+
+
+def _checkpoint_model_type(source, kwargs: dict) -> str | None:
+    """The `model_type` in the checkpoint's own config.json (a config passed to from_pretrained does not count)."""
+    hub = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+    try:
+        config_dict, _ = MdfMllmConfig.get_config_dict(source, **{key: kwargs[key] for key in hub if key in kwargs})
+    except (OSError, ValueError, TypeError):  # no config.json (or no path): nothing says it is an MDF-MLLM checkpoint
+        return None
+    return config_dict.get("model_type")
+
+
 class MdfMllmVisionModel(MllamaVisionModel):
     """Mllama's vision tower, declaring only the layer class it holds.
 
@@ -430,10 +559,8 @@ class MdfMllmTextModel(MdfMllmPreTrainedModel, MllamaTextModel):
 
     def __init__(self, config: MllamaTextConfig, mdf_config: MdfMllmConfig):
         super().__init__(config)
-        fused = sorted(mdf_config.fusion_layers)
         for layer_idx in config.cross_attention_layers:
-            cache_index = config.num_hidden_layers + fused.index(layer_idx) if layer_idx in fused else None
-            self.layers[layer_idx] = MdfMllmCrossAttentionDecoderLayer(config, layer_idx, mdf_config, cache_index)
+            self.layers[layer_idx] = MdfMllmCrossAttentionDecoderLayer(config, layer_idx, mdf_config)
         self.post_init()
 
 
@@ -454,6 +581,30 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         self.unet = MdfMllmUNet(config) if config.fusion_layers else None
         self.unet_projector = MdfMllmUnetProjector(config, self.unet.widths) if config.fusion_layers else None
         self.post_init()
+        self.freeze_idle_unet_modules()
+
+    def freeze_idle_unet_modules(self) -> None:
+        """Built (so that every checkpoint and the stage-1 U-Net load alike, and construction draws the same random
+        numbers) but not trainable: a trainable parameter that gets no gradient stops DDP with
+        find_unused_parameters=False (what the Trainer sets with gradient checkpointing). Called on construction and
+        again by `from_pretrained`, whose loading makes every parameter trainable."""
+        for module in self.idle_unet_modules():
+            module.requires_grad_(False)
+
+    def idle_unet_modules(self) -> list[nn.Module]:
+        """The U-Net parts no forward pass of this configuration runs: without a vessel loss (`use_decoder` and
+        `seg_loss_weight` > 0) the bottleneck, decoder and vessel head, and the encoder stages (with their FiLM)
+        below the deepest depth `fusion_layers` reads. Stage 1 (`mdf_mllm.training.warm_up_unet`), which trains the
+        U-Net on its own, makes them trainable again."""
+        if self.unet is None or (self.config.unet_config["use_decoder"] and self.config.seg_loss_weight > 0):
+            return []
+        deepest = max(self.config.fusion_layers.values())
+        idle = list(self.unet.stages[deepest:])
+        if self.unet.film is not None:
+            idle += list(self.unet.film[deepest:])
+        if self.config.unet_config["use_decoder"]:
+            idle += [self.unet.bottleneck, self.unet.upsample, self.unet.decoder, self.unet.vessel_head]
+        return idle
 
     def text_context(self, input_ids, inputs_embeds, prompt_mask) -> torch.Tensor:
         """c = sum_t m_t E[x_t] / sum_t m_t over the prompt tokens m (B, T); every token when m is None -> (B, D)."""
@@ -513,7 +664,11 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         (B, [N,] 1, S, S) or None). Every view of a sample is conditioned by that sample's prompt."""
         views = unet_pixel_values if unet_pixel_values.ndim == 5 else unet_pixel_values[:, None]
         batch, num_views = views.shape[:2]
-        skips = self.unet.encode(views.flatten(0, 1).to(self.dtype), text_context.repeat_interleave(num_views, 0))
+        # The decoder reads every depth; without it, the stages below the deepest fused depth feed nothing.
+        depths = UNET_DEPTHS if output_vessel_logits else max(self.config.fusion_layers.values())
+        skips = self.unet.encode(
+            views.flatten(0, 1).to(self.dtype), text_context.repeat_interleave(num_views, 0), depths
+        )
         unet_states = {
             depth: tokens.reshape(batch, -1, tokens.shape[-1]) for depth, tokens in self.unet_projector(skips).items()
         }
@@ -522,6 +677,7 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
         vessel_logits = self.unet.decode(skips)
         return unet_states, vessel_logits.reshape(*unet_pixel_values.shape[:-3], *vessel_logits.shape[1:])
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -561,9 +717,20 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
             inputs_embeds=inputs_embeds,
             cross_attention_states=cross_attention_states,
             unet_states=unet_states,
+            return_dict=True,  # `can_return_tuple` above makes the tuple, with `vessel_logits`, when asked
             **kwargs,
         )
         return MdfMllmModelOutputWithPast(**outputs, vessel_logits=vessel_logits)
+
+
+def _with_keyword_parameters(signature: inspect.Signature, *names: str) -> inspect.Signature:
+    """`signature` with keyword-only parameters `names` (default None) added before its `**kwargs`."""
+    parameters = list(signature.parameters.values())
+    position = next(
+        (i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters)
+    )
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
+    return signature.replace(parameters=parameters[:position] + added + parameters[position:])
 
 
 def last_prompt_token(prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -592,44 +759,15 @@ def pack_verbalizers(verbalizer_ids: list[list[int]], device) -> tuple[torch.Ten
 class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForConditionalGeneration):
     """MDF-MLLM with Mllama's language-modelling head, a vessel-segmentation loss and `classify()`."""
 
+    # What a base model's checkpoint (MdfMllmModel, MllamaModel) lacks; see `MdfMllmPreTrainedModel.from_pretrained`.
+    _checkpoint_head_keys = ("lm_head.weight",)
+
     def __init__(self, config: MdfMllmConfig):
         # As in MdfMllmModel: Mllama's __init__ would build a stock MllamaModel to be thrown away.
         MllamaPreTrainedModel.__init__(self, config)
         self.model = MdfMllmModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Load an MDF-MLLM checkpoint, or a plain Mllama one with `unet_config=...`, `fusion_layers=...`, from
-        safetensors only (`require_safetensors`): every base weight must load with its shape (else a `ValueError`
-        naming the weights, even with `ignore_mismatched_sizes=True`); the MDF modules a Mllama checkpoint lacks are
-        initialised and logged."""
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        kwargs.pop("ignore_mismatched_sizes", None)
-        require_safetensors(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
-        kwargs["use_safetensors"] = True  # whatever was asked: a pickle can run code when loaded
-        # Mismatches are let through transformers (whose error points to a report in the log) to be named here.
-        model, loading_info = super().from_pretrained(
-            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
-        base_missing = sorted(key for key in loading_info["missing_keys"] if not is_mdf_parameter(key))
-        wrong_shape = sorted(map(str, loading_info["mismatched_keys"]))
-        if base_missing or wrong_shape:
-            raise ValueError(
-                f"base weights did not load from {args[0] if args else kwargs.get('pretrained_model_name_or_path')}: "
-                f"missing {base_missing}, wrong shape {wrong_shape}"
-            )
-        if loading_info["missing_keys"]:
-            # One line per module, not per tensor: a Mllama checkpoint lacks every MDF tensor (over a hundred).
-            missing = loading_info["missing_keys"]
-            modules = {key.split(".unet")[0] + ".unet" + key.split(".unet")[1].split(".")[0] for key in missing}
-            logger.warning(
-                "Initialised %d MDF-MLLM tensors the checkpoint does not hold, in %s",
-                len(missing),
-                ", ".join(sorted(modules)),
-            )
-        return (model, loading_info) if output_loading_info else model
 
     def mdf_lora_config(self, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs):
         """A `peft.LoraConfig` for MDF-MLLM: LoRA on the language model's attention and MLP projections, and every
@@ -721,6 +859,7 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             # The decoder costs twice the encoder: it runs only for a loss that counts.
             output_vessel_logits=vessel_mask is not None and self.model.unet is not None
             and self.config.unet_config["use_decoder"] and self.config.seg_loss_weight > 0,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -755,10 +894,11 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
     def generate(self, inputs=None, *args, prompt_mask=None, **kwargs):
         """`GenerationMixin.generate`, with the FiLM context fixed to the prompt.
 
-        `prompt_mask` defaults here to the prompt's own `attention_mask` (ones when there is none), before `generate`
-        drops an all-ones mask or turns it 4-D for a static cache; generated tokens are then appended outside it, so
-        decoding with a dynamic or a static cache, or without one (which reruns the U-Net every step), conditions
-        the U-Net on the same text.
+        `prompt_mask` (B, prompt length) defaults here to the prompt's own `attention_mask` (ones when there is none),
+        before `generate` drops an all-ones mask or turns it 4-D for a static cache. It stays the prompt's length: the
+        forward passes that run the U-Net (pre-fill, or every step without a cache) get it padded with zeros over the
+        tokens generated so far (`prepare_inputs_for_generation`), and cached decoding steps get none, so no input
+        grows step by step (a compiled forward does not recompile per token).
         """
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt_mask is None and prompt is not None:
@@ -770,28 +910,41 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             )
         return super().generate(inputs, *args, prompt_mask=prompt_mask, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, unet_pixel_values=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids=None, *args, inputs_embeds=None, unet_pixel_values=None, prompt_mask=None, **kwargs
+    ):
+        # `inputs_embeds` by name: `generate` supports `inputs_embeds` only when this signature names it.
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         # Like pixel_values: the U-Net runs at pre-fill; decoding steps read its cached keys/values.
         if kwargs.get("use_cache") and not kwargs.get("is_first_iteration"):
-            unet_pixel_values = None
+            unet_pixel_values, prompt_mask = None, None
+        if prompt_mask is not None:
+            # The forward's tokens start at the prompt's first (pre-fill, or the whole sequence without a cache):
+            # generated tokens, drafted ones included, lie after the prompt and outside the FiLM context.
+            tokens = model_inputs.get("input_ids")
+            if model_inputs.get("inputs_embeds") is not None:
+                tokens = model_inputs["inputs_embeds"]
+            length = tokens.shape[1]
+            prompt_mask = F.pad(prompt_mask, (0, max(0, length - prompt_mask.shape[1])))[:, :length]
         model_inputs["unet_pixel_values"] = unet_pixel_values
+        model_inputs["prompt_mask"] = prompt_mask
         return model_inputs
 
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder, **kwargs):
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, **kwargs)
-        if model_kwargs.get("prompt_mask") is not None:  # generated tokens stay outside the FiLM context
-            model_kwargs["prompt_mask"] = F.pad(model_kwargs["prompt_mask"], (0, kwargs.get("num_new_tokens", 1)))
-        return model_kwargs
+    # `generate` reads this signature to route model inputs (`inputs_embeds`, and the cache under the name the
+    # installed release gives it, which an assistant model is handed): Mllama's, plus the two inputs added here.
+    prepare_inputs_for_generation.__signature__ = _with_keyword_parameters(
+        inspect.signature(MllamaForConditionalGeneration.prepare_inputs_for_generation), "unet_pixel_values", "prompt_mask"
+    )
 
     def _prepare_static_cache(self, *args, model_kwargs, **kwargs) -> Cache:
         cache = super()._prepare_static_cache(*args, model_kwargs=model_kwargs, **kwargs)
-        # The U-Net branches' slots follow the decoder layers' (see `_unet_cache_layer`); fixed-size like the vision
-        # cross-attention's: G^2 tokens per image.
-        views = model_kwargs.get("unet_pixel_values")
-        num_images = views.shape[1] if views is not None and views.ndim == 5 else 1
-        unet_tokens = num_images * self.config.fusion_grid**2
-        cache.layers.extend(StaticLayer(max_cache_len=unet_tokens) for _ in self.config.fusion_layers)
+        # Mllama sizes each cross-attention layer for its vision tokens; a fused layer's entry also holds the U-Net
+        # branch's G^2 tokens per image, in front of them (`MdfMllmUnetCrossAttention`).
+        pixel_values = model_kwargs.get("pixel_values")
+        num_images = pixel_values.shape[1] if pixel_values is not None else 1
+        per_image = vision_tokens_per_image(self.config) + self.config.fusion_grid**2
+        for layer_idx in self.config.fusion_layers:
+            cache.layers[layer_idx] = StaticLayer(max_cache_len=num_images * per_image)
         return cache
 
     @torch.no_grad()

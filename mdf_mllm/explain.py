@@ -145,7 +145,8 @@ def explain(model, processor, image, clinical_text: str | None = None, label=Non
     answered["prompt_mask"] = answered["attention_mask"] * (labels != IGNORE_INDEX).logical_not()
     positions = answer_positions(labels[0])
     with eager_text_attention(model), capture_cross_attention(model, positions) as captured:
-        model(**_inputs_on(model, answered))
+        # No cache: a cached fused layer's stock branch attends over its whole cache entry (U-Net tokens masked out)
+        model(**_inputs_on(model, answered), use_cache=False)
 
     order = probabilities.argsort(descending=True).tolist()
     explanation = Explanation(

@@ -341,6 +341,8 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
     device = next(unet.parameters()).device
     class_head = torch.nn.Linear(sum(unet.widths), num_classes, device=device)
     parameters = [p for name, p in unet.named_parameters() if not name.startswith("film.")]
+    for param in parameters:  # the model leaves what its own forward does not run (decoder, deep stages) frozen
+        param.requires_grad_(True)
     parameters += list(class_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=job_args.stage1_learning_rate, weight_decay=training_args.weight_decay)
     generator = torch.Generator().manual_seed(training_args.seed)

@@ -152,16 +152,16 @@ def test_the_prompt_cache_is_not_copied_per_class(model):
     cross_length = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
     for num_classes, layers in sizes.items():
         packed = sum(len(ids) - 1 for ids in (VERBALIZERS[:2] if num_classes == 2 else VERBALIZERS))
-        assert len(layers) == text.num_hidden_layers + len(model.config.fusion_layers)
+        assert len(layers) == text.num_hidden_layers  # one entry per decoder layer, as Mllama's
         for index, (keys, values) in enumerate(layers):  # shapes (batch, heads, length, head_dim)
             assert keys == values and keys[0] == 2, index
-            if index >= text.num_hidden_layers:  # U-Net slots: G^2 tokens of one image
-                assert keys[2] == model.config.fusion_grid**2
+            if index in model.config.fusion_layers:  # the U-Net branch's G^2 tokens of one image, then the vision's
+                assert keys[2] == model.config.fusion_grid**2 + cross_length
             elif index in text.cross_attention_layers:
                 assert keys[2] == cross_length
             else:
                 assert keys[2] == inputs["input_ids"].shape[1] + packed
-    cross = [i for i in range(len(sizes[2])) if i in text.cross_attention_layers or i >= text.num_hidden_layers]
+    cross = [i for i in range(len(sizes[2])) if i in text.cross_attention_layers]
     assert [sizes[2][i] for i in cross] == [sizes[len(VERBALIZERS)][i] for i in cross]
 
 

@@ -7,6 +7,9 @@ mdf_mllm.stages.train's `callbacks` counts the steps and snapshots the states th
 
 FSDP: `accelerate launch --config_file configs/fsdp_cpu.yaml` over two processes; each process writes what it holds
 of every parameter (tests/fsdp_probe.py), and each must hold a disjoint half, not a replica (as DDP would).
+
+DDP: two processes (torch.distributed.run, gloo) train the main job's model with gradient checkpointing and
+`ddp_find_unused_parameters=False` (tests/ddp_probe.py), which stops at a trainable parameter without a gradient.
 """
 
 import copy
@@ -208,3 +211,31 @@ def test_fsdp_over_two_cpu_processes_gives_each_a_disjoint_half_of_every_weight(
     total = sum(torch.Size(p["shape"]).numel() for p in parameters.values())
     assert held[0] + held[1] == total
     assert 0.45 < held[0] / total < 0.55
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DDP
+
+
+def test_ddp_with_gradient_checkpointing_and_no_unused_parameter_search_trains(tmp_path):
+    import socket
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    for attempt in range(2):  # as launch_two_cpu_processes: a gloo rendezvous over loopback now and then aborts
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                   str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path)]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if result.returncode == 0 or "SIGABRT" not in result.stderr:
+            break
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank-*.json")))
+    for rank, record in enumerate((first, second)):
+        assert record["rank"] == rank and record["world_size"] == 2
+        assert record["wrapper"] == "DistributedDataParallel" and record["find_unused_parameters"] is False
+        assert record["gradient_checkpointing"] and record["steps"] == [1, 2]
+        assert record["moved"] > 0.9 * record["trainable"]  # it trained (not a no-op that a frozen model would be)
+    assert first["checksum"] == second["checksum"]  # replicas in step: the gradients were all-reduced

@@ -95,7 +95,8 @@ def test_film_is_exactly_the_identity_in_a_fresh_model():
     inputs = make_inputs(model.config)
     inputs["unet_pixel_values"] = 10 * torch.randn_like(inputs["unet_pixel_values"])
     forward(model, inputs)
-    assert seen == [True] * len(films) == [True] * 4
+    # Stages below the deepest fused depth (3 here) feed nothing without a vessel loss and do not run.
+    assert seen == [True] * max(model.config.fusion_layers.values()) == [True] * 3
 
 
 def test_film_in_the_model_uses_the_prompt_mean_embedding():
@@ -111,7 +112,7 @@ def test_film_in_the_model_uses_the_prompt_mean_embedding():
     for film in model.model.unet.film:
         film.register_forward_hook(lambda module, args, out: records.append((module, args[0], out)))
     forward(model, inputs)
-    assert len(records) == 4
+    assert len(records) == max(model.config.fusion_layers.values())  # the stages that run (see above)
     for film, features, out in records:
         torch.testing.assert_close(out, by_hand_film(film, features, context), **CLOSE)
 

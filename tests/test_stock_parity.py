@@ -58,21 +58,31 @@ def test_generate_scores_are_the_same_with_a_dynamic_a_static_or_no_cache(padded
     torch.testing.assert_close(logits(mdf, full)[:, -1], scores[:, -1], atol=1e-5, rtol=0)
 
 
-def test_a_static_cache_holds_the_unet_slots_as_fixed_size_layers():
+def test_a_static_cache_has_one_fixed_size_layer_per_decoder_layer_as_stock():
     from transformers.cache_utils import StaticLayer
 
+    from modeling_mdf_mllm import vision_tokens_per_image
     from test_modeling import two_images
 
-    _, mdf = stock_and_mdf("a")
+    stock, mdf = stock_and_mdf("a")
     inputs = two_images(make_inputs(mdf.config))
-    with torch.no_grad():
-        out = mdf.generate(**inputs, max_new_tokens=2, cache_implementation="static", return_dict_in_generate=True)
-    cache = out.get("cache", out.get("past_key_values"))
-    text = mdf.config.text_config
-    assert len(cache.layers) == text.num_hidden_layers + len(mdf.config.fusion_layers)
+    caches = []
+    for model, model_inputs in ((stock, {k: v for k, v in inputs.items() if k != "unet_pixel_values"}), (mdf, inputs)):
+        with torch.no_grad():
+            out = model.generate(**model_inputs, max_new_tokens=2, cache_implementation="static",
+                                 return_dict_in_generate=True)
+        caches.append(out.get("cache", out.get("past_key_values")))
+    stock_cache, cache = caches
+    assert len(cache.layers) == len(stock_cache.layers) == mdf.config.text_config.num_hidden_layers
     assert all(isinstance(layer, StaticLayer) for layer in cache.layers) and cache.is_compileable  # no recompiles
-    unet_slots = cache.layers[text.num_hidden_layers :]
-    assert all(layer.keys.shape[2] == 2 * mdf.config.fusion_grid**2 for layer in unet_slots)  # two images
+    vision = 2 * vision_tokens_per_image(mdf.config)  # two images
+    unet = 2 * mdf.config.fusion_grid**2
+    for index, (layer, stock_layer) in enumerate(zip(cache.layers, stock_cache.layers)):
+        expected = list(stock_layer.keys.shape)
+        if index in mdf.config.fusion_layers:  # the U-Net branch's tokens in front of the vision tokens
+            assert expected[2] == vision
+            expected[2] += unet
+        assert list(layer.keys.shape) == expected == list(layer.values.shape), index
 
 
 def test_generate_with_closed_unet_gates_is_the_stock_model_after_a_chat_header():
