@@ -52,6 +52,10 @@ class Result:
     def accuracy(self, subset: str = "all") -> float | None:
         return self.report["subsets"][subset]["accuracy"]
 
+    def results_json(self) -> dict:
+        """The report and the class probabilities per test photo (an export's results.json)."""
+        return {**self.report, "probabilities": np.asarray(self.probabilities).tolist()}
+
     def as_json(self) -> dict:
         """Everything but the probabilities (comparison.json)."""
         extra = {key: getattr(self, key) for key in ("train_seconds", "parameters") if getattr(self, key) is not None}

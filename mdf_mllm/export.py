@@ -96,7 +96,7 @@ def write_repository(folder: Path, model, processor, ours, trainer, dataset, dat
     processor.save_pretrained(folder)
     register_pipeline(folder)
     shutil.copyfile(HANDLER_SOURCE, folder / model_card.ENDPOINT_HANDLER_FILE)
-    model_card.write_results(ours.report, folder)
+    model_card.write_results(ours.results_json(), folder)
     histories = {ours.name: trainer.state.log_history}
     if baseline is not None:
         histories[baseline.name] = baseline.trainer.state.log_history
@@ -202,5 +202,5 @@ def write_comparison(results: list[Result], differences: dict, counterfactual: d
          "counterfactual_histories": counterfactual, "stage1_loss": stage1_losses}, indent=1, allow_nan=False))
     for result in results[1:]:
         if result.trainer is not None:
-            model_card.write_results(result.report, result.trainer.args.output_dir)
+            model_card.write_results(result.results_json(), result.trainer.args.output_dir)
     return markdown
