@@ -83,7 +83,7 @@ class MdfFundusConfig(datasets.BuilderConfig):
 
 
 class MdfFundus(datasets.GeneratorBasedBuilder):
-    """Fundus photos with disease label, disease type, clinical text, vessel mask, case and split (see DATA.md)."""
+    """Fundus photos with disease label, disease type, clinical text, vessel mask, case and split (see docs/data.md)."""
 
     VERSION = datasets.Version("1.1.0")  # 1.1: the file_name column
     BUILDER_CONFIG_CLASS = MdfFundusConfig

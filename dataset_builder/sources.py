@@ -1,4 +1,4 @@
-"""Readers for the on-disk layouts of FIVES, HRF, StoneRounds and labelled image folders (see DATA.md).
+"""Readers for the on-disk layouts of FIVES, HRF, StoneRounds and labelled image folders (see docs/data.md).
 
 Each reader walks its folder and returns `(records, skipped)`: a `Record` per usable image (label, case, text, mask
 path, official split) and a `Skipped(path, reason)` per file it could not use. Nothing is decoded here;
