@@ -162,28 +162,26 @@ def paired_differences(ours: Result, others: list[Result], labels, history, n_bo
 # Counterfactual histories
 
 
-def counterfactual_summary(groups: list[str], kinds: list[str], points_to: list[int | None], original,
+def counterfactual_summary(groups: list[str], kinds: list[str], points_to: list[list[int]], original,
                            swapped) -> list[dict]:
     """Per group of swapped-history photos (then one total per kind): how often the answer with the swapped history
-    is the label that history points to ("follows"), and how often it differs from the answer to the photo's own
+    is a label that history points to ("follows"), and how often it differs from the answer to the photo's own
     input ("changed").
 
     Args:
         groups, kinds: per photo, its group's name and kind ("phenocopy" or "photo decides").
-        points_to: per photo, the label id the swapped history points to (None: it points to no label the photo
-            allows).
+        points_to: per photo, the label ids the swapped history is written for (a phenocopy's twin; for a photo
+            that decides, the labels of the misleading history, none of which draws the photo).
         original, swapped: per photo, the predicted label id with its own input and with the swapped history.
 
     Returns:
-        `[{"group", "kind", "n", "follows", "changed"}]`; "follows" is None where no swapped history points anywhere.
+        `[{"group", "kind", "n", "follows", "changed"}]`.
     """
     original, swapped = np.asarray(original), np.asarray(swapped)
-    target = np.array([-1 if label is None else label for label in points_to])
+    follows = np.array([answer in labels for answer, labels in zip(swapped.tolist(), points_to)])
 
     def row(name: str, kind: str, mask: np.ndarray) -> dict:
-        points = mask & (target >= 0)
-        return {"group": name, "kind": kind, "n": int(mask.sum()),
-                "follows": float((swapped[points] == target[points]).mean()) if points.any() else None,
+        return {"group": name, "kind": kind, "n": int(mask.sum()), "follows": float(follows[mask].mean()),
                 "changed": float((swapped[mask] != original[mask]).mean())}
 
     rows = [row(group, kinds[groups.index(group)], np.array([g == group for g in groups]))

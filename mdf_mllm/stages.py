@@ -338,7 +338,7 @@ def counterfactual(dataset, data_args, processor, collator, models: dict, text_o
     inputs); late fusion is added from the U-Net alone and `text_only`.
 
     Returns {"summary": {name: `comparison.counterfactual_summary` rows}, "photos": one entry per test photo (its
-    case, file, group, kind, the history kind given, the label it points to, and each model's answer with its own
+    case, file, group, kind, the history kind given, the labels it points to, and each model's answer with its own
     input and with the swapped history)}.
     """
     from dataset_builder import synthetic
@@ -356,10 +356,10 @@ def counterfactual(dataset, data_args, processor, collator, models: dict, text_o
         look = looks[(example["case_id"], label)]
         kind, history, twin = synthetic.counterfactual_history(label, look)
         texts.append(synthetic.case_text(synthetic.clinical_case(history, rng)))
-        pointed = f"history of {twin}" if twin else f"a misleading history ({history})"
+        pointed = f"history of {twin}" if twin else f"a misleading {history} history"
         photos.append({"case_id": example["case_id"], "file_name": example["file_name"], "kind": kind,
                        "group": f"{label} photo drawn as {look}, {pointed}", "history": history,
-                       "points_to": twin, "answers": {}})
+                       "points_to": [twin] if twin else synthetic.HISTORY_LABELS[history], "answers": {}})
     answers = {}
     swapped = ProcessedSplit(test.remove_columns("text").add_column("text", texts), processor, with_answers=False)
     for name, (model, original) in models.items():
@@ -371,7 +371,7 @@ def counterfactual(dataset, data_args, processor, collator, models: dict, text_o
             unet_alone.probabilities, text_probabilities, prior).argmax(-1)
         answers[comparison.LATE_FUSION] = (fuse(text_only.probabilities(test["text"])),
                                            fuse(text_only.probabilities(texts)))
-    points_to = [None if photo["points_to"] is None else names.index(photo["points_to"]) for photo in photos]
+    points_to = [[names.index(label) for label in photo["points_to"]] for photo in photos]
     groups, kinds = [photo["group"] for photo in photos], [photo["kind"] for photo in photos]
     for name, (original, changed) in answers.items():
         for photo, before, after in zip(photos, original, changed):

@@ -125,7 +125,7 @@ def counterfactual_table(table: dict[str, list[dict]]) -> str:
     lines = ["| Test photos | Kind | n | " + " | ".join(f"{name}: follows / changed" for name in names) + " |",
              "|---|---|---:|" + "---|" * len(names)]
     for index, row in enumerate(table[names[0]]):
-        cells = [f"{_accuracy(table[name][index]['follows'])} / {table[name][index]['changed']:.3f}" for name in names]
+        cells = [f"{table[name][index]['follows']:.3f} / {table[name][index]['changed']:.3f}" for name in names]
         label = f"**{row['group']}**" if row["group"].startswith("all ") else row["group"]
         lines.append(f"| {label} | {row['kind']} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -139,10 +139,11 @@ def comparison_markdown(results: list[Result], differences: dict[str, dict],
              f"{results[0].report['bootstrap']['n_resamples']} resamples):", "", paired_table(results[0].name, differences)]
     if counterfactual:
         parts += ["Counterfactual histories: each test photo whose look another class draws too gets that class's "
-                  "own history (phenocopy: does the answer follow the history?), each photo that only its class "
-                  "draws gets a misleading history (photo decides: does the answer change?). Follows: share of "
-                  "answers that are the class the history points to; changed: share of answers that differ from the "
-                  "answer to the photo's own input.", "", counterfactual_table(counterfactual["summary"])]
+                  "own history (phenocopy: the answer should follow the history), each photo that only its class "
+                  "draws gets a history that no class of its look writes (photo decides: the answer should not "
+                  "move). Follows: share of answers that are a class the swapped history is written for; changed: "
+                  "share of answers that differ from the answer to the photo's own input.", "",
+                  counterfactual_table(counterfactual["summary"])]
     return "\n".join(parts)
 
 

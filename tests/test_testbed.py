@@ -221,17 +221,18 @@ def test_rows_report_accuracy_with_and_without_a_history_and_the_tables_read_the
 def test_counterfactual_summary_by_hand():
     groups = ["stargardt as amd", "stargardt as amd", "amd as amd", "dr", "dr", "dr"]
     kinds = ["phenocopy"] * 3 + ["photo decides"] * 3
-    points_to = [1, 1, 2, None, None, None]
+    points_to = [[1], [1], [2], [1, 4], [1, 4], [1, 4]]
     original = [2, 2, 1, 3, 3, 0]
-    swapped = [1, 2, 2, 3, 1, 0]
+    swapped = [1, 2, 2, 3, 4, 0]
     rows = comparison.counterfactual_summary(groups, kinds, points_to, original, swapped)
     assert rows == [
         {"group": "stargardt as amd", "kind": "phenocopy", "n": 2, "follows": 0.5, "changed": 0.5},
         {"group": "amd as amd", "kind": "phenocopy", "n": 1, "follows": 1.0, "changed": 1.0},
-        {"group": "dr", "kind": "photo decides", "n": 3, "follows": None, "changed": pytest.approx(1 / 3)},
+        {"group": "dr", "kind": "photo decides", "n": 3, "follows": pytest.approx(1 / 3),
+         "changed": pytest.approx(1 / 3)},
         {"group": "all phenocopy photos", "kind": "phenocopy", "n": 3, "follows": pytest.approx(2 / 3),
          "changed": pytest.approx(2 / 3)},
-        {"group": "all photo decides photos", "kind": "photo decides", "n": 3, "follows": None,
+        {"group": "all photo decides photos", "kind": "photo decides", "n": 3, "follows": pytest.approx(1 / 3),
          "changed": pytest.approx(1 / 3)},
     ]
     table = tables.counterfactual_table({"MDF-MLLM": rows})
@@ -280,10 +281,11 @@ def test_counterfactual_table_on_a_tiny_model():
         shared = len(synthetic.LOOK_LABELS[look]) > 1
         assert photo["kind"] == ("phenocopy" if shared else "photo decides")
         writers = synthetic.HISTORY_LABELS[photo["history"]]
+        assert photo["points_to"] == writers
         if shared:  # the twin's own history: only the twin writes it, and the twin draws this look
-            assert writers == [photo["points_to"]] and photo["points_to"] in synthetic.LOOK_LABELS[look]
+            assert len(writers) == 1 and writers[0] in synthetic.LOOK_LABELS[look] and writers[0] != names[label]
         else:  # no label that draws this look writes it
-            assert photo["points_to"] is None and not set(writers) & {names[label], *synthetic.LOOK_LABELS[look]}
+            assert not set(writers) & {names[label], *synthetic.LOOK_LABELS[look]}
     assert {p["kind"] for p in photos} == {"phenocopy", "photo decides"}
     # Each swapped answer, one photo at a time, from the photo and the history kind recorded for it.
     rng = np.random.default_rng(0)
@@ -297,9 +299,11 @@ def test_counterfactual_table_on_a_tiny_model():
         assert photo["answers"]["tiny"] == [names[own[index]], names[answer]]
     rows = {row["group"]: row for row in table["summary"]["tiny"]}
     phenocopies = [p for p in photos if p["kind"] == "phenocopy"]
-    follows = np.mean([p["answers"]["tiny"][1] == p["points_to"] for p in phenocopies])
+    follows = np.mean([p["answers"]["tiny"][1] in p["points_to"] for p in phenocopies])
     assert rows["all phenocopy photos"]["n"] == len(phenocopies)
     assert rows["all phenocopy photos"]["follows"] == pytest.approx(follows)
     decided = [p for p in photos if p["kind"] == "photo decides"]
     changed = np.mean([p["answers"]["tiny"][0] != p["answers"]["tiny"][1] for p in decided])
     assert rows["all photo decides photos"]["changed"] == pytest.approx(changed)
+    misled = np.mean([p["answers"]["tiny"][1] in p["points_to"] for p in decided])
+    assert rows["all photo decides photos"]["follows"] == pytest.approx(misled)
