@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from configuration_mdf_mllm import DEFAULT_LABELS
 from dataset_builder import TINY_COMPOSITION, builder, synthetic
@@ -239,13 +240,25 @@ def test_counterfactual_summary_by_hand():
     assert "| **all phenocopy photos** | phenocopy | 3 | 0.667 / 0.667 |" in table
 
 
+class TextReader(torch.nn.Module):
+    """A stand-in classifier whose answer is the sum of the prompt's token ids modulo K: any other text, another
+    answer (almost always)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # predict() reads the device from a parameter
+
+    def classify(self, input_ids, attention_mask, **_):
+        return torch.nn.functional.one_hot((input_ids * attention_mask).sum(1) % self.num_classes,
+                                           self.num_classes).float()
+
+
 def test_counterfactual_table_on_a_tiny_model():
     """The main job's counterfactual histories on a tiny model: every photo gets the history its look calls for,
     each recorded answer is what the model says to that photo and history (classified here one at a time), and the
     summary is the share of those answers."""
     from types import SimpleNamespace
-
-    import torch
 
     from conftest import TINY_UNET, move_off_init, tiny_mllama_config
     from configuration_mdf_mllm import MdfMllmConfig
@@ -270,9 +283,11 @@ def test_counterfactual_table_on_a_tiny_model():
     job_args = SimpleNamespace(eval_batch_size=4)
     test = training.ProcessedSplit(dataset["test"], processor, with_answers=False)
     own = training.predict(model, test, collator, 4).argmax(-1)
-    table = stages.counterfactual(dataset, data_args, processor, collator, {"tiny": (model, own)},
+    reader = TextReader(len(names := dataset["test"].features["label"].names))
+    table = stages.counterfactual(dataset, data_args, processor, collator,
+                                  {"tiny": (model, own), "reader": (reader, training.predict(reader, test, collator, 4)
+                                                                    .argmax(-1))},
                                   stages.text_only_reference(dataset), None, job_args)
-    names = dataset["test"].features["label"].names
     photos = table["photos"]
     assert [p["case_id"] for p in photos] == dataset["test"]["case_id"] and len(photos) == len(test)
     looks = {(i.case_id, i.label): i.look or i.label for i in synthetic.plan(60, 0)}
@@ -297,6 +312,9 @@ def test_counterfactual_table_on_a_tiny_model():
         with torch.no_grad():
             answer = model.classify(**{k: v for k, v in batch.items() if k != "vessel_mask"}).argmax(-1).item()
         assert photo["answers"]["tiny"] == [names[own[index]], names[answer]]
+        # The reader's answer is a function of the prompt's tokens alone: it shows the swapped history was read.
+        assert photo["answers"]["reader"][1] == names[reader.classify(**batch).argmax(-1).item()]
+    assert any(p["answers"]["reader"][0] != p["answers"]["reader"][1] for p in photos)
     rows = {row["group"]: row for row in table["summary"]["tiny"]}
     phenocopies = [p for p in photos if p["kind"] == "phenocopy"]
     follows = np.mean([p["answers"]["tiny"][1] in p["points_to"] for p in phenocopies])
