@@ -342,7 +342,8 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
     returns the mean loss of each epoch."""
     device = next(unet.parameters()).device
     class_head = torch.nn.Linear(sum(unet.widths), num_classes, device=device)
-    parameters = [p for name, p in unet.named_parameters() if not name.startswith("film.")]
+    kinds = unet.parameter_kinds()  # FiLM by class (modeling_mdf_mllm), not by its attribute's name
+    parameters = [p for name, p in unet.named_parameters() if kinds[name] != "film"]
     for param in parameters:  # the model leaves what its own forward does not run (decoder, deep stages) frozen
         param.requires_grad_(True)
     parameters += list(class_head.parameters())
