@@ -110,7 +110,7 @@ def open_image(path: str) -> Image.Image:
 def check_fundus(images, paths, model_folder: str, enforce: bool) -> None:
     """The model's fundus check on every photo, with the model folder's threshold, before the model loads: a refusal
     (`InputError`) or, when not `enforce`d, a one-line warning on stderr."""
-    from processing_mdf_mllm import MdfMllmImageProcessor, NotFundusError
+    from image_processing_mdf_mllm import MdfMllmImageProcessor, NotFundusError
 
     try:
         image_processor = MdfMllmImageProcessor.from_pretrained(model_folder)

@@ -18,8 +18,9 @@ from modeling_mdf_mllm import (
     unet_branches,
 )
 from pipeline_mdf_mllm import require_finite
-from processing_mdf_mllm import MdfMllmImageProcessor, MdfMllmProcessor, build_default_processor, build_tokenizer
-from processing_mdf_mllm import MllamaImageProcessor  # the backend AutoImageProcessor picks (PIL or torchvision)
+from processing_mdf_mllm import MdfMllmProcessor, build_default_processor, build_tokenizer
+from image_processing_mdf_mllm import MdfMllmImageProcessor
+from image_processing_mdf_mllm import MllamaImageProcessor  # the backend AutoImageProcessor picks (PIL or torchvision)
 
 
 class UsageError(ValueError):

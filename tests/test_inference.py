@@ -16,7 +16,7 @@ from skimage import data
 from mdf_mllm.explain import answer_positions, draw_explanation, explain, overlay, upsample_cells
 from modeling_mdf_mllm import MdfMllmUnetCrossAttention
 from pipeline_mdf_mllm import TASK, register_pipeline
-from processing_mdf_mllm import crop_to_circle, to_rgb_image
+from image_processing_mdf_mllm import crop_to_circle, to_rgb_image
 
 
 # Every module and package of this repository (pyproject's py-modules and packages).

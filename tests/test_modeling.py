@@ -235,7 +235,8 @@ FRESH_PROCESS = textwrap.dedent(
 
     class NotThisProject(MetaPathFinder):  # the exported folder must be enough
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm"}:
+            if name.split(".")[0] in {"configuration_mdf_mllm", "modeling_mdf_mllm", "image_processing_mdf_mllm",
+                                      "processing_mdf_mllm"}:
                 raise ImportError(name)
 
     sys.meta_path.insert(0, NotThisProject())

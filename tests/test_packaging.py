@@ -12,11 +12,13 @@ from pathlib import Path
 
 from conftest import ROOT
 
-HUB_FILES = {"configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm", "pipeline_mdf_mllm"}
+HUB_FILES = {"configuration_mdf_mllm", "modeling_mdf_mllm", "image_processing_mdf_mllm", "processing_mdf_mllm",
+             "pipeline_mdf_mllm"}
 
 # Lowest first. A module imports only modules before it: those of a lower floor, or earlier on its own floor.
 FLOORS = (
-    ("configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm", "pipeline_mdf_mllm"),  # the Hub files
+    ("configuration_mdf_mllm", "modeling_mdf_mllm", "image_processing_mdf_mllm", "processing_mdf_mllm",
+     "pipeline_mdf_mllm"),  # the Hub files
     ("mdf_mllm", "mdf_mllm.messages", "mdf_mllm.handler"),  # helpers
     ("dataset_builder",),  # data
     ("mdf_mllm.model_setup", "mdf_mllm.probe_ladder", "mdf_mllm.explain", "mdf_mllm.real_photos"),  # models, processors

@@ -160,6 +160,7 @@ def test_export_is_a_complete_hub_repository(main_job):
         "configuration_mdf_mllm.py",
         "modeling_mdf_mllm.py",
         "processing_mdf_mllm.py",
+        "image_processing_mdf_mllm.py",
         "processor_config.json",
         "tokenizer.json",
         "README.md",
