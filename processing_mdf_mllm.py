@@ -38,9 +38,10 @@ DEFAULT_INSTRUCTION = "What retinal disease does this fundus photograph show?"
 DEFAULT_CLINICAL_TEXT_TEMPLATE = "Clinical history: {clinical_text}"
 DEFAULT_MAX_CLINICAL_TEXT_TOKENS = 512  # clinical histories run to a few sentences; this bounds memory and time
 
-# Llama 3.2 Vision's chat layout, without its system-prompt and tool branches.
-LLAMA3_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
+# Llama 3.2 Vision's chat layout of the turns: each message (text, and `<|image|>` for an image), then the
+# assistant's header when a generation prompt is asked for. Written once: the stock base's template (model_setup)
+# puts its system turn in front of the same turns.
+LLAMA3_CHAT_TURNS = (
     "{%- for message in messages %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
     "{%- if message['content'] is string %}{{- message['content'] | trim }}"
@@ -52,6 +53,8 @@ LLAMA3_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
+# Llama 3.2 Vision's chat layout, without its system-prompt and tool branches.
+LLAMA3_CHAT_TEMPLATE = "{{- bos_token }}" + LLAMA3_CHAT_TURNS
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from mdf_mllm.messages import OneLineParser, number_in, shown
 
 from .builder import CONFIG_NAMES, build, export_imagefolder, export_parquet, parquet_export_problem, write_report
 from .preview import contact_sheet
-from .sources import SPLITS
-from .synthetic import LABEL_NAMES, generate
+from .sources import LABEL_NAMES, SPLITS
+from .synthetic import generate
 
 
 MIN_IMAGE_SIZE = 32  # the smallest photo the synthetic renderer draws a fundus on

@@ -11,6 +11,8 @@ from transformers import AutoProcessor, MllamaConfig, MllamaProcessor
 from transformers.utils import logging as transformers_logging
 
 from configuration_mdf_mllm import DEFAULT_LABELS, MdfMllmConfig
+from image_processing_mdf_mllm import MdfMllmImageProcessor
+from image_processing_mdf_mllm import MllamaImageProcessor  # the backend AutoImageProcessor picks (PIL or torchvision)
 from modeling_mdf_mllm import (
     MdfMllmForConditionalGeneration,
     mdf_parameter_kinds,
@@ -18,9 +20,7 @@ from modeling_mdf_mllm import (
     unet_branches,
 )
 from pipeline_mdf_mllm import require_finite
-from processing_mdf_mllm import MdfMllmProcessor, build_default_processor, build_tokenizer
-from image_processing_mdf_mllm import MdfMllmImageProcessor
-from image_processing_mdf_mllm import MllamaImageProcessor  # the backend AutoImageProcessor picks (PIL or torchvision)
+from processing_mdf_mllm import LLAMA3_CHAT_TURNS, MdfMllmProcessor, build_default_processor, build_tokenizer
 
 
 class UsageError(ValueError):
@@ -70,13 +70,7 @@ BASE_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if not ns.has_images and messages[0]['role'] != 'system' %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023<|eot_id|>' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] | trim }}{%- else %}"
-    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
-    "{%- elif content['type'] == 'text' %}{{- content['text'] | trim }}{%- endif %}{%- endfor %}{%- endif %}"
-    "{{- '<|eot_id|>' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{%- endif %}" + LLAMA3_CHAT_TURNS
 )
 
 

@@ -611,3 +611,19 @@ def test_the_exported_model_folder_carries_the_image_processor_file(model_folder
     assert config["auto_map"]["AutoProcessor"] == "processing_mdf_mllm.MdfMllmProcessor"
     source = (folder / "processing_mdf_mllm.py").read_text()
     assert "class MdfMllmImageProcessor" not in source and "def detect_field_of_view" not in source
+
+
+def test_the_chat_templates_written_once_are_the_texts_they_always_were():
+    """The turns are written once (processing_mdf_mllm.LLAMA3_CHAT_TURNS); the processor's template and the stock
+    base's (with its system turn in front) must still be, character for character, the templates that built the
+    cached bases and the exports (their sha256 before the two were joined)."""
+    import hashlib
+
+    from mdf_mllm.model_setup import BASE_CHAT_TEMPLATE
+    from processing_mdf_mllm import LLAMA3_CHAT_TEMPLATE, LLAMA3_CHAT_TURNS
+
+    assert LLAMA3_CHAT_TEMPLATE.endswith(LLAMA3_CHAT_TURNS) and BASE_CHAT_TEMPLATE.endswith(LLAMA3_CHAT_TURNS)
+    digest = {name: hashlib.sha256(text.encode()).hexdigest()
+              for name, text in (("mdf", LLAMA3_CHAT_TEMPLATE), ("base", BASE_CHAT_TEMPLATE))}
+    assert digest == {"mdf": "b6bac74b99ad861026db900390aa0248503e5749b4cd2e8bb3410ccbcabddf41",
+                      "base": "b69c362b063a7849cc0f0506b062156926420995677a0b3dce2bcaaf9b2ceddd"}
