@@ -237,4 +237,4 @@ def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, co
     if any(r["name"] == REFERENCE_ROW for r in results):
         table += "\n" + differences_markdown(against)
     (out / "ablation.md").write_text(table)
-    plot_ablation([{k: r[k] for k in ("name", "seed", *METRICS)} for r in results], out / "ablation.png")
+    plot_ablation(summary, METRICS, out / "ablation.png")
