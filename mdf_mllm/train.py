@@ -33,6 +33,7 @@ from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
 from mdf_mllm import ablation, comparison, export, stages, tables
+from mdf_mllm.messages import OneStyleHelpFormatter
 from mdf_mllm.model_setup import (
     BASE_RECORD_FILE,
     MODEL_SIZES,
@@ -53,7 +54,9 @@ from processing_mdf_mllm import MdfMllmDataCollator
 # Arguments
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(
+    OneStyleHelpFormatter, argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
+):
     def _get_help_string(self, action):
         # "(default: None)" says nothing; a help that explains its default already says more.
         documented = action.default is None or "default" in (action.help or "")

@@ -217,8 +217,8 @@ BAD_OPTIONS = {
     "absent device": (["--device", "cuda:99"], "mdf-mllm: error: --device cuda:99: this machine has"),
     "dtype": (["--dtype", "float8"], "mdf-mllm predict: error: argument --dtype: invalid choice: 'float8' (choose from "
                                      "'float32', 'bfloat16', 'float16')"),
-    "top-k": (["--top-k", "0"], "mdf-mllm predict: error: argument --top-k: expected a positive integer, got '0'"),
-    "batch size": (["--batch-size", "two"], "mdf-mllm predict: error: argument --batch-size: expected a positive"),
+    "top-k": (["--top-k", "0"], "mdf-mllm predict: error: argument --top_k: expected a positive integer, got '0'"),
+    "batch size": (["--batch-size", "two"], "mdf-mllm predict: error: argument --batch_size: expected a positive"),
     "unknown option": (["--fast"], "mdf-mllm: error: unrecognized arguments: --fast"),
 }
 
