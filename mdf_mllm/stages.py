@@ -245,7 +245,7 @@ def learning_rates(model_args) -> dict[str, float | None]:
             "unet": model_args.unet_learning_rate, "film": model_args.film_learning_rate}
 
 
-def run_one(name, model_args, splits, collator, processor, training_args, job_args, resume=None,
+def run_one(name, model_args, splits, collator, processor, job_args, training_args, resume=None,
             unet_weights=None) -> Result:
     """Train one model (its U-Net from `unet_weights` when given) and evaluate it on the test split. On the processes
     of a distributed run that do not evaluate, the result has the model and trainer but no report."""

@@ -115,3 +115,25 @@ def test_the_wheel_adds_only_the_package_dataset_builder_and_the_hub_files(tmp_p
         result = subprocess.run([command, "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_argument_objects_travel_in_one_order():
+    """Every function of the package that takes several of the job's argument objects takes them in one order,
+    model_args, data_args, job_args, training_args (a swapped pair of dataclasses would fail only deep inside)."""
+    import importlib
+    import inspect
+
+    order = ["model_args", "data_args", "job_args", "training_args"]
+    checked = 0
+    for path in ROOT.glob("mdf_mllm/*.py"):
+        if path.stem == "__main__":  # importing it runs the command
+            continue
+        module = importlib.import_module(f"mdf_mllm.{path.stem}" if path.stem != "__init__" else "mdf_mllm")
+        for name, function in inspect.getmembers(module, inspect.isfunction):
+            if function.__module__ != module.__name__:
+                continue
+            taken = [p for p in inspect.signature(function).parameters if p in order]
+            if len(taken) > 1:
+                checked += 1
+                assert taken == sorted(taken, key=order.index), f"{module.__name__}.{name}: {taken}"
+    assert checked >= 10
