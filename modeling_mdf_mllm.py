@@ -9,6 +9,7 @@ transformers and its sibling configuration file, and does no I/O at import time.
 import inspect
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -80,11 +81,6 @@ def require_safetensors(model) -> None:
             f"{os.path.join(model, pickles[0])}: weights stored as a pickle; MDF-MLLM loads safetensors only (convert "
             "with model.save_pretrained(folder), which writes model.safetensors)"
         )
-
-
-def is_mdf_parameter(name: str) -> bool:
-    """Whether a parameter / checkpoint key belongs to the MDF modules rather than to the Mllama base."""
-    return "unet" in name
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -169,6 +165,12 @@ class MdfMllmUNet(nn.Module):
             skips.append(features)
         return skips
 
+    def parameter_kinds(self) -> dict[str, str]:
+        """Parameter name -> "film" (inside an `MdfMllmFiLM`) or "unet" (the rest): see `mdf_parameter_kinds`."""
+        films = [name for name, module in self.named_modules() if isinstance(module, MdfMllmFiLM)]
+        return {name: "film" if any(name.startswith(f"{film}.") for film in films) else "unet"
+                for name, _ in self.named_parameters()}
+
     def decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
         """skips -> vessel logits (B, 1, S, S)."""
         features = self.bottleneck(skips[-1])
@@ -201,6 +203,10 @@ class MdfMllmUnetProjector(nn.Module):
             self.projections[str(depth)] = nn.Sequential(*linears, nn.LayerNorm(hidden))
         self.position_embedding = nn.Parameter(torch.empty(grid * grid, hidden))
         self.depth_embedding = nn.Parameter(torch.empty(UNET_DEPTHS, hidden))
+
+    def parameter_kinds(self) -> dict[str, str]:
+        """Parameter name -> "projector": see `mdf_parameter_kinds`."""
+        return {name: "projector" for name, _ in self.named_parameters()}
 
     def patchify(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, G^2, C * p * p), row-major over the grid: token i covers grid cell (i // G, i % G)."""
@@ -268,6 +274,12 @@ class MdfMllmUnetCrossAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1))
         self.tokens_per_image = tokens_per_image
         self.vision_tokens_per_image = vision_tokens_per_image
+
+    def parameter_kinds(self) -> dict[str, str]:
+        """Parameter name -> "gate" (g_u), "tau" (the logit scale) or "branch" (W_k^u, W_v^u): see
+        `mdf_parameter_kinds`. By identity, not by name, so that a renamed attribute is still found."""
+        kinds = {id(self.gate): "gate", id(self.logit_scale): "tau"}
+        return {name: kinds.get(id(param), "branch") for name, param in self.named_parameters()}
 
     def keys_values(
         self, unet_states: torch.Tensor | None, shared: MllamaTextCrossAttention, cache: Cache | None
@@ -411,6 +423,76 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The MDF parameters, found by class
+#
+# Every MDF parameter's kind comes from the class of the module holding it, never from its name: optimizer groups,
+# LoRA's modules_to_save, 4-bit loading, checkpoint loading, opening the gates and the probe ladder all ask here, so
+# renaming an attribute (self.unet, self.unet_attn, ...) moves nothing. Names are those `model.named_parameters()`
+# gives, wrappers included (PEFT's original and trained copies, DDP's `module.`, FSDP2), because `named_modules()`
+# and `named_parameters()` walk the same tree.
+
+MDF_KINDS = ("unet", "film", "projector", "branch", "gate", "tau")
+MDF_MODULE_CLASSES = (MdfMllmUNet, MdfMllmUnetProjector, MdfMllmUnetCrossAttention)
+
+
+def mdf_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> MDF module (U-Net with FiLM, patch projector, each fused layer's U-Net branch): every module of
+    an `MDF_MODULE_CLASSES` class (under PEFT both the frozen original and the trained copy), in `named_modules`
+    order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MDF_MODULE_CLASSES)}
+
+
+def mdf_parameter_kinds(model: nn.Module) -> dict[str, str]:
+    """Every MDF parameter's name in `model` -> its kind, one of `MDF_KINDS` (each MDF class says which of its
+    parameters is which: `parameter_kinds()`). A parameter absent here belongs to the Mllama base."""
+    return {f"{prefix}.{name}" if prefix else name: kind for prefix, module in mdf_modules(model).items()
+            for name, kind in module.parameter_kinds().items()}
+
+
+def mdf_module_attributes(model: nn.Module) -> list[str]:
+    """The attribute names the MDF modules hang under in `model` (["unet", "unet_projector", "unet_attn"]), in the
+    order of `MDF_MODULE_CLASSES`: LoRA's `modules_to_save`, and how a checkpoint key the model lacks is told MDF."""
+    names = {}
+    for name, module in mdf_modules(model).items():
+        # Under PEFT the class sits below the wrapper ("unet.modules_to_save.default"): the attribute is above it.
+        attribute = re.sub(r"\.(original_module|modules_to_save\.[^.]+)$", "", name).rsplit(".", 1)[-1]
+        index = next(k for k, cls in enumerate(MDF_MODULE_CLASSES) if isinstance(module, cls))
+        names.setdefault(attribute, index)
+    return sorted(names, key=names.get)
+
+
+def is_mdf_parameter(name: str, model: nn.Module, attributes: list[str] | None = None) -> bool:
+    """Whether a parameter or checkpoint key of `model` belongs to the MDF modules rather than to the Mllama base: it
+    lies under one of the attributes MDF modules hang under (`mdf_module_attributes`, or `attributes` computed once
+    by a caller that asks for many keys), so a checkpoint's tensor for a module the model lacks is told too."""
+    attributes = mdf_module_attributes(model) if attributes is None else attributes
+    return not set(name.split(".")).isdisjoint(attributes)
+
+
+def unet_branches(model: nn.Module) -> dict[int, "MdfMllmUnetCrossAttention"]:
+    """Fused layer index -> its U-Net branch, in layer order. Under PEFT the trained copy: `ModulesToSaveWrapper`
+    registers it after the frozen original, so it is the last branch found inside the layer."""
+    branches = {}
+    for module in model.modules():
+        if isinstance(module, MdfMllmCrossAttentionDecoderLayer) and module.unet_depth is not None:
+            found = [inner for inner in module.modules() if isinstance(inner, MdfMllmUnetCrossAttention)]
+            if not found:
+                raise ValueError(f"fused layer {module.layer_idx} holds no {MdfMllmUnetCrossAttention.__name__}")
+            branches[module.layer_idx] = found[-1]
+    return branches
+
+
+def require_unquantized_mdf(model: nn.Module) -> None:
+    """Refuse a model whose MDF modules were quantized (4-bit / 8-bit weights are integers): they train in full, and
+    the quantizer's skip list is a name pattern that a renamed attribute would slip past. A `ValueError` names them."""
+    quantized = [name for name, module in mdf_modules(model).items()
+                 for param in module.parameters() if not param.dtype.is_floating_point]
+    if quantized:
+        raise ValueError(f"MDF modules quantized: {sorted(set(quantized))}; they must be left out of quantization "
+                         "(llm_int8_skip_modules)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -458,7 +540,8 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
             *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
         missing = set(loading_info["missing_keys"]) - _tied_to_loaded(model, loading_info["missing_keys"])
-        base_missing = sorted(key for key in missing if not is_mdf_parameter(key))
+        attributes = mdf_module_attributes(model)
+        base_missing = sorted(key for key in missing if not is_mdf_parameter(key, model, attributes))
         head = getattr(model, "_checkpoint_head_keys", ())
         architectures = getattr(model.config, "architectures", None) or []
         if head and set(base_missing) <= set(head) and any(name in BASE_ARCHITECTURES for name in architectures):
@@ -466,14 +549,17 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
         wrong_shape = sorted(map(str, loading_info["mismatched_keys"]))
         if base_missing or wrong_shape:
             raise ValueError(f"base weights did not load from {source}: missing {base_missing}, wrong shape {wrong_shape}")
-        mdf_missing = sorted(key for key in missing if is_mdf_parameter(key))
+        mdf_missing = sorted(key for key in missing if is_mdf_parameter(key, model, attributes))
         if _checkpoint_model_type(source, kwargs) == MdfMllmConfig.model_type:
-            unexpected = sorted(key for key in loading_info["unexpected_keys"] if is_mdf_parameter(key))
+            unexpected = sorted(
+                key for key in loading_info["unexpected_keys"] if is_mdf_parameter(key, model, attributes)
+            )
             if mdf_missing or unexpected:
                 raise ValueError(
                     f"{source}: an MDF-MLLM checkpoint (config.json model_type {MdfMllmConfig.model_type!r}) whose MDF "
-                    f"tensors do not match the model: missing in {_modules_of(mdf_missing)}, unexpected in "
-                    f"{_modules_of(unexpected)}; only a plain Mllama checkpoint gets freshly initialised MDF modules"
+                    f"tensors do not match the model: missing in {_modules_of(mdf_missing, attributes)}, unexpected "
+                    f"in {_modules_of(unexpected, attributes)}; only a plain Mllama checkpoint gets freshly "
+                    "initialised MDF modules"
                 )
         loading_info["missing_keys"] = missing
         for module in model.modules():
@@ -484,7 +570,7 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
             logger.warning(
                 "Initialised %d MDF-MLLM tensors the checkpoint does not hold, in %s",
                 len(mdf_missing),
-                ", ".join(_modules_of(mdf_missing)),
+                ", ".join(_modules_of(mdf_missing, attributes)),
             )
         return (model, loading_info) if output_loading_info else model
 
@@ -524,9 +610,15 @@ def _tied_to_loaded(model: nn.Module, missing) -> set[str]:
     return {name for names in names_of.values() if not set(names) <= missing for name in names if name in missing}
 
 
-def _modules_of(keys) -> list[str]:
-    """MDF tensor names -> the MDF modules holding them ("model.unet", "model.language_model.layers.3.unet_attn")."""
-    return sorted({key.split(".unet")[0] + ".unet" + key.split(".unet")[1].split(".")[0] for key in keys})
+def _modules_of(keys, attributes: list[str]) -> list[str]:
+    """MDF tensor names -> the MDF modules holding them ("model.unet", "model.language_model.layers.3.unet_attn"):
+    each name up to its first part that is an MDF module's attribute (`mdf_module_attributes`)."""
+    modules = set()
+    for key in keys:
+        parts = key.split(".")
+        end = next(k for k, part in enumerate(parts) if part in attributes)
+        modules.add(".".join(parts[: end + 1]))
+    return sorted(modules)
 
 
 def _checkpoint_model_type(source, kwargs: dict) -> str | None:
@@ -786,7 +878,14 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
         except ImportError as error:
             raise ImportError(f"mdf_lora_config needs peft (pip install peft): {error}") from None
 
-        modules_to_save = ["unet", "unet_projector", "unet_attn", *(kwargs.pop("modules_to_save", None) or [])]
+        # LoRA's targets are the base's projections by name (transformers' names): an MDF module they would reach
+        # would be wrapped and frozen, so refuse that here rather than train a model without its U-Net.
+        pattern = re.compile(LORA_TARGET_MODULES)
+        reached = [f"{prefix}.{name}" for prefix, module in mdf_modules(self).items()
+                   for name, _ in module.named_modules() if pattern.fullmatch(f"{prefix}.{name}")]
+        if reached:
+            raise ValueError(f"LORA_TARGET_MODULES matches MDF modules {reached}: they must train in full")
+        modules_to_save = [*mdf_module_attributes(self), *(kwargs.pop("modules_to_save", None) or [])]
         return LoraConfig(
             r=r,
             lora_alpha=lora_alpha,

@@ -19,11 +19,11 @@ from transformers import Pipeline
 
 
 try:
+    from .image_processing_mdf_mllm import to_rgb_image
     from .modeling_mdf_mllm import require_safetensors
-    from .processing_mdf_mllm import to_rgb_image
 except ImportError:  # imported from the repository rather than from an exported folder
+    from image_processing_mdf_mllm import to_rgb_image
     from modeling_mdf_mllm import require_safetensors
-    from processing_mdf_mllm import to_rgb_image
 
 
 TASK = "fundus-classification"

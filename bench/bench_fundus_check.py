@@ -25,7 +25,7 @@ from skimage import data
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset_builder import synthetic  # noqa: E402
-from processing_mdf_mllm import DEFAULT_FUNDUS_THRESHOLD, MdfMllmImageProcessor, to_rgb_image  # noqa: E402
+from image_processing_mdf_mllm import DEFAULT_FUNDUS_THRESHOLD, MdfMllmImageProcessor, to_rgb_image  # noqa: E402
 
 
 NATURAL = ["astronaut", "camera", "coffee", "chelsea", "cat", "rocket", "moon", "page", "text", "clock", "coins",

@@ -16,7 +16,7 @@ from skimage import data
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from processing_mdf_mllm import MdfMllmImageProcessor, MllamaImageProcessor  # noqa: E402
+from image_processing_mdf_mllm import MdfMllmImageProcessor, MllamaImageProcessor  # noqa: E402
 
 
 SIDE, PHOTOS, REPS = 2048, 6, 7

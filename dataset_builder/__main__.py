@@ -1,8 +1,8 @@
 """Command line: build a dataset into Parquet shards (or an ImageFolder) with its split report, or draw a preview.
 
     python -m dataset_builder build --source all --fives FIVES --hrf HRF --stonerounds StoneRounds --out data/mdf
-    python -m dataset_builder build --source synthetic --num-images 200 --image-size 256 --seed 1 --out data/syn
-    python -m dataset_builder build --source manifest --data-dir my_folder --out data/mine --format imagefolder
+    python -m dataset_builder build --source synthetic --num_images 200 --image_size 256 --seed 1 --out data/syn
+    python -m dataset_builder build --source manifest --data_dir my_folder --out data/mine --format imagefolder
     python -m dataset_builder preview --source synthetic --out sheet.png
 """
 
@@ -17,8 +17,8 @@ from mdf_mllm.messages import OneLineParser, number_in, shown
 
 from .builder import CONFIG_NAMES, build, export_imagefolder, export_parquet, parquet_export_problem, write_report
 from .preview import contact_sheet
-from .sources import SPLITS
-from .synthetic import LABEL_NAMES, generate
+from .sources import LABEL_NAMES, SPLITS
+from .synthetic import generate
 
 
 MIN_IMAGE_SIZE = 32  # the smallest photo the synthetic renderer draws a fundus on
@@ -30,14 +30,14 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hrf", help="HRF root (images/, manual1/, or all/...)")
     parser.add_argument("--stonerounds", help="StoneRounds root (<case_id>/case.json + images)")
     parser.add_argument(
-        "--data-dir", help="the source's folder (single-source configs) or an image folder with metadata.jsonl"
+        "--data_dir", help="the source's folder (single-source configs) or an image folder with metadata.jsonl"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-images", type=int, help="synthetic: total images (default: the paper's 1,305 mix)")
-    parser.add_argument("--image-size", type=number_in(int, MIN_IMAGE_SIZE), default=512,
+    parser.add_argument("--num_images", type=int, help="synthetic: total images (default: the paper's 1,305 mix)")
+    parser.add_argument("--image_size", type=number_in(int, MIN_IMAGE_SIZE), default=512,
                         help=f"synthetic: side in pixels (at least {MIN_IMAGE_SIZE})")
-    parser.add_argument("--cache-dir", help="where the builder caches Arrow files")
-    parser.add_argument("--num-workers", type=int, help="decoding / rendering threads (default: the CPU count)")
+    parser.add_argument("--cache_dir", help="where the builder caches Arrow files")
+    parser.add_argument("--num_workers", type=int, help="decoding / rendering threads (default: the CPU count)")
 
 
 def _source_kwargs(args: argparse.Namespace) -> dict:
@@ -55,7 +55,7 @@ def _source_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m dataset_builder", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser("build", help="build a dataset and export it")
@@ -63,17 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     build_parser.add_argument("--out", required=True, help="output folder")
     build_parser.add_argument("--format", choices=("parquet", "imagefolder"), default="parquet")
     fraction = number_in(float, 0.0, 1.0, high_open=True)
-    build_parser.add_argument("--test-size", type=fraction, default=0.2, help="fraction of cases held out for test")
-    build_parser.add_argument("--validation-size", type=fraction, default=0.1,
+    build_parser.add_argument("--test_size", type=fraction, default=0.2, help="fraction of cases held out for test")
+    build_parser.add_argument("--validation_size", type=fraction, default=0.1,
                               help="fraction of the remaining training cases held out for validation")
-    build_parser.add_argument("--max-shard-mb", type=number_in(int, 1), default=500, help="Parquet shard size")
-    build_parser.add_argument("--push-to-hub", metavar="REPO", help="also push the DatasetDict to this Hub repo")
+    build_parser.add_argument("--max_shard_mb", type=number_in(int, 1), default=500, help="Parquet shard size")
+    build_parser.add_argument("--push_to_hub", metavar="REPO", help="also push the DatasetDict to this Hub repo")
     preview_parser = commands.add_parser("preview", help="draw a contact sheet of examples per class with masks")
     _add_source_arguments(preview_parser)
     preview_parser.add_argument("--out", required=True, help="PNG file to write")
-    preview_parser.add_argument("--per-class", type=int, default=4)
+    preview_parser.add_argument("--per_class", type=int, default=4)
     preview_parser.add_argument("--thumb", type=int, default=128, help="thumbnail side in pixels")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     try:
         if args.command == "build":

@@ -26,15 +26,24 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES
+from configuration_mdf_mllm import DISEASE_TYPES
 from mdf_mllm.messages import shown  # file names on one line in the report, as the CLI prints them
 
 from . import synthetic
-from .sources import READERS, SPLITS, Record, Skipped, default_num_workers, ordered_map, validate_images
+from .sources import (
+    LABEL_NAMES,
+    LABEL_TYPES,
+    PAPER_SOURCES,
+    READERS,
+    SPLITS,
+    Record,
+    Skipped,
+    default_num_workers,
+    ordered_map,
+    validate_images,
+)
 
 
-LABEL_NAMES = [name for name, _, _ in DEFAULT_LABELS]
-DISEASE_TYPE_OF = {name: kind for name, _, kind in DEFAULT_LABELS}
 FEATURES = datasets.Features(
     {
         "image": datasets.Image(),
@@ -48,8 +57,7 @@ FEATURES = datasets.Features(
         "split": datasets.Value("string"),
     }
 )
-CONFIG_NAMES = ("fives", "hrf", "stonerounds", "manifest", "synthetic", "all")
-PAPER_SOURCES = ("fives", "hrf", "stonerounds")
+CONFIG_NAMES = (*PAPER_SOURCES, "manifest", "synthetic", "all")
 REPORT_NAME = "split_report"
 # Synthetic photos are stored as JPEG (quality 95, no chroma subsampling, as HRF's photos are): encoding a noisy
 # 512 px photo as PNG takes longer than rendering it. Masks stay lossless PNG, so they stay exact.
@@ -183,7 +191,7 @@ def to_example(record: Record, split: str, image_size: int = 512, seed: int = 0)
     return {
         "image": image,
         "label": record.label,
-        "disease_type": DISEASE_TYPE_OF[record.label],
+        "disease_type": LABEL_TYPES[record.label],
         "text": record.text,
         "source": record.source,
         "case_id": record.case_id,

@@ -25,6 +25,10 @@ from configuration_mdf_mllm import DEFAULT_LABELS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".gif", ".webp"}
 SPLITS = ("train", "validation", "test")
+# The label space and the paper's sources, written once for the whole data package (builder, synthetic set, CLI).
+LABEL_NAMES = [name for name, _, _ in DEFAULT_LABELS]
+LABEL_TYPES = {name: kind for name, _, kind in DEFAULT_LABELS}
+PAPER_SOURCES = ("fives", "hrf", "stonerounds")
 FIVES_LABELS = {"a": "amd", "d": "dr", "g": "glaucoma", "n": "normal"}
 HRF_LABELS = {"h": "normal", "dr": "dr", "g": "glaucoma"}
 LABEL_ALIASES = {"healthy": "normal"}

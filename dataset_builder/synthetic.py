@@ -59,9 +59,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 
-from configuration_mdf_mllm import DEFAULT_LABELS
 
-from .sources import case_text
+from .sources import LABEL_NAMES, PAPER_SOURCES, case_text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -94,8 +93,6 @@ BLUR_SIGMA = (0.2, 0.8)
 ILLUMINATION = {"gain": (0.75, 1.15), "vignetting": (0.15, 0.45), "gradient": 0.2, "blotches": 0.05, "cast": 0.04}
 TESSELLATION_PROBABILITY = 0.2
 FOV_RADIUS = 0.47  # of S
-LABEL_NAMES = [name for name, _, _ in DEFAULT_LABELS]
-LABEL_TYPES = {name: kind for name, _, kind in DEFAULT_LABELS}
 
 # The paper's mix: FIVES (800, four acquired classes, no text), HRF (45, no text), StoneRounds (about 460, text).
 DEFAULT_COMPOSITION = {
@@ -199,9 +196,9 @@ def plan(num_images: int | None = None, seed: int = 0, composition: dict | None 
     if not sum(_images(count) for counts in composition.values() for count in counts.values()):
         raise ValueError(f"num_images / composition: the synthetic set would be empty ({composition})")
     unknown = {label for counts in composition.values() for label in counts} - set(LABEL_NAMES)
-    if unknown or set(composition) - {"fives", "hrf", "stonerounds"}:
+    if unknown or set(composition) - set(PAPER_SOURCES):
         raise ValueError(
-            f"composition: parts must be fives/hrf/stonerounds and labels in {LABEL_NAMES}, got {composition}"
+            f"composition: parts must be {'/'.join(PAPER_SOURCES)} and labels in {LABEL_NAMES}, got {composition}"
         )
     planners = {"fives": _plan_fives, "hrf": _plan_hrf, "stonerounds": _plan_stonerounds}
     items = []
@@ -211,7 +208,7 @@ def plan(num_images: int | None = None, seed: int = 0, composition: dict | None 
     return items
 
 
-_PART_IDS = {"fives": 0, "hrf": 1, "stonerounds": 2}
+_PART_IDS = {part: k for k, part in enumerate(PAPER_SOURCES)}  # seeds each part's generator: fives 0, hrf 1, ...
 
 
 def _images(count) -> int:

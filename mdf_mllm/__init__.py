@@ -1,8 +1,9 @@
 """MDF-MLLM: multi-depth U-Net features fused into Llama 3.2 Vision (Mllama) for retinal disease classification.
 
-The model, processor and pipeline are the four Hub files beside this package (`configuration_mdf_mllm`,
-`modeling_mdf_mllm`, `processing_mdf_mllm`, `pipeline_mdf_mllm`), which every export ships as remote code. This
-package trains, evaluates, exports and serves them; its modules stand on floors, each importing only those below:
+The model, processor and pipeline are the five Hub files beside this package (`configuration_mdf_mllm`,
+`modeling_mdf_mllm`, `image_processing_mdf_mllm`, `processing_mdf_mllm`, `pipeline_mdf_mllm`), which every export
+ships as remote code. This package trains, evaluates, exports and serves them; its modules stand on floors, each
+importing only those below:
 
     messages, handler                              plain helpers; the Inference Endpoints handler template
     model_setup, probe_ladder, explain,            models and processors: set-up, probes, explanation maps,

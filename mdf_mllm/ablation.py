@@ -206,7 +206,7 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
             args = replace(seed_args, num_train_epochs=epochs, resume_from_checkpoint=None, save_strategy="no",
                            eval_strategy="no", output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}")))
             run = stages.run_one(row.name, row_model_args(model_args, row), splits[row.no_text], collator, processor,
-                                 args, job_args, unet_weights=unet)
+                                 job_args, args, unet_weights=unet)
             if run.report is None:  # not the main process
                 continue
             results.append(result(row.name, seed, run))
@@ -237,4 +237,4 @@ def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, co
     if any(r["name"] == REFERENCE_ROW for r in results):
         table += "\n" + differences_markdown(against)
     (out / "ablation.md").write_text(table)
-    plot_ablation([{k: r[k] for k in ("name", "seed", *METRICS)} for r in results], out / "ablation.png")
+    plot_ablation(summary, METRICS, out / "ablation.png")

@@ -1,6 +1,6 @@
 """`mdf-mllm`: classify fundus photos and draw explanation maps with an exported MDF-MLLM model.
 
-    mdf-mllm predict IMAGE... --model DIR [--text "..."] [--json] [--top-k K] [--batch-size N]
+    mdf-mllm predict IMAGE... --model DIR [--text "..."] [--json] [--top_k K] [--batch_size N]
     mdf-mllm explain IMAGE --model DIR [--text "..."] --out map.png [--label NAME]
 
 Every photo first passes the model's fundus check: one that does not look like a colour fundus photograph (no bright
@@ -53,8 +53,8 @@ def parse_args(argv):
                              help="classify photos that fail the fundus check anyway (a warning is printed)")
     predict, explain = commands.choices["predict"], commands.choices["explain"]
     predict.add_argument("--json", action="store_true", help="print JSON: [{image, predictions}, ...]")
-    predict.add_argument("--top-k", type=positive_int, default=None, help="keep the k best classes per photo")
-    predict.add_argument("--batch-size", type=positive_int, default=1)
+    predict.add_argument("--top_k", type=positive_int, default=None, help="keep the k best classes per photo")
+    predict.add_argument("--batch_size", type=positive_int, default=1)
     explain.add_argument("--out", required=True, type=image_file,
                          help="image file to write; its suffix picks the format (.png, .jpg, ...)")
     explain.add_argument("--label", default=None, help="class to explain (default: the predicted one)")
@@ -110,7 +110,7 @@ def open_image(path: str) -> Image.Image:
 def check_fundus(images, paths, model_folder: str, enforce: bool) -> None:
     """The model's fundus check on every photo, with the model folder's threshold, before the model loads: a refusal
     (`InputError`) or, when not `enforce`d, a one-line warning on stderr."""
-    from processing_mdf_mllm import MdfMllmImageProcessor, NotFundusError
+    from image_processing_mdf_mllm import MdfMllmImageProcessor, NotFundusError
 
     try:
         image_processor = MdfMllmImageProcessor.from_pretrained(model_folder)

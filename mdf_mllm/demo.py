@@ -16,7 +16,7 @@ import gradio as gr
 from mdf_mllm.explain import draw_explanation, explain
 from mdf_mllm.export import EXAMPLE_HISTORIES
 from pipeline_mdf_mllm import load_pipeline
-from processing_mdf_mllm import MdfMllmImageProcessor, NotFundusError
+from image_processing_mdf_mllm import MdfMllmImageProcessor, NotFundusError
 
 
 MODEL_ENV = "MDF_MLLM_MODEL"

@@ -11,10 +11,16 @@ from transformers import AutoProcessor, MllamaConfig, MllamaProcessor
 from transformers.utils import logging as transformers_logging
 
 from configuration_mdf_mllm import DEFAULT_LABELS, MdfMllmConfig
-from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+from image_processing_mdf_mllm import MdfMllmImageProcessor
+from image_processing_mdf_mllm import MllamaImageProcessor  # the backend AutoImageProcessor picks (PIL or torchvision)
+from modeling_mdf_mllm import (
+    MdfMllmForConditionalGeneration,
+    mdf_parameter_kinds,
+    require_unquantized_mdf,
+    unet_branches,
+)
 from pipeline_mdf_mllm import require_finite
-from processing_mdf_mllm import MdfMllmImageProcessor, MdfMllmProcessor, build_default_processor, build_tokenizer
-from processing_mdf_mllm import MllamaImageProcessor  # the backend AutoImageProcessor picks (PIL or torchvision)
+from processing_mdf_mllm import LLAMA3_CHAT_TURNS, MdfMllmProcessor, build_default_processor, build_tokenizer
 
 
 class UsageError(ValueError):
@@ -64,13 +70,7 @@ BASE_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if not ns.has_images and messages[0]['role'] != 'system' %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023<|eot_id|>' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] | trim }}{%- else %}"
-    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
-    "{%- elif content['type'] == 'text' %}{{- content['text'] | trim }}{%- endif %}{%- endfor %}{%- endif %}"
-    "{{- '<|eot_id|>' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{%- endif %}" + LLAMA3_CHAT_TURNS
 )
 
 
@@ -209,14 +209,16 @@ def build_model(model_args, processor: MdfMllmProcessor, bf16: bool = False, che
         if model_args.load_in_4bit:
             from transformers import BitsAndBytesConfig
 
-            # QLoRA's NF4 with double quantisation and bf16 compute. Left out of 4-bit: every module with "unet" in its
-            # name (the MDF modules, as is_mdf_parameter tells them), the vision projector and lm_head.
+            # QLoRA's NF4 with double quantisation and bf16 compute. Left out of 4-bit: the MDF modules (a name
+            # pattern here, as the model does not exist yet; require_unquantized_mdf checks them by class once it
+            # does), the vision projector and lm_head.
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16,
                 llm_int8_skip_modules=[".*unet.*", "multi_modal_projector", "lm_head"],
             )
         model, initialised = from_base(model_args.base_model, torch.bfloat16 if bf16 else torch.float32, **kwargs)
+        require_unquantized_mdf(model)
         open_unet_branches(model, model_args.unet_gate_start, initialised)
         if model_args.load_in_4bit:
             from peft import prepare_model_for_kbit_training
@@ -265,9 +267,12 @@ FROM_SCRATCH_GATE = 0.5
 
 
 def open_gates(model, value: float = FROM_SCRATCH_GATE) -> None:
+    """Every cross-attention gate to `value`: Mllama's own (by transformers' names for them) and the U-Net branches'
+    (by class, `mdf_parameter_kinds`)."""
+    kinds = mdf_parameter_kinds(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", "unet_attn.gate")):
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")) or kinds.get(name) == "gate":
                 param.fill_(value)
 
 
@@ -279,11 +284,12 @@ def open_unet_branches(model, gate: float, initialised: list[str]) -> None:
     gate is ControlNet's zero convolution in place of Flamingo's zero gate. `gate` 0 leaves the branches as they are."""
     if not gate:
         return
+    names = {id(param): name for name, param in model.named_parameters()}
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith("unet_attn") and f"{name}.gate" in initialised:
-                module.gate.fill_(gate)
-                module.value_projection.weight.zero_()
+        for branch in unet_branches(model).values():
+            if names[id(branch.gate)] in initialised:
+                branch.gate.fill_(gate)
+                branch.value_projection.weight.zero_()
 
 
 def with_lora(model, model_args):

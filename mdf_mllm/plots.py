@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from mdf_mllm.metrics import _metric_functions
-from mdf_mllm.tables import ablation_summary
 
 CONFUSION_MATRIX_FILE = "confusion_matrix_{level}.png"
 TRAINING_CURVES_FILE = "training_curves.png"
@@ -148,15 +147,18 @@ def _label(axes, ylabel: str, title: str) -> None:
 
 
 
-def plot_ablation(rows: list[dict], path) -> Path:
-    """PNG grouped bar chart: one group per configuration name, one bar per metric, std error bars."""
-    metric_names, summary = ablation_summary(rows)
+def plot_ablation(summary: dict[str, dict], metrics, path) -> Path:
+    """PNG grouped bar chart: one group per configuration name, one bar per metric of `metrics`, std error bars.
+    `summary`: `mdf_mllm.ablation.summarize`'s ({name: {metric: {"mean", "std", ...}}}, the one ablation summary); a
+    metric no row has a value for (mean None everywhere) gets no bars."""
+    metric_names = [m for m in metrics if any(summary[name][m]["mean"] is not None for name in summary)]
     names = list(summary)
     figure = _new_figure(4 + 0.3 * len(names) * max(1, len(metric_names)), 4.5)  # about 0.3 inch per bar
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(metric_names))
     for offset, metric in enumerate(metric_names):
-        stats = [summary[name].get(metric, (math.nan, 0.0)) for name in names]
+        stats = [(summary[name][metric]["mean"], summary[name][metric]["std"])
+                 if summary[name][metric]["mean"] is not None else (math.nan, 0.0) for name in names]
         positions = np.arange(len(names)) + (offset - (len(metric_names) - 1) / 2) * width
         axes.bar(positions, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=metric)
     axes.set_xticks(np.arange(len(names)), names, rotation=20, ha="right")

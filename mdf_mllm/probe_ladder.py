@@ -15,7 +15,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from modeling_mdf_mllm import MdfMllmUnetCrossAttention, last_prompt_token
+from modeling_mdf_mllm import last_prompt_token, unet_branches
 
 ACQUIRED_CLASSES = ("normal", "amd", "dr", "glaucoma")
 
@@ -26,8 +26,7 @@ def ladder_features(model, items: list[dict], collator, batch_size: int = 32) ->
     {rung name: (N, F)}."""
     model.eval()
     inner = model.model
-    branches = {int(name.split(".")[-2]): module for name, module in model.named_modules()
-                if isinstance(module, MdfMllmUnetCrossAttention)}
+    branches = unet_branches(model)
     captured = {}
     hooks = [branch.register_forward_hook(lambda module, args, output, layer=layer: captured.__setitem__(layer, output[0]))
              for layer, branch in branches.items()]

@@ -47,6 +47,7 @@ from mdf_mllm.training import (
     unet_alone_probabilities,
     warm_up_unet,
 )
+from image_processing_mdf_mllm import MdfMllmImageProcessor
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from processing_mdf_mllm import MdfMllmProcessor
 
@@ -212,7 +213,10 @@ def base_cache_folder(model_args, data_args, job_args, training_args) -> Path:
                 training_args.per_device_train_batch_size, training_args.seed, training_args.weight_decay,
                 training_args.warmup_steps, str(training_args.lr_scheduler_type), MODEL_SIZES, BASE_CHAT_TEMPLATE,
                 [inspect.getsource(f) for f in (make_base, stock_processor, small_mllama_config, open_gates, train)]]
-    code = [Path(module.__file__).read_bytes() for module in (sys.modules[MdfMllmProcessor.__module__],)]
+    # The processing code the base's inputs come from: the processor's file and, since it moved there, the image
+    # processor's (a change to either makes another base).
+    code = [Path(sys.modules[cls.__module__].__file__).read_bytes()
+            for cls in (MdfMllmProcessor, MdfMllmImageProcessor)]
     key = hashlib.sha256(repr(settings).encode() + b"".join(code) + torch.__version__.encode()).hexdigest()[:16]
     root = job_args.base_cache_dir or os.environ.get("MDF_MLLM_BASE_CACHE") or Path.home() / ".cache" / "mdf_mllm"
     return Path(root) / f"base-{key}"
@@ -241,7 +245,7 @@ def learning_rates(model_args) -> dict[str, float | None]:
             "unet": model_args.unet_learning_rate, "film": model_args.film_learning_rate}
 
 
-def run_one(name, model_args, splits, collator, processor, training_args, job_args, resume=None,
+def run_one(name, model_args, splits, collator, processor, job_args, training_args, resume=None,
             unet_weights=None) -> Result:
     """Train one model (its U-Net from `unet_weights` when given) and evaluate it on the test split. On the processes
     of a distributed run that do not evaluate, the result has the model and trainer but no report."""

@@ -1,7 +1,5 @@
-"""Markdown tables: a report, its misclassified items, a comparison of models, the ablation and the 11B memory
-estimate."""
-
-import numpy as np
+"""Markdown tables: a report, its misclassified items, a comparison of models and the 11B memory estimate (the
+ablation's table is `mdf_mllm.ablation.markdown`)."""
 
 from mdf_mllm.comparison import Result
 from mdf_mllm.metrics import LEVELS
@@ -145,45 +143,6 @@ def comparison_markdown(results: list[Result], differences: dict[str, dict],
                   "share of answers that differ from the answer to the photo's own input.", "",
                   counterfactual_table(counterfactual["summary"])]
     return "\n".join(parts)
-
-
-def ablation_summary(rows: list[dict]) -> tuple[list[str], dict[str, dict]]:
-    """Group rows by name and reduce each numeric metric over seeds.
-
-    Returns the metric names (in first-seen order) and `{name: {"seeds": n, metric: (mean, std)}}`, std being the
-    sample standard deviation (ddof=1; 0 for a single seed).
-    """
-    metric_names, values = [], {}
-    for index, row in enumerate(rows):
-        if "name" not in row or "seed" not in row:
-            raise ValueError(f"ablation row {index} needs 'name' and 'seed', got keys {sorted(row)}")
-        for key, value in row.items():
-            if key not in ("name", "seed") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                if key not in metric_names:
-                    metric_names.append(key)
-                values.setdefault(row["name"], {}).setdefault(key, []).append(float(value))
-        values.setdefault(row["name"], {})
-    seeds = {name: len({row["seed"] for row in rows if row["name"] == name}) for name in values}
-    summary = {
-        name: {
-            "seeds": seeds[name],
-            **{key: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) for key, v in metrics.items()},
-        }
-        for name, metrics in values.items()
-    }
-    return metric_names, summary
-
-
-def ablation_table(rows: list[dict]) -> str:
-    """Markdown table of mean ± std per configuration name over seeds."""
-    metric_names, summary = ablation_summary(rows)
-    lines = ["| Name | Seeds | " + " | ".join(metric_names) + " |", "|---|---|" + "---|" * len(metric_names)]
-    for name, stats in summary.items():
-        cells = [f"{stats[key][0]:.3f} ± {stats[key][1]:.3f}" if key in stats else "–" for key in metric_names]
-        lines.append(f"| {name} | {stats['seeds']} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± sample standard deviation (ddof=1) over seeds."]
-    return "\n".join(lines) + "\n"
-
 
 
 # Bytes per parameter; see the caption of `memory_table_11b`.

@@ -33,6 +33,7 @@ from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
 from mdf_mllm import ablation, comparison, export, stages, tables
+from mdf_mllm.messages import OneStyleHelpFormatter
 from mdf_mllm.model_setup import (
     BASE_RECORD_FILE,
     MODEL_SIZES,
@@ -53,7 +54,9 @@ from processing_mdf_mllm import MdfMllmDataCollator
 # Arguments
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(
+    OneStyleHelpFormatter, argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
+):
     def _get_help_string(self, action):
         # "(default: None)" says nothing; a help that explains its default already says more.
         documented = action.default is None or "default" in (action.help or "")
@@ -247,13 +250,13 @@ def run(model_args, data_args, job_args, training_args) -> None:
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume:
         print(f"resuming from {resume}")
-    ours = stages.run_one("MDF-MLLM", model_args, splits, collator, processor, training_args, job_args, resume,
+    ours = stages.run_one("MDF-MLLM", model_args, splits, collator, processor, job_args, training_args, resume,
                           unet_weights)
     arms = [ours]
     if job_args.baseline and parse_fusion_layers(model_args.fusion_layers) != {}:
         baseline_args = replace(training_args, output_dir=str(out / "baseline"), resume_from_checkpoint=None)
         arms.append(stages.run_one("Mllama baseline", replace(model_args, fusion_layers="none"), splits, collator,
-                                   processor, baseline_args, job_args))
+                                   processor, job_args, baseline_args))
     if ours.report is None:  # not the main process
         return
     if job_args.probe_ladder and unet_weights:
@@ -273,7 +276,7 @@ def run(model_args, data_args, job_args, training_args) -> None:
                                            {arm.name: (arm.model, arm.predictions) for arm in arms}, text_only,
                                            unet_alone, job_args, bf16=training_args.bf16)
     markdown = export.write_comparison(results, differences, counterfactual, out, stage1_losses)
-    export_dir = export.export(ours.model, processor, ours, ours.trainer, dataset, data_args, model_args,
+    export_dir = export.export(ours.model, processor, ours, ours.trainer, dataset, model_args, data_args,
                                str(export_folder(job_args, training_args)), overwrite=job_args.overwrite_export,
                                baseline=arms[1] if len(arms) > 1 else None, comparison=markdown)
     if push:

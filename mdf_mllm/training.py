@@ -22,7 +22,8 @@ from configuration_mdf_mllm import MdfMllmConfig
 from mdf_mllm.comparison import Result, has_history, score
 from mdf_mllm.messages import shown
 from mdf_mllm.model_setup import UsageError
-from modeling_mdf_mllm import is_mdf_parameter
+from modeling_mdf_mllm import mdf_parameter_kinds
+from modeling_mdf_mllm import unet_branches as modeling_unet_branches
 from pipeline_mdf_mllm import non_finite_parameters
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
 
@@ -105,9 +106,9 @@ class MllamaCollator(MdfMllmDataCollator):
 
 
 def unet_branches(model) -> dict[str, torch.nn.Module]:
-    """Fused layer index -> its U-Net branch (the trained copy under LoRA's modules_to_save)."""
-    pattern = re.compile(r".*layers\.(\d+)\.unet_attn(\.modules_to_save\.default)?")
-    return {match[1]: module for name, module in model.named_modules() if (match := pattern.fullmatch(name))}
+    """Fused layer index (a string: the key of the logged gate history) -> its U-Net branch (the trained copy under
+    LoRA's modules_to_save); `modeling_mdf_mllm.unet_branches` finds them by class."""
+    return {str(layer): branch for layer, branch in modeling_unet_branches(model).items()}
 
 
 def gate_values(model) -> dict:
@@ -150,18 +151,17 @@ class LabelledProgress(ProgressCallback):
 
 # Optimizer groups: each kind without a rate of its own trains at the rate of the kind it names here.
 PARAMETER_KINDS = {"gate": "mdf", "film": "mdf", "unet": "mdf", "mdf": "base", "base": None}
+# An MDF parameter's kind (modeling_mdf_mllm.MDF_KINDS) -> its optimizer group: the patch projector and the branches'
+# other weights (tau included) train together as "mdf".
+OPTIMIZER_KIND = {"gate": "gate", "film": "film", "unet": "unet", "projector": "mdf", "branch": "mdf", "tau": "mdf"}
 
 
-def parameter_kind(name: str) -> str:
-    """"gate" (a U-Net branch's g_u), "film", "unet" (the rest of the U-Net), "mdf" (the patch projector and the
-    branches' other weights) or "base"."""
-    if re.search(r"unet_attn\.(modules_to_save\.default\.)?gate$", name):
-        return "gate"
-    if re.search(r"\.unet\.(modules_to_save\.default\.)?film\.", name):
-        return "film"
-    if re.search(r"\.unet\.", name):
-        return "unet"
-    return "mdf" if is_mdf_parameter(name) else "base"
+def parameter_kinds(model) -> dict[str, str]:
+    """Every parameter's name in `model` -> its optimizer group: "gate" (a U-Net branch's g_u), "film", "unet" (the
+    rest of the U-Net), "mdf" (the patch projector and the branches' other weights) or "base"; the MDF kinds come from
+    the module classes (`mdf_parameter_kinds`), not from names."""
+    mdf = mdf_parameter_kinds(model)
+    return {name: OPTIMIZER_KIND[mdf[name]] if name in mdf else "base" for name, _ in model.named_parameters()}
 
 
 class Diverged(RuntimeError):
@@ -169,7 +169,7 @@ class Diverged(RuntimeError):
 
 
 class MdfTrainer(Trainer):
-    """Trainer whose optimizer gives each kind of parameter (`parameter_kind`) a learning rate of its own.
+    """Trainer whose optimizer gives each kind of parameter (`parameter_kinds`) a learning rate of its own.
 
     `learning_rates`: {kind: lr}; a kind without one trains at the rate of the kind it falls back to
     (`PARAMETER_KINDS`: gates, FiLM and U-Net as the other MDF modules, those as the base). A rate of 0 freezes that
@@ -199,13 +199,15 @@ class MdfTrainer(Trainer):
     def create_optimizer(self, model=None):
         model = model or self.model
         if self.learning_rates:
+            names = parameter_kinds(model)
             for name, param in model.named_parameters():  # frozen before the optimizer sees them
-                if self.rate(parameter_kind(name), self.args.learning_rate) == 0:
+                if self.rate(names[name], self.args.learning_rate) == 0:
                     param.requires_grad_(False)
         optimizer = super().create_optimizer(model)
         if not self.learning_rates or optimizer.state:
             return optimizer
-        kinds = {id(p): parameter_kind(name) for name, p in model.named_parameters()}
+        names = parameter_kinds(model)
+        kinds = {id(p): names[name] for name, p in model.named_parameters()}
         groups, optimizer.param_groups = optimizer.param_groups, []
         for group in groups:  # each (weight decay) group split by kind
             for kind in PARAMETER_KINDS:
@@ -340,7 +342,8 @@ def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_ar
     returns the mean loss of each epoch."""
     device = next(unet.parameters()).device
     class_head = torch.nn.Linear(sum(unet.widths), num_classes, device=device)
-    parameters = [p for name, p in unet.named_parameters() if not name.startswith("film.")]
+    kinds = unet.parameter_kinds()  # FiLM by class (modeling_mdf_mllm), not by its attribute's name
+    parameters = [p for name, p in unet.named_parameters() if kinds[name] != "film"]
     for param in parameters:  # the model leaves what its own forward does not run (decoder, deep stages) frozen
         param.requires_grad_(True)
     parameters += list(class_head.parameters())

@@ -21,36 +21,39 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import MllamaConfig  # noqa: E402
 
+from mdf_mllm.model_setup import MODEL_SIZES  # noqa: E402
+
+
+# The tiny layout is written once, in MODEL_SIZES (what `--model_size tiny` builds); the tests' models are it, with
+# their own vocabulary and, per test, other heads or cross-attention layers (LAYOUTS).
+TINY = MODEL_SIZES["tiny"]
+
 
 def tiny_mllama_config(
-    cross_attention_layers=(1, 3),
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vision_image_size=28,
+    cross_attention_layers=tuple(TINY["text"]["cross_attention_layers"]),
+    num_attention_heads=TINY["text"]["num_attention_heads"],
+    num_key_value_heads=TINY["text"]["num_key_value_heads"],
+    vision_image_size=TINY["tile"],
     max_num_tiles=1,
     vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=4,
+    hidden_size=TINY["text"]["hidden_size"],
+    num_hidden_layers=TINY["text"]["num_hidden_layers"],
 ) -> MllamaConfig:
     """A Mllama of the 11B layout's shape, shrunk: vision tiles of `vision_image_size` px (patch 14)."""
     supported = [[1, 1]] if max_num_tiles == 1 else [[1, 1], [1, 2], [2, 1], [2, 2]][: max_num_tiles + 1]
     vision = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_global_layers=1,
-        attention_heads=2,
+        **TINY["vision"],
         image_size=vision_image_size,
         patch_size=14,
         max_num_tiles=max_num_tiles,
         supported_aspect_ratios=supported,
         intermediate_layers_indices=[0],
-        vision_output_dim=32,
+        vision_output_dim=2 * TINY["vision"]["hidden_size"],
     )
     text = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=64,
+        intermediate_size=TINY["text"]["intermediate_size"],
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
@@ -76,7 +79,7 @@ LAYOUTS = {
     ),
 }
 
-TINY_UNET = {"in_channels": 3, "base_channels": 4, "image_size": 32, "use_decoder": True}
+TINY_UNET = dict(TINY["unet"])
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +133,8 @@ def mdf_config(layout: str = "a", **mdf_kwargs):
     """The MDF config of tiny layout `layout`: tiny U-Net (S=32), 2x2 grid."""
     from configuration_mdf_mllm import MdfMllmConfig
 
-    kwargs = dict(unet_config=TINY_UNET, fusion_grid=2, projector_dim=8, film_hidden_dim=8)
+    kwargs = dict(unet_config=TINY_UNET, fusion_grid=TINY["grid"], projector_dim=TINY["projector_dim"],
+                  film_hidden_dim=8)
     return MdfMllmConfig.from_mllama_config(tiny_mllama_config(**LAYOUTS[layout]), **{**kwargs, **mdf_kwargs})
 
 
@@ -186,7 +190,7 @@ def export_tiny_model(folder) -> str:
     from pipeline_mdf_mllm import register_pipeline
     from processing_mdf_mllm import build_default_processor
 
-    processor = build_default_processor(image_size=28, unet_image_size=32)
+    processor = build_default_processor(image_size=TINY["tile"], unet_image_size=TINY["unet"]["image_size"])
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<|image|>")
     base = tiny_mllama_config(vocab_size=image_id)
@@ -194,9 +198,9 @@ def export_tiny_model(folder) -> str:
         setattr(base.text_config, key, getattr(tokenizer, key))
     config = MdfMllmConfig.from_mllama_config(
         base,
-        unet_config={"in_channels": 3, "base_channels": 4, "image_size": 32, "use_decoder": True},
-        fusion_grid=2,
-        projector_dim=8,
+        unet_config=TINY_UNET,
+        fusion_grid=TINY["grid"],
+        projector_dim=TINY["projector_dim"],
         film_hidden_dim=8,
         verbalizer_token_ids=processor.verbalizer_token_ids,
         image_token_index=image_id,

@@ -38,9 +38,9 @@ def ablation_run(tmp_path_factory):
     processor = model_setup.base_processor(model_args)
     calls, real_run_one, real_stage1 = [], stages.run_one, stages.stage1
 
-    def recording_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs):
+    def recording_run_one(name, model_args, splits, collator, processor, job_args, training_args, **kwargs):
         calls.append({"name": name, "model_args": model_args, "splits": splits, "args": training_args, **kwargs})
-        result = real_run_one(name, model_args, splits, collator, processor, training_args, job_args, **kwargs)
+        result = real_run_one(name, model_args, splits, collator, processor, job_args, training_args, **kwargs)
         calls[-1]["probabilities"] = result.probabilities
         return result
 

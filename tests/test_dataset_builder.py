@@ -29,8 +29,8 @@ from dataset_builder import (
     resolve_label,
 )
 from dataset_builder.__main__ import main
-from dataset_builder.sources import Record
-from dataset_builder.synthetic import DEFAULT_COMPOSITION, LABEL_TYPES, scale_composition
+from dataset_builder.sources import LABEL_TYPES, Record
+from dataset_builder.synthetic import DEFAULT_COMPOSITION, scale_composition
 
 
 SIZE = 64
@@ -473,3 +473,21 @@ def test_synthetic_lesion_mask_marks_the_disease_signs_only():
     assert np.array_equal(plain[0], image) and np.array_equal(plain[1], vessels)  # same photo, same randomness
     assert lesions.dtype == bool and lesions.shape == (128, 128) and lesions.sum() > 0
     assert render_fundus("normal", np.random.default_rng(1), 128, return_lesions=True)[2].sum() == 0
+
+
+def test_labels_and_source_names_are_written_once():
+    """The label space comes from configuration_mdf_mllm.DEFAULT_LABELS and the paper's sources from one tuple,
+    shared by the builder, the synthetic set and the CLI; the synthetic parts' seeds keep their numbers."""
+    from configuration_mdf_mllm import DEFAULT_LABELS
+    from dataset_builder import builder, sources, synthetic
+    from dataset_builder import __main__ as cli
+
+    assert sources.LABEL_NAMES == [name for name, _, _ in DEFAULT_LABELS]
+    assert builder.LABEL_NAMES is synthetic.LABEL_NAMES is cli.LABEL_NAMES is sources.LABEL_NAMES
+    assert builder.LABEL_TYPES is sources.LABEL_TYPES
+    assert builder.CONFIG_NAMES == ("fives", "hrf", "stonerounds", "manifest", "synthetic", "all")
+    assert builder.PAPER_SOURCES is synthetic.PAPER_SOURCES is sources.PAPER_SOURCES
+    assert set(sources.PAPER_SOURCES) <= set(sources.READERS)
+    assert synthetic._PART_IDS == {"fives": 0, "hrf": 1, "stonerounds": 2}  # each part's random stream
+    with pytest.raises(ValueError, match="parts must be fives/hrf/stonerounds"):
+        next(synthetic.generate(composition={"drive": {"normal": 1}}))

@@ -55,8 +55,8 @@ def exported(model_folder):
 def write(exported, folder: Path, base_model: str | None) -> Path:
     model_args = SimpleNamespace(base_model=base_model, model_size=None, lora=False)
     e = exported
-    export.write_repository(folder, e["model"], e["processor"], e["ours"], e["trainer"], e["dataset"],
-                                e["data_args"], model_args)
+    export.write_repository(folder, e["model"], e["processor"], e["ours"], e["trainer"], e["dataset"], model_args,
+                            e["data_args"])
     return folder
 
 

@@ -16,7 +16,7 @@ from skimage import data
 from mdf_mllm.explain import answer_positions, draw_explanation, explain, overlay, upsample_cells
 from modeling_mdf_mllm import MdfMllmUnetCrossAttention
 from pipeline_mdf_mllm import TASK, register_pipeline
-from processing_mdf_mllm import crop_to_circle, to_rgb_image
+from image_processing_mdf_mllm import crop_to_circle, to_rgb_image
 
 
 # Every module and package of this repository (pyproject's py-modules and packages).
@@ -217,8 +217,8 @@ BAD_OPTIONS = {
     "absent device": (["--device", "cuda:99"], "mdf-mllm: error: --device cuda:99: this machine has"),
     "dtype": (["--dtype", "float8"], "mdf-mllm predict: error: argument --dtype: invalid choice: 'float8' (choose from "
                                      "'float32', 'bfloat16', 'float16')"),
-    "top-k": (["--top-k", "0"], "mdf-mllm predict: error: argument --top-k: expected a positive integer, got '0'"),
-    "batch size": (["--batch-size", "two"], "mdf-mllm predict: error: argument --batch-size: expected a positive"),
+    "top-k": (["--top-k", "0"], "mdf-mllm predict: error: argument --top_k: expected a positive integer, got '0'"),
+    "batch size": (["--batch-size", "two"], "mdf-mllm predict: error: argument --batch_size: expected a positive"),
     "unknown option": (["--fast"], "mdf-mllm: error: unrecognized arguments: --fast"),
 }
 

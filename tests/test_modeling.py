@@ -23,7 +23,7 @@ def stock_and_mdf(layout, attn="sdpa", **mdf_kwargs):
     mdf = MdfMllmForConditionalGeneration(mdf_config(layout, **mdf_kwargs)).eval()
     result = mdf.load_state_dict(stock.state_dict(), strict=False)
     assert result.unexpected_keys == []
-    assert result.missing_keys and all(is_mdf_parameter(key) for key in result.missing_keys)
+    assert result.missing_keys and all(is_mdf_parameter(key, mdf) for key in result.missing_keys)
     stock.set_attn_implementation(attn)
     mdf.set_attn_implementation(attn)
     return stock, mdf
@@ -95,7 +95,7 @@ def test_one_backward_pass_reaches_every_new_parameter():
     output = mdf(**inputs, labels=labels, vessel_mask=vessel_mask)
     assert output.vessel_logits.shape == (2, 1, size, size)
     output.loss.backward()
-    new = {name: p for name, p in mdf.named_parameters() if is_mdf_parameter(name)}
+    new = {name: p for name, p in mdf.named_parameters() if is_mdf_parameter(name, mdf)}
     assert len(new) > 50
     without_gradient = [name for name, p in new.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert without_gradient == []
@@ -235,7 +235,8 @@ FRESH_PROCESS = textwrap.dedent(
 
     class NotThisProject(MetaPathFinder):  # the exported folder must be enough
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm"}:
+            if name.split(".")[0] in {"configuration_mdf_mllm", "modeling_mdf_mllm", "image_processing_mdf_mllm",
+                                      "processing_mdf_mllm"}:
                 raise ImportError(name)
 
     sys.meta_path.insert(0, NotThisProject())
@@ -291,7 +292,7 @@ def test_plain_mllama_checkpoint_loads_with_exactly_the_new_keys_reported(tmp_pa
         tmp_path, unet_config=mdf_config().unet_config, fusion_grid=2, output_loading_info=True
     )
     assert mdf.config.model_type == "mdf_mllm"
-    new_parameters = {name for name, _ in mdf.named_parameters() if is_mdf_parameter(name)}
+    new_parameters = {name for name, _ in mdf.named_parameters() if is_mdf_parameter(name, mdf)}
     assert set(info["missing_keys"]) == new_parameters
     assert info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
     stock_weights = stock.state_dict()

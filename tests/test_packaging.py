@@ -12,11 +12,13 @@ from pathlib import Path
 
 from conftest import ROOT
 
-HUB_FILES = {"configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm", "pipeline_mdf_mllm"}
+HUB_FILES = {"configuration_mdf_mllm", "modeling_mdf_mllm", "image_processing_mdf_mllm", "processing_mdf_mllm",
+             "pipeline_mdf_mllm"}
 
 # Lowest first. A module imports only modules before it: those of a lower floor, or earlier on its own floor.
 FLOORS = (
-    ("configuration_mdf_mllm", "modeling_mdf_mllm", "processing_mdf_mllm", "pipeline_mdf_mllm"),  # the Hub files
+    ("configuration_mdf_mllm", "modeling_mdf_mllm", "image_processing_mdf_mllm", "processing_mdf_mllm",
+     "pipeline_mdf_mllm"),  # the Hub files
     ("mdf_mllm", "mdf_mllm.messages", "mdf_mllm.handler"),  # helpers
     ("dataset_builder",),  # data
     ("mdf_mllm.model_setup", "mdf_mllm.probe_ladder", "mdf_mllm.explain", "mdf_mllm.real_photos"),  # models, processors
@@ -113,3 +115,25 @@ def test_the_wheel_adds_only_the_package_dataset_builder_and_the_hub_files(tmp_p
         result = subprocess.run([command, "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_argument_objects_travel_in_one_order():
+    """Every function of the package that takes several of the job's argument objects takes them in one order,
+    model_args, data_args, job_args, training_args (a swapped pair of dataclasses would fail only deep inside)."""
+    import importlib
+    import inspect
+
+    order = ["model_args", "data_args", "job_args", "training_args"]
+    checked = 0
+    for path in ROOT.glob("mdf_mllm/*.py"):
+        if path.stem == "__main__":  # importing it runs the command
+            continue
+        module = importlib.import_module(f"mdf_mllm.{path.stem}" if path.stem != "__init__" else "mdf_mllm")
+        for name, function in inspect.getmembers(module, inspect.isfunction):
+            if function.__module__ != module.__name__:
+                continue
+            taken = [p for p in inspect.signature(function).parameters if p in order]
+            if len(taken) > 1:
+                checked += 1
+                assert taken == sorted(taken, key=order.index), f"{module.__name__}.{name}: {taken}"
+    assert checked >= 10

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +14,10 @@ import torch
 from PIL import Image, ImageDraw
 from skimage import data
 
+from image_processing_mdf_mllm import MdfMllmImageProcessor
 from processing_mdf_mllm import (
     IMAGE_TOKEN,
     MdfMllmDataCollator,
-    MdfMllmImageProcessor,
     MdfMllmProcessor,
     build_default_processor,
     build_tokenizer,
@@ -328,12 +329,15 @@ def test_save_and_load_keep_settings_and_outputs(tmp_path, fundus):
     processor.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "processor_config.json").read_text())
     assert config["auto_map"]["AutoProcessor"] == "processing_mdf_mllm.MdfMllmProcessor"
-    assert config["image_processor"]["auto_map"]["AutoImageProcessor"] == "processing_mdf_mllm.MdfMllmImageProcessor"
-    assert (tmp_path / "processing_mdf_mllm.py").exists() and (tmp_path / "configuration_mdf_mllm.py").exists()
+    image_processor_class = "image_processing_mdf_mllm.MdfMllmImageProcessor"
+    assert config["image_processor"]["auto_map"]["AutoImageProcessor"] == image_processor_class
+    for name in ("processing_mdf_mllm.py", "image_processing_mdf_mllm.py", "configuration_mdf_mllm.py"):
+        assert (tmp_path / name).exists(), name
 
     processor.image_processor.save_pretrained(tmp_path / "image_processor")
     config = json.loads((tmp_path / "image_processor" / "preprocessor_config.json").read_text())
-    assert config["auto_map"]["AutoImageProcessor"] == "processing_mdf_mllm.MdfMllmImageProcessor"
+    assert config["auto_map"]["AutoImageProcessor"] == image_processor_class
+    assert (tmp_path / "image_processor" / "image_processing_mdf_mllm.py").exists()
     assert (config["unet_image_size"], config["unet_image_mean"]) == (48, [0.1, 0.2, 0.3])
 
     loaded = MdfMllmProcessor.from_pretrained(tmp_path)
@@ -362,7 +366,8 @@ def test_auto_processor_loads_the_exported_folder_in_a_fresh_process(tmp_path, p
 
         class NotThisProject(MetaPathFinder):  # the exported folder must be enough
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {{"configuration_mdf_mllm", "processing_mdf_mllm"}}:
+                if name.split(".")[0] in {{"configuration_mdf_mllm", "image_processing_mdf_mllm",
+                                          "processing_mdf_mllm"}}:
                     raise ImportError(name)
 
         sys.meta_path.insert(0, NotThisProject())
@@ -551,7 +556,7 @@ def test_fundus_score_colour_cue_on_a_flat_disc(processor, colour, expected):
 
 def test_fundus_score_disc_cue_flags_fundus_coloured_shapes_that_are_not_discs():
     """Retinal colour on a dark surround is not enough: a cross or a flat ellipse is no field of view."""
-    from processing_mdf_mllm import fundus_cues
+    from image_processing_mdf_mllm import fundus_cues
 
     yy, xx = np.mgrid[:120, :120]
     cross, ellipse = np.zeros((120, 120, 3), np.uint8), np.zeros((120, 120, 3), np.uint8)
@@ -593,3 +598,32 @@ def test_cut_clinical_text_warns_how_many_tokens_were_kept(processor):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         short.build_prompt("Night blindness.")  # under the budget: no warning
+
+
+def test_the_exported_model_folder_carries_the_image_processor_file(model_folder):
+    """The image processor lives in its own remote-code file (as transformers keeps `image_processing_*.py`): an export
+    carries it, and `auto_map` sends `AutoImageProcessor` there rather than to the processor's file."""
+    folder = Path(model_folder)
+    assert (folder / "image_processing_mdf_mllm.py").is_file() and (folder / "processing_mdf_mllm.py").is_file()
+    config = json.loads((folder / "processor_config.json").read_text())
+    image_processor_class = config["image_processor"]["auto_map"]["AutoImageProcessor"]
+    assert image_processor_class == "image_processing_mdf_mllm.MdfMllmImageProcessor"
+    assert config["auto_map"]["AutoProcessor"] == "processing_mdf_mllm.MdfMllmProcessor"
+    source = (folder / "processing_mdf_mllm.py").read_text()
+    assert "class MdfMllmImageProcessor" not in source and "def detect_field_of_view" not in source
+
+
+def test_the_chat_templates_written_once_are_the_texts_they_always_were():
+    """The turns are written once (processing_mdf_mllm.LLAMA3_CHAT_TURNS); the processor's template and the stock
+    base's (with its system turn in front) must still be, character for character, the templates that built the
+    cached bases and the exports (their sha256 before the two were joined)."""
+    import hashlib
+
+    from mdf_mllm.model_setup import BASE_CHAT_TEMPLATE
+    from processing_mdf_mllm import LLAMA3_CHAT_TEMPLATE, LLAMA3_CHAT_TURNS
+
+    assert LLAMA3_CHAT_TEMPLATE.endswith(LLAMA3_CHAT_TURNS) and BASE_CHAT_TEMPLATE.endswith(LLAMA3_CHAT_TURNS)
+    digest = {name: hashlib.sha256(text.encode()).hexdigest()
+              for name, text in (("mdf", LLAMA3_CHAT_TEMPLATE), ("base", BASE_CHAT_TEMPLATE))}
+    assert digest == {"mdf": "b6bac74b99ad861026db900390aa0248503e5749b4cd2e8bb3410ccbcabddf41",
+                      "base": "b69c362b063a7849cc0f0506b062156926420995677a0b3dce2bcaaf9b2ceddd"}

@@ -32,8 +32,8 @@ def qlora(model_folder):
 
 def test_base_linear_layers_are_nf4_and_the_rest_full_precision(qlora, model_folder):
     plain = MdfMllmForConditionalGeneration.from_pretrained(model_folder)
-    base_linears = {name for name, module in plain.named_modules()
-                    if type(module) is torch.nn.Linear and not is_mdf_parameter(name) and not name.endswith(KEPT)}
+    base_linears = {name for name, module in plain.named_modules() if type(module) is torch.nn.Linear
+                    and not is_mdf_parameter(name, plain) and not name.endswith(KEPT)}
     assert len(base_linears) > 20
     quantized = {}
     for name, module in qlora.base_model.model.named_modules():
@@ -46,8 +46,8 @@ def test_base_linear_layers_are_nf4_and_the_rest_full_precision(qlora, model_fol
         assert (state.quant_type, state.nested, module.compute_dtype) == ("nf4", True, torch.bfloat16)
 
     parameters = dict(qlora.named_parameters())
-    mdf = {plain_name(name): p for name, p in parameters.items() if is_mdf_parameter(name) and p.requires_grad}
-    assert set(mdf) == {name for name, _ in plain.named_parameters() if is_mdf_parameter(name)}
+    mdf = {plain_name(name): p for name, p in parameters.items() if is_mdf_parameter(name, qlora) and p.requires_grad}
+    assert set(mdf) == {name for name, _ in plain.named_parameters() if is_mdf_parameter(name, plain)}
     for name, p in mdf.items():
         assert p.dtype == torch.float32, name
     for name in KEPT:
@@ -55,7 +55,7 @@ def test_base_linear_layers_are_nf4_and_the_rest_full_precision(qlora, model_fol
                             f"base_model.model.model.{name}.weight"]
         assert weight.dtype == torch.float32 and weight.shape == plain.get_submodule(
             name if name == "lm_head" else f"model.{name}").weight.shape
-    trainable = {name for name, p in parameters.items() if p.requires_grad and not is_mdf_parameter(name)}
+    trainable = {name for name, p in parameters.items() if p.requires_grad and not is_mdf_parameter(name, qlora)}
     assert trainable and all("lora_" in name for name in trainable)
 
 

@@ -336,19 +336,33 @@ def test_training_curves_reject_bad_input(tmp_path):
         plots.plot_training_curves(HISTORIES, tmp_path / "x.png", [GATES[0], {"step": 5, "gates": {}}])
 
 
-def test_ablation_table_and_plot(tmp_path):
-    rows = [
-        {"name": "baseline", "seed": seed, "accuracy": acc, "macro_f1": f1, "type_accuracy": 0.7, "run_dir": "x"}
-        for seed, acc, f1 in [(0, 0.60, 0.50), (1, 0.64, 0.52), (2, 0.62, 0.57)]
-    ] + [{"name": "mdf", "seed": 0, "accuracy": 0.9, "macro_f1": 0.88, "type_accuracy": 0.95}]
-    table = tables.ablation_table(rows)
+def test_ablation_plot_draws_the_one_ablation_summary(tmp_path, monkeypatch):
+    """plot_ablation draws mdf_mllm.ablation.summarize's summary (there is no second one): a bar per row and metric at
+    its mean with its std, and no bars for a metric no row has (no test photo with a history)."""
+    from mdf_mllm import ablation
+
+    def run(name, seed, accuracy, f1):
+        return {"name": name, "seed": seed, "accuracy": accuracy, "accuracy_with_history": None, "macro_f1": f1,
+                "type_accuracy": 0.7, "type_macro_f1": 0.5, "train_seconds": 1.0}
+
+    runs = [run("baseline", seed, acc, f1) for seed, acc, f1 in [(0, 0.60, 0.50), (1, 0.64, 0.52), (2, 0.62, 0.57)]]
+    runs.append(run("mdf", 0, 0.9, 0.88))
+    drawn = {}
+
+    def keep(figure, path):
+        drawn["figure"] = figure
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_ablation(ablation.summarize(runs), ablation.METRICS, tmp_path / "ablation.png")
+    axes = drawn["figure"].axes[0]
+    bars = [(patch.get_height(), container.get_label()) for container in axes.containers
+            if hasattr(container, "patches") for patch in container.patches]
     f1 = np.array([0.50, 0.52, 0.57])
-    assert "| Name | Seeds | accuracy | macro_f1 | type_accuracy |" in table
-    assert f"| baseline | 3 | 0.620 ± 0.020 | {f1.mean():.3f} ± {f1.std(ddof=1):.3f} | 0.700 ± 0.000 |" in table
-    assert "| mdf | 1 | 0.900 ± 0.000 |" in table
-    assert_png(plots.plot_ablation(rows, tmp_path / "ablation.png"))
-    with pytest.raises(ValueError, match="ablation row 0 needs 'name' and 'seed'"):
-        tables.ablation_table([{"name": "x", "accuracy": 1.0}])
+    assert [label for _, label in bars] == [m for m in ablation.METRICS if m != "accuracy_with_history" for _ in "ab"]
+    assert [height for height, _ in bars] == pytest.approx([0.62, 0.9, f1.mean(), 0.88, 0.7, 0.7, 0.5, 0.5])
+    monkeypatch.undo()
+    assert_png(plots.plot_ablation(ablation.summarize(runs), ablation.METRICS, tmp_path / "ablation.png"))
 
 
 def test_memory_table():
