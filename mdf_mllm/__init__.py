@@ -16,3 +16,10 @@ importing only those below:
 
 Importing the package imports none of them.
 """
+
+import logging
+
+# transformers' Trainer imports peft whenever it is installed, and peft imports bitsandbytes, whose import logs that
+# it could not fetch an optional CPU 4-bit kernel from the Hub ("kernels-community"): noise for every command that uses
+# no 4-bit weights (and offline it can never succeed; 4-bit steps run on bitsandbytes' own CPU kernels all the same).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

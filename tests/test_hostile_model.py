@@ -205,6 +205,15 @@ def test_row_12_loading_a_model_imports_neither_peft_nor_bitsandbytes(model_fold
     assert "kernels-community" not in result.stderr
 
 
+def test_row_12_the_job_starts_quietly():
+    """The Trainer imports peft (and so bitsandbytes) whenever it is installed: the job's start still says nothing
+    about bitsandbytes' optional Hub kernel."""
+    result = subprocess.run([sys.executable, "train_hf.py", "--help"], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0 and "--dataset_seed" in result.stdout
+    assert "kernels" not in result.stderr + result.stdout.split("usage:")[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Rows 11, 15, 16: the demo's uploads, what it says about the weights, its examples
 
