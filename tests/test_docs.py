@@ -1,12 +1,14 @@
 """The README and docs name only files that exist."""
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# A path of this repository starts with one of its top-level entries.
-TOP_LEVEL = sorted(path.name for path in ROOT.iterdir() if not path.name.startswith(".") or path.name == ".ci")
+# A path of this repository starts with one of its tracked top-level entries (not what a run left, such as outputs/).
+TRACKED = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+TOP_LEVEL = sorted({name.split("/")[0] for name in TRACKED} - {".gitignore"})
 PATH = re.compile(r"(?<![\w/.~-])((?:" + "|".join(map(re.escape, TOP_LEVEL)) + r")(?:/[\w.*-]+)*/?)")
 
 
