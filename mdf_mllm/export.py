@@ -51,7 +51,7 @@ def export_dir_problem(export_dir: Path, overwrite: bool) -> str | None:
     return None
 
 
-def export(model, processor, ours, trainer, dataset, model_args, data_args, export_dir: str, overwrite=False,
+def export(ours: Result, processor, dataset, model_args, data_args, export_dir: str, overwrite=False,
            **card) -> Path:
     """Write the repository into `export_dir`, atomically: everything goes to a temporary folder beside it that
     replaces the old one only once complete, so a crash never leaves a half-written model. `export_dir` must pass
@@ -66,7 +66,7 @@ def export(model, processor, ours, trainer, dataset, model_args, data_args, expo
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
     try:
-        write_repository(staging, model, processor, ours, trainer, dataset, model_args, data_args, **card)
+        write_repository(staging, ours, processor, dataset, model_args, data_args, **card)
         written = json.dumps({"files": sorted(files_in(staging))}, indent=1, allow_nan=False)
         (staging / EXPORT_MANIFEST).write_text(written + "\n")
         umask = os.umask(0)
@@ -83,14 +83,15 @@ def export(model, processor, ours, trainer, dataset, model_args, data_args, expo
     return export_dir
 
 
-def write_repository(folder: Path, model, processor, ours, trainer, dataset, model_args, data_args,
+def write_repository(folder: Path, ours: Result, processor, dataset, model_args, data_args,
                      baseline: Result | None = None, comparison: str = "") -> None:
     """Weights, code, processor, pipeline registration, Endpoints handler, results, plots and the model card.
 
-    `ours`: the exported model's `Result` (its gate history is plotted); `baseline`: the `Result` of the baseline
-    trained beside it (its loss curve goes into the plot), or None; `comparison`: the comparison as markdown
-    (`tables.comparison_markdown`) for the card.
+    `ours`: the exported model's `Result` (its model is written, its trainer's log and gate history plotted);
+    `baseline`: the `Result` of the baseline trained beside it (its loss curve goes into the plot), or None;
+    `comparison`: the comparison as markdown (`tables.comparison_markdown`) for the card.
     """
+    model, trainer = ours.model, ours.trainer
     model.config.verbalizer_token_ids = processor.verbalizer_token_ids
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

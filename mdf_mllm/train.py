@@ -276,7 +276,7 @@ def run(model_args, data_args, job_args, training_args) -> None:
                                            {arm.name: (arm.model, arm.predictions) for arm in arms}, text_only,
                                            unet_alone, job_args, bf16=training_args.bf16)
     markdown = export.write_comparison(results, differences, counterfactual, out, stage1_losses)
-    export_dir = export.export(ours.model, processor, ours, ours.trainer, dataset, model_args, data_args,
+    export_dir = export.export(ours, processor, dataset, model_args, data_args,
                                str(export_folder(job_args, training_args)), overwrite=job_args.overwrite_export,
                                baseline=arms[1] if len(arms) > 1 else None, comparison=markdown)
     if push:

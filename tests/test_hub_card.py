@@ -47,16 +47,15 @@ def exported(model_folder):
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=[{"train_runtime": 1.0}]), train_dataset=[0, 1, 2],
                               args=SimpleNamespace(num_train_epochs=1, per_device_train_batch_size=2,
                                                    learning_rate=1e-3, bf16=False, seed=0))
-    return dict(model=MdfMllmForConditionalGeneration.from_pretrained(model_folder),
-                processor=MdfMllmProcessor.from_pretrained(model_folder), ours=ours, trainer=trainer,
+    ours.model, ours.trainer = MdfMllmForConditionalGeneration.from_pretrained(model_folder), trainer
+    return dict(processor=MdfMllmProcessor.from_pretrained(model_folder), ours=ours,
                 dataset={"test": test}, data_args=SimpleNamespace(dataset="synthetic", dataset_seed=0))
 
 
 def write(exported, folder: Path, base_model: str | None) -> Path:
     model_args = SimpleNamespace(base_model=base_model, model_size=None, lora=False)
     e = exported
-    export.write_repository(folder, e["model"], e["processor"], e["ours"], e["trainer"], e["dataset"], model_args,
-                            e["data_args"])
+    export.write_repository(folder, e["ours"], e["processor"], e["dataset"], model_args, e["data_args"])
     return folder
 
 

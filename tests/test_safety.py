@@ -78,14 +78,14 @@ def test_overwrite_export_replaces_an_earlier_export_with_the_usual_permissions(
     monkeypatch.setattr(export, "write_repository", fake_repository)
     old_umask = os.umask(0o027)
     try:
-        assert export.export(*[None] * 7, str(folder), overwrite=True) == folder
+        assert export.export(*[None] * 5, str(folder), overwrite=True) == folder
     finally:
         os.umask(old_umask)
     assert snapshot(folder) == {"config.json": b'{"model_type": "mdf_mllm"}', "model.safetensors": b"weights",
                                 export.EXPORT_MANIFEST: b'{\n "files": [\n  "config.json",\n  "model.safetensors"\n ]\n}\n'}
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750  # 0o777 & ~umask, not mkdtemp's 0o700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mdf-mllm"]  # nothing left beside it
-    export.export(*[None] * 7, str(folder), overwrite=True)  # and the new export is replaceable in turn
+    export.export(*[None] * 5, str(folder), overwrite=True)  # and the new export is replaceable in turn
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mdf-mllm"]
 
 
@@ -94,7 +94,7 @@ def test_files_that_appear_during_training_are_kept_and_the_export_goes_beside_t
     folder.mkdir()
     (folder / "draft.md").write_text("written while the job trained")
     monkeypatch.setattr(export, "write_repository", fake_repository)
-    written = export.export(*[None] * 7, str(folder))
+    written = export.export(*[None] * 5, str(folder))
     assert written == tmp_path / "mdf-mllm-1" and (written / "model.safetensors").is_file()
     assert snapshot(folder) == {"draft.md": b"written while the job trained"}
     assert "the export goes to" in capsys.readouterr().out

@@ -200,7 +200,7 @@ def test_a_failed_export_keeps_the_previous_model_and_leaves_nothing_behind(main
 
     monkeypatch.setattr(export, "write_repository", crash_half_way)
     with pytest.raises(RuntimeError, match="disk full"):
-        export.export(None, None, None, None, None, None, None, str(folder), overwrite=True)
+        export.export(None, None, None, None, None, str(folder), overwrite=True)
     assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
     assert not [name for name in os.listdir(main_job["out"]) if name.startswith(".")]
 
