@@ -4,10 +4,10 @@
 
 Rows: the baseline (the base fine-tuned alone), the U-Net alone (the stage-1 U-Net and its class head, image only:
 what the photo alone gives), text only and late fusion (the references of `comparison`: what the history alone
-gives, and the two combined without a language model), MDF with every depth, each single depth (every fused layer reads that U-Net depth), MDF
-without FiLM, without clinical text, without stage 1 (a random U-Net, frozen as the recipe freezes the trained one),
-and with Flamingo's closed gates (g_u = 0, with a gate learning rate of their own) in place of the main job's open
-gates over zero value projections. Every row starts from the same base; every MDF row but "no stage 1" from the
+gives, and the two combined without a language model), MDF with every depth, each single depth (every fused layer
+reads that U-Net depth), MDF without FiLM, without clinical text, without stage 1 (a random U-Net, frozen as the
+recipe freezes the trained one), and with Flamingo's closed gates (g_u = 0, with a gate learning rate of their own)
+in place of the main job's open gates over zero value projections. Every row starts from the same base; every MDF row but "no stage 1" from the
 stage-1 U-Net of its seed. Each row runs `seeds` times (seed k: stage 1, data order and MDF initialisation); the
 table gives mean ± sample std over seeds and a 95% Student-t
 interval over seeds, mean ± t(0.975, n-1) · std / sqrt(n), which measures how much the result moves between training
@@ -46,7 +46,7 @@ class Row:
     name: str
     baseline: bool = False  # the base fine-tuned alone: no U-Net at all
     unet_alone: bool = False  # the stage-1 U-Net and class head, no language model
-    reference: str | None = None  # comparison.TEXT_ONLY or comparison.LATE_FUSION: no model trained
+    reference: bool = False  # text only or late fusion (comparison.references): no model trained
     depth: int | None = None  # every fused layer reads this U-Net depth (None: the default spread of depths)
     no_film: bool = False
     no_text: bool = False
@@ -58,8 +58,8 @@ class Row:
 ROWS = (
     Row("Mllama baseline", baseline=True),
     Row(UNET_ALONE, unet_alone=True),
-    Row(comparison.TEXT_ONLY, reference=comparison.TEXT_ONLY),
-    Row(comparison.LATE_FUSION, reference=comparison.LATE_FUSION),
+    Row(comparison.TEXT_ONLY, reference=True),
+    Row(comparison.LATE_FUSION, reference=True),
     Row("MDF, all depths"),
     *(Row(f"MDF, depth {depth} only", depth=depth) for depth in range(1, 5)),
     Row("MDF, no FiLM", no_film=True),
