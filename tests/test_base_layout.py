@@ -1,5 +1,6 @@
 """`train_hf.py --make_base` records the base's layout; `--base_model` with that base gets MDF modules of the same
-layout (not the 11B defaults), and for any other base the job says which sizes it chose before training."""
+layout (not the 11B defaults), and for any other base the job says which sizes it chose before training. Every layout
+builds the model it builds now, pinned."""
 
 import json
 import shutil
@@ -14,6 +15,39 @@ TINY_LINE = ("MDF modules: U-Net 32 px of base width 4, fusion grid 2x2, project
              "--unet_image_size and --fusion_grid change them")
 DEFAULT_LINE = ("MDF modules: U-Net 512 px of base width 32, fusion grid 16x16, projector 256 (the defaults for Llama "
                 "3.2 11B Vision); --model_size, --unet_image_size and --fusion_grid change them")
+
+# What the job builds in each layout, written out here as an independent check of the code that sizes it. The MDF
+# modules: U-Net, fusion grid, projector and FiLM widths.
+UNET = dict(in_channels=3, use_decoder=True)
+MDF_SIZES = {
+    "tiny": (dict(UNET, base_channels=4, image_size=32), 2, 8, 64),
+    "small": (dict(UNET, base_channels=16, image_size=128), 8, 64, 64),
+    "11b": (dict(UNET, base_channels=32, image_size=512), 16, 256, 256),
+}
+# The Mllama the job builds (from scratch, or as a base): vision tile, hidden and intermediate sizes, layers, global
+# layers, heads, output width; text hidden and intermediate sizes, layers, heads, KV heads, cross-attention layers.
+MLLAMA = {
+    "tiny": ((28, 16, 32, 2, 1, 2, 32), (32, 64, 4, 4, 2, [1, 3])),
+    "small": ((112, 64, 128, 2, 1, 2, 128), (128, 256, 8, 4, 2, [1, 3, 5, 7])),
+}
+# What every such Mllama shares: patch, tiles, aspect ratios, intermediate vision layers; the offline tokenizer's
+# vocabulary (`<|image|>` its last id), positions, image, BOS, EOS and pad ids.
+MLLAMA_COMMON = (14, 1, [[1, 1]], [0], 1857, 2048, 1857, 1850, 1854, 1856)
+
+
+def mllama_shape(config) -> tuple:
+    vision, text = config.vision_config, config.text_config
+    return ((vision.image_size, vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers,
+             vision.num_global_layers, vision.attention_heads, vision.vision_output_dim),
+            (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+             text.num_key_value_heads, text.cross_attention_layers))
+
+
+def mllama_common(config) -> tuple:
+    vision, text = config.vision_config, config.text_config
+    return (vision.patch_size, vision.max_num_tiles, vision.supported_aspect_ratios,
+            vision.intermediate_layers_indices, text.vocab_size, text.max_position_embeddings,
+            config.image_token_index, text.bos_token_id, text.eos_token_id, text.pad_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +107,21 @@ def test_the_job_says_which_mdf_sizes_it_chose_before_training(bases, which, lin
     with pytest.raises(Stop):
         job.main(["--base_model", str(bases[which]), *TINY_DATA, "--output_dir", str(tmp_path)])
     assert capsys.readouterr().out.splitlines()[-1] == line
+
+
+@pytest.mark.parametrize("options, base, layout, mllama", [
+    (dict(model_size="tiny"), None, "tiny", "tiny"),
+    (dict(), None, "small", "small"),
+    (dict(), 0, "tiny", "tiny"),
+    (dict(model_size="small"), 0, "small", "tiny"),
+    (dict(), 1, "11b", "tiny"),
+], ids=["tiny-from-scratch", "small-from-scratch", "base-made-here", "small-on-a-tiny-base", "other-base"])
+def test_every_layout_builds_the_model_it_built(bases, options, base, layout, mllama):
+    model_args = stages.ModelArguments(base_model=None if base is None else str(bases[base]), **options)
+    processor = (model_setup.base_processor(model_args) if model_args.base_model else
+                 model_setup.default_processor(model_args))
+    config = model_setup.build_model(model_args, processor).config
+    assert (config.unet_config, config.fusion_grid, config.projector_dim, config.film_hidden_dim) == MDF_SIZES[layout]
+    assert processor.image_processor.unet_image_size == MDF_SIZES[layout][0]["image_size"]
+    assert processor.image_processor.size["height"] == MLLAMA[mllama][0][0]
+    assert (mllama_shape(config), mllama_common(config)) == (MLLAMA[mllama], MLLAMA_COMMON)
