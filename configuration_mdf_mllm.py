@@ -55,7 +55,40 @@ DEFAULT_LABELS = [
     ("choroideremia", "choroideremia", "inherited"),
     ("best_disease", "best vitelliform macular dystrophy", "inherited"),
 ]
-DEFAULT_UNET_CONFIG = {"in_channels": 3, "base_channels": 32, "image_size": 512, "use_decoder": True}
+# The layouts, each size written once: the MDF modules' (`MdfMllmConfig` fields) and, where the main job builds the
+# Mllama itself (`train_hf.py --model_size`: its base, or the model from scratch), that Mllama's tile and towers. "11b"
+# is Llama 3.2 11B Vision's, whose Mllama comes with its checkpoint: its MDF sizes are the config's defaults. "small"
+# and "tiny" are its shape at sizes two CPU cores train in minutes (the main job) and run in seconds (the tests).
+LAYOUTS = {
+    "11b": dict(
+        mdf=dict(unet_config=dict(in_channels=3, base_channels=32, image_size=512, use_decoder=True), fusion_grid=16,
+                 projector_dim=256, film_hidden_dim=256),
+    ),
+    "small": dict(
+        mdf=dict(unet_config=dict(in_channels=3, base_channels=16, image_size=128, use_decoder=True), fusion_grid=8,
+                 projector_dim=64, film_hidden_dim=64),
+        mllama=dict(
+            tile=112,
+            vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1,
+                        attention_heads=2),
+            text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+                      num_key_value_heads=2, cross_attention_layers=[1, 3, 5, 7]),
+        ),
+    ),
+    "tiny": dict(
+        mdf=dict(unet_config=dict(in_channels=3, base_channels=4, image_size=32, use_decoder=True), fusion_grid=2,
+                 projector_dim=8, film_hidden_dim=64),
+        mllama=dict(
+            tile=28,
+            vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
+                        attention_heads=2),
+            text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, cross_attention_layers=[1, 3]),
+        ),
+    ),
+}
+DEFAULT_SIZES = LAYOUTS["11b"]["mdf"]
+DEFAULT_UNET_CONFIG = DEFAULT_SIZES["unet_config"]
 UNET_DEPTHS = 4
 PRE_IMAGE_TEXT_MASKINGS = ("transformers", "reference")
 MDF_FIELDS = (
@@ -132,10 +165,10 @@ class MdfMllmConfig(MllamaConfig):
 
     unet_config: dict | None = None
     fusion_layers: dict | None = None
-    fusion_grid: int = 16
-    projector_dim: int | None = 256
+    fusion_grid: int = DEFAULT_SIZES["fusion_grid"]
+    projector_dim: int | None = DEFAULT_SIZES["projector_dim"]
     use_film: bool = True
-    film_hidden_dim: int = 256
+    film_hidden_dim: int = DEFAULT_SIZES["film_hidden_dim"]
     seg_loss_weight: float = 0.1
     pre_image_text_masking: str = "transformers"
     verbalizers: list[str] | None = None

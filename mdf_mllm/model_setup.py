@@ -1,8 +1,10 @@
-"""The models and processors of the main job (train_hf.py): the small and tiny layouts made here, the stock base's
-processor, the MDF processor on a base's settings, and building MDF-MLLM from a base checkpoint or from scratch.
+"""The models and processors of the main job (train_hf.py): the MDF sizes of its layout (configuration_mdf_mllm's
+LAYOUTS), the small and tiny Mllama made here, the stock base's processor, the MDF processor on a base's settings,
+and building MDF-MLLM from a base checkpoint or from scratch.
 
 `model_args` is mdf_mllm.stages.ModelArguments (not imported: stages imports this module)."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 from transformers import AutoProcessor, MllamaConfig, MllamaProcessor
 from transformers.utils import logging as transformers_logging
 
-from configuration_mdf_mllm import DEFAULT_LABELS, MdfMllmConfig
+from configuration_mdf_mllm import DEFAULT_LABELS, DEFAULT_SIZES, DEFAULT_UNET_CONFIG, LAYOUTS, MdfMllmConfig
 from image_processing_mdf_mllm import MdfMllmImageProcessor
 from image_processing_mdf_mllm import MllamaImageProcessor  # the backend AutoImageProcessor picks (PIL or torchvision)
 from modeling_mdf_mllm import (
@@ -39,27 +41,9 @@ def parse_fusion_layers(spec: str | None) -> dict[int, int] | None:
         raise UsageError(f"--fusion_layers: expected 'layer:depth,...' such as '3:1,8:1', got {spec!r}") from None
 
 
-# Without a real base: the 11B layout's shape at a size two CPU cores train in minutes.
-MODEL_SIZES = {
-    "small": dict(
-        tile=112,
-        unet=dict(in_channels=3, base_channels=16, image_size=128, use_decoder=True),
-        grid=8,
-        projector_dim=64,
-        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1, attention_heads=2),
-        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
-                  num_key_value_heads=2, cross_attention_layers=[1, 3, 5, 7]),
-    ),
-    "tiny": dict(
-        tile=28,
-        unet=dict(in_channels=3, base_channels=4, image_size=32, use_decoder=True),
-        grid=2,
-        projector_dim=8,
-        vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, cross_attention_layers=[1, 3]),
-    ),
-}
+# --model_size's values: the layouts whose Mllama the job builds (its base, or the model from scratch); the 11B
+# layout's comes with its checkpoint.
+MODEL_SIZES = [name for name, layout in LAYOUTS.items() if "mllama" in layout]
 
 # Llama 3.2 Vision's chat template, abridged: a system turn only for prompts without an image (as Meta's does), so a
 # processor that ignored the base's template and used its own would lay text-only prompts out differently.
@@ -78,7 +62,7 @@ def stock_processor(model_size: str) -> MllamaProcessor:
     """The base's own processor: stock MllamaProcessor, the offline tokenizer, a Llama 3.2 Vision chat template."""
     tokenizer = build_tokenizer()
     tokenizer.chat_template = BASE_CHAT_TEMPLATE
-    tile = MODEL_SIZES[model_size]["tile"]
+    tile = LAYOUTS[model_size]["mllama"]["tile"]
     image_processor = MllamaImageProcessor(size={"height": tile, "width": tile}, max_image_tiles=1)
     return MllamaProcessor(image_processor, tokenizer, chat_template=BASE_CHAT_TEMPLATE)
 
@@ -92,39 +76,43 @@ def mdf_processor(base: MllamaProcessor, unet_image_size: int) -> MdfMllmProcess
 
 
 def default_processor(model_args) -> MdfMllmProcessor:
-    size = MODEL_SIZES[model_args.model_size or "small"]
-    return build_default_processor(
-        image_size=size["tile"], unet_image_size=model_args.unet_image_size or size["unet"]["image_size"]
-    )
+    """The repository's own processor (offline tokenizer) for a model of the job's layout built from scratch."""
+    layout, sizes = mdf_layout(model_args)
+    return build_default_processor(image_size=LAYOUTS[layout]["mllama"]["tile"],
+                                   unet_image_size=sizes["unet_config"]["image_size"])
 
 
 def base_processor(model_args) -> MdfMllmProcessor:
     """The base checkpoint's own processor (tokenizer, chat template, image settings), plus the U-Net view."""
-    unet_config = {**MdfMllmConfig().unet_config, **mdf_sizes(model_args).get("unet_config", {})}
+    unet_config = mdf_layout(model_args)[1].get("unet_config", DEFAULT_UNET_CONFIG)
     return mdf_processor(AutoProcessor.from_pretrained(model_args.base_model), unet_config["image_size"])
 
 
-def mdf_sizes(model_args) -> dict:
-    """The MDF modules' sizes: MODEL_SIZES for our own layouts (a base made here records its own), the config's
-    defaults for a real base."""
-    size = layout_name(model_args)
-    sizes = {} if size is None else layout_sizes(size)
+def mdf_layout(model_args) -> tuple[str, dict]:
+    """The layout of the MDF modules and the sizes the job sets on their config: the layout's, --unet_image_size and
+    --fusion_grid applied. The layout is --model_size, else the one a base made here records (small without a base),
+    else "11b": any other base, whose config.json gives every size the job does not set (a Mllama checkpoint the
+    config's defaults, the 11B layout's; an MDF-MLLM checkpoint its own, so that it loads whole)."""
+    if model_args.model_size or not model_args.base_model:
+        layout = model_args.model_size or "small"
+    else:
+        layout = base_record(model_args.base_model).get("model_size", "11b")
+    sizes = {} if layout == "11b" else copy.deepcopy(LAYOUTS[layout]["mdf"])
     if model_args.unet_image_size:
         sizes["unet_config"] = {**sizes.get("unet_config", {}), "image_size": model_args.unet_image_size}
     if model_args.fusion_grid:
         sizes["fusion_grid"] = model_args.fusion_grid
-    return sizes
+    return layout, sizes
 
 
 def describe_mdf_sizes(model_args) -> str:
     """One line: the U-Net, grid and projector the MDF modules get on `model_args.base_model`, where they come from,
     and the options that change them (the 11B defaults on a small base cost minutes per step on a CPU)."""
-    sizes = mdf_sizes(model_args)
-    unet = {**MdfMllmConfig().unet_config, **sizes.get("unet_config", {})}
-    grid, projector = sizes.get("fusion_grid", MdfMllmConfig.fusion_grid), sizes.get("projector_dim",
-                                                                                    MdfMllmConfig.projector_dim)
-    size = layout_name(model_args)
-    origin = f"the {size} layout" if size else "the defaults for Llama 3.2 11B Vision"
+    layout, sizes = mdf_layout(model_args)
+    sizes = {**DEFAULT_SIZES, **sizes}  # the config's defaults for what the job leaves to the base
+    unet = {**DEFAULT_UNET_CONFIG, **sizes["unet_config"]}
+    grid, projector = sizes["fusion_grid"], sizes["projector_dim"]
+    origin = "the defaults for Llama 3.2 11B Vision" if layout == "11b" else f"the {layout} layout"
     return (f"MDF modules: U-Net {unet['image_size']} px of base width {unet['base_channels']}, fusion grid "
             f"{grid}x{grid}, projector {projector} ({origin}); --model_size, --unet_image_size and --fusion_grid "
             "change them")
@@ -133,14 +121,6 @@ def describe_mdf_sizes(model_args) -> str:
 # `train_hf.py --make_base` writes this beside the base's config.json (plain transformers ignores the file): the layout
 # it was made in, so that `--base_model` gives the base MDF modules of its size rather than the 11B defaults.
 BASE_RECORD_FILE = "mdf_mllm_base.json"
-
-
-def layout_name(model_args) -> str | None:
-    """The layout the MDF modules take: --model_size, else the one a base made here records (small without a base);
-    None for any other base (the config's defaults)."""
-    if model_args.model_size or not model_args.base_model:
-        return model_args.model_size or "small"
-    return base_record(model_args.base_model).get("model_size")
 
 
 def base_record(base_model: str) -> dict:
@@ -159,21 +139,14 @@ def describe_base(base_model: str) -> str | None:
             "pretrained weights)")
 
 
-def layout_sizes(model_size: str) -> dict:
-    """The MDF modules' sizes in one of our own layouts."""
-    size = MODEL_SIZES[model_size]
-    return dict(unet_config=dict(size["unet"]), fusion_grid=size["grid"], projector_dim=size["projector_dim"],
-                film_hidden_dim=64)
-
-
 def small_mllama_config(tokenizer, model_size: str = "small") -> MllamaConfig:
     """The small (or tiny) Mllama for `tokenizer`: `<|image|>` is its last id, as in Llama 3.2 Vision."""
-    size = MODEL_SIZES[model_size]
+    shape = LAYOUTS[model_size]["mllama"]
     image_id = tokenizer.convert_tokens_to_ids("<|image|>")
-    vision = dict(**size["vision"], image_size=size["tile"], patch_size=14, max_num_tiles=1,
+    vision = dict(**shape["vision"], image_size=shape["tile"], patch_size=14, max_num_tiles=1,
                   supported_aspect_ratios=[[1, 1]], intermediate_layers_indices=[0],
-                  vision_output_dim=2 * size["vision"]["hidden_size"])
-    text = dict(**size["text"], vocab_size=image_id, bos_token_id=tokenizer.bos_token_id,
+                  vision_output_dim=2 * shape["vision"]["hidden_size"])
+    text = dict(**shape["text"], vocab_size=image_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"), pad_token_id=tokenizer.pad_token_id,
                 max_position_embeddings=2048)
     return MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
@@ -181,7 +154,7 @@ def small_mllama_config(tokenizer, model_size: str = "small") -> MllamaConfig:
 
 def small_default_config(tokenizer, model_size: str = "small", **mdf_kwargs) -> MdfMllmConfig:
     """The small (or tiny) MDF-MLLM for `tokenizer`, built from scratch."""
-    kwargs = {**layout_sizes(model_size), **mdf_kwargs}
+    kwargs = {**LAYOUTS[model_size]["mdf"], **mdf_kwargs}
     return MdfMllmConfig.from_mllama_config(small_mllama_config(tokenizer, model_size), **kwargs)
 
 
@@ -189,7 +162,7 @@ def mdf_kwargs(model_args, processor: MdfMllmProcessor) -> dict:
     kwargs = dict(use_film=not model_args.no_film, verbalizer_token_ids=processor.verbalizer_token_ids,
                   id2label=dict(enumerate(processor.label_names)), verbalizers=processor.verbalizers,
                   disease_types=[kind for _, _, kind in DEFAULT_LABELS], seg_loss_weight=model_args.seg_loss_weight,
-                  **mdf_sizes(model_args))
+                  **mdf_layout(model_args)[1])
     fusion_layers = parse_fusion_layers(model_args.fusion_layers)
     if fusion_layers is not None:
         kwargs["fusion_layers"] = fusion_layers

@@ -23,7 +23,6 @@ from mdf_mllm.comparison import Result
 from mdf_mllm.model_setup import (
     BASE_CHAT_TEMPLATE,
     BASE_RECORD_FILE,
-    MODEL_SIZES,
     build_model,
     mdf_processor,
     open_gates,
@@ -47,6 +46,7 @@ from mdf_mllm.training import (
     unet_alone_probabilities,
     warm_up_unet,
 )
+from configuration_mdf_mllm import LAYOUTS
 from image_processing_mdf_mllm import MdfMllmImageProcessor
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from processing_mdf_mllm import MdfMllmProcessor
@@ -171,7 +171,7 @@ class MdfTrainingArguments(TrainingArguments):
 def cross_attention_layers(model_args: ModelArguments) -> list[int] | None:
     """The base's cross-attention layer indices (None for a Hub id, read when loaded)."""
     if model_args.base_model is None:
-        return MODEL_SIZES[model_args.model_size or "small"]["text"]["cross_attention_layers"]
+        return LAYOUTS[model_args.model_size or "small"]["mllama"]["text"]["cross_attention_layers"]
     config = Path(model_args.base_model) / "config.json"
     return json.loads(config.read_text())["text_config"]["cross_attention_layers"] if config.is_file() else None
 
@@ -187,7 +187,7 @@ def make_base(model_args, data_args, job_args, training_args, folder: Path, data
     of its layout (BASE_RECORD_FILE) from which `--base_model folder` sizes the MDF modules."""
     size = model_args.model_size or "small"
     stock = stock_processor(size)
-    processor = mdf_processor(stock, MODEL_SIZES[size]["unet"]["image_size"])
+    processor = mdf_processor(stock, LAYOUTS[size]["mdf"]["unet_config"]["image_size"])
     splits = process_splits(dataset or load_data(data_args), processor, no_text=data_args.no_text)
     set_seed(training_args.seed)
     base = MllamaForConditionalGeneration(small_mllama_config(stock.tokenizer, size))
@@ -211,7 +211,7 @@ def base_cache_folder(model_args, data_args, job_args, training_args) -> Path:
     """~/.cache/mdf_mllm/base-<key>: the key hashes every setting and the code the base depends on."""
     settings = [model_args.model_size or "small", data_args, job_args.base_epochs, training_args.learning_rate,
                 training_args.per_device_train_batch_size, training_args.seed, training_args.weight_decay,
-                training_args.warmup_steps, str(training_args.lr_scheduler_type), MODEL_SIZES, BASE_CHAT_TEMPLATE,
+                training_args.warmup_steps, str(training_args.lr_scheduler_type), LAYOUTS, BASE_CHAT_TEMPLATE,
                 [inspect.getsource(f) for f in (make_base, stock_processor, small_mllama_config, open_gates, train)]]
     # The processing code the base's inputs come from: the processor's file and, since it moved there, the image
     # processor's (a change to either makes another base).

@@ -21,12 +21,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import MllamaConfig  # noqa: E402
 
-from mdf_mllm.model_setup import MODEL_SIZES  # noqa: E402
+import configuration_mdf_mllm  # noqa: E402
 
 
-# The tiny layout is written once, in MODEL_SIZES (what `--model_size tiny` builds); the tests' models are it, with
-# their own vocabulary and, per test, other heads or cross-attention layers (LAYOUTS).
-TINY = MODEL_SIZES["tiny"]
+# The tiny layout is written once, in configuration_mdf_mllm.LAYOUTS (what `--model_size tiny` builds); the tests'
+# models are it, with their own vocabulary, FiLM MLPs of width 8 rather than the job's 64 (1% of a tiny model's
+# weights rather than 8%) and, per test, other heads or cross-attention layers (LAYOUTS).
+TINY = configuration_mdf_mllm.LAYOUTS["tiny"]["mllama"]
+TINY_MDF = {**configuration_mdf_mllm.LAYOUTS["tiny"]["mdf"], "film_hidden_dim": 8}
 
 
 def tiny_mllama_config(
@@ -79,7 +81,7 @@ LAYOUTS = {
     ),
 }
 
-TINY_UNET = dict(TINY["unet"])
+TINY_UNET = dict(TINY_MDF["unet_config"])
 
 
 @pytest.fixture(autouse=True)
@@ -133,9 +135,7 @@ def mdf_config(layout: str = "a", **mdf_kwargs):
     """The MDF config of tiny layout `layout`: tiny U-Net (S=32), 2x2 grid."""
     from configuration_mdf_mllm import MdfMllmConfig
 
-    kwargs = dict(unet_config=TINY_UNET, fusion_grid=TINY["grid"], projector_dim=TINY["projector_dim"],
-                  film_hidden_dim=8)
-    return MdfMllmConfig.from_mllama_config(tiny_mllama_config(**LAYOUTS[layout]), **{**kwargs, **mdf_kwargs})
+    return MdfMllmConfig.from_mllama_config(tiny_mllama_config(**LAYOUTS[layout]), **{**TINY_MDF, **mdf_kwargs})
 
 
 def make_inputs(config, batch=2, length=9, image_at=3, seed=0):
@@ -190,7 +190,8 @@ def export_tiny_model(folder) -> str:
     from pipeline_mdf_mllm import register_pipeline
     from processing_mdf_mllm import build_default_processor
 
-    processor = build_default_processor(image_size=TINY["tile"], unet_image_size=TINY["unet"]["image_size"])
+    processor = build_default_processor(image_size=TINY["tile"],
+                                        unet_image_size=TINY_MDF["unet_config"]["image_size"])
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<|image|>")
     base = tiny_mllama_config(vocab_size=image_id)
@@ -198,10 +199,7 @@ def export_tiny_model(folder) -> str:
         setattr(base.text_config, key, getattr(tokenizer, key))
     config = MdfMllmConfig.from_mllama_config(
         base,
-        unet_config=TINY_UNET,
-        fusion_grid=TINY["grid"],
-        projector_dim=TINY["projector_dim"],
-        film_hidden_dim=8,
+        **TINY_MDF,
         verbalizer_token_ids=processor.verbalizer_token_ids,
         image_token_index=image_id,
     )

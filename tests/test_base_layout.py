@@ -1,12 +1,13 @@
 """`train_hf.py --make_base` records the base's layout; `--base_model` with that base gets MDF modules of the same
 layout (not the 11B defaults), and for any other base the job says which sizes it chose before training. Every layout
-builds the model it builds now, pinned."""
+builds the model it built before the layouts were one table."""
 
 import json
 import shutil
 
 import pytest
 
+from configuration_mdf_mllm import LAYOUTS
 from mdf_mllm import model_setup, stages, train as job
 
 
@@ -16,8 +17,8 @@ TINY_LINE = ("MDF modules: U-Net 32 px of base width 4, fusion grid 2x2, project
 DEFAULT_LINE = ("MDF modules: U-Net 512 px of base width 32, fusion grid 16x16, projector 256 (the defaults for Llama "
                 "3.2 11B Vision); --model_size, --unet_image_size and --fusion_grid change them")
 
-# What the job builds in each layout, written out here as an independent check of the code that sizes it. The MDF
-# modules: U-Net, fusion grid, projector and FiLM widths.
+# What the job built in each layout before configuration_mdf_mllm.LAYOUTS held them (91cd294), written out here as an
+# independent check. The MDF modules: U-Net, fusion grid, projector and FiLM widths.
 UNET = dict(in_channels=3, use_decoder=True)
 MDF_SIZES = {
     "tiny": (dict(UNET, base_channels=4, image_size=32), 2, 8, 64),
@@ -78,7 +79,7 @@ def test_make_base_records_its_layout(bases):
 def test_base_model_made_here_gets_mdf_modules_of_its_layout(bases):
     made, other = bases
     model_args = stages.ModelArguments(base_model=str(made))
-    assert model_setup.mdf_sizes(model_args) == model_setup.layout_sizes("tiny")
+    assert model_setup.mdf_layout(model_args) == ("tiny", LAYOUTS["tiny"]["mdf"])
     processor = model_setup.base_processor(model_args)
     assert processor.image_processor.unet_image_size == 32
     config = model_setup.build_model(model_args, processor).config
@@ -87,8 +88,8 @@ def test_base_model_made_here_gets_mdf_modules_of_its_layout(bases):
     assert model_setup.describe_mdf_sizes(model_args) == TINY_LINE
     # --model_size still wins; any other base gets the config's (11B) defaults, said as such.
     small = stages.ModelArguments(base_model=str(made), model_size="small")
-    assert model_setup.mdf_sizes(small) == model_setup.layout_sizes("small")
-    assert model_setup.mdf_sizes(stages.ModelArguments(base_model=str(other))) == {}
+    assert model_setup.mdf_layout(small) == ("small", LAYOUTS["small"]["mdf"])
+    assert model_setup.mdf_layout(stages.ModelArguments(base_model=str(other))) == ("11b", {})
     assert model_setup.describe_mdf_sizes(stages.ModelArguments(base_model=str(other))) == DEFAULT_LINE
     grid = stages.ModelArguments(base_model=str(other), unet_image_size=64, fusion_grid=4)
     assert model_setup.describe_mdf_sizes(grid).startswith("MDF modules: U-Net 64 px of base width 32, fusion grid "
