@@ -30,9 +30,9 @@ BATCH, CLASSIFY_BATCH, WARMUP, REPEATS = 4, 16, 2, 5
 
 def tiny_layout():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import TINY_UNET, tiny_mllama_config
+    from conftest import TINY_MDF, tiny_mllama_config
 
-    return tiny_mllama_config(), dict(unet_config=TINY_UNET, fusion_grid=2, projector_dim=8, film_hidden_dim=8)
+    return tiny_mllama_config(), TINY_MDF
 
 
 def batch(config, size: int, device, unet: bool, answers: bool) -> dict:

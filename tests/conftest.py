@@ -81,8 +81,6 @@ LAYOUTS = {
     ),
 }
 
-TINY_UNET = dict(TINY_MDF["unet_config"])
-
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -3,7 +3,7 @@ replaced, with one copy of the prompt cache whatever the number of classes."""
 
 import pytest
 import torch
-from conftest import LAYOUTS, TINY_UNET, make_inputs, move_off_init, tiny_mllama_config
+from conftest import LAYOUTS, TINY_MDF, make_inputs, move_off_init, tiny_mllama_config
 from test_modeling import two_images
 
 from configuration_mdf_mllm import MdfMllmConfig
@@ -17,13 +17,7 @@ VERBALIZERS = [[5, 6, 1], [7, 1], [8, 9, 10, 1], [5, 7, 1], [5, 6, 11, 1], [12]]
 @pytest.fixture(scope="module")
 def model():
     """Layout b with two tiles per image, open gates."""
-    config = MdfMllmConfig.from_mllama_config(
-        tiny_mllama_config(**LAYOUTS["b"], max_num_tiles=2),
-        unet_config=TINY_UNET,
-        fusion_grid=2,
-        projector_dim=8,
-        film_hidden_dim=8,
-    )
+    config = MdfMllmConfig.from_mllama_config(tiny_mllama_config(**LAYOUTS["b"], max_num_tiles=2), **TINY_MDF)
     torch.manual_seed(0)
     mdf = MdfMllmForConditionalGeneration(config).eval()
     move_off_init(mdf)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import MllamaForConditionalGeneration
 
-from conftest import TINY_UNET, move_off_init, tiny_mllama_config
+from conftest import TINY_MDF, move_off_init, tiny_mllama_config
 from mdf_mllm import metrics, stages, train as job, training
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from mdf_mllm.probe_ladder import ladder_features, ladder_table, probe_accuracy, selected
@@ -31,15 +31,14 @@ def assert_pytorch_default_init(conv):
 def test_unet_convolutions_start_at_pytorchs_default_not_transformers_normal(path, tmp_path):
     """transformers' N(0, 0.02) made every stage-1 Adam step move the convolutions four times as far relative to
     their size, and the class loss stalled; the vision tower keeps its own initialisation."""
-    kwargs = dict(unet_config=TINY_UNET, fusion_grid=2, projector_dim=8, film_hidden_dim=8)
     if path == "from-config":
         from configuration_mdf_mllm import MdfMllmConfig
 
-        model = MdfMllmForConditionalGeneration(MdfMllmConfig.from_mllama_config(tiny_mllama_config(), **kwargs))
+        model = MdfMllmForConditionalGeneration(MdfMllmConfig.from_mllama_config(tiny_mllama_config(), **TINY_MDF))
         assert model.model.vision_model.patch_embedding.weight.std().item() == pytest.approx(0.02, rel=0.2)
     else:
         MllamaForConditionalGeneration(tiny_mllama_config()).save_pretrained(tmp_path)
-        model = MdfMllmForConditionalGeneration.from_pretrained(tmp_path, **kwargs)
+        model = MdfMllmForConditionalGeneration.from_pretrained(tmp_path, **TINY_MDF)
     convolutions = unet_convolutions(model)
     assert len(convolutions) == 2 * 4 + 2 + 4 + 2 * 4 + 1  # encoder, bottleneck, up-sampling, decoder, vessel head
     big = [conv for conv in convolutions if conv.weight.numel() >= 500]
@@ -60,8 +59,7 @@ def tiny():
     base = tiny_mllama_config(vocab_size=tokenizer.convert_tokens_to_ids("<|image|>"))
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(base.text_config, key, getattr(tokenizer, key))
-    config = MdfMllmConfig.from_mllama_config(base, unet_config=TINY_UNET, fusion_grid=2, projector_dim=8,
-                                              film_hidden_dim=8, image_token_index=base.image_token_index)
+    config = MdfMllmConfig.from_mllama_config(base, **TINY_MDF, image_token_index=base.image_token_index)
     torch.manual_seed(0)
     model = MdfMllmForConditionalGeneration(config).eval()
     move_off_init(model)

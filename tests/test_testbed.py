@@ -260,7 +260,7 @@ def test_counterfactual_table_on_a_tiny_model():
     summary is the share of those answers."""
     from types import SimpleNamespace
 
-    from conftest import TINY_UNET, move_off_init, tiny_mllama_config
+    from conftest import TINY_MDF, move_off_init, tiny_mllama_config
     from configuration_mdf_mllm import MdfMllmConfig
     from dataset_builder import load
     from mdf_mllm import stages, training
@@ -271,8 +271,7 @@ def test_counterfactual_table_on_a_tiny_model():
     base = tiny_mllama_config(vocab_size=processor.tokenizer.convert_tokens_to_ids("<|image|>"))
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(base.text_config, key, getattr(processor.tokenizer, key))
-    config = MdfMllmConfig.from_mllama_config(base, unet_config=TINY_UNET, fusion_grid=2, projector_dim=8,
-                                              film_hidden_dim=8, image_token_index=base.image_token_index)
+    config = MdfMllmConfig.from_mllama_config(base, **TINY_MDF, image_token_index=base.image_token_index)
     torch.manual_seed(0)
     model = MdfMllmForConditionalGeneration(config).eval()
     move_off_init(model)
