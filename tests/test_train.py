@@ -350,6 +350,8 @@ def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
     "argv, message",
     [
         (["--model_size", "big"], "--model_size: 'big' is not one of small, tiny"),
+        # The 11B layout's Mllama is its checkpoint's: --base_model such a checkpoint gets its MDF sizes anyway.
+        (["--model_size", "11b"], "--model_size: '11b' is not one of small, tiny"),
         (["--dataset", "foo"], "--dataset: 'foo' is not one of synthetic, all, fives, hrf, stonerounds, manifest"),
         (["--fusion_layers", "99:1"], "--fusion_layers: '99:1': layers must be among the cross-attention layers "
                                       "[1, 3, 5, 7], depths 1-4"),
