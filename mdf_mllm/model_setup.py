@@ -1,7 +1,7 @@
 """The models and processors of the main job (train_hf.py): the small and tiny layouts made here, the stock base's
 processor, the MDF processor on a base's settings, and building MDF-MLLM from a base checkpoint or from scratch.
 
-`model_args` is mdf_mllm.stages.ModelArguments (not imported: stages imports this module)."""
+`model_args` is a job's `mdf_mllm.job.ModelArguments` (`job.model`)."""
 
 import json
 from pathlib import Path

@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from mdf_mllm import model_setup, stages, train as job
+from mdf_mllm import model_setup, train as job
+from mdf_mllm.job import ModelArguments
 
 
 TINY_DATA = ["--num_images", "40", "--image_size", "64"]
@@ -43,7 +44,7 @@ def test_make_base_records_its_layout(bases):
 
 def test_base_model_made_here_gets_mdf_modules_of_its_layout(bases):
     made, other = bases
-    model_args = stages.ModelArguments(base_model=str(made))
+    model_args = ModelArguments(base_model=str(made))
     assert model_setup.mdf_sizes(model_args) == model_setup.layout_sizes("tiny")
     processor = model_setup.base_processor(model_args)
     assert processor.image_processor.unet_image_size == 32
@@ -52,11 +53,11 @@ def test_base_model_made_here_gets_mdf_modules_of_its_layout(bases):
             config.projector_dim) == (32, 4, 2, 8)
     assert model_setup.describe_mdf_sizes(model_args) == TINY_LINE
     # --model_size still wins; any other base gets the config's (11B) defaults, said as such.
-    small = stages.ModelArguments(base_model=str(made), model_size="small")
+    small = ModelArguments(base_model=str(made), model_size="small")
     assert model_setup.mdf_sizes(small) == model_setup.layout_sizes("small")
-    assert model_setup.mdf_sizes(stages.ModelArguments(base_model=str(other))) == {}
-    assert model_setup.describe_mdf_sizes(stages.ModelArguments(base_model=str(other))) == DEFAULT_LINE
-    grid = stages.ModelArguments(base_model=str(other), unet_image_size=64, fusion_grid=4)
+    assert model_setup.mdf_sizes(ModelArguments(base_model=str(other))) == {}
+    assert model_setup.describe_mdf_sizes(ModelArguments(base_model=str(other))) == DEFAULT_LINE
+    grid = ModelArguments(base_model=str(other), unet_image_size=64, fusion_grid=4)
     assert model_setup.describe_mdf_sizes(grid).startswith("MDF modules: U-Net 64 px of base width 32, fusion grid "
                                                            "4x4, projector 256 (")
 
