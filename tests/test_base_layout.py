@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from mdf_mllm import model_setup, train as job
+from mdf_mllm import model_setup, stage1, stages, train as job
 from mdf_mllm.job import ModelArguments
 
 
@@ -70,7 +70,7 @@ def test_the_job_says_which_mdf_sizes_it_chose_before_training(bases, which, lin
     def no_stage_1(*args):
         raise Stop
 
-    monkeypatch.setattr(stages, "stage1", no_stage_1)  # the first training after the sizes are chosen
+    monkeypatch.setattr(stage1, "run", no_stage_1)  # the first training after the sizes are chosen
     with pytest.raises(Stop):
         job.main(["--base_model", str(bases[which]), *TINY_DATA, "--output_dir", str(tmp_path)])
     assert capsys.readouterr().out.splitlines()[-1] == line

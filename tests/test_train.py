@@ -195,13 +195,13 @@ def test_a_failed_export_keeps_the_previous_model_and_leaves_nothing_behind(main
     folder = main_job["out"] / "mdf-mllm"
     before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
 
-    def crash_half_way(staging, *args, **kwargs):
+    def crash_half_way(settings, staging, *args, **kwargs):
         (staging / "model.safetensors").write_bytes(b"half a model")
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(export, "write_repository", crash_half_way)
     with pytest.raises(RuntimeError, match="disk full"):
-        export.export(None, None, None, None, None, str(folder), overwrite=True)
+        export.export(job.parse_arguments(["--export_dir", str(folder), "--overwrite_export"]), None, None, None)
     assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
     assert not [name for name in os.listdir(main_job["out"]) if name.startswith(".")]
 
