@@ -4,8 +4,8 @@ during a tiny main job and a tiny ablation (one seed, two trained rows).
     OMP_NUM_THREADS=1 python bench/argument_walk.py [--output_dir outputs/bench]   # writes argument_walk.md
 
 The settings are the parsed arguments (`ModelArguments`, `DataArguments`, the job's own arguments, the training
-arguments) and the `Job` that holds them. For each function that takes one or more of them as parameters the report
-counts:
+arguments) and the `Job` that holds them. For each function that takes one or more of them as parameters (their own
+methods aside) the report counts:
 - calls: the calls that received settings, and the settings parameters they received in all (four objects passed
   side by side count four);
 - rooms: the modules those calls were in; a *return* is a call in a module that the walk had already left (entering
@@ -40,7 +40,8 @@ def trace(run) -> list[tuple[str, str, int]]:
         code = frame.f_code
         parameters = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
         count = sum(type(frame.f_locals.get(name)).__name__ in SETTINGS for name in parameters)
-        if count and code.co_name != "__init__":
+        # The settings' own methods (mdf_mllm/job.py, dataclasses' __init__) are not a room they walk into.
+        if count and code.co_name != "__init__" and not code.co_filename.endswith("mdf_mllm/job.py"):
             module = Path(code.co_filename).relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
             stays.append((module, code.co_name, count))
 
