@@ -686,7 +686,7 @@ class MdfMllmModel(MdfMllmPreTrainedModel, MllamaModel):
     def idle_unet_modules(self) -> list[nn.Module]:
         """The U-Net parts no forward pass of this configuration runs: without a vessel loss (`use_decoder` and
         `seg_loss_weight` > 0) the bottleneck, decoder and vessel head, and the encoder stages (with their FiLM)
-        below the deepest depth `fusion_layers` reads. Stage 1 (`mdf_mllm.training.warm_up_unet`), which trains the
+        below the deepest depth `fusion_layers` reads. Stage 1 (`mdf_mllm.stage1`), which trains the
         U-Net on its own, makes them trainable again."""
         if self.unet is None or (self.config.unet_config["use_decoder"] and self.config.seg_loss_weight > 0):
             return []

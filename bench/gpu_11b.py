@@ -22,7 +22,7 @@ from configuration_mdf_mllm import MdfMllmConfig  # noqa: E402
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration  # noqa: E402
 from scale_11b import TEXT_TOKENS, llama_32_11b_vision_config  # noqa: E402
 from mdf_mllm.model_setup import with_lora  # noqa: E402
-from mdf_mllm.stages import ModelArguments  # noqa: E402
+from mdf_mllm.job import ModelArguments  # noqa: E402
 
 
 BATCH, CLASSIFY_BATCH, WARMUP, REPEATS = 4, 16, 2, 5

@@ -52,7 +52,7 @@ from gpu_11b import batch  # noqa: E402
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration  # noqa: E402
 from processing_mdf_mllm import build_default_processor  # noqa: E402
 from mdf_mllm.model_setup import build_model, open_gates, with_lora  # noqa: E402
-from mdf_mllm.stages import ModelArguments  # noqa: E402
+from mdf_mllm.job import ModelArguments  # noqa: E402
 from mdf_mllm.tables import memory_table_11b  # noqa: E402
 from scale_11b import llama_32_11b_vision_config, measure as count_11b  # noqa: E402
 

@@ -15,7 +15,7 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configuration_mdf_mllm import MdfMllmConfig  # noqa: E402
 from modeling_mdf_mllm import LORA_TARGET_MODULES, MdfMllmForConditionalGeneration  # noqa: E402
-from mdf_mllm.stages import ModelArguments  # noqa: E402
+from mdf_mllm.job import ModelArguments  # noqa: E402
 from mdf_mllm.tables import memory_table_11b  # noqa: E402
 
 

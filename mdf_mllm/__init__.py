@@ -6,11 +6,13 @@ ships as remote code. This package trains, evaluates, exports and serves them; i
 importing only those below:
 
     messages, handler                              plain helpers; the Inference Endpoints handler template
+    job                                            a job's settings: the argument groups and the `Job`
     model_setup, probe_ladder, explain,            models and processors: set-up, probes, explanation maps,
       real_photos                                  answers on the real photos available offline
-    metrics, tables, plots, model_card             reporting: one module per job
-    training                                       data, the Trainer, stage 1's warm-up, evaluation
-    stages, export                                 what the job and the ablation share; the Hub export
+    metrics, comparison, tables, plots,            reporting: one module per job
+      model_card
+    training, stage1                               data, the Trainer, evaluation; stage 1 (the U-Net alone)
+    stages, export                                 the base, a stage-2 model, the references; the Hub export
     ablation                                       the ablation table
     train, cli, demo, __main__                     entry points: the job, `mdf-mllm`, the Gradio demo
 

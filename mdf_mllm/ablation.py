@@ -21,21 +21,21 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
-from mdf_mllm import comparison, stages
+from mdf_mllm import comparison, stage1, stages
 from mdf_mllm.comparison import Result
+from mdf_mllm.job import Job
 from mdf_mllm.model_setup import mdf_kwargs
 from mdf_mllm.plots import plot_ablation
-from mdf_mllm.training import UNET_ALONE, process_splits
+from mdf_mllm.stage1 import UNET_ALONE
+from mdf_mllm.training import process_splits
 
-# Stage-2 epochs of every ablation run (the main job's): 10 rows x 3 seeds fit in 45 minutes on two quiet CPU cores.
-ABLATION_EPOCHS = 2.0
 METRICS = ("accuracy", "accuracy_with_history", "macro_f1", "type_accuracy", "type_macro_f1")
 
 
@@ -70,18 +70,19 @@ ROWS = (
 )
 
 
-def row_model_args(model_args, row: Row):
-    """The model arguments of one row: fusion map, FiLM, the gates' start and learning rate."""
+def row_model_changes(job: Job, row: Row) -> dict:
+    """The model settings one row changes: fusion map, FiLM, the gates' start and learning rate."""
     if row.baseline:
-        return replace(model_args, fusion_layers="none")
+        return {"fusion_layers": "none"}
+    changes = {"no_film": row.no_film}
     if row.depth is not None:
-        layers = stages.cross_attention_layers(model_args)
-        model_args = replace(model_args, fusion_layers=",".join(f"{layer}:{row.depth}" for layer in layers))
+        layers = stages.cross_attention_layers(job.model)
+        changes["fusion_layers"] = ",".join(f"{layer}:{row.depth}" for layer in layers)
     if row.gate_start is not None:
-        model_args = replace(model_args, unet_gate_start=row.gate_start)
+        changes["unet_gate_start"] = row.gate_start
     if row.gate_learning_rate is not None:
-        model_args = replace(model_args, gate_learning_rate=row.gate_learning_rate)
-    return replace(model_args, no_film=row.no_film)
+        changes["gate_learning_rate"] = row.gate_learning_rate
+    return changes
 
 
 def without_film(unet_path: str) -> str:
@@ -175,27 +176,27 @@ def markdown(summary: dict[str, dict], wall_seconds: float, command: str,
     return "\n".join(lines) + "\n"
 
 
-def run_ablation(model_args, data_args, job_args, training_args, dataset, processor, collator, rows=ROWS,
-                 epochs: float = ABLATION_EPOCHS, command: str | None = None) -> list[dict]:
-    """Train and test every row `job_args.seeds` times from `model_args.base_model`; write ablation.json (every run,
-    the summary), ablation.md and ablation.png into the output folder after every run. Returns one dict per run.
-    `command` (default: this process's command line) is quoted in the table."""
-    start, out = time.perf_counter(), Path(training_args.output_dir)
+def run_ablation(job: Job, dataset, processor, collator, rows=ROWS, command: str | None = None) -> list[dict]:
+    """Train and test every row `job.run.seeds` times from the job's base, `job.run.ablation_epochs` each; write
+    ablation.json (every run, the summary), ablation.md and ablation.png into the output folder after every run.
+    Returns one dict per run. `command` (default: this process's command line) is quoted in the table."""
+    start, out, epochs = time.perf_counter(), job.output_dir, job.run.ablation_epochs
     command = command or f"python {shlex.join(sys.argv)}"
     splits = {no_text: process_splits(dataset, processor, no_text=no_text)
               for no_text in {row.no_text for row in rows}}
     results = []
     text_only = stages.text_only_reference(dataset)
-    labels = mdf_kwargs(model_args, processor)
+    labels = mdf_kwargs(job.model, processor)
     label_names, disease_types = list(labels["id2label"].values()), labels["disease_types"]
     # Seed-major: a run stopped early still has every row for its first seeds.
-    for seed in range(job_args.seeds):
-        seed_args = replace(training_args, seed=seed, output_dir=str(out / f"seed-{seed}"))
-        unet_path, _, unet_alone = stages.stage1(model_args, splits[False], collator, processor, job_args, seed_args)
-        no_film_path = without_film(unet_path) if any(row.no_film for row in rows) else None
+    for seed in range(job.run.seeds):
+        seed_job = job.replace(training={"seed": seed, "output_dir": str(out / f"seed-{seed}")})
+        unet_alone = stage1.run(seed_job, splits[False], processor, collator)
+        unet_path = unet_alone.weights if unet_alone else None
+        no_film_path = without_film(unet_path) if unet_path and any(row.no_film for row in rows) else None
         # The references of this seed's U-Net alone (none without stage 1): no model is trained for their rows.
         references = {r.name: r for r in [*([unet_alone] if unet_alone else []), *stages.references(
-            dataset, splits[False]["test"], unet_alone, text_only, label_names, disease_types, job_args)]}
+            job, dataset, splits[False]["test"], unet_alone, text_only, label_names, disease_types)]}
         for row in rows:
             if row.unet_alone or row.reference:
                 if row.name in references:
@@ -203,10 +204,10 @@ def run_ablation(model_args, data_args, job_args, training_args, dataset, proces
                 continue
             unet = None if row.baseline or not row.stage1 else no_film_path if row.no_film else unet_path
             # No checkpoints, no validation passes: each run is short and only its test result is kept.
-            args = replace(seed_args, num_train_epochs=epochs, resume_from_checkpoint=None, save_strategy="no",
-                           eval_strategy="no", output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}")))
-            run = stages.run_one(row.name, row_model_args(model_args, row), splits[row.no_text], collator, processor,
-                                 job_args, args, unet_weights=unet)
+            row_job = seed_job.replace(model=row_model_changes(job, row), training=dict(
+                num_train_epochs=epochs, resume_from_checkpoint=None, save_strategy="no", eval_strategy="no",
+                output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}"))))
+            run = stages.run_one(row_job, row.name, splits[row.no_text], processor, collator, unet_weights=unet)
             if run.report is None:  # not the main process
                 continue
             results.append(result(row.name, seed, run))

@@ -33,7 +33,8 @@ class Result:
     `probabilities`: (N, K) class probabilities per test photo; `report`: `classification_report` of their argmax
     plus "subsets" (`subset_accuracies`) (both None on the processes of a distributed run that do not evaluate);
     `train_seconds`, `parameters`: None for a reference that has none; `gate_history`: the U-Net gates logged while
-    training (MDF-MLLM only); `model`, `trainer`: the trained model and its `Trainer`, where there are some.
+    training (MDF-MLLM only); `model`, `trainer`: the trained model and its `Trainer`, where there are some;
+    `weights`, `losses`: the file a stage wrote its trained weights to and its loss per epoch (stage 1's U-Net).
     """
 
     name: str
@@ -44,6 +45,8 @@ class Result:
     gate_history: list[dict] = field(default_factory=list)
     model: Any = field(default=None, repr=False)
     trainer: Any = field(default=None, repr=False)
+    weights: str | None = None
+    losses: list[float] = field(default_factory=list)
 
     @property
     def predictions(self) -> np.ndarray:

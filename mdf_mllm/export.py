@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mdf_mllm import model_card, plots
 from mdf_mllm.comparison import Result
+from mdf_mllm.job import Job
 from mdf_mllm.tables import comparison_markdown, comparison_table
 from mdf_mllm.model_setup import describe_base
 from mdf_mllm.real_photos import real_photo_section
@@ -51,14 +52,13 @@ def export_dir_problem(export_dir: Path, overwrite: bool) -> str | None:
     return None
 
 
-def export(ours: Result, processor, dataset, model_args, data_args, export_dir: str, overwrite=False,
-           **card) -> Path:
-    """Write the repository into `export_dir`, atomically: everything goes to a temporary folder beside it that
-    replaces the old one only once complete, so a crash never leaves a half-written model. `export_dir` must pass
+def export(job: Job, ours: Result, processor, dataset, **card) -> Path:
+    """Write the repository into `job.export_dir`, atomically: everything goes to a temporary folder beside it that
+    replaces the old one only once complete, so a crash never leaves a half-written model. The folder must pass
     `export_dir_problem` (checked before training; should files have appeared there since, the export goes to a new
     folder beside it instead: nothing the project did not write is deleted). `card`: see `write_repository`."""
-    export_dir = Path(export_dir)
-    if export_dir_problem(export_dir, overwrite):
+    export_dir = job.export_dir
+    if export_dir_problem(export_dir, job.run.overwrite_export):
         taken = export_dir
         export_dir = next(taken.with_name(f"{taken.name}-{n}") for n in range(1, 10**6)
                           if not taken.with_name(f"{taken.name}-{n}").exists())
@@ -66,7 +66,7 @@ def export(ours: Result, processor, dataset, model_args, data_args, export_dir: 
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}-", dir=export_dir.parent))
     try:
-        write_repository(staging, ours, processor, dataset, model_args, data_args, **card)
+        write_repository(job, staging, ours, processor, dataset, **card)
         written = json.dumps({"files": sorted(files_in(staging))}, indent=1, allow_nan=False)
         (staging / EXPORT_MANIFEST).write_text(written + "\n")
         umask = os.umask(0)
@@ -83,8 +83,8 @@ def export(ours: Result, processor, dataset, model_args, data_args, export_dir: 
     return export_dir
 
 
-def write_repository(folder: Path, ours: Result, processor, dataset, model_args, data_args,
-                     baseline: Result | None = None, comparison: str = "") -> None:
+def write_repository(job: Job, folder: Path, ours: Result, processor, dataset, baseline: Result | None = None,
+                     comparison: str = "") -> None:
     """Weights, code, processor, pipeline registration, Endpoints handler, results, plots and the model card.
 
     `ours`: the exported model's `Result` (its model is written, its trainer's log and gate history plotted);
@@ -103,17 +103,18 @@ def write_repository(folder: Path, ours: Result, processor, dataset, model_args,
         histories[baseline.name] = baseline.trainer.state.log_history
     if all(any("loss" in entry for entry in history) for history in histories.values()):
         plots.plot_training_curves(histories, folder / plots.TRAINING_CURVES_FILE, ours.gate_history or None)
+    base_model, data = job.model.base_model, job.data
     model_card.write_model_card(
         folder,
-        model_args.base_model,
+        base_model,
         metrics_report=ours.report,
-        datasets=[data_args.dataset],
+        datasets=[data.dataset],
         widget_examples=_widget_examples(folder, dataset["test"], ours.probabilities, model.config),
-        training_args_summary=_training_summary(trainer, model_args, data_args),
+        training_args_summary=_training_summary(job, trainer),
         comparison=comparison,
-        dataset_seed=data_args.dataset_seed,
-        base_description=describe_base(model_args.base_model) if model_args.base_model else None,
-        extra_markdown=real_photo_section(model, processor) if data_args.dataset == "synthetic" else "",
+        dataset_seed=data.dataset_seed,
+        base_description=describe_base(base_model) if base_model else None,
+        extra_markdown=real_photo_section(model, processor) if data.dataset == "synthetic" else "",
     )
 
 
@@ -144,29 +145,29 @@ def _widget_examples(folder: Path, test_split, probabilities, config, count: int
     return widgets
 
 
-def _training_summary(trainer, model_args, data_args) -> dict:
-    args = trainer.args
+def _training_summary(job: Job, trainer) -> dict:
+    args, model = trainer.args, job.model
     return {
         # A local base by its folder's name: its path is the training machine's, and the card is public.
-        "base_model": model_card.hub_base_model(model_args.base_model) or (
-            f"local folder {Path(model_args.base_model).name}" if model_args.base_model
-            else f"none (trained from scratch, {model_args.model_size or 'small'})"),
-        "dataset": data_args.dataset,
+        "base_model": model_card.hub_base_model(model.base_model) or (
+            f"local folder {Path(model.base_model).name}" if model.base_model
+            else f"none (trained from scratch, {model.model_size or 'small'})"),
+        "dataset": job.data.dataset,
         "train_examples": len(trainer.train_dataset),
         "epochs": args.num_train_epochs,
         "batch_size": args.per_device_train_batch_size,
         "learning_rate": args.learning_rate,
-        "lora": model_args.lora,
+        "lora": model.lora,
         "bf16": args.bf16,
         "seed": args.seed,
         "train_runtime_s": round(trainer.state.log_history[-1].get("train_runtime", float("nan")), 1),
     }
 
 
-def summary(results: list[Result], model_args, data_args, out: Path, export_dir: Path) -> str:
+def summary(job: Job, results: list[Result], export_dir: Path) -> str:
     """The job's last lines: what was compared, the headline numbers, where everything is."""
-    base = f"fine-tuned from {model_args.base_model}" if model_args.base_model else "trained from scratch"
-    lines = [f"\n{' vs '.join(r.name for r in results)}, {base}, on {data_args.dataset} "
+    base = f"fine-tuned from {job.model.base_model}" if job.model.base_model else "trained from scratch"
+    lines = [f"\n{' vs '.join(r.name for r in results)}, {base}, on {job.data.dataset} "
              f"(test n={results[0].report['num_items']}):", comparison_table(results)]
     for r in results:
         per_class = r.report["disease"]["per_class"]
@@ -178,11 +179,11 @@ def summary(results: list[Result], model_args, data_args, out: Path, export_dir:
             end = r.gate_history[-1]
             lines.append(f"{r.name}: U-Net gates tanh(g_u) at step {end['step']}: " + ", ".join(
                 f"layer {k} {v:+.4f} (tau {end['tau'][k]:.3f})" for k, v in end["gates"].items()))
-    lines += [f"report: {out / 'comparison.md'} (and comparison.json: paired differences, counterfactual histories, "
+    lines += [f"report: {job.output_dir / 'comparison.md'} (and comparison.json: paired differences, counterfactual histories, "
               "gate values)",
               f"plots: {export_dir / plots.TRAINING_CURVES_FILE}, {export_dir}/confusion_matrix_*.png",
               f"model card: {export_dir / 'README.md'}", f"exported MDF model: {export_dir}"]
-    if data_args.dataset == "synthetic":
+    if job.data.dataset == "synthetic":
         lines.append("The data is SYNTHETIC: these numbers show the pipeline works, not how it does on real photos.")
     return "\n".join(lines)
 

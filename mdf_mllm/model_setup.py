@@ -2,7 +2,7 @@
 LAYOUTS), the small and tiny Mllama made here, the stock base's processor, the MDF processor on a base's settings,
 and building MDF-MLLM from a base checkpoint or from scratch.
 
-`model_args` is mdf_mllm.stages.ModelArguments (not imported: stages imports this module)."""
+`model_args` is a job's `mdf_mllm.job.ModelArguments` (`job.model`)."""
 
 import copy
 import json

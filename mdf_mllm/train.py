@@ -25,14 +25,14 @@ import math
 import os
 import re
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
-from mdf_mllm import ablation, comparison, export, stages, tables
+from mdf_mllm import ablation, comparison, export, stage1, stages, tables
+from mdf_mllm.job import DATASETS, DataArguments, Job, MdfTrainingArguments, ModelArguments, RunArguments
 from mdf_mllm.messages import OneStyleHelpFormatter
 from mdf_mllm.model_setup import (
     BASE_RECORD_FILE,
@@ -68,22 +68,22 @@ class Parser(HfArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_arguments(argv: list[str]) -> tuple:
-    """(ModelArguments, DataArguments, JobArguments, MdfTrainingArguments) from the command line or a YAML/JSON file."""
-    dataclasses = (stages.ModelArguments, stages.DataArguments, stages.JobArguments, stages.MdfTrainingArguments)
+def parse_arguments(argv: list[str]) -> Job:
+    """The job's settings from the command line or a YAML/JSON file."""
+    dataclasses = (ModelArguments, DataArguments, RunArguments, MdfTrainingArguments)
     parser = Parser(dataclasses, prog="train_hf.py", description=__doc__,
                     usage="python train_hf.py [options] | python train_hf.py job.yaml", formatter_class=HelpFormatter)
     for action in parser._actions:
         if "--no_baseline" in action.option_strings:
             action.help = "Train only MDF-MLLM (default: both models)"
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
+        return Job(*parser.parse_yaml_file(argv[0]))
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
+        return Job(*parser.parse_json_file(argv[0]))
     *arguments, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return tuple(arguments)
+    return Job(*arguments)
 
 
 def check_path(option: str, path: str | None, hub_id_allowed: bool = False) -> None:
@@ -95,103 +95,101 @@ def check_path(option: str, path: str | None, hub_id_allowed: bool = False) -> N
 
 
 
-def check_arguments(model_args, data_args, job_args, training_args) -> None:
+def check_arguments(job: Job) -> None:
     """Raise UsageError naming the option for a value that would fail later (or silently reach for the Hub)."""
-    for option, value, allowed in (("--model_size", model_args.model_size, MODEL_SIZES),
-                                   ("--dataset", data_args.dataset, stages.DATASETS)):
+    data, training = job.data, job.training
+    for option, value, allowed in (("--model_size", job.model.model_size, MODEL_SIZES),
+                                   ("--dataset", data.dataset, DATASETS)):
         if value is not None and value not in allowed:
             raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
-    check_numbers(model_args, data_args, job_args, training_args)
-    if data_args.dataset in ("manifest", "fives", "hrf", "stonerounds"):
-        option = "data_dir" if data_args.dataset == "manifest" else data_args.dataset
-        if not (getattr(data_args, option) or data_args.data_dir):
-            raise UsageError(f"--dataset {data_args.dataset}: needs --{option} (the data folder)")
-    check_path("--base_model", model_args.base_model, hub_id_allowed=True)
+    check_numbers(job)
+    if data.dataset in ("manifest", "fives", "hrf", "stonerounds"):
+        option = "data_dir" if data.dataset == "manifest" else data.dataset
+        if not (getattr(data, option) or data.data_dir):
+            raise UsageError(f"--dataset {data.dataset}: needs --{option} (the data folder)")
+    check_path("--base_model", job.model.base_model, hub_id_allowed=True)
     for option in ("fives", "hrf", "stonerounds", "data_dir"):
-        check_path(f"--{option}", getattr(data_args, option))
-    if training_args.resume_from_checkpoint != "latest":
-        check_path("--resume_from_checkpoint", training_args.resume_from_checkpoint)
-    if training_args.push_to_hub:
-        check_hub(job_args, training_args)
-    check_output_folders(model_args, job_args, training_args)
+        check_path(f"--{option}", getattr(data, option))
+    if training.resume_from_checkpoint != "latest":
+        check_path("--resume_from_checkpoint", training.resume_from_checkpoint)
+    if training.push_to_hub:
+        check_hub(job)
+    check_output_folders(job)
 
 
-def check_numbers(model_args, data_args, job_args, training_args) -> None:
+def check_numbers(job: Job) -> None:
     """Rates finite and not negative, sizes and batch sizes positive: a NaN rate would train into NaN weights."""
-    rates = {"--learning_rate": training_args.learning_rate, "--stage1_learning_rate": job_args.stage1_learning_rate,
-             "--num_train_epochs": training_args.num_train_epochs, "--base_epochs": job_args.base_epochs,
-             "--weight_decay": training_args.weight_decay, "--max_grad_norm": training_args.max_grad_norm}
-    rates |= {f"--{kind}_learning_rate": rate for kind, rate in stages.learning_rates(model_args).items()
-              if rate is not None}
+    run, training = job.run, job.training
+    rates = {"--learning_rate": training.learning_rate, "--stage1_learning_rate": run.stage1_learning_rate,
+             "--num_train_epochs": training.num_train_epochs, "--base_epochs": run.base_epochs,
+             "--weight_decay": training.weight_decay, "--max_grad_norm": training.max_grad_norm}
+    rates |= {f"--{kind}_learning_rate": rate for kind, rate in job.model.learning_rates().items() if rate is not None}
     for option, value in rates.items():
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{option}: expected a finite number >= 0, got {value}")
-    counts = {"--per_device_train_batch_size": training_args.per_device_train_batch_size,
-              "--per_device_eval_batch_size": training_args.per_device_eval_batch_size,
-              "--eval_batch_size": job_args.eval_batch_size, "--image_size": data_args.image_size,
-              "--num_images": data_args.num_images or 1}
+    counts = {"--per_device_train_batch_size": training.per_device_train_batch_size,
+              "--per_device_eval_batch_size": training.per_device_eval_batch_size,
+              "--eval_batch_size": run.eval_batch_size, "--image_size": job.data.image_size,
+              "--num_images": job.data.num_images or 1}
     for option, value in counts.items():
         if value < 1:
             raise UsageError(f"{option}: expected a positive integer, got {value}")
 
 
-def export_folder(job_args, training_args) -> Path:
-    return Path(job_args.export_dir or Path(training_args.output_dir) / "mdf-mllm")
-
-
-def check_output_folders(model_args, job_args, training_args) -> None:
+def check_output_folders(job: Job) -> None:
     """Nothing the job would overwrite or delete belongs to someone else: the base is read as safetensors, the export
     folder is free (export.export_dir_problem), and no checkpoint of another run sits where the job removes its own
     once finished (resuming that run is the way to use them)."""
-    if Path(training_args.output_dir).exists() and not Path(training_args.output_dir).is_dir():
-        raise UsageError(f"--output_dir: {training_args.output_dir} is a file, not a folder")
+    out, run = job.output_dir, job.run
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir: {job.training.output_dir} is a file, not a folder")
     try:
-        require_safetensors(model_args.base_model)
+        require_safetensors(job.model.base_model)
     except ValueError as error:
         raise UsageError(f"--base_model: {error}") from None
-    base = Path(training_args.output_dir) / "base"
-    if job_args.make_base and base.is_dir() and any(base.iterdir()) and not (base / BASE_RECORD_FILE).is_file():
+    base = out / "base"
+    if run.make_base and base.is_dir() and any(base.iterdir()) and not (base / BASE_RECORD_FILE).is_file():
         raise UsageError(f"--make_base: {base} holds files a base did not write; choose another --output_dir")
-    if not (job_args.make_base or job_args.ablation):
-        problem = export.export_dir_problem(export_folder(job_args, training_args), job_args.overwrite_export)
+    if not (run.make_base or run.ablation):
+        problem = export.export_dir_problem(job.export_dir, run.overwrite_export)
         if problem:
             raise UsageError(problem)
-    if training_args.resume_from_checkpoint is None:
-        out = Path(training_args.output_dir)
+    if job.training.resume_from_checkpoint is None:
         found = [str(path) for folder in (out, out / "baseline") for path in checkpoints(folder)]
         if found:
             raise UsageError(f"--output_dir: {found[0]} is a checkpoint of an earlier run, which the job would remove "
                              "once finished: resume it (--resume_from_checkpoint latest) or choose another --output_dir")
-    fusion, layers = parse_fusion_layers(model_args.fusion_layers), stages.cross_attention_layers(model_args)
+    fusion, layers = parse_fusion_layers(job.model.fusion_layers), stages.cross_attention_layers(job.model)
     bad = {k: v for k, v in (fusion or {}).items() if (layers and k not in layers) or not 1 <= v <= UNET_DEPTHS}
     if bad:
-        raise UsageError(f"--fusion_layers: {model_args.fusion_layers!r}: layers must be among the cross-attention "
+        raise UsageError(f"--fusion_layers: {job.model.fusion_layers!r}: layers must be among the cross-attention "
                          f"layers {layers or '(of the base)'}, depths 1-{UNET_DEPTHS}")
 
 
-def check_hub(job_args, training_args) -> None:
+def check_hub(job: Job) -> None:
     """--push_to_hub pushes the export at the end: find out now, not after training, that it cannot."""
     from huggingface_hub import HfApi, constants
 
-    if job_args.make_base or job_args.ablation:
+    if job.run.make_base or job.run.ablation:
         raise UsageError("--push_to_hub: pushes the exported MDF model, which --make_base and --ablation do not write")
     if constants.HF_HUB_OFFLINE:
         raise UsageError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be pushed (unset it, or upload the "
                          "export later with `hf upload`)")
     try:
-        HfApi().whoami(token=training_args.hub_token)
+        HfApi().whoami(token=job.training.hub_token)
     except Exception as error:  # no token, a rejected one, no connection: whichever it is, the push would fail
         raise UsageError(f"--push_to_hub: the Hub cannot be used ({type(error).__name__}: "
                          f"{str(error).splitlines()[0]})") from None
 
 
-def push_export(export_dir: Path, training_args) -> str:
+def push_export(job: Job, export_dir: Path) -> str:
     """Push the export folder to `--hub_model_id` (default: the output folder's name, as the Trainer names it)."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=training_args.hub_token)
-    name = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
-    repo_id = api.create_repo(name, private=training_args.hub_private_repo, exist_ok=True).repo_id
+    training = job.training
+    api = HfApi(token=training.hub_token)
+    name = training.hub_model_id or job.output_dir.absolute().name
+    repo_id = api.create_repo(name, private=training.hub_private_repo, exist_ok=True).repo_id
     api.upload_folder(repo_id=repo_id, folder_path=export_dir, commit_message="MDF-MLLM export from train_hf.py")
     return repo_id
 
@@ -223,44 +221,42 @@ def shard_on_cpu_processes() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
-def run(model_args, data_args, job_args, training_args) -> None:
-    out = Path(training_args.output_dir)
+def run(job: Job) -> None:
+    out = job.output_dir
     # The job pushes its export once at the end; a Trainer pushing each arm's checkpoints would mix them in one repo.
-    push, training_args = training_args.push_to_hub, replace(training_args, push_to_hub=False)
-    if job_args.make_base:
-        folder = stages.make_base(model_args, data_args, job_args, training_args, out / "base")
+    push, job = job.training.push_to_hub, job.replace(training={"push_to_hub": False})
+    if job.run.make_base:
+        folder = stages.make_base(job, out / "base")
         print(f"base written to {folder}: MllamaForConditionalGeneration + MllamaProcessor, plain transformers")
         return
     shard_on_cpu_processes()
-    dataset = load_data(data_args)
-    if not job_args.from_scratch and not model_args.base_model:
-        base = stages.cached_base(model_args, data_args, job_args, training_args, dataset)
-        model_args = replace(model_args, base_model=base, model_size=model_args.model_size or "small")
-    processor = base_processor(model_args) if model_args.base_model else default_processor(model_args)
-    if model_args.base_model:
-        print(describe_mdf_sizes(model_args))
+    dataset = load_data(job.data)
+    if not job.run.from_scratch and not job.model.base_model:
+        base = stages.cached_base(job, dataset)
+        job = job.replace(model={"base_model": base, "model_size": job.model.model_size or "small"})
+    processor = base_processor(job.model) if job.model.base_model else default_processor(job.model)
+    if job.model.base_model:
+        print(describe_mdf_sizes(job.model))
     collator = MdfMllmDataCollator(processor)
-    if job_args.ablation:
-        ablation.run_ablation(model_args, data_args, job_args, training_args, dataset, processor, collator,
-                              epochs=job_args.ablation_epochs)
+    if job.run.ablation:
+        ablation.run_ablation(job, dataset, processor, collator)
         return
-    splits = process_splits(dataset, processor, no_text=data_args.no_text)
-    unet_weights, stage1_losses, unet_alone = stages.stage1(model_args, splits, collator, processor, job_args,
-                                                            training_args)
-    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    splits = process_splits(dataset, processor, no_text=job.data.no_text)
+    unet_alone = stage1.run(job, splits, processor, collator)
+    unet_weights = unet_alone.weights if unet_alone else None
+    resume = resolve_checkpoint(job.training.resume_from_checkpoint, job.training.output_dir)
     if resume:
         print(f"resuming from {resume}")
-    ours = stages.run_one("MDF-MLLM", model_args, splits, collator, processor, job_args, training_args, resume,
-                          unet_weights)
+    ours = stages.run_one(job, "MDF-MLLM", splits, processor, collator, resume, unet_weights)
     arms = [ours]
-    if job_args.baseline and parse_fusion_layers(model_args.fusion_layers) != {}:
-        baseline_args = replace(training_args, output_dir=str(out / "baseline"), resume_from_checkpoint=None)
-        arms.append(stages.run_one("Mllama baseline", replace(model_args, fusion_layers="none"), splits, collator,
-                                   processor, job_args, baseline_args))
+    if job.run.baseline and parse_fusion_layers(job.model.fusion_layers) != {}:
+        baseline = job.replace(model={"fusion_layers": "none"},
+                               training={"output_dir": str(out / "baseline"), "resume_from_checkpoint": None})
+        arms.append(stages.run_one(baseline, "Mllama baseline", splits, processor, collator))
     if ours.report is None:  # not the main process
         return
-    if job_args.probe_ladder and unet_weights:
-        start = build_model(replace(model_args, lora=False), processor)
+    if job.run.probe_ladder and unet_weights:
+        start = build_model(job.replace(model={"lora": False}).model, processor)
         start.model.unet.load_state_dict(load_file(unet_weights))
         ladders = {"start of stage 2": ladder(start, splits), "MDF-MLLM (trained)": ladder(ours.model, splits)}
         (out / "probe_ladder.md").write_text(ladder_table(ladders, chance=1 / len(ACQUIRED_CLASSES)) + "\n")
@@ -268,23 +264,21 @@ def run(model_args, data_args, job_args, training_args) -> None:
     config = ours.model.config
     text_only = stages.text_only_reference(dataset)
     results = [*arms, *([unet_alone] if unet_alone else []), *stages.references(
-        dataset, splits["test"], unet_alone, text_only, config.label_names, config.disease_types, job_args)]
+        job, dataset, splits["test"], unet_alone, text_only, config.label_names, config.disease_types)]
     history = splits["test"].has_history
     differences = comparison.paired_differences(ours, results[1:], splits["test"].label_ids, history,
-                                                job_args.n_bootstrap)
-    counterfactual = stages.counterfactual(dataset, data_args, processor, collator,
-                                           {arm.name: (arm.model, arm.predictions) for arm in arms}, text_only,
-                                           unet_alone, job_args, bf16=training_args.bf16)
-    markdown = export.write_comparison(results, differences, counterfactual, out, stage1_losses)
-    export_dir = export.export(ours, processor, dataset, model_args, data_args,
-                               str(export_folder(job_args, training_args)), overwrite=job_args.overwrite_export,
-                               baseline=arms[1] if len(arms) > 1 else None, comparison=markdown)
+                                                job.run.n_bootstrap)
+    counterfactual = stages.counterfactual(job, dataset, processor, collator, arms, text_only, unet_alone)
+    markdown = export.write_comparison(results, differences, counterfactual, out,
+                                       unet_alone.losses if unet_alone else [])
+    export_dir = export.export(job, ours, processor, dataset, baseline=arms[1] if len(arms) > 1 else None,
+                               comparison=markdown)
     if push:
-        print(f"export pushed to https://huggingface.co/{push_export(export_dir, training_args)}")
+        print(f"export pushed to https://huggingface.co/{push_export(job, export_dir)}")
     removed = [folder for arm in arms for folder in remove_checkpoints(arm.trainer.args.output_dir)]
     if removed:
         print(f"checkpoints: {len(removed)} removed once training finished; none kept")
-    print(export.summary(results, model_args, data_args, out, export_dir))
+    print(export.summary(job, results, export_dir))
     if counterfactual:
         print("counterfactual histories (follows / changed):\n" + tables.counterfactual_table(
             {name: [row for row in rows if row["group"].startswith("all ")]
@@ -293,9 +287,9 @@ def run(model_args, data_args, job_args, training_args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
-        check_arguments(*arguments)
-        run(*arguments)
+        job = parse_arguments(sys.argv[1:] if argv is None else argv)
+        check_arguments(job)
+        run(job)
     except UsageError as error:
         print(f"train_hf.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,9 +1,5 @@
 """Data, training and evaluation for the main job (mdf_mllm.train): the processed splits and collators, the Trainer with
-its own learning rates for the MDF modules and gates, gate logging, checkpoints, stage 1's U-Net warm-up and test-set
-classification.
-
-`data_args` and `job_args` are mdf_mllm.stages' DataArguments and JobArguments (not imported: a floor above this
-one)."""
+its own learning rates for the MDF modules and gates, gate logging, checkpoints and test-set classification."""
 
 import math
 import re
@@ -12,14 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
-from configuration_mdf_mllm import MdfMllmConfig
 from mdf_mllm.comparison import Result, has_history, score
+from mdf_mllm.job import DataArguments, Job
 from mdf_mllm.messages import shown
 from mdf_mllm.model_setup import UsageError
 from modeling_mdf_mllm import mdf_parameter_kinds
@@ -32,7 +26,7 @@ from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
 # Data
 
 
-def load_data(data_args):
+def load_data(data_args: DataArguments):
     """The dataset's splits; a source the builder refuses, or a split left without photos to train or test on, is a
     UsageError with the counts."""
     from dataset_builder import load
@@ -288,116 +282,13 @@ def predict(model, split: ProcessedSplit, collator, batch_size: int, bf16: bool 
     return torch.cat(probabilities).numpy()
 
 
-def evaluate_model(name: str, model, split: ProcessedSplit, collator, config: MdfMllmConfig, job_args, bf16=False,
-                   **timings) -> Result:
+def evaluate_model(job: Job, name: str, model, split: ProcessedSplit, collator, **timings) -> Result:
     """`model.classify()` on the photos of `split` (the test split), scored as one row of the comparison."""
-    return scored(name, predict(model, split, collator, job_args.eval_batch_size, bf16), split, config.label_names,
-                  config.disease_types, job_args, **timings)
+    probabilities = predict(model, split, collator, job.run.eval_batch_size, job.training.bf16)
+    return scored(job, name, probabilities, split, model.config.label_names, model.config.disease_types, **timings)
 
 
-def scored(name: str, probabilities, split: ProcessedSplit, label_names, disease_types, job_args, **timings) -> Result:
+def scored(job: Job, name: str, probabilities, split: ProcessedSplit, label_names, disease_types, **timings) -> Result:
     """The `Result` of class probabilities (N, K) on the photos of `split`."""
     return score(name, probabilities, split.label_ids, split.has_history, label_names, disease_types,
-                 n_bootstrap=job_args.n_bootstrap, items=split.cases, **timings)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Stage 1: the U-Net learns what the photo shows before the language model reads it
-
-UNET_ALONE = "U-Net alone (image only)"  # the stage-1 U-Net and class head: what the photo alone gives
-
-
-def pooled_skips(unet, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The skips of the photo alone (no FiLM) and their average-pooled channels, concatenated: (B, sum_k C_k)."""
-    skips = unet.encode(pixel_values, None)
-    return skips, torch.cat([skip.mean((2, 3)) for skip in skips], 1)
-
-
-def stage1_loss(unet, class_head, batch: dict, class_ids: torch.Tensor, vessel_weight: float) -> torch.Tensor:
-    """Cross-entropy of the class head on the pooled skips, plus `vessel_weight` x the decoder's vessel BCE (the
-    decoder runs only when that weight counts and the batch has masks)."""
-    skips, pooled = pooled_skips(unet, batch["unet_pixel_values"])
-    loss = F.cross_entropy(class_head(pooled), class_ids)
-    if vessel_weight and "vessel_mask" in batch:
-        loss = loss + vessel_weight * F.binary_cross_entropy_with_logits(
-            unet.decode(skips), batch["vessel_mask"].float())
-    return loss
-
-
-def on_device(batch: dict, device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def mirrored(batch: dict) -> dict:
-    """Every photo (and vessel mask) mirrored left-right, as the other eye would be photographed."""
-    return {**batch, **{key: batch[key].flip(-1) for key in ("unet_pixel_values", "vessel_mask") if key in batch}}
-
-
-def warm_up_unet(unet, num_classes: int, split: ProcessedSplit, collator, job_args, training_args,
-                 folder: Path) -> list[float]:
-    """Stage 1: the U-Net encoder, image only (FiLM stays the identity), learns the classes of the training photos
-    through a linear head on its pooled skips, and the vessels through its decoder when the photos have masks.
-    Without it, the LM loss alone gives the U-Net too weak and noisy a gradient: fine-tuning left it knowing less
-    about the classes than random weights. Writes `unet.safetensors` and `class_head.safetensors` to `folder`;
-    returns the mean loss of each epoch."""
-    device = next(unet.parameters()).device
-    class_head = torch.nn.Linear(sum(unet.widths), num_classes, device=device)
-    kinds = unet.parameter_kinds()  # FiLM by class (modeling_mdf_mllm), not by its attribute's name
-    parameters = [p for name, p in unet.named_parameters() if kinds[name] != "film"]
-    for param in parameters:  # the model leaves what its own forward does not run (decoder, deep stages) frozen
-        param.requires_grad_(True)
-    parameters += list(class_head.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=job_args.stage1_learning_rate, weight_decay=training_args.weight_decay)
-    generator = torch.Generator().manual_seed(training_args.seed)
-    batch_size = training_args.per_device_train_batch_size
-    steps_per_epoch = math.ceil(len(split) / batch_size)
-    steps = max(1, math.ceil(job_args.stage1_epochs * steps_per_epoch))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, job_args.stage1_learning_rate, total_steps=steps)
-    vessel_weight = job_args.stage1_vessel_weight if split.has_masks else 0.0
-    bar, losses, step = tqdm(total=steps, desc="stage 1: U-Net classes and vessels",
-                             disable=training_args.disable_tqdm), [], 0
-    unet.train()
-    while step < steps:  # counted here: a disabled tqdm bar (disable_tqdm) does not count
-        epoch = []
-        for indices in torch.randperm(len(split), generator=generator).split(batch_size):
-            batch = on_device(collator([split[i] for i in indices]), device)
-            if torch.rand((), generator=generator) < 0.5:
-                batch = mirrored(batch)
-            class_ids = torch.tensor([split.label_ids[i] for i in indices], device=device)
-            loss = stage1_loss(unet, class_head, batch, class_ids, vessel_weight)
-            if not math.isfinite(loss.item()):
-                raise Diverged(f"stage 1: diverged at step {step + 1}: the loss is {loss.item()}; nothing was exported "
-                               "or cached")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, training_args.max_grad_norm)  # as the Trainer clips stage 2
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            epoch.append(loss.item())
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step == steps:
-                break
-        losses.append(float(np.mean(epoch)))
-    bar.close()
-    bad = non_finite_parameters(unet) + non_finite_parameters(class_head)
-    if bad:
-        raise Diverged(f"stage 1: diverged at step {step}: {len(bad)} weight tensors hold NaN or inf "
-                       f"(first: {bad[0]}); nothing was exported or cached")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "unet.safetensors")
-    save_file({k: v.contiguous() for k, v in class_head.state_dict().items()}, folder / "class_head.safetensors")
-    return losses
-
-
-@torch.no_grad()
-def unet_alone_probabilities(unet, class_head, split: ProcessedSplit, collator, batch_size: int) -> np.ndarray:
-    """The stage-1 U-Net and class head on a split of photos, image only: (N, K) class probabilities."""
-    unet.eval()
-    probabilities, device = [], next(unet.parameters()).device
-    for start in range(0, len(split), batch_size):
-        batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
-        pixels = batch["unet_pixel_values"].to(device)
-        probabilities.append(class_head(pooled_skips(unet, pixels)[1]).softmax(-1).cpu())
-    return torch.cat(probabilities).numpy()
+                 n_bootstrap=job.run.n_bootstrap, items=split.cases, **timings)

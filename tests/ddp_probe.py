@@ -17,7 +17,8 @@ import torch
 from transformers import TrainerCallback
 
 from fsdp_probe import tiny_split
-from mdf_mllm import model_setup, stages, training
+from mdf_mllm import model_setup, training
+from mdf_mllm.job import MdfTrainingArguments, ModelArguments
 from processing_mdf_mllm import MdfMllmDataCollator
 
 
@@ -30,14 +31,14 @@ class Steps(TrainerCallback):
 
 
 def main(out: str) -> None:
-    model_args = stages.ModelArguments(model_size="tiny")
+    model_args = ModelArguments(model_size="tiny")
     processor = model_setup.default_processor(model_args)
     model = model_setup.build_model(model_args, processor)
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    args = stages.MdfTrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2,
-                                       save_strategy="no", eval_strategy="no", report_to="none", logging_steps=1,
-                                       disable_tqdm=True, seed=0, gradient_checkpointing=True,
-                                       ddp_find_unused_parameters=False)
+    args = MdfTrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2,
+                                save_strategy="no", eval_strategy="no", report_to="none", logging_steps=1,
+                                disable_tqdm=True, seed=0, gradient_checkpointing=True,
+                                ddp_find_unused_parameters=False)
     steps = Steps()
     trainer = training.train(model, {"train": tiny_split(processor), "validation": []},
                              MdfMllmDataCollator(processor), args, callbacks=[steps])

@@ -16,7 +16,8 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from dataset_builder import render_fundus
-from mdf_mllm import model_setup, stages, train as job, training
+from mdf_mllm import model_setup, train as job, training
+from mdf_mllm.job import MdfTrainingArguments, ModelArguments
 from processing_mdf_mllm import MdfMllmDataCollator
 
 
@@ -45,12 +46,11 @@ def tiny_split(processor, count: int = 8) -> list[dict]:
 
 
 def main(out: str) -> None:
-    model_args = stages.ModelArguments(model_size="tiny")
+    model_args = ModelArguments(model_size="tiny")
     processor = model_setup.default_processor(model_args)
     model = model_setup.build_model(model_args, processor)
-    args = stages.MdfTrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2,
-                                         save_strategy="no", eval_strategy="no", report_to="none", logging_steps=1,
-                                         disable_tqdm=True, seed=0)
+    args = MdfTrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2, save_strategy="no",
+                                eval_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, seed=0)
     job.shard_on_cpu_processes()  # after the TrainingArguments, as in mdf_mllm.train.main: they set up the state
     holdings = Holdings()
     trainer = training.train(model, {"train": tiny_split(processor), "validation": []},

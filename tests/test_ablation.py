@@ -3,13 +3,14 @@ statistics checked against numbers computed here."""
 
 import json
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from mdf_mllm import ablation, comparison, model_setup, stages, train as job, training
+from mdf_mllm import ablation, comparison, model_setup, stage1, stages, train as job, training
+from mdf_mllm.job import ModelArguments
+from mdf_mllm.stage1 import UNET_ALONE
 from processing_mdf_mllm import MdfMllmDataCollator
 
 SEEDS = 2
@@ -31,36 +32,35 @@ T_975 = {1: 12.706204736, 2: 4.302652730}
 def ablation_run(tmp_path_factory):
     """The whole ablation on a tiny base (1 epoch per run), every run_one call recorded with what it was given."""
     out = tmp_path_factory.mktemp("ablation")
-    model_args, data_args, job_args, training_args = job.parse_arguments([*TINY_ABLATION, "--output_dir", str(out)])
-    dataset = training.load_data(data_args)
-    base = stages.make_base(model_args, data_args, job_args, training_args, out / "base", dataset)
-    model_args = replace(model_args, base_model=str(base))
-    processor = model_setup.base_processor(model_args)
-    calls, real_run_one, real_stage1 = [], stages.run_one, stages.stage1
+    settings = job.parse_arguments([*TINY_ABLATION, "--ablation_epochs", "1", "--output_dir", str(out)])
+    dataset = training.load_data(settings.data)
+    base = stages.make_base(settings, out / "base", dataset)
+    settings = settings.replace(model={"base_model": str(base)})
+    processor = model_setup.base_processor(settings.model)
+    calls, real_run_one, real_stage1 = [], stages.run_one, stage1.run
 
-    def recording_run_one(name, model_args, splits, collator, processor, job_args, training_args, **kwargs):
-        calls.append({"name": name, "model_args": model_args, "splits": splits, "args": training_args, **kwargs})
-        result = real_run_one(name, model_args, splits, collator, processor, job_args, training_args, **kwargs)
+    def recording_run_one(row, name, splits, *args, **kwargs):
+        calls.append({"name": name, "model_args": row.model, "splits": splits, "args": row.training, **kwargs})
+        result = real_run_one(row, name, splits, *args, **kwargs)
         calls[-1]["probabilities"] = result.probabilities
         return result
 
-    def recording_stage1(*args):
-        result = real_stage1(*args)
-        calls.append({"name": training.UNET_ALONE, "args": args[-1], "unet_weights": result[0],
-                      "probabilities": result[2].probabilities})
+    def recording_stage1(seed, *args):
+        result = real_stage1(seed, *args)
+        calls.append({"name": UNET_ALONE, "args": seed.training, "unet_weights": result.weights,
+                      "probabilities": result.probabilities})
         return result
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stages, "run_one", recording_run_one)
-        patch.setattr(stages, "stage1", recording_stage1)
-        runs = ablation.run_ablation(model_args, data_args, job_args, training_args, dataset, processor,
-                                     MdfMllmDataCollator(processor), epochs=1.0, command="pytest")
+        patch.setattr(stage1, "run", recording_stage1)
+        runs = ablation.run_ablation(settings, dataset, processor, MdfMllmDataCollator(processor), command="pytest")
     return {"out": out, "calls": calls, "runs": runs, "dataset": dataset, "processor": processor,
             "layers": json.loads((base / "config.json").read_text())["text_config"]["cross_attention_layers"]}
 
 
 def test_every_row_runs_once_per_seed_in_order(ablation_run):
-    names = ["Mllama baseline", training.UNET_ALONE, comparison.TEXT_ONLY, comparison.LATE_FUSION, "MDF, all depths",
+    names = ["Mllama baseline", UNET_ALONE, comparison.TEXT_ONLY, comparison.LATE_FUSION, "MDF, all depths",
              *(f"MDF, depth {k} only" for k in range(1, 5)), "MDF, no FiLM", "MDF, no clinical text", "MDF, no stage 1",
              "MDF, closed gates"]
     expected = [(name, seed) for seed in range(SEEDS) for name in names]  # seed-major: a stopped run has every row
@@ -68,11 +68,11 @@ def test_every_row_runs_once_per_seed_in_order(ablation_run):
     stage1_first = [(name, seed) for seed in range(SEEDS) for name in [names[1], names[0], *names[4:]]]
     assert [(c["name"], c["args"].seed) for c in ablation_run["calls"]] == stage1_first
     assert [(r["name"], r["seed"]) for r in ablation_run["runs"]] == expected
-    assert {c["args"].num_train_epochs for c in ablation_run["calls"] if c["name"] != training.UNET_ALONE} == {1.0}
+    assert {c["args"].num_train_epochs for c in ablation_run["calls"] if c["name"] != UNET_ALONE} == {1.0}
 
 
 def test_rows_change_only_what_they_name(ablation_run):
-    calls = {c["name"]: c for c in ablation_run["calls"] if c["args"].seed == 0 and c["name"] != training.UNET_ALONE}
+    calls = {c["name"]: c for c in ablation_run["calls"] if c["args"].seed == 0 and c["name"] != UNET_ALONE}
     layers = ablation_run["layers"]
     assert layers == [1, 3]
     assert calls["Mllama baseline"]["model_args"].fusion_layers == "none"
@@ -80,13 +80,13 @@ def test_rows_change_only_what_they_name(ablation_run):
     for k in range(1, 5):
         assert calls[f"MDF, depth {k} only"]["model_args"].fusion_layers == f"1:{k},3:{k}"
     assert [name for name, c in calls.items() if c["model_args"].no_film] == ["MDF, no FiLM"]
-    default = stages.ModelArguments()
+    default = ModelArguments()
     gates = {name: (c["model_args"].unet_gate_start, c["model_args"].gate_learning_rate) for name, c in calls.items()}
     assert gates == {name: (0.0, 5e-2) if name == "MDF, closed gates" else
                      (default.unet_gate_start, default.gate_learning_rate) for name in calls}
     # The fused layers each trained run really had, from its gate log.
     gates = {r["name"]: sorted(r["gates"]) for r in ablation_run["runs"] if r["seed"] == 0}
-    assert [gates.pop(name) for name in ("Mllama baseline", training.UNET_ALONE, comparison.TEXT_ONLY,
+    assert [gates.pop(name) for name in ("Mllama baseline", UNET_ALONE, comparison.TEXT_ONLY,
                                          comparison.LATE_FUSION)] == [[]] * 4
     assert set(map(tuple, gates.values())) == {("1", "3")}
 
@@ -96,7 +96,7 @@ def test_mdf_rows_start_from_their_seeds_stage1_unet_except_no_stage1(ablation_r
     for seed in range(SEEDS):
         calls = {c["name"]: c for c in ablation_run["calls"] if c["args"].seed == seed}
         stage1 = ablation_run["out"] / f"seed-{seed}" / "stage1" / "unet.safetensors"
-        assert calls[training.UNET_ALONE]["unet_weights"] == str(stage1)
+        assert calls[UNET_ALONE]["unet_weights"] == str(stage1)
         assert calls["Mllama baseline"]["unet_weights"] is None and calls["MDF, no stage 1"]["unet_weights"] is None
         for name in ("MDF, all depths", "MDF, depth 3 only", "MDF, no clinical text"):
             assert calls[name]["unet_weights"] == str(stage1)
@@ -114,7 +114,7 @@ def test_only_the_no_text_row_drops_the_clinical_text(ablation_run):
     ids = lambda split: [item["input_ids"].tolist() for item in split.items]  # noqa: E731
     assert ids(without) != ids(with_text)  # the tiny set has photos with clinical text
     for call in ablation_run["calls"]:
-        if call["name"] == training.UNET_ALONE:  # image only: no prompt
+        if call["name"] == UNET_ALONE:  # image only: no prompt
             continue
         assert ids(call["splits"]["train"]) == ids(without if call["name"] == "MDF, no clinical text" else with_text)
 

@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from configuration_mdf_mllm import LAYOUTS
-from mdf_mllm import model_setup, stages, train as job
+from mdf_mllm import model_setup, stage1, stages, train as job
+from mdf_mllm.job import ModelArguments
 
 
 TINY_DATA = ["--num_images", "40", "--image_size", "64"]
@@ -78,7 +79,7 @@ def test_make_base_records_its_layout(bases):
 
 def test_base_model_made_here_gets_mdf_modules_of_its_layout(bases):
     made, other = bases
-    model_args = stages.ModelArguments(base_model=str(made))
+    model_args = ModelArguments(base_model=str(made))
     assert model_setup.mdf_layout(model_args) == ("tiny", LAYOUTS["tiny"]["mdf"])
     processor = model_setup.base_processor(model_args)
     assert processor.image_processor.unet_image_size == 32
@@ -87,11 +88,11 @@ def test_base_model_made_here_gets_mdf_modules_of_its_layout(bases):
             config.projector_dim) == (32, 4, 2, 8)
     assert model_setup.describe_mdf_sizes(model_args) == TINY_LINE
     # --model_size still wins; any other base gets the config's (11B) defaults, said as such.
-    small = stages.ModelArguments(base_model=str(made), model_size="small")
+    small = ModelArguments(base_model=str(made), model_size="small")
     assert model_setup.mdf_layout(small) == ("small", LAYOUTS["small"]["mdf"])
-    assert model_setup.mdf_layout(stages.ModelArguments(base_model=str(other))) == ("11b", {})
-    assert model_setup.describe_mdf_sizes(stages.ModelArguments(base_model=str(other))) == DEFAULT_LINE
-    grid = stages.ModelArguments(base_model=str(other), unet_image_size=64, fusion_grid=4)
+    assert model_setup.mdf_layout(ModelArguments(base_model=str(other))) == ("11b", {})
+    assert model_setup.describe_mdf_sizes(ModelArguments(base_model=str(other))) == DEFAULT_LINE
+    grid = ModelArguments(base_model=str(other), unet_image_size=64, fusion_grid=4)
     assert model_setup.describe_mdf_sizes(grid).startswith("MDF modules: U-Net 64 px of base width 32, fusion grid "
                                                            "4x4, projector 256 (")
 
@@ -104,7 +105,7 @@ def test_the_job_says_which_mdf_sizes_it_chose_before_training(bases, which, lin
     def no_stage_1(*args):
         raise Stop
 
-    monkeypatch.setattr(stages, "stage1", no_stage_1)  # the first training after the sizes are chosen
+    monkeypatch.setattr(stage1, "run", no_stage_1)  # the first training after the sizes are chosen
     with pytest.raises(Stop):
         job.main(["--base_model", str(bases[which]), *TINY_DATA, "--output_dir", str(tmp_path)])
     assert capsys.readouterr().out.splitlines()[-1] == line

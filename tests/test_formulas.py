@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import make_inputs, mdf_config, move_off_init
 
 from modeling_mdf_mllm import MdfMllmFiLM, MdfMllmForConditionalGeneration

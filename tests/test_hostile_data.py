@@ -61,7 +61,7 @@ def test_row_4_nul_byte_and_latin1_rows_are_skipped_with_their_line(tmp_path):
 
 def test_row_4_train_job_on_a_nul_manifest_builds_the_rest(tmp_path):
     from mdf_mllm.training import load_data
-    from mdf_mllm.stages import DataArguments
+    from mdf_mllm.job import DataArguments
 
     rows = _labelled_folder(tmp_path / "d", 12)
     _manifest(tmp_path / "d", rows + [{"file_name": "a\u0000.png", "label": "dr"}])

@@ -3,7 +3,6 @@ described in the text), the Endpoints handler shipped beside it, and --push_to_h
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,14 +47,12 @@ def exported(model_folder):
                               args=SimpleNamespace(num_train_epochs=1, per_device_train_batch_size=2,
                                                    learning_rate=1e-3, bf16=False, seed=0))
     ours.model, ours.trainer = MdfMllmForConditionalGeneration.from_pretrained(model_folder), trainer
-    return dict(processor=MdfMllmProcessor.from_pretrained(model_folder), ours=ours,
-                dataset={"test": test}, data_args=SimpleNamespace(dataset="synthetic", dataset_seed=0))
+    return dict(processor=MdfMllmProcessor.from_pretrained(model_folder), ours=ours, dataset={"test": test})
 
 
 def write(exported, folder: Path, base_model: str | None) -> Path:
-    model_args = SimpleNamespace(base_model=base_model, model_size=None, lora=False)
-    e = exported
-    export.write_repository(folder, e["ours"], e["processor"], e["dataset"], model_args, e["data_args"])
+    settings = job.parse_arguments([]).replace(model={"base_model": base_model})
+    export.write_repository(settings, folder, exported["ours"], exported["processor"], exported["dataset"])
     return folder
 
 
@@ -182,18 +179,18 @@ def test_the_job_pushes_its_export_not_the_trainers_checkpoints(tmp_path, monkey
     class Stop(Exception):
         pass
 
-    def first_training_args(model_args, data_args, job_args, training_args, dataset):
-        calls.append(("trainers get push_to_hub", training_args.push_to_hub))
+    def first_training_args(settings, dataset):
+        calls.append(("trainers get push_to_hub", settings.training.push_to_hub))
         raise Stop
 
     monkeypatch.setattr(stages, "cached_base", first_training_args)  # where the first Trainer would start
     with pytest.raises(Stop):
         job.main([*TINY, "--push_to_hub", "--output_dir", str(tmp_path / "run-7")])
     assert calls == [("trainers get push_to_hub", False)]
-    args = job.parse_arguments(["--output_dir", str(tmp_path / "run-7"), "--hub_private_repo", "true"])[3]
-    assert job.push_export(tmp_path / "export", args) == "me/run-7"
-    args = replace(args, hub_model_id="lab/mdf-mllm", hub_private_repo=None)
-    assert job.push_export(tmp_path / "export", args) == "lab/mdf-mllm"
+    settings = job.parse_arguments(["--output_dir", str(tmp_path / "run-7"), "--hub_private_repo", "true"])
+    assert job.push_export(settings, tmp_path / "export") == "me/run-7"
+    settings = settings.replace(training={"hub_model_id": "lab/mdf-mllm", "hub_private_repo": None})
+    assert job.push_export(settings, tmp_path / "export") == "lab/mdf-mllm"
     upload = {"repo_id": "me/run-7", "folder_path": tmp_path / "export",
               "commit_message": "MDF-MLLM export from train_hf.py"}
     assert calls[1:] == [("create", "run-7", {"private": True, "exist_ok": True}), ("upload", upload),

@@ -12,7 +12,7 @@ bnb = require_module("bitsandbytes", "pip install 'mdf-mllm[quantization]'")
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration, is_mdf_parameter  # noqa: E402
 from processing_mdf_mllm import MdfMllmProcessor  # noqa: E402
 from mdf_mllm.model_setup import UsageError, build_model  # noqa: E402
-from mdf_mllm.stages import ModelArguments  # noqa: E402
+from mdf_mllm.job import ModelArguments  # noqa: E402
 
 
 KEPT = ("lm_head", "multi_modal_projector")  # base modules QLoRA keeps out of 4-bit, besides the MDF modules

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import MllamaForConditionalGeneration
 
 from conftest import TINY_MDF, move_off_init, tiny_mllama_config
-from mdf_mllm import metrics, stages, train as job, training
+from mdf_mllm import metrics, stage1, train as job, training
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from mdf_mllm.probe_ladder import ladder_features, ladder_table, probe_accuracy, selected
 from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
@@ -124,8 +124,8 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
     torch.manual_seed(1)
     head = torch.nn.Linear(sum(unet.widths), 8)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp_path / "class_head.safetensors")
-    job_args = job.parse_arguments(["--n_bootstrap", "20", "--eval_batch_size", "7"])[2]
-    row = stages.unet_alone_result(unet, tmp_path, prompts, MdfMllmDataCollator(processor), config, job_args)
+    settings = job.parse_arguments(["--n_bootstrap", "20", "--eval_batch_size", "7"])
+    row = stage1.unet_alone_result(settings, unet, tmp_path, prompts, MdfMllmDataCollator(processor), config)
     report = row.report
     # By hand, one photo at a time: pooled skips of the photo alone (no FiLM, whatever the prompt) -> head -> softmax.
     expected = []

@@ -690,7 +690,7 @@ def test_bf16_autocast_classify_matches_fp32(trained_twice):
     folder = trained_twice[0]
     model = MdfMllmForConditionalGeneration.from_pretrained(folder).eval()
     processor = MdfMllmProcessor.from_pretrained(folder)
-    _, data_args, _, _ = job.parse_arguments(TINY_RUN + ["--output_dir", "unused"])
+    data_args = job.parse_arguments(TINY_RUN + ["--output_dir", "unused"]).data
     test_split = training.ProcessedSplit(training.load_data(data_args)["test"], processor, with_answers=False)
     collator = MdfMllmDataCollator(processor)
     fp32 = training.predict(model, test_split, collator, batch_size=32)

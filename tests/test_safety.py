@@ -68,9 +68,14 @@ def test_an_earlier_export_is_replaced_only_with_overwrite_export(tmp_path, caps
     assert "holds files an export did not write (notes.txt)" in err and snapshot(folder) == before
 
 
-def fake_repository(folder, *args, **kwargs):
+def fake_repository(job, folder, *args, **kwargs):
     (folder / "config.json").write_text(json.dumps({"model_type": "mdf_mllm"}))
     (folder / "model.safetensors").write_bytes(b"weights")
+
+
+def export_job(folder, *options):
+    """A job whose export goes to `folder`."""
+    return train.parse_arguments(["--export_dir", str(folder), *options])
 
 
 def test_overwrite_export_replaces_an_earlier_export_with_the_usual_permissions(tmp_path, monkeypatch):
@@ -78,14 +83,14 @@ def test_overwrite_export_replaces_an_earlier_export_with_the_usual_permissions(
     monkeypatch.setattr(export, "write_repository", fake_repository)
     old_umask = os.umask(0o027)
     try:
-        assert export.export(*[None] * 5, str(folder), overwrite=True) == folder
+        assert export.export(export_job(folder, "--overwrite_export"), *[None] * 3) == folder
     finally:
         os.umask(old_umask)
     assert snapshot(folder) == {"config.json": b'{"model_type": "mdf_mllm"}', "model.safetensors": b"weights",
                                 export.EXPORT_MANIFEST: b'{\n "files": [\n  "config.json",\n  "model.safetensors"\n ]\n}\n'}
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750  # 0o777 & ~umask, not mkdtemp's 0o700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mdf-mllm"]  # nothing left beside it
-    export.export(*[None] * 5, str(folder), overwrite=True)  # and the new export is replaceable in turn
+    export.export(export_job(folder, "--overwrite_export"), *[None] * 3)  # and the new export is replaceable in turn
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mdf-mllm"]
 
 
@@ -94,7 +99,7 @@ def test_files_that_appear_during_training_are_kept_and_the_export_goes_beside_t
     folder.mkdir()
     (folder / "draft.md").write_text("written while the job trained")
     monkeypatch.setattr(export, "write_repository", fake_repository)
-    written = export.export(*[None] * 5, str(folder))
+    written = export.export(export_job(folder), *[None] * 3)
     assert written == tmp_path / "mdf-mllm-1" and (written / "model.safetensors").is_file()
     assert snapshot(folder) == {"draft.md": b"written while the job trained"}
     assert "the export goes to" in capsys.readouterr().out

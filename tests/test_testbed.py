@@ -258,12 +258,10 @@ def test_counterfactual_table_on_a_tiny_model():
     """The main job's counterfactual histories on a tiny model: every photo gets the history its look calls for,
     each recorded answer is what the model says to that photo and history (classified here one at a time), and the
     summary is the share of those answers."""
-    from types import SimpleNamespace
-
     from conftest import TINY_MDF, move_off_init, tiny_mllama_config
     from configuration_mdf_mllm import MdfMllmConfig
     from dataset_builder import load
-    from mdf_mllm import stages, training
+    from mdf_mllm import stages, train, training
     from modeling_mdf_mllm import MdfMllmForConditionalGeneration
     from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
@@ -276,17 +274,16 @@ def test_counterfactual_table_on_a_tiny_model():
     model = MdfMllmForConditionalGeneration(config).eval()
     move_off_init(model)
     model.config.verbalizer_token_ids = processor.verbalizer_token_ids
-    data_args = SimpleNamespace(dataset="synthetic", num_images=60, dataset_seed=0)
+    settings = train.parse_arguments(["--num_images", "60", "--eval_batch_size", "4"])
     dataset = load("synthetic", num_images=60, image_size=64, seed=0)
     collator = MdfMllmDataCollator(processor)
-    job_args = SimpleNamespace(eval_batch_size=4)
     test = training.ProcessedSplit(dataset["test"], processor, with_answers=False)
-    own = training.predict(model, test, collator, 4).argmax(-1)
     reader = TextReader(len(names := dataset["test"].features["label"].names))
-    table = stages.counterfactual(dataset, data_args, processor, collator,
-                                  {"tiny": (model, own), "reader": (reader, training.predict(reader, test, collator, 4)
-                                                                    .argmax(-1))},
-                                  stages.text_only_reference(dataset), None, job_args)
+    models = [comparison.Result(name, training.predict(m, test, collator, 4), None, model=m)
+              for name, m in (("tiny", model), ("reader", reader))]
+    own = models[0].predictions
+    table = stages.counterfactual(settings, dataset, processor, collator, models, stages.text_only_reference(dataset),
+                                  None)
     photos = table["photos"]
     assert [p["case_id"] for p in photos] == dataset["test"]["case_id"] and len(photos) == len(test)
     looks = {(i.case_id, i.label): i.look or i.label for i in synthetic.plan(60, 0)}

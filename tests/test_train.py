@@ -16,7 +16,8 @@ from transformers import (AutoProcessor, MllamaForConditionalGeneration, MllamaI
                           TrainerCallback, set_seed)
 
 from conftest import tiny_mllama_config
-from mdf_mllm import comparison, export, model_setup, stages, train as job, training
+from mdf_mllm import comparison, export, model_setup, stage1, stages, train as job, training
+from mdf_mllm.job import DataArguments, MdfTrainingArguments, ModelArguments, RunArguments
 from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
 
@@ -54,9 +55,9 @@ def main_job(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_data():
     """The 40-photo set through the MDF processor of the tiny layout (a base's processor has the same settings)."""
-    model_args = stages.ModelArguments(model_size="tiny")
+    model_args = ModelArguments(model_size="tiny")
     processor = model_setup.mdf_processor(model_setup.stock_processor("tiny"), 32)
-    data_args = job.parse_arguments(TINY_JOB)[1]
+    data_args = job.parse_arguments(TINY_JOB).data
     dataset = training.load_data(data_args)
     return model_args, processor, dataset, training.process_splits(dataset, processor, no_text=False)
 
@@ -85,7 +86,7 @@ def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(m
     assert set(counterfactual["summary"]) == {"MDF-MLLM", "Mllama baseline", comparison.LATE_FUSION}
     assert len(counterfactual["photos"]) == 8
     gates = mdf["gate_history"]
-    start = math.tanh(stages.ModelArguments().unet_gate_start)  # open over zero value projections
+    start = math.tanh(ModelArguments().unet_gate_start)  # open over zero value projections
     assert gates[0] == {"step": 0, "gates": {"1": pytest.approx(start), "3": pytest.approx(start)},
                         "tau": {"1": 1.0, "3": 1.0}}
     assert [entry["step"] for entry in gates] == list(range(len(gates)))  # logged every step (--logging_steps 1)
@@ -135,9 +136,9 @@ def test_stage_1_lowers_the_class_loss_and_stage_2_starts_from_its_u_net(main_jo
     batch = MdfMllmDataCollator(processor)([train[i] for i in range(len(train))])
     labels = torch.tensor(train.label_ids)
     with torch.no_grad():
-        before = training.stage1_loss(unet, head, batch, labels, vessel_weight=0).item()
+        before = stage1.loss(unet, head, batch, labels, vessel_weight=0).item()
         unet.load_state_dict(warmed)
-        after = training.stage1_loss(unet, head, batch, labels, vessel_weight=0).item()
+        after = stage1.loss(unet, head, batch, labels, vessel_weight=0).item()
         # Image only: the stage-1 U-Net's FiLM is still the identity, whatever the prompt.
         assert all((unet.film[k].mlp[2].weight == 0).all() for k in range(4))
     assert after < before - 0.1
@@ -194,13 +195,13 @@ def test_a_failed_export_keeps_the_previous_model_and_leaves_nothing_behind(main
     folder = main_job["out"] / "mdf-mllm"
     before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
 
-    def crash_half_way(staging, *args, **kwargs):
+    def crash_half_way(settings, staging, *args, **kwargs):
         (staging / "model.safetensors").write_bytes(b"half a model")
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(export, "write_repository", crash_half_way)
     with pytest.raises(RuntimeError, match="disk full"):
-        export.export(None, None, None, None, None, str(folder), overwrite=True)
+        export.export(job.parse_arguments(["--export_dir", str(folder), "--overwrite_export"]), None, None, None)
     assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
     assert not [name for name in os.listdir(main_job["out"]) if name.startswith(".")]
 
@@ -248,8 +249,7 @@ def test_make_base_writes_a_stock_mllama_that_plain_transformers_loads(made_base
 def test_mdf_from_the_base_computes_the_base_at_step_0_for_a_prompt_in_the_base_template(made_base, tiny_data,
                                                                                          gate_start):
     _, _, dataset, _ = tiny_data
-    model_args = stages.ModelArguments(base_model=str(made_base / "base"), model_size="tiny",
-                                         unet_gate_start=gate_start)
+    model_args = ModelArguments(base_model=str(made_base / "base"), model_size="tiny", unet_gate_start=gate_start)
     processor = model_setup.base_processor(model_args)
     stock = AutoProcessor.from_pretrained(made_base / "base")
     assert processor.chat_template == stock.chat_template != build_default_processor().chat_template
@@ -293,7 +293,7 @@ def test_gates_get_gradients_and_open_and_mdf_parameters_have_their_own_learning
     model_args = replace(model_args, base_model=str(made_base / "base"), lora=lora, lora_rank=4, unet_gate_start=0.0)
     model = model_setup.build_model(model_args, processor)
     args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
-                                     "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
+                                "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"]).training
     recorder = GradientRecorder()
     trainer = training.train(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder],
                              learning_rates=rates)
@@ -319,7 +319,7 @@ def test_open_gates_with_zero_values_train_the_branch_from_the_first_step(made_b
     model_args = replace(model_args, base_model=str(made_base / "base"), unet_gate_start=0.5)
     model = model_setup.build_model(model_args, processor)
     args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size",
-                                     "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
+                                "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"]).training
     recorder = GradientRecorder()
     keys = {k: b.key_projection.weight.clone() for k, b in training.unet_branches(model).items()}
     training.train(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder])
@@ -332,16 +332,15 @@ def test_open_gates_with_zero_values_train_the_branch_from_the_first_step(made_b
 def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
     made = []
 
-    def fake_make_base(model_args, data_args, job_args, training_args, folder, dataset=None):
+    def fake_make_base(settings, folder, dataset=None):
         made.append(folder)
         (folder / "config.json").write_text("{}")
 
     monkeypatch.setattr(stages, "make_base", fake_make_base)
-    model_args, data_args, job_args, training_args = job.parse_arguments(
-        [*TINY_JOB, "--base_cache_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
-    first = stages.cached_base(model_args, data_args, job_args, training_args, None)
-    assert stages.cached_base(model_args, data_args, job_args, training_args, None) == first and len(made) == 1
-    other = stages.cached_base(model_args, data_args, replace(job_args, base_epochs=9), training_args, None)
+    settings = job.parse_arguments([*TINY_JOB, "--base_cache_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    first = stages.cached_base(settings, None)
+    assert stages.cached_base(settings, None) == first and len(made) == 1
+    other = stages.cached_base(settings.replace(run={"base_epochs": 9}), None)
     assert other != first and len(made) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({Path(first).name, Path(other).name})
 
@@ -376,8 +375,8 @@ def test_help_says_what_the_job_does_and_documents_every_option(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert text.splitlines()[2].startswith("Fine-tune MDF-MLLM from a pretrained Llama 3.2 Vision")
-    ours = [f for cls in (stages.ModelArguments, stages.DataArguments, stages.JobArguments) for f in fields(cls)]
-    ours += [f for f in fields(stages.MdfTrainingArguments) if f.name in vars(stages.MdfTrainingArguments)]
+    ours = [f for cls in (ModelArguments, DataArguments, RunArguments) for f in fields(cls)]
+    ours += [f for f in fields(MdfTrainingArguments) if f.name in vars(MdfTrainingArguments)]
     assert [f.name for f in ours if not f.metadata.get("help")] == []
     assert "Train only MDF-MLLM" in text and "(default: outputs/run)" in " ".join(text.split())
 
@@ -385,10 +384,10 @@ def test_help_says_what_the_job_does_and_documents_every_option(capsys):
 def test_yaml_config_file_gives_the_same_arguments(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({"model_size": "tiny", "num_images": 40, "fusion_layers": "1:2,3:4", "seeds": 2}))
-    model_args, data_args, job_args, training_args = job.parse_arguments([str(path)])
-    assert (model_args.model_size, data_args.num_images, job_args.seeds) == ("tiny", 40, 2)
-    assert model_setup.parse_fusion_layers(model_args.fusion_layers) == {1: 2, 3: 4}
-    assert training_args.remove_unused_columns is False
+    settings = job.parse_arguments([str(path)])
+    assert (settings.model.model_size, settings.data.num_images, settings.run.seeds) == ("tiny", 40, 2)
+    assert model_setup.parse_fusion_layers(settings.model.fusion_layers) == {1: 2, 3: 4}
+    assert settings.training.remove_unused_columns is False
 
 
 def test_latest_checkpoint_skips_a_half_written_one(tmp_path):
@@ -413,7 +412,7 @@ def test_real_base_path_loads_every_weight_of_a_mllama_checkpoint(tmp_path):
     base.save_pretrained(tmp_path / "base")
     image_processor = MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=1)
     MllamaProcessor(image_processor, tokenizer).save_pretrained(tmp_path / "base")
-    model_args = stages.ModelArguments(
+    model_args = ModelArguments(
         base_model=str(tmp_path / "base"), unet_image_size=32, fusion_grid=2, lora=True, lora_rank=4
     )
     processor = model_setup.base_processor(model_args)
@@ -449,9 +448,9 @@ def test_the_recipes_optimizer_groups_hold_each_module_at_its_rate(made_base, ti
     unet = {k: v.clone() for k, v in model.model.unet.state_dict().items() if not k.startswith("film.")}
     film = {k: v.clone() for k, v in model.model.unet.film.state_dict().items()}
     args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
-                                     "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"])[3]
+                                "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"]).training
     trainer = training.train(model, splits, MdfMllmDataCollator(processor), args,
-                             learning_rates=stages.learning_rates(model_args))
+                             learning_rates=model_args.learning_rates())
     names = {id(p): n for n, p in model.named_parameters()}
     seen = {}
     for group in trainer.optimizer.param_groups:

@@ -1,0 +1,154 @@
+"""Stage 1: the U-Net learns what the photo shows before the language model reads it.
+
+The U-Net encoder, image only (FiLM stays the identity), learns the classes of the training photos through a linear
+head on its pooled skips, and the vessels through its decoder when the photos have masks. Without it, the LM loss
+alone gives the U-Net too weak and noisy a gradient: fine-tuning left it knowing less about the classes than random
+weights. The trained U-Net with its head is also the comparison's image-only reference, "U-Net alone (image only)".
+"""
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from mdf_mllm.comparison import Result
+from mdf_mllm.job import Job
+from mdf_mllm.model_setup import build_model, parse_fusion_layers
+from mdf_mllm.training import Diverged, ProcessedSplit, scored
+from pipeline_mdf_mllm import non_finite_parameters
+
+UNET_ALONE = "U-Net alone (image only)"  # the stage-1 U-Net and class head: what the photo alone gives
+
+
+def run(job: Job, splits: dict[str, ProcessedSplit], processor, collator) -> Result | None:
+    """Train the U-Net of the job's model on the training photos and score it with its class head on the test photos.
+
+    Returns the "U-Net alone (image only)" `Result`, whose `weights` is the trained U-Net's file (what stage 2 starts
+    from) and `losses` the loss of each epoch; None where the job has no stage 1 (--from_scratch, --no_stage1, no
+    fused layer)."""
+    if job.run.from_scratch or job.run.no_stage1 or parse_fusion_layers(job.model.fusion_layers) == {}:
+        return None
+    set_seed(job.training.seed)
+    # The U-Net trains alone, in fp32, on the training device; the rest of the model (11B for the real base, read in
+    # bf16 with --bf16) is dropped.
+    model = build_model(job.replace(model={"lora": False, "load_in_4bit": False}).model, processor,
+                        bf16=job.training.bf16)
+    unet, config = model.model.unet.float().to(job.training.device), model.config
+    del model
+    folder = job.output_dir / "stage1"
+    start = time.perf_counter()
+    losses = train_unet(job, unet, len(config.label_names), splits["train"], collator, folder)
+    seconds = time.perf_counter() - start
+    print(f"stage 1: loss per epoch {[round(loss, 4) for loss in losses]}; U-Net written to {folder}")
+    result = unet_alone_result(job, unet, folder, splits["test"], collator, config, train_seconds=round(seconds, 1))
+    result.weights, result.losses = str(folder / "unet.safetensors"), losses
+    return result
+
+
+def pooled_skips(unet, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The skips of the photo alone (no FiLM) and their average-pooled channels, concatenated: (B, sum_k C_k)."""
+    skips = unet.encode(pixel_values, None)
+    return skips, torch.cat([skip.mean((2, 3)) for skip in skips], 1)
+
+
+def loss(unet, class_head, batch: dict, class_ids: torch.Tensor, vessel_weight: float) -> torch.Tensor:
+    """Cross-entropy of the class head on the pooled skips, plus `vessel_weight` x the decoder's vessel BCE (the
+    decoder runs only when that weight counts and the batch has masks)."""
+    skips, pooled = pooled_skips(unet, batch["unet_pixel_values"])
+    total = F.cross_entropy(class_head(pooled), class_ids)
+    if vessel_weight and "vessel_mask" in batch:
+        total = total + vessel_weight * F.binary_cross_entropy_with_logits(
+            unet.decode(skips), batch["vessel_mask"].float())
+    return total
+
+
+def on_device(batch: dict, device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def mirrored(batch: dict) -> dict:
+    """Every photo (and vessel mask) mirrored left-right, as the other eye would be photographed."""
+    return {**batch, **{key: batch[key].flip(-1) for key in ("unet_pixel_values", "vessel_mask") if key in batch}}
+
+
+def train_unet(job: Job, unet, num_classes: int, split: ProcessedSplit, collator, folder: Path) -> list[float]:
+    """Train `unet` and a class head on `split` (AdamW, one-cycle schedule, the photos mirrored at random); write
+    `unet.safetensors` and `class_head.safetensors` to `folder`. Returns the mean loss of each epoch."""
+    settings, args = job.run, job.training
+    device = next(unet.parameters()).device
+    class_head = torch.nn.Linear(sum(unet.widths), num_classes, device=device)
+    kinds = unet.parameter_kinds()  # FiLM by class (modeling_mdf_mllm), not by its attribute's name
+    parameters = [p for name, p in unet.named_parameters() if kinds[name] != "film"]
+    for param in parameters:  # the model leaves what its own forward does not run (decoder, deep stages) frozen
+        param.requires_grad_(True)
+    parameters += list(class_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=settings.stage1_learning_rate, weight_decay=args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+    batch_size = args.per_device_train_batch_size
+    steps_per_epoch = math.ceil(len(split) / batch_size)
+    steps = max(1, math.ceil(settings.stage1_epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.stage1_learning_rate, total_steps=steps)
+    vessel_weight = settings.stage1_vessel_weight if split.has_masks else 0.0
+    bar, losses, step = tqdm(total=steps, desc="stage 1: U-Net classes and vessels", disable=args.disable_tqdm), [], 0
+    unet.train()
+    while step < steps:  # counted here: a disabled tqdm bar (disable_tqdm) does not count
+        epoch = []
+        for indices in torch.randperm(len(split), generator=generator).split(batch_size):
+            batch = on_device(collator([split[i] for i in indices]), device)
+            if torch.rand((), generator=generator) < 0.5:
+                batch = mirrored(batch)
+            class_ids = torch.tensor([split.label_ids[i] for i in indices], device=device)
+            value = loss(unet, class_head, batch, class_ids, vessel_weight)
+            if not math.isfinite(value.item()):
+                raise Diverged(f"stage 1: diverged at step {step + 1}: the loss is {value.item()}; nothing was "
+                               "exported or cached")
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)  # as the Trainer clips stage 2
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            epoch.append(value.item())
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{value.item():.4f}")
+            if step == steps:
+                break
+        losses.append(float(np.mean(epoch)))
+    bar.close()
+    bad = non_finite_parameters(unet) + non_finite_parameters(class_head)
+    if bad:
+        raise Diverged(f"stage 1: diverged at step {step}: {len(bad)} weight tensors hold NaN or inf "
+                       f"(first: {bad[0]}); nothing was exported or cached")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "unet.safetensors")
+    save_file({k: v.contiguous() for k, v in class_head.state_dict().items()}, folder / "class_head.safetensors")
+    return losses
+
+
+@torch.no_grad()
+def unet_alone_probabilities(unet, class_head, split: ProcessedSplit, collator, batch_size: int) -> np.ndarray:
+    """The stage-1 U-Net and class head on a split of photos, image only: (N, K) class probabilities."""
+    unet.eval()
+    probabilities, device = [], next(unet.parameters()).device
+    for start in range(0, len(split), batch_size):
+        batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
+        pixels = batch["unet_pixel_values"].to(device)
+        probabilities.append(class_head(pooled_skips(unet, pixels)[1]).softmax(-1).cpu())
+    return torch.cat(probabilities).numpy()
+
+
+def unet_alone_result(job: Job, unet, folder: Path, split: ProcessedSplit, collator, config, **timings) -> Result:
+    """The stage-1 U-Net encoder and class head (read from `folder`) on the photos of `split`, scored like the
+    models."""
+    head = torch.nn.Linear(sum(unet.widths), len(config.label_names), device=next(unet.parameters()).device)
+    head.load_state_dict(load_file(folder / "class_head.safetensors", device=str(head.weight.device)))
+    encoder = sum(p.numel() for name, p in unet.named_parameters() if name.startswith("stages."))
+    probabilities = unet_alone_probabilities(unet, head, split, collator, job.run.eval_batch_size)
+    return scored(job, UNET_ALONE, probabilities, split, config.label_names, config.disease_types,
+                  parameters=encoder + sum(p.numel() for p in head.parameters()), **timings)
