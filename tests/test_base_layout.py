@@ -119,7 +119,7 @@ def test_the_job_says_which_mdf_sizes_it_chose_before_training(bases, which, lin
     (dict(), 1, "11b", "tiny"),
 ], ids=["tiny-from-scratch", "small-from-scratch", "base-made-here", "small-on-a-tiny-base", "other-base"])
 def test_every_layout_builds_the_model_it_built(bases, options, base, layout, mllama):
-    model_args = stages.ModelArguments(base_model=None if base is None else str(bases[base]), **options)
+    model_args = ModelArguments(base_model=None if base is None else str(bases[base]), **options)
     processor = (model_setup.base_processor(model_args) if model_args.base_model else
                  model_setup.default_processor(model_args))
     config = model_setup.build_model(model_args, processor).config
