@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# By class name, so that the same script measures earlier commits too (RunArguments was JobArguments before the Job).
 SETTINGS = {"ModelArguments", "DataArguments", "JobArguments", "RunArguments", "MdfTrainingArguments", "Job"}
 TINY = ["--model_size", "tiny", "--num_images", "40", "--image_size", "64", "--per_device_train_batch_size", "8",
         "--n_bootstrap", "20", "--num_train_epochs", "1", "--base_epochs", "1", "--stage1_epochs", "1",
