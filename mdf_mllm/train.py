@@ -285,11 +285,22 @@ def run(job: Job) -> None:
              for name, rows in counterfactual["summary"].items()}))
 
 
+def end_process_group() -> None:
+    """Under `accelerate launch`, leave the process group before exiting. The Trainer leaves that to the script, and a
+    process that exits with a gloo group alive can be aborted at exit by gloo's threads ("terminate called without an
+    active exception"), failing a run whose work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         job = parse_arguments(sys.argv[1:] if argv is None else argv)
         check_arguments(job)
         run(job)
+        end_process_group()
     except UsageError as error:
         print(f"train_hf.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

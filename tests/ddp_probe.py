@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from fsdp_probe import tiny_split
-from mdf_mllm import model_setup, training
+from mdf_mllm import model_setup, train as job, training
 from mdf_mllm.job import MdfTrainingArguments, ModelArguments
 from processing_mdf_mllm import MdfMllmDataCollator
 
@@ -57,3 +57,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    job.end_process_group()

@@ -239,3 +239,18 @@ def test_ddp_with_gradient_checkpointing_and_no_unused_parameter_search_trains(t
         assert record["gradient_checkpointing"] and record["steps"] == [1, 2]
         assert record["moved"] > 0.9 * record["trainable"]  # it trained (not a no-op that a frozen model would be)
     assert first["checksum"] == second["checksum"]  # replicas in step: the gradients were all-reduced
+
+
+def test_the_job_leaves_its_process_group_before_exiting(tmp_path, monkeypatch):
+    """Under `accelerate launch` the job destroys the process group once its work is done: a gloo group still alive
+    at interpreter exit can abort the process (SIGABRT, "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(job, "run", lambda settings: None)
+        job.main(["--output_dir", str(tmp_path / "out")])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

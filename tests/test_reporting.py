@@ -604,6 +604,7 @@ with open(f"rank{accelerator.process_index}.json", "w") as f:
     json.dump({"rank": accelerator.process_index, "world": accelerator.num_processes,
         "backend": accelerator.state.backend, "wrap": os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"),
         "checksum": sum(p.detach().sum().item() for p in model.parameters())}, f)
+accelerator.end_training()  # destroys the process group: a gloo group alive at exit can abort the process
 """
 
 
