@@ -286,9 +286,9 @@ def run(job: Job) -> None:
 
 
 def end_process_group() -> None:
-    """Under `accelerate launch`, leave the process group before exiting. The Trainer leaves that to the script, and a
-    process that exits with a gloo group alive can be aborted at exit by gloo's threads ("terminate called without an
-    active exception"), failing a run whose work is done."""
+    """Under `accelerate launch`, leave the process group before exiting, as torch.distributed asks of a script (the
+    Trainer leaves it to the script): a group still alive at exit makes NCCL warn, and can make gloo abort the process
+    ("terminate called without an active exception") once its work is done."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -169,8 +169,8 @@ def move_off_init(model, value=0.5):
 
 def launch_two_cpu_processes(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     """Run an `accelerate launch` over two gloo processes on a free loopback port. Tried twice: in this sandbox a gloo
-    process now and then aborts (SIGABRT) while connecting, before any of our code runs. (One that exits with its
-    process group alive can abort too; every script launched here destroys its group first.)"""
+    process now and then aborts (SIGABRT) while connecting, before any of our code runs. (Under FSDP one can also abort
+    during interpreter finalization, after its work: the scripts launched here end with `os._exit`.)"""
     for attempt in range(2):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))

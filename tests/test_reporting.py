@@ -604,7 +604,10 @@ with open(f"rank{accelerator.process_index}.json", "w") as f:
     json.dump({"rank": accelerator.process_index, "world": accelerator.num_processes,
         "backend": accelerator.state.backend, "wrap": os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"),
         "checksum": sum(p.detach().sum().item() for p in model.parameters())}, f)
-accelerator.end_training()  # destroys the process group: a gloo group alive at exit can abort the process
+accelerator.end_training()
+# Skip interpreter finalization: under FSDP on gloo it now and then aborts the process after the work is done
+# ("terminate called without an active exception": gloo work objects freed while the interpreter is torn down).
+os._exit(0)
 """
 
 
