@@ -35,9 +35,9 @@ def trace(run) -> list[tuple[str, str, int]]:
     stays = []
 
     def profile(frame, event, _):
-        if event != "call" or not frame.f_code.co_filename.startswith(str(ROOT)) or "/.venv/" in frame.f_code.co_filename:
-            return
         code = frame.f_code
+        if event != "call" or not code.co_filename.startswith(str(ROOT)) or "/.venv/" in code.co_filename:
+            return
         parameters = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
         count = sum(type(frame.f_locals.get(name)).__name__ in SETTINGS for name in parameters)
         # The settings' own methods (mdf_mllm/job.py, dataclasses' __init__) are not a room they walk into.

@@ -31,7 +31,7 @@ from scipy import stats
 from mdf_mllm import comparison, stage1, stages
 from mdf_mllm.comparison import Result
 from mdf_mllm.job import Job
-from mdf_mllm.model_setup import mdf_kwargs
+from mdf_mllm.model_setup import cross_attention_layers, mdf_kwargs
 from mdf_mllm.plots import plot_ablation
 from mdf_mllm.stage1 import UNET_ALONE
 from mdf_mllm.training import process_splits
@@ -76,7 +76,7 @@ def row_model_changes(job: Job, row: Row) -> dict:
         return {"fusion_layers": "none"}
     changes = {"no_film": row.no_film}
     if row.depth is not None:
-        layers = stages.cross_attention_layers(job.model)
+        layers = cross_attention_layers(job.model)
         changes["fusion_layers"] = ",".join(f"{layer}:{row.depth}" for layer in layers)
     if row.gate_start is not None:
         changes["unet_gate_start"] = row.gate_start

@@ -105,6 +105,14 @@ def mdf_layout(model_args) -> tuple[str, dict]:
     return layout, sizes
 
 
+def cross_attention_layers(model_args) -> list[int] | None:
+    """The base's cross-attention layer indices (None for a Hub id, read when loaded)."""
+    if model_args.base_model is None:
+        return LAYOUTS[model_args.model_size or "small"]["mllama"]["text"]["cross_attention_layers"]
+    config = Path(model_args.base_model) / "config.json"
+    return json.loads(config.read_text())["text_config"]["cross_attention_layers"] if config.is_file() else None
+
+
 def describe_mdf_sizes(model_args) -> str:
     """One line: the U-Net, grid and projector the MDF modules get on `model_args.base_model`, where they come from,
     and the options that change them (the 11B defaults on a small base cost minutes per step on a CPU)."""

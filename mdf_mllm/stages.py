@@ -20,7 +20,7 @@ from transformers import MllamaForConditionalGeneration, set_seed
 
 from mdf_mllm import comparison
 from mdf_mllm.comparison import Result
-from mdf_mllm.job import Job, ModelArguments
+from mdf_mllm.job import Job
 from mdf_mllm.model_setup import (
     BASE_CHAT_TEMPLATE,
     BASE_RECORD_FILE,
@@ -47,15 +47,6 @@ from configuration_mdf_mllm import LAYOUTS
 from image_processing_mdf_mllm import MdfMllmImageProcessor
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from processing_mdf_mllm import MdfMllmProcessor
-
-
-def cross_attention_layers(model_args: ModelArguments) -> list[int] | None:
-    """The base's cross-attention layer indices (None for a Hub id, read when loaded)."""
-    if model_args.base_model is None:
-        return LAYOUTS[model_args.model_size or "small"]["mllama"]["text"]["cross_attention_layers"]
-    config = Path(model_args.base_model) / "config.json"
-    return json.loads(config.read_text())["text_config"]["cross_attention_layers"] if config.is_file() else None
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------

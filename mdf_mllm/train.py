@@ -40,6 +40,7 @@ from mdf_mllm.model_setup import (
     UsageError,
     base_processor,
     build_model,
+    cross_attention_layers,
     default_processor,
     describe_mdf_sizes,
     parse_fusion_layers,
@@ -159,7 +160,7 @@ def check_output_folders(job: Job) -> None:
         if found:
             raise UsageError(f"--output_dir: {found[0]} is a checkpoint of an earlier run, which the job would remove "
                              "once finished: resume it (--resume_from_checkpoint latest) or choose another --output_dir")
-    fusion, layers = parse_fusion_layers(job.model.fusion_layers), stages.cross_attention_layers(job.model)
+    fusion, layers = parse_fusion_layers(job.model.fusion_layers), cross_attention_layers(job.model)
     bad = {k: v for k, v in (fusion or {}).items() if (layers and k not in layers) or not 1 <= v <= UNET_DEPTHS}
     if bad:
         raise UsageError(f"--fusion_layers: {job.model.fusion_layers!r}: layers must be among the cross-attention "

@@ -9,15 +9,13 @@ OUT/rank-<r>.json: how the Trainer wrapped the model, the optimizer steps taken,
 parameter (DDP keeps the replicas equal).
 """
 
-import json
-import os
 import sys
 
 import torch
 from transformers import TrainerCallback
 
-from fsdp_probe import tiny_split
-from mdf_mllm import model_setup, train as job, training
+from fsdp_probe import finish, tiny_split
+from mdf_mllm import model_setup, training
 from mdf_mllm.job import MdfTrainingArguments, ModelArguments
 from processing_mdf_mllm import MdfMllmDataCollator
 
@@ -51,11 +49,8 @@ def main(out: str) -> None:
               "gradient_checkpointing": model.is_gradient_checkpointing, "steps": steps.steps,
               "trainable": len(trained), "moved": sum(not torch.equal(p, before[n]) for n, p in trained.items()),
               "checksum": {name: float(p.double().sum()) for name, p in trained.items()}}
-    with open(os.path.join(out, f"rank-{state.process_index}.json"), "w") as f:
-        json.dump(record, f)
+    finish(out, record)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    job.end_process_group()
-    os._exit(0)  # as tests/test_reporting.py's TOY_SCRIPT: gloo can abort a process during interpreter finalization
