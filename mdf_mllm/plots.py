@@ -6,10 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mdf_mllm import calibration
 from mdf_mllm.metrics import _metric_functions
 
 CONFUSION_MATRIX_FILE = "confusion_matrix_{level}.png"
 TRAINING_CURVES_FILE = "training_curves.png"
+RELIABILITY_FILE = "reliability.png"
+RISK_COVERAGE_FILE = "risk_coverage.png"
 
 
 def _new_figure(width: float, height: float):
@@ -165,5 +168,62 @@ def plot_ablation(summary: dict[str, dict], metrics, path) -> Path:
     axes.set_ylabel("Score (mean ± std over seeds)")
     axes.set_title("Ablation")
     axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    return _save(figure, path)
+
+
+
+def plot_reliability(probabilities: dict[str, np.ndarray], labels, path, columns: int = 3) -> Path:
+    """PNG of one reliability diagram per row (a panel each, in the order given): per confidence bin of
+    `calibration.reliability_bins`, a bar at the accuracy of its photos with their number above it, against the
+    diagonal of perfect calibration; the panel's title gives the row's expected calibration error.
+
+    Args:
+        probabilities: row name -> its (N, K) class probabilities on the same test photos.
+        labels: (N,) true label ids.
+    """
+    if not probabilities:
+        raise ValueError("probabilities: no row to plot")
+    rows = math.ceil(len(probabilities) / columns)
+    width = min(columns, len(probabilities))
+    figure = _new_figure(3.6 * width, 3.6 * rows)
+    panels = figure.subplots(rows, width, squeeze=False).ravel()
+    for axes, (name, row_probabilities) in zip(panels, probabilities.items()):
+        bins = [b for b in calibration.reliability_bins(row_probabilities, labels) if b["n"]]
+        centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+        heights = [b["accuracy"] for b in bins]
+        axes.bar(centres, heights, width=1 / calibration.NUM_BINS, edgecolor="black", linewidth=0.5, label="accuracy")
+        for centre, height, b in zip(centres, heights, bins):
+            axes.text(centre, height + 0.02, str(b["n"]), ha="center", fontsize="x-small")
+        axes.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1.1)
+        axes.set_xlabel("Top-label confidence")
+        axes.set_ylabel("Accuracy (photos per bin above the bars)")
+        ece = calibration.expected_calibration_error(row_probabilities, labels)
+        axes.set_title(f"{name}\nECE {ece:.3f}", fontsize="medium")
+        axes.legend(fontsize="x-small", loc="upper left")
+    for axes in panels[len(probabilities):]:
+        axes.set_axis_off()
+    return _save(figure, path)
+
+
+def plot_risk_coverage(probabilities: dict[str, np.ndarray], labels, path) -> Path:
+    """PNG of each row's accuracy when it answers only its most confident photos against the share it answers
+    (`calibration.coverage_curve`), the coverages of the risk-coverage table (`calibration.COVERAGES`) marked."""
+    if not probabilities:
+        raise ValueError("probabilities: no row to plot")
+    figure = _new_figure(9, 4.5)
+    axes = figure.add_subplot()
+    for colour, (name, row_probabilities) in enumerate(probabilities.items()):
+        curve = calibration.coverage_curve(row_probabilities, labels)
+        axes.plot(curve["coverage"], curve["accuracy"], color=f"C{colour}", label=name)
+        table = calibration.risk_coverage(row_probabilities, labels)
+        axes.plot([r["coverage"] for r in table], [r["accuracy"] for r in table], "o", color=f"C{colour}")
+    axes.set_xlim(0, 1.02)
+    axes.set_xlabel("Coverage (share of photos answered, the most confident first)")
+    axes.set_ylabel("Accuracy on the photos answered")
+    axes.set_title("Risk-coverage (dots: the table's coverages)", fontsize="medium")
+    axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
     return _save(figure, path)
