@@ -216,6 +216,8 @@ def test_risk_coverage_counts_the_fewest_photos_that_reach_the_coverage():
     probabilities, labels = random_rows(5, n=7)
     assert [r["n"] for r in calibration.risk_coverage(probabilities, labels)] == [7, 7, 6, 5]  # 6.3, 5.6, 4.9 up
     assert [r["n"] for r in calibration.risk_coverage(probabilities, labels, coverages=(0.01, 0.5))] == [1, 4]
+    probabilities, labels = random_rows(5, n=100)
+    assert calibration.risk_coverage(probabilities, labels, coverages=(0.55,))[0]["n"] == 55  # 0.55 * 100 = 55.000..01
     with pytest.raises(ValueError, match=r"coverages: each must be in \(0, 1\], got 0"):
         calibration.risk_coverage(probabilities, labels, coverages=(1.0, 0))
 
