@@ -227,7 +227,8 @@ def risk_coverage(probabilities, labels, coverages=COVERAGES) -> list[dict]:
     for coverage in coverages:
         if not 0 < coverage <= 1:
             raise ValueError(f"coverages: each must be in (0, 1], got {coverage!r}")
-        answered = max(1, int(np.ceil(round(coverage * len(curve["coverage"]), 6))))  # round: 0.55 * 100 is 55.00000000000001
+        # Rounded first: 0.55 * 100 is 55.00000000000001, which would answer 56.
+        answered = max(1, int(np.ceil(round(coverage * len(curve["coverage"]), 6))))
         table.append({"coverage": coverage, "n": answered, "accuracy": float(curve["accuracy"][answered - 1]),
                       "threshold": float(curve["threshold"][answered - 1])})
     return table
