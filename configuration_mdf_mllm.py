@@ -103,6 +103,7 @@ MDF_FIELDS = (
     "verbalizers",
     "disease_types",
     "verbalizer_token_ids",
+    "classifier_temperature",
     "id2label",
 )
 
@@ -159,6 +160,11 @@ class MdfMllmConfig(MllamaConfig):
     verbalizer_token_ids (`list[list[int]]`, *optional*):
         Each verbalizer tokenised as it appears in an answer (with the end-of-turn token), written by the training
         script so that `classify()` needs no tokenizer.
+    classifier_temperature (`float`, *optional*):
+        The temperature T of `classify()`'s class probabilities, softmax(log p / T), fitted on the validation split
+        after training (temperature scaling, `mdf_mllm.calibration.fit_temperature`) so that a stated confidence is
+        the accuracy that comes with it: T > 1 softens over-confident probabilities. The predicted class never
+        changes. `None` (the default) leaves the probabilities as the verbalizers score them (T = 1).
     """
 
     model_type = "mdf_mllm"
@@ -174,6 +180,7 @@ class MdfMllmConfig(MllamaConfig):
     verbalizers: list[str] | None = None
     disease_types: list[str] | None = None
     verbalizer_token_ids: list[list[int]] | None = None
+    classifier_temperature: float | None = None
 
     def __post_init__(self, **kwargs):
         # The MDF label space is the default only: when nobody asked for labels (none given, or transformers' generic
@@ -237,6 +244,9 @@ class MdfMllmConfig(MllamaConfig):
             raise ValueError(
                 f"pre_image_text_masking: expected one of {PRE_IMAGE_TEXT_MASKINGS}, got {self.pre_image_text_masking!r}"
             )
+        temperature = self.classifier_temperature
+        if temperature is not None and not 0 < temperature < float("inf"):  # also refuses NaN
+            raise ValueError(f"classifier_temperature: expected a positive finite number or None, got {temperature!r}")
         if not 0 <= self.seg_loss_weight < float("inf"):  # also refuses NaN
             raise ValueError(f"seg_loss_weight: expected a finite weight >= 0, got {self.seg_loss_weight!r}")
         size, grid = self.unet_config["image_size"], self.fusion_grid

@@ -1061,7 +1061,8 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
         row over that single prompt cache (no copy per class): all but the last token of each, side by side, each
         at the position it would have right after the prompt and attending to the prompt and to the earlier tokens
         of its own verbalizer (a block-causal mask). No text is generated or parsed. `verbalizer_ids` defaults to
-        `config.verbalizer_token_ids` (the processor's `verbalizer_token_ids`).
+        `config.verbalizer_token_ids` (the processor's `verbalizer_token_ids`). With `config.classifier_temperature`
+        T, the scores are divided by T before the softmax: softmax(log p / T), the calibrated probabilities.
         """
         verbalizer_ids = verbalizer_ids or self.config.verbalizer_token_ids
         if not verbalizer_ids or not all(verbalizer_ids):
@@ -1069,6 +1070,7 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
                 "verbalizer_ids: pass processor.verbalizer_token_ids or set config.verbalizer_token_ids (one non-empty "
                 "list of token ids per class)"
             )
+        temperature = self.config.classifier_temperature or 1.0
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch = input_ids.shape[0]
@@ -1089,7 +1091,7 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
 
         tokens, targets, owner, offsets, sees_packed = pack_verbalizers(verbalizer_ids, input_ids.device)
         if len(tokens) == 0:  # every verbalizer is one token long
-            return scores.softmax(-1)
+            return (scores / temperature).softmax(-1)
         packed = len(tokens)
         sees = torch.cat([attention_mask.bool()[:, None].expand(-1, packed, -1), sees_packed.expand(batch, -1, -1)], -1)
         step = self(
@@ -1106,7 +1108,7 @@ class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForCondition
             **{CACHE: prompt[CACHE]},
         )
         logprobs = step.logits.float().log_softmax(-1).gather(-1, targets.expand(batch, -1)[..., None])[..., 0]
-        return scores.index_add(1, owner, logprobs).softmax(-1)
+        return (scores.index_add(1, owner, logprobs) / temperature).softmax(-1)
 
 
 MdfMllmConfig.register_for_auto_class()

@@ -165,3 +165,34 @@ def test_classify_without_verbalizers_names_the_argument(model):
     for verbalizers in (None, [[5], []]):
         with pytest.raises(ValueError, match="verbalizer_ids: pass processor.verbalizer_token_ids"):
             model.classify(**inputs, verbalizer_ids=verbalizers)
+
+
+def test_a_config_temperature_gives_the_calibrated_probabilities_and_is_saved(model, tmp_path):
+    """With `classifier_temperature` T, classify() returns softmax(log p / T) of its probabilities without it, on the
+    packed pass and on the one-token path; T survives save_pretrained / from_pretrained."""
+    inputs = prompts(model.config, "tiles")
+    verbalizers = {"packed": VERBALIZERS, "one token": [[5], [7], [12]]}
+    raw = {name: model.classify(**inputs, verbalizer_ids=ids) for name, ids in verbalizers.items()}
+    expected = {name: (p.double().log() / 2.5).softmax(-1) for name, p in raw.items()}
+    try:
+        model.config.classifier_temperature = 2.5
+        for name, ids in verbalizers.items():
+            calibrated = model.classify(**inputs, verbalizer_ids=ids)
+            torch.testing.assert_close(calibrated.double(), expected[name], atol=1e-6, rtol=0)
+            assert (calibrated.argmax(-1) == raw[name].argmax(-1)).all()
+            assert (calibrated - raw[name]).abs().max() > 1e-2  # the temperature did change them
+        model.save_pretrained(tmp_path)
+    finally:
+        model.config.classifier_temperature = None
+    loaded = MdfMllmForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.classifier_temperature == 2.5
+    torch.testing.assert_close(loaded.classify(**inputs, verbalizer_ids=VERBALIZERS).double(), expected["packed"],
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.classify(**inputs, verbalizer_ids=VERBALIZERS), raw["packed"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_temperature_that_is_not_positive_and_finite_names_the_field(temperature):
+    with pytest.raises(ValueError, match="classifier_temperature: expected a positive finite number or None"):
+        MdfMllmConfig.from_mllama_config(tiny_mllama_config(**LAYOUTS["b"]), **TINY_MDF,
+                                         classifier_temperature=temperature)
