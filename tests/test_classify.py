@@ -168,17 +168,19 @@ def test_classify_without_verbalizers_names_the_argument(model):
 
 
 def test_a_config_temperature_gives_the_calibrated_probabilities_and_is_saved(model, tmp_path):
-    """With `classifier_temperature` T, classify() returns softmax(log p / T) of its probabilities without it, on the
-    packed pass and on the one-token path; T survives save_pretrained / from_pretrained."""
+    """With `classifier_temperature` T, classify() returns softmax(log p / T), p the probabilities of scoring each
+    verbalizer alone, on the packed pass and on the one-token path; T survives save_pretrained / from_pretrained."""
     inputs = prompts(model.config, "tiles")
     verbalizers = {"packed": VERBALIZERS, "one token": [[5], [7], [12]]}
     raw = {name: model.classify(**inputs, verbalizer_ids=ids) for name, ids in verbalizers.items()}
-    expected = {name: (p.double().log() / 2.5).softmax(-1) for name, p in raw.items()}
+    log_p = {name: scores_one_by_one(model, inputs, ids).log_softmax(-1) for name, ids in verbalizers.items()}
+    expected = {name: (log_p[name] / 2.5).softmax(-1) for name in verbalizers}
     try:
         model.config.classifier_temperature = 2.5
         for name, ids in verbalizers.items():
             calibrated = model.classify(**inputs, verbalizer_ids=ids)
-            torch.testing.assert_close(calibrated.double(), expected[name], atol=1e-6, rtol=0)
+            torch.testing.assert_close(calibrated, expected[name], atol=1e-5, rtol=0)
+            torch.testing.assert_close(calibrated.log(), expected[name].log(), atol=1e-5, rtol=0)
             assert (calibrated.argmax(-1) == raw[name].argmax(-1)).all()
             assert (calibrated - raw[name]).abs().max() > 1e-2  # the temperature did change them
         model.save_pretrained(tmp_path)
@@ -186,8 +188,8 @@ def test_a_config_temperature_gives_the_calibrated_probabilities_and_is_saved(mo
         model.config.classifier_temperature = None
     loaded = MdfMllmForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert loaded.config.classifier_temperature == 2.5
-    torch.testing.assert_close(loaded.classify(**inputs, verbalizer_ids=VERBALIZERS).double(), expected["packed"],
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(loaded.classify(**inputs, verbalizer_ids=VERBALIZERS), expected["packed"], atol=1e-5,
+                               rtol=0)
     torch.testing.assert_close(model.classify(**inputs, verbalizer_ids=VERBALIZERS), raw["packed"], atol=0, rtol=0)
 
 
