@@ -73,6 +73,28 @@ def test_pipeline_top_class_is_classify_argmax_and_scores_sum_to_one(classifier)
             assert entry["score"] == pytest.approx(float(expected[label_id]), abs=1e-5)
 
 
+def test_pipeline_scores_follow_the_exported_temperature(model_folder, classifier, tmp_path):
+    """An export whose config carries `classifier_temperature` T: the pipeline's scores are softmax(log p / T) of the
+    scores without it, its top class the same."""
+    from transformers import pipeline
+
+    photo, text = fundus_photos()[0], "Night blindness since childhood."
+    raw = {entry["label"]: entry["score"] for entry in classifier(photo, clinical_text=text)}
+    folder = tmp_path / "calibrated"
+    shutil.copytree(model_folder, folder)
+    with open(folder / "config.json") as file:
+        config = json.load(file)
+    with open(folder / "config.json", "w") as file:
+        json.dump({**config, "classifier_temperature": 3.0}, file)
+    calibrated = pipeline(TASK, model=str(folder), trust_remote_code=True, device="cpu")(photo, clinical_text=text)
+    labels = list(raw)
+    scaled = np.exp(np.log([raw[label] for label in labels]) / 3.0)
+    expected = dict(zip(labels, scaled / scaled.sum()))
+    assert calibrated[0]["label"] == labels[0]
+    assert {entry["label"]: entry["score"] for entry in calibrated} == pytest.approx(expected, abs=1e-5)
+    assert max(abs(entry["score"] - raw[entry["label"]]) for entry in calibrated) > 1e-2
+
+
 def test_batched_and_single_calls_agree(classifier):
     photos = fundus_photos()
     texts = ["Night blindness since childhood.", None, "diabetes for 20 years"]
