@@ -232,3 +232,34 @@ def risk_coverage(probabilities, labels, coverages=COVERAGES) -> list[dict]:
         table.append({"coverage": coverage, "n": answered, "accuracy": float(curve["accuracy"][answered - 1]),
                       "threshold": float(curve["threshold"][answered - 1])})
     return table
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The table
+
+
+NOTE = (f"Expected calibration error (ECE): the test photos in {NUM_BINS} equal-width bins of the top-label "
+        "confidence, the bins' |accuracy - mean confidence| weighted by their share of photos. Brier: the mean over "
+        "photos of the squared distance between the probabilities and the one-hot true label, summed over classes. "
+        "NLL: the mean of -log p(true class). Lower is better for all three; 95% CIs: percentile bootstrap over the "
+        "photos. Accuracy on the most confident share: the model answers only the photos it gives the highest "
+        "top-label probability; photos tied at the cut count at their mean accuracy.")
+
+
+def _with_interval(report: dict, metric: str) -> str:
+    low, high = report["ci95"][metric]
+    return f"{report[metric]:.3f} ({low:.3f} to {high:.3f})"
+
+
+def markdown_table(reports: dict[str, dict]) -> str:
+    """Markdown table of rows' `calibration_report`s on the same photos (ECE, Brier, NLL with their 95% CIs and the
+    accuracy at each coverage of the risk-coverage table), followed by `NOTE`."""
+    coverages = next(iter(reports.values()))["risk_coverage"]
+    lines = ["| Row | ECE (95% CI) | Brier (95% CI) | NLL (95% CI) | "
+             + " | ".join(f"Accuracy, most confident {r['coverage']:.0%} (n = {r['n']})" for r in coverages) + " |",
+             "|---|---|---|---|" + "---:|" * len(coverages)]
+    for name, report in reports.items():
+        cells = [_with_interval(report, metric) for metric in METRICS]
+        cells += [f"{r['accuracy']:.3f}" for r in report["risk_coverage"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + NOTE + "\n"

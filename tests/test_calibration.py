@@ -292,3 +292,25 @@ def test_risk_coverage_plot_draws_each_rows_curve_and_table(figures, tmp_path): 
         assert list(dots.get_xdata()) == list(calibration.COVERAGES)
         assert list(dots.get_ydata()) == [r["accuracy"] for r in table]
         assert curve.get_color() == dots.get_color()
+
+
+def test_markdown_table_of_two_rows():
+    def report(ece, brier, nll, accuracies):
+        return {"n": 10, "ece": ece, "brier": brier, "nll": nll,
+                "ci95": {"ece": [ece - 0.01, ece + 0.02], "brier": [brier - 0.1, brier + 0.1], "nll": [0.5, 2.0]},
+                "risk_coverage": [{"coverage": c, "n": n, "accuracy": a, "threshold": 0.5}
+                                  for c, n, a in zip(calibration.COVERAGES, (10, 9, 8, 7), accuracies)]}
+
+    table = calibration.markdown_table({"MDF-MLLM": report(0.04, 0.2, 1.0, (0.9, 0.95, 1.0, 1.0)),
+                                        "baseline": report(0.25, 0.8, 1.5, (0.6, 0.6, 0.625, 5 / 7))})
+    assert table.split("\n\n")[0].splitlines() == [
+        "| Row | ECE (95% CI) | Brier (95% CI) | NLL (95% CI) | Accuracy, most confident 100% (n = 10) | "
+        "Accuracy, most confident 90% (n = 9) | Accuracy, most confident 80% (n = 8) | "
+        "Accuracy, most confident 70% (n = 7) |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+        "| MDF-MLLM | 0.040 (0.030 to 0.060) | 0.200 (0.100 to 0.300) | 1.000 (0.500 to 2.000) | 0.900 | 0.950 | "
+        "1.000 | 1.000 |",
+        "| baseline | 0.250 (0.240 to 0.270) | 0.800 (0.700 to 0.900) | 1.500 (0.500 to 2.000) | 0.600 | 0.600 | "
+        "0.625 | 0.714 |",
+    ]
+    assert table.endswith(calibration.NOTE + "\n") and "15 equal-width bins" in calibration.NOTE
