@@ -16,6 +16,8 @@ DATASETS = ("synthetic", "all", "fives", "hrf", "stonerounds", "manifest")
 STAGE1_EPOCHS = 12.0
 STAGE1_LEARNING_RATE = 1e-3
 STAGE1_VESSEL_WEIGHT = 0.0
+STAGE1_OPTIMIZERS = ("AdamW", "Adam", "SGD")  # torch.optim classes that take lr and weight_decay
+STAGE1_SCHEDULES = ("one_cycle", "constant")
 UNET_LEARNING_RATE = 0.0
 FILM_LEARNING_RATE = 3e-4
 
@@ -91,6 +93,12 @@ class RunArguments:
                                         "1 (one-cycle schedule)"})
     stage1_vessel_weight: float = field(default=STAGE1_VESSEL_WEIGHT, metadata={"help": "Weight of the vessel loss "
                                         "beside the class loss in stage 1 (0: the U-Net decoder does not train)"})
+    stage1_optimizer: str = field(default="AdamW", metadata={"help": f"Stage 1's optimizer, a torch.optim class: "
+                                  f"{' | '.join(STAGE1_OPTIMIZERS)} (weight decay: --weight_decay)"})
+    stage1_schedule: str = field(default="one_cycle", metadata={"help": "Stage 1's learning-rate schedule: "
+                                 f"{' | '.join(STAGE1_SCHEDULES)} (one_cycle peaks at --stage1_learning_rate)"})
+    stage1_flip: float = field(default=0.5, metadata={"help": "Probability that a stage-1 batch is mirrored left-right "
+                               "(as the other eye is photographed)"})
     baseline: bool = field(default=True, metadata={"help": "Also train the baseline (plain Mllama, same base)"})
     ablation: bool = field(default=False, metadata={"help": "Run the ablation table instead of the main job"})
     seeds: int = field(default=3, metadata={"help": "Seeds per ablation row"})

@@ -125,7 +125,8 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
     head = torch.nn.Linear(sum(unet.widths), 8)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp_path / "class_head.safetensors")
     settings = job.parse_arguments(["--n_bootstrap", "20", "--eval_batch_size", "7"])
-    row = stage1.unet_alone_result(settings, unet, tmp_path, prompts, MdfMllmDataCollator(processor), config)
+    run = training.RunContext(settings, None, processor, processed={False: {"test": prompts}})
+    row = stage1.unet_alone_result(run, unet, tmp_path)
     report = row.report
     # By hand, one photo at a time: pooled skips of the photo alone (no FiLM, whatever the prompt) -> head -> softmax.
     expected = []
