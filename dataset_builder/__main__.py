@@ -15,9 +15,9 @@ import sys
 
 from mdf_mllm.messages import OneLineParser, number_in, shown
 
-from .builder import CONFIG_NAMES, build, export_imagefolder, export_parquet, parquet_export_problem, write_report
+from .builder import build, config_names, export_imagefolder, export_parquet, parquet_export_problem, write_report
 from .preview import contact_sheet
-from .sources import LABEL_NAMES, SPLITS
+from .sources import LABEL_NAMES, PAPER_SOURCES, SOURCES, SPLITS
 from .synthetic import generate
 
 
@@ -25,10 +25,9 @@ MIN_IMAGE_SIZE = 32  # the smallest photo the synthetic renderer draws a fundus 
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=CONFIG_NAMES, default="synthetic", help="which config to build")
-    parser.add_argument("--fives", help="FIVES root (train/, test/)")
-    parser.add_argument("--hrf", help="HRF root (images/, manual1/, or all/...)")
-    parser.add_argument("--stonerounds", help="StoneRounds root (<case_id>/case.json + images)")
+    parser.add_argument("--source", choices=config_names(), default="synthetic", help="which config to build")
+    for name in PAPER_SOURCES:
+        parser.add_argument(f"--{name}", help=SOURCES[name].layout)
     parser.add_argument(
         "--data_dir", help="the source's folder (single-source configs) or an image folder with metadata.jsonl"
     )
@@ -42,9 +41,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _source_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {
-        "fives": args.fives,
-        "hrf": args.hrf,
-        "stonerounds": args.stonerounds,
+        **{name: getattr(args, name) for name in PAPER_SOURCES},
         "data_dir": args.data_dir,
         "seed": args.seed,
         "cache_dir": args.cache_dir,

@@ -7,8 +7,8 @@ from pathlib import Path
 from transformers import IntervalStrategy, SchedulerType, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
+from dataset_builder.sources import SOURCES
 
-DATASETS = ("synthetic", "all", "fives", "hrf", "stonerounds", "manifest")
 
 # The recipe (measured in docs/results.md, "The recipe, and how it was found"). Stage 1 teaches the U-Net the classes
 # from the photo alone; stage 2 then keeps it nearly still while the projector and branches learn to carry it into the
@@ -63,13 +63,21 @@ class ModelArguments:
                 "film": self.film_learning_rate}
 
 
+def dataset_names() -> tuple[str, ...]:
+    """--dataset's values: the synthetic set, the paper's sources together, each source registered with
+    dataset_builder (`dataset_builder.sources.SOURCES`)."""
+    return ("synthetic", "all", *SOURCES)
+
+
 @dataclass
 class DataArguments:
-    dataset: str = field(default="synthetic", metadata={"help": " | ".join(DATASETS)})
+    dataset: str = field(default="synthetic", metadata={"help": " | ".join(dataset_names())})
     fives: str | None = field(default=None, metadata={"help": "FIVES folder (--dataset fives or all)"})
     hrf: str | None = field(default=None, metadata={"help": "HRF folder (--dataset hrf or all)"})
     stonerounds: str | None = field(default=None, metadata={"help": "StoneRounds folder (--dataset stonerounds/all)"})
-    data_dir: str | None = field(default=None, metadata={"help": "Folder with metadata.jsonl (--dataset manifest)"})
+    data_dir: str | None = field(default=None, metadata={"help": "The source's folder: an image folder with "
+                                 "metadata.jsonl for --dataset manifest, the folder of a source without an option of "
+                                 "its own"})
     num_images: int | None = field(
         default=None, metadata={"help": "Synthetic set size (default: the paper's 1,305-pair composition)"}
     )

@@ -32,8 +32,9 @@ from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
 from mdf_mllm import ablation, export, stage1, stages, tables
-from mdf_mllm.job import (DATASETS, STAGE1_OPTIMIZERS, STAGE1_SCHEDULES, DataArguments, Job, MdfTrainingArguments,
-                          ModelArguments, RunArguments)
+from mdf_mllm.job import (STAGE1_OPTIMIZERS, STAGE1_SCHEDULES, DataArguments, Job, MdfTrainingArguments,
+                          ModelArguments, RunArguments, dataset_names)
+from dataset_builder.sources import PAPER_SOURCES, SOURCES
 from mdf_mllm.messages import OneStyleHelpFormatter
 from mdf_mllm.model_setup import (
     BASE_RECORD_FILE,
@@ -102,18 +103,18 @@ def check_arguments(job: Job) -> None:
     """Raise UsageError naming the option for a value that would fail later (or silently reach for the Hub)."""
     data, training = job.data, job.training
     for option, value, allowed in (("--model_size", job.model.model_size, MODEL_SIZES),
-                                   ("--dataset", data.dataset, DATASETS),
+                                   ("--dataset", data.dataset, dataset_names()),
                                    ("--stage1_optimizer", job.run.stage1_optimizer, STAGE1_OPTIMIZERS),
                                    ("--stage1_schedule", job.run.stage1_schedule, STAGE1_SCHEDULES)):
         if value is not None and value not in allowed:
             raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
     check_numbers(job)
-    if data.dataset in ("manifest", "fives", "hrf", "stonerounds"):
-        option = "data_dir" if data.dataset == "manifest" else data.dataset
+    if data.dataset in SOURCES:
+        option = data.dataset if data.dataset in PAPER_SOURCES else "data_dir"
         if not (getattr(data, option) or data.data_dir):
             raise UsageError(f"--dataset {data.dataset}: needs --{option} (the data folder)")
     check_path("--base_model", job.model.base_model, hub_id_allowed=True)
-    for option in ("fives", "hrf", "stonerounds", "data_dir"):
+    for option in (*PAPER_SOURCES, "data_dir"):
         check_path(f"--{option}", getattr(data, option))
     if training.resume_from_checkpoint != "latest":
         check_path("--resume_from_checkpoint", training.resume_from_checkpoint)

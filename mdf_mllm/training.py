@@ -33,6 +33,7 @@ def load_data(data_args: DataArguments):
     """The dataset's splits; a source the builder refuses, or a split left without photos to train or test on, is a
     UsageError with the counts."""
     from dataset_builder import load
+    from dataset_builder.sources import PAPER_SOURCES
 
     if data_args.dataset == "synthetic":
         kwargs = dict(image_size=data_args.image_size)
@@ -40,8 +41,8 @@ def load_data(data_args: DataArguments):
             kwargs["num_images"] = data_args.num_images
         return load("synthetic", seed=data_args.dataset_seed, **kwargs)
     try:
-        dataset = load(data_args.dataset, fives=data_args.fives, hrf=data_args.hrf, stonerounds=data_args.stonerounds,
-                       data_dir=data_args.data_dir, seed=data_args.dataset_seed)
+        folders = {name: getattr(data_args, name) for name in PAPER_SOURCES}
+        dataset = load(data_args.dataset, **folders, data_dir=data_args.data_dir, seed=data_args.dataset_seed)
     except (ValueError, OSError) as error:
         raise UsageError(f"--dataset {data_args.dataset}: {shown(error)}") from None
     counts = {split: len(part) for split, part in dataset.items()}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (AutoProcessor, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor,
                           TrainerCallback, set_seed)
@@ -379,6 +380,42 @@ def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
     other = stages.cached_base(settings.replace(run={"base_epochs": 9}), None)
     assert other != first and len(made) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({Path(first).name, Path(other).name})
+
+
+def read_toy(root):
+    """A toy source's reader: `<label>-<n>.png` photos, each its own case, no text."""
+    from dataset_builder.sources import Record
+
+    return [Record("toy", path.stem, path.stem.split("-")[0], image_path=str(path))
+            for path in sorted(Path(root).glob("*.png"))], []
+
+
+def test_a_source_registered_once_is_built_offered_and_trained_on(tmp_path, monkeypatch, capsys):
+    """A new source is a reader and one registration: the builder reads it, the dataset CLI and the job offer it
+    (its folder from --data_dir), the card names it, and the main job trains on it."""
+    from dataset_builder import __main__ as dataset_cli, load, sources, synthetic
+
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    for n, example in enumerate(synthetic.generate(image_size=64, composition=synthetic.TINY_COMPOSITION)):
+        Image.fromarray(example["image"]).save(folder / f"{example['label']}-{n}.png")
+    monkeypatch.setitem(sources.SOURCES, "toy", sources.Source("toy", read_toy, "<label>-<n>.png photos", has_text=False,
+                                                               official_split=False, description="the toy photos"))
+    monkeypatch.setenv("MDF_MLLM_DATA_CACHE", str(tmp_path / "cache"))
+    data = load("toy", data_dir=str(folder))
+    capsys.readouterr()
+    assert sum(map(len, data.values())) == len(list(folder.glob("*.png"))) and set(data["train"]["source"]) == {"toy"}
+    assert dataset_cli.parse_args(["build", "--source", "toy", "--data_dir", str(folder), "--out", "x"]).source == "toy"
+    with pytest.raises(SystemExit):  # the job's --dataset toy needs its folder
+        job.main(["--dataset", "toy"])
+    assert capsys.readouterr().err == "train_hf.py: error: --dataset toy: needs --data_dir (the data folder)\n"
+    out = tmp_path / "job"
+    job.main(["--dataset", "toy", "--data_dir", str(folder), "--from_scratch", "--model_size", "tiny", "--num_train_epochs",
+              "1", "--baseline", "false", "--per_device_train_batch_size", "8", "--n_bootstrap", "20", "--output_dir",
+              str(out)])
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["models"][0]["name"] == "MDF-MLLM" and saved["models"][0]["num_items"] == len(data["test"])
+    assert "Trained and evaluated on the toy photos." in (out / "mdf-mllm" / "README.md").read_text()
 
 
 def test_the_base_key_changes_with_every_setting_the_base_trains_with(tmp_path):
