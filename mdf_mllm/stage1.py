@@ -148,6 +148,6 @@ def unet_alone_result(run: RunContext, unet, folder: Path, **timings) -> Result:
     """The stage-1 U-Net encoder and class head (read from `folder`) on the test photos, scored like the models."""
     head = torch.nn.Linear(sum(unet.widths), len(run.label_names), device=next(unet.parameters()).device)
     head.load_state_dict(load_file(folder / "class_head.safetensors", device=str(head.weight.device)))
-    encoder = sum(p.numel() for name, p in unet.named_parameters() if name.startswith("stages."))
+    encoder = sum(p.numel() for p in unet.stages.parameters())
     probabilities = unet_alone_probabilities(unet, head, run.splits["test"], run.collator, run.job.run.eval_batch_size)
     return run.scored(UNET_ALONE, probabilities, parameters=encoder + sum(p.numel() for p in head.parameters()), **timings)

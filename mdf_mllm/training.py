@@ -19,7 +19,7 @@ from mdf_mllm.job import DataArguments, Job
 from mdf_mllm.messages import shown
 from mdf_mllm.model_setup import UsageError
 from configuration_mdf_mllm import DEFAULT_LABELS
-from modeling_mdf_mllm import mdf_parameter_kinds
+from modeling_mdf_mllm import MDF_KINDS, mdf_parameter_kinds
 from modeling_mdf_mllm import unet_branches as modeling_unet_branches
 from pipeline_mdf_mllm import non_finite_parameters
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
@@ -192,11 +192,9 @@ class LabelledProgress(ProgressCallback):
             self.training_bar.set_description(self.label)
 
 
-# Optimizer groups: each kind without a rate of its own trains at the rate of the kind it names here.
+# Optimizer groups (an MDF parameter's is its kind's rate, modeling_mdf_mllm.MDF_KINDS): each group without a rate of
+# its own trains at the rate of the group it names here.
 PARAMETER_KINDS = {"gate": "mdf", "film": "mdf", "unet": "mdf", "mdf": "base", "base": None}
-# An MDF parameter's kind (modeling_mdf_mllm.MDF_KINDS) -> its optimizer group: the patch projector and the branches'
-# other weights (tau included) train together as "mdf".
-OPTIMIZER_KIND = {"gate": "gate", "film": "film", "unet": "unet", "projector": "mdf", "branch": "mdf", "tau": "mdf"}
 
 
 def parameter_kinds(model) -> dict[str, str]:
@@ -204,7 +202,7 @@ def parameter_kinds(model) -> dict[str, str]:
     rest of the U-Net), "mdf" (the patch projector and the branches' other weights) or "base"; the MDF kinds come from
     the module classes (`mdf_parameter_kinds`), not from names."""
     mdf = mdf_parameter_kinds(model)
-    return {name: OPTIMIZER_KIND[mdf[name]] if name in mdf else "base" for name, _ in model.named_parameters()}
+    return {name: MDF_KINDS[mdf[name]] if name in mdf else "base" for name, _ in model.named_parameters()}
 
 
 class Diverged(RuntimeError):
