@@ -458,6 +458,9 @@ def test_the_base_key_changes_with_every_setting_the_base_trains_with(tmp_path):
         (["--base_model", "./no/such/base"], "--base_model: no such file or folder: ./no/such/base"),
         (["--data_dir", "missing"], "--data_dir: no such file or folder: missing"),
         (["--model_sise", "tiny"], "unrecognized arguments: --model_sise tiny"),
+        (["--stage1_optimizer", "Lion"], "--stage1_optimizer: 'Lion' is not one of AdamW, Adam, SGD"),
+        (["--stage1_schedule", "cosine"], "--stage1_schedule: 'cosine' is not one of one_cycle, constant"),
+        (["--stage1_flip", "1.5"], "--stage1_flip: expected a probability from 0 to 1, got 1.5"),
     ],
 )
 def test_a_bad_option_exits_2_with_one_line_naming_it(argv, message, tmp_path, capsys):
