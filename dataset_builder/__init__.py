@@ -4,8 +4,8 @@
     >>> data = load("synthetic", num_images=64, image_size=128)      # DatasetDict: train / validation / test
     >>> data = load("all", fives="FIVES", hrf="HRF", stonerounds="StoneRounds")
 
-CLI: `python -m dataset_builder build --source all --fives DIR --hrf DIR --stonerounds DIR --out DIR` and
-`python -m dataset_builder preview --source synthetic --out sheet.png`.
+CLI: `python -m dataset_builder build --dataset all --fives DIR --hrf DIR --stonerounds DIR --output_dir DIR` and
+`python -m dataset_builder preview --dataset synthetic --out sheet.png`.
 """
 
 from .builder import (
