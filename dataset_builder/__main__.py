@@ -1,6 +1,7 @@
 """Command line: build a dataset into Parquet shards (or an ImageFolder) with its split report, or draw a preview.
 
-    python -m dataset_builder build --dataset all --fives FIVES --hrf HRF --stonerounds StoneRounds --output_dir data/mdf
+    python -m dataset_builder build --dataset all --fives FIVES --hrf HRF --stonerounds StoneRounds \
+        --output_dir data/mdf
     python -m dataset_builder build --dataset synthetic --num_images 200 --image_size 256 --dataset_seed 1 \
         --output_dir data/syn
     python -m dataset_builder build --dataset manifest --data_dir my_folder --output_dir data/mine --format imagefolder

@@ -77,7 +77,8 @@ def mirrored(batch: dict) -> dict:
 
 
 def train_unet(job: Job, unet, num_classes: int, split: ProcessedSplit, collator, folder: Path) -> list[float]:
-    """Train `unet` and a class head on `split` (`--stage1_optimizer`, `--stage1_schedule`, the photos mirrored with probability `--stage1_flip`); write
+    """Train `unet` and a class head on `split` (`--stage1_optimizer`, `--stage1_schedule`, the photos mirrored at
+    random, `--stage1_flip`); write
     `unet.safetensors` and `class_head.safetensors` to `folder`. Returns the mean loss of each epoch."""
     settings, args = job.run, job.training
     device = next(unet.parameters()).device
@@ -150,4 +151,5 @@ def unet_alone_result(run: RunContext, unet, folder: Path, **timings) -> Result:
     head.load_state_dict(load_file(folder / "class_head.safetensors", device=str(head.weight.device)))
     encoder = sum(p.numel() for p in unet.stages.parameters())
     probabilities = unet_alone_probabilities(unet, head, run.splits["test"], run.collator, run.job.run.eval_batch_size)
-    return run.scored(UNET_ALONE, probabilities, parameters=encoder + sum(p.numel() for p in head.parameters()), **timings)
+    parameters = encoder + sum(p.numel() for p in head.parameters())
+    return run.scored(UNET_ALONE, probabilities, parameters=parameters, **timings)

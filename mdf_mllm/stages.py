@@ -171,8 +171,8 @@ def stage2(run: RunContext, unet_alone: Result | None) -> list[Result]:
         print(f"resuming from {resume}")
     arms = [run_one(run, "MDF-MLLM", resume, unet_alone.weights if unet_alone else None)]
     if job.run.baseline and parse_fusion_layers(job.model.fusion_layers) != {}:
-        baseline = job.replace(model={"fusion_layers": "none"},
-                               training={"output_dir": str(job.output_dir / "baseline"), "resume_from_checkpoint": None})
+        baseline = job.replace(model={"fusion_layers": "none"}, training={
+            "output_dir": str(job.output_dir / "baseline"), "resume_from_checkpoint": None})
         arms.append(run_one(run.with_job(baseline), "Mllama baseline"))
     return arms
 
@@ -231,7 +231,8 @@ def counterfactual(run: RunContext, rows: list[Result]) -> dict:
     by_name = {result.name: result for result in rows}
     for ref in comparison.REFERENCES.values():
         if ref.reads_photo and all(name in by_name for name in ref.needs):
-            answers[ref.name] = tuple(ref.probabilities(run, by_name, given).argmax(-1) for given in (test["text"], texts))
+            answers[ref.name] = tuple(ref.probabilities(run, by_name, given).argmax(-1)
+                                      for given in (test["text"], texts))
     points_to = [[names.index(label) for label in photo["points_to"]] for photo in photos]
     groups, kinds = [photo["group"] for photo in photos], [photo["kind"] for photo in photos]
     for name, (original, changed) in answers.items():

@@ -31,10 +31,11 @@ from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
+from dataset_builder.sources import PAPER_SOURCES, SOURCES
 from mdf_mllm import ablation, export, stage1, stages, tables
+from mdf_mllm.comparison import Result
 from mdf_mllm.job import (STAGE1_OPTIMIZERS, STAGE1_SCHEDULES, DataArguments, Job, MdfTrainingArguments,
                           ModelArguments, RunArguments, dataset_names)
-from dataset_builder.sources import PAPER_SOURCES, SOURCES
 from mdf_mllm.messages import OneStyleHelpFormatter
 from mdf_mllm.model_setup import (
     BASE_RECORD_FILE,
@@ -47,7 +48,6 @@ from mdf_mllm.model_setup import (
     describe_mdf_sizes,
     parse_fusion_layers,
 )
-from mdf_mllm.comparison import Result
 from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table, probe_ladder, selected
 from mdf_mllm.training import Diverged, RunContext, checkpoints, load_data, remove_checkpoints
 from pipeline_mdf_mllm import require_safetensors
@@ -286,7 +286,8 @@ def finish(run: RunContext, results: list[Result], differences: dict, counterfac
     export_dir = export.export(job, ours, run.processor, run.dataset, baseline=baseline, comparison=markdown)
     if push:
         print(f"export pushed to https://huggingface.co/{push_export(job, export_dir)}")
-    removed = [folder for r in results if r.trainer is not None for folder in remove_checkpoints(r.trainer.args.output_dir)]
+    trained = [r.trainer.args.output_dir for r in results if r.trainer is not None]
+    removed = [folder for output_dir in trained for folder in remove_checkpoints(output_dir)]
     if removed:
         print(f"checkpoints: {len(removed)} removed once training finished; none kept")
     print(export.summary(job, results, export_dir))

@@ -65,7 +65,8 @@ def test_every_row_runs_once_per_seed_in_order(ablation_run):
              "MDF, closed gates"]
     expected = [(name, seed) for seed in range(SEEDS) for name in names]  # seed-major: a stopped run has every row
     # Each seed trains its own stage 1 (the U-Net-alone row) before its rows; the references train no model.
-    stage1_first = [(name, seed) for seed in range(SEEDS) for name in [names[1], names[0], *names[2 + len(comparison.REFERENCES):]]]
+    trained = names[2 + len(comparison.REFERENCES):]
+    stage1_first = [(name, seed) for seed in range(SEEDS) for name in [names[1], names[0], *trained]]
     assert [(c["name"], c["args"].seed) for c in ablation_run["calls"]] == stage1_first
     assert [(r["name"], r["seed"]) for r in ablation_run["runs"]] == expected
     assert {c["args"].num_train_epochs for c in ablation_run["calls"] if c["name"] != UNET_ALONE} == {1.0}

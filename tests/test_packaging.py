@@ -147,7 +147,8 @@ def test_a_jobs_settings_travel_as_one_object_taken_first():
                 assert list(parameters)[0] == "job" and annotated["job"] is Job, where
             if RunContext in annotated.values():
                 taking_job.append(where)
-                assert list(parameters)[0] == "run" and annotated["run"] is RunContext and "job" not in parameters, where
+                assert list(parameters)[0] == "run" and annotated["run"] is RunContext, where
+                assert "job" not in parameters, where
             settings = [p for p, annotation in annotated.items() if p in parts or annotation in parts.values()]
             assert len(settings) + ("job" in parameters) <= 1, f"{where}: {settings}"
     assert len(taking_job) >= 20, taking_job

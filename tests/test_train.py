@@ -362,7 +362,8 @@ def test_a_reference_registered_once_reaches_every_report(main_job, tmp_path, mo
     runs = ablation.run_ablation(context, rows=ablation.default_rows(ablation.ROWS[1:2]), command="pytest")
     assert [(r["name"], r["seed"]) for r in runs] == [(name, seed) for seed in (0, 1) for name in (
         "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION, TOY_ROW)]
-    assert [r["accuracy"] for r in runs if r["name"] == TOY_ROW] == [pytest.approx((test_labels == majority).mean())] * 2
+    expected = pytest.approx((test_labels == majority).mean())
+    assert [r["accuracy"] for r in runs if r["name"] == TOY_ROW] == [expected] * 2
     assert f"| {TOY_ROW} | 2 |" in (tmp_path / "ablation" / "ablation.md").read_text()
 
 
@@ -399,8 +400,9 @@ def test_a_source_registered_once_is_built_offered_and_trained_on(tmp_path, monk
     folder.mkdir()
     for n, example in enumerate(synthetic.generate(image_size=64, composition=synthetic.TINY_COMPOSITION)):
         Image.fromarray(example["image"]).save(folder / f"{example['label']}-{n}.png")
-    monkeypatch.setitem(sources.SOURCES, "toy", sources.Source("toy", read_toy, "<label>-<n>.png photos", has_text=False,
-                                                               official_split=False, description="the toy photos"))
+    toy = sources.Source("toy", read_toy, "<label>-<n>.png photos", has_text=False, official_split=False,
+                         description="the toy photos")
+    monkeypatch.setitem(sources.SOURCES, "toy", toy)
     monkeypatch.setenv("MDF_MLLM_DATA_CACHE", str(tmp_path / "cache"))
     data = load("toy", data_dir=str(folder))
     capsys.readouterr()
@@ -410,9 +412,9 @@ def test_a_source_registered_once_is_built_offered_and_trained_on(tmp_path, monk
         job.main(["--dataset", "toy"])
     assert capsys.readouterr().err == "train_hf.py: error: --dataset toy: needs --data_dir (the data folder)\n"
     out = tmp_path / "job"
-    job.main(["--dataset", "toy", "--data_dir", str(folder), "--from_scratch", "--model_size", "tiny", "--num_train_epochs",
-              "1", "--baseline", "false", "--per_device_train_batch_size", "8", "--n_bootstrap", "20", "--output_dir",
-              str(out)])
+    job.main(["--dataset", "toy", "--data_dir", str(folder), "--from_scratch", "--model_size", "tiny",
+              "--num_train_epochs", "1", "--baseline", "false", "--per_device_train_batch_size", "8", "--n_bootstrap",
+              "20", "--output_dir", str(out)])
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["models"][0]["name"] == "MDF-MLLM" and saved["models"][0]["num_items"] == len(data["test"])
     assert "Trained and evaluated on the toy photos." in (out / "mdf-mllm" / "README.md").read_text()
