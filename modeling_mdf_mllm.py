@@ -11,6 +11,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -309,9 +310,10 @@ class MdfMllmUnetCrossAttention(nn.Module):
         value: torch.Tensor,
         cross_attention_mask: torch.Tensor | None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> "BranchOutput":
         """hidden_states (B, T, D), key/value (B, H_kv, N_images * G^2, d) from `keys_values`,
-        cross_attention_mask: the stock branch's (B, 1, T, N_images * tiles * P) -> (B, T, D)."""
+        cross_attention_mask: the stock branch's (B, 1, T, N_images * tiles * P) -> (B, T, D) and the attention
+        weights (eager attention only)."""
         batch, length, _ = hidden_states.shape
         query = shared.q_proj(hidden_states).view(batch, length, shared.num_heads, shared.head_dim).transpose(1, 2)
         query = shared.q_norm(query) * self.logit_scale
@@ -330,7 +332,14 @@ class MdfMllmUnetCrossAttention(nn.Module):
             is_causal=False,
             **kwargs,
         )
-        return shared.o_proj(attn_output.reshape(batch, length, -1)), attn_weights
+        return BranchOutput(shared.o_proj(attn_output.reshape(batch, length, -1)), attn_weights)
+
+
+class BranchOutput(NamedTuple):
+    """A U-Net branch's output, by name for readers outside (probes, explanation maps), a tuple for the layer."""
+
+    hidden_states: torch.Tensor  # (B, T, D), before the gate
+    attention_weights: torch.Tensor | None  # (B, heads, T, N_images * G^2); None but with eager attention
 
 
 def _hide_unet_tokens(
@@ -431,7 +440,10 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
 # gives, wrappers included (PEFT's original and trained copies, DDP's `module.`, FSDP2), because `named_modules()`
 # and `named_parameters()` walk the same tree.
 
-MDF_KINDS = ("unet", "film", "projector", "branch", "gate", "tau")
+# Every kind of MDF parameter (what the classes' `parameter_kinds()` return) -> the learning rate it trains at in the
+# recipe (`--<rate>_learning_rate`, mdf_mllm.training.MdfTrainer): the patch projector and the branches' other weights
+# (tau included) train together as "mdf".
+MDF_KINDS = {"unet": "unet", "film": "film", "projector": "mdf", "branch": "mdf", "gate": "gate", "tau": "mdf"}
 MDF_MODULE_CLASSES = (MdfMllmUNet, MdfMllmUnetProjector, MdfMllmUnetCrossAttention)
 
 

@@ -251,9 +251,6 @@ class MdfMllmProcessor(MllamaProcessor):
         matches = [i for i, verbalizer in enumerate(self.verbalizers) if verbalizer.lower() == answer]
         return matches[0] if matches else None
 
-    def answer_text(self, label) -> str:
-        return self.verbalizers[self.label_id(label)] + END_OF_TURN
-
     @property
     def verbalizer_token_ids(self) -> list[list[int]]:
         """For each label id, the token ids of its answer (verbalizer + `<|eot_id|>`) as they follow the prompt."""

@@ -4,8 +4,8 @@ during a tiny main job and a tiny ablation (one seed, two trained rows).
     OMP_NUM_THREADS=1 python bench/argument_walk.py [--output_dir outputs/bench]   # writes argument_walk.md
 
 The settings are the parsed arguments (`ModelArguments`, `DataArguments`, the job's own arguments, the training
-arguments) and the `Job` that holds them. For each function that takes one or more of them as parameters (their own
-methods aside) the report counts:
+arguments), the `Job` that holds them and the `RunContext` that holds the `Job`. For each function that takes one or
+more of them as parameters (their own methods aside) the report counts:
 - calls: the calls that received settings, and the settings parameters they received in all (four objects passed
   side by side count four);
 - rooms: the modules those calls were in; a *return* is a call in a module that the walk had already left (entering
@@ -23,8 +23,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-# By class name, so that the same script measures earlier commits too (RunArguments was JobArguments before the Job).
-SETTINGS = {"ModelArguments", "DataArguments", "JobArguments", "RunArguments", "MdfTrainingArguments", "Job"}
+# By class name, so that the same script measures earlier commits too (RunArguments was JobArguments before the Job;
+# the RunContext, which holds the Job, came after it).
+SETTINGS = {"ModelArguments", "DataArguments", "JobArguments", "RunArguments", "MdfTrainingArguments", "Job",
+            "RunContext"}
 TINY = ["--model_size", "tiny", "--num_images", "40", "--image_size", "64", "--per_device_train_batch_size", "8",
         "--n_bootstrap", "20", "--num_train_epochs", "1", "--base_epochs", "1", "--stage1_epochs", "1",
         "--disable_tqdm", "true"]
@@ -40,8 +42,10 @@ def trace(run) -> list[tuple[str, str, int]]:
             return
         parameters = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
         count = sum(type(frame.f_locals.get(name)).__name__ in SETTINGS for name in parameters)
-        # The settings' own methods (mdf_mllm/job.py, dataclasses' __init__) are not a room they walk into.
-        if count and code.co_name != "__init__" and not code.co_filename.endswith("mdf_mllm/job.py"):
+        # The settings' own methods (mdf_mllm/job.py, the RunContext's, dataclasses' __init__) are not a room they
+        # walk into.
+        own = code.co_filename.endswith("mdf_mllm/job.py") or code.co_qualname.startswith("RunContext.")
+        if count and code.co_name != "__init__" and not own:
             module = Path(code.co_filename).relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
             stays.append((module, code.co_name, count))
 

@@ -4,8 +4,8 @@
     >>> data = load("synthetic", num_images=64, image_size=128)      # DatasetDict: train / validation / test
     >>> data = load("all", fives="FIVES", hrf="HRF", stonerounds="StoneRounds")
 
-CLI: `python -m dataset_builder build --source all --fives DIR --hrf DIR --stonerounds DIR --out DIR` and
-`python -m dataset_builder preview --source synthetic --out sheet.png`.
+CLI: `python -m dataset_builder build --dataset all --fives DIR --hrf DIR --stonerounds DIR --output_dir DIR` and
+`python -m dataset_builder preview --dataset synthetic --out sheet.png`.
 """
 
 from .builder import (
@@ -15,6 +15,7 @@ from .builder import (
     MdfFundusConfig,
     assign_splits,
     build,
+    config_names,
     export_imagefolder,
     export_parquet,
     load,
@@ -23,7 +24,19 @@ from .builder import (
     split_report,
     write_report,
 )
-from .sources import Record, Skipped, case_text, read_fives, read_hrf, read_manifest, read_stonerounds, resolve_label
+from .sources import (
+    SOURCES,
+    Record,
+    Skipped,
+    Source,
+    case_text,
+    read_fives,
+    read_hrf,
+    read_manifest,
+    read_stonerounds,
+    register,
+    resolve_label,
+)
 from .synthetic import DEFAULT_COMPOSITION, TINY_COMPOSITION, generate, plan, render_fundus
 
 
@@ -34,11 +47,14 @@ __all__ = [
     "MdfFundus",
     "MdfFundusConfig",
     "Record",
+    "SOURCES",
     "Skipped",
+    "Source",
     "TINY_COMPOSITION",
     "assign_splits",
     "build",
     "case_text",
+    "config_names",
     "export_imagefolder",
     "export_parquet",
     "generate",
@@ -49,6 +65,7 @@ __all__ = [
     "read_hrf",
     "read_manifest",
     "read_stonerounds",
+    "register",
     "render_fundus",
     "report_markdown",
     "resolve_label",

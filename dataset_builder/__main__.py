@@ -1,9 +1,14 @@
 """Command line: build a dataset into Parquet shards (or an ImageFolder) with its split report, or draw a preview.
 
-    python -m dataset_builder build --source all --fives FIVES --hrf HRF --stonerounds StoneRounds --out data/mdf
-    python -m dataset_builder build --source synthetic --num_images 200 --image_size 256 --seed 1 --out data/syn
-    python -m dataset_builder build --source manifest --data_dir my_folder --out data/mine --format imagefolder
-    python -m dataset_builder preview --source synthetic --out sheet.png
+    python -m dataset_builder build --dataset all --fives FIVES --hrf HRF --stonerounds StoneRounds \
+        --output_dir data/mdf
+    python -m dataset_builder build --dataset synthetic --num_images 200 --image_size 256 --dataset_seed 1 \
+        --output_dir data/syn
+    python -m dataset_builder build --dataset manifest --data_dir my_folder --output_dir data/mine --format imagefolder
+    python -m dataset_builder preview --dataset synthetic --out sheet.png
+
+The options are the training job's (train_hf.py): --dataset, --dataset_seed, --output_dir; the earlier --source,
+--seed and (build) --out are still accepted.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import sys
 
 from mdf_mllm.messages import OneLineParser, number_in, shown
 
-from .builder import CONFIG_NAMES, build, export_imagefolder, export_parquet, parquet_export_problem, write_report
+from .builder import build, config_names, export_imagefolder, export_parquet, parquet_export_problem, write_report
 from .preview import contact_sheet
-from .sources import LABEL_NAMES, SPLITS
+from .sources import LABEL_NAMES, PAPER_SOURCES, SOURCES, SPLITS
 from .synthetic import generate
 
 
@@ -25,14 +30,15 @@ MIN_IMAGE_SIZE = 32  # the smallest photo the synthetic renderer draws a fundus 
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=CONFIG_NAMES, default="synthetic", help="which config to build")
-    parser.add_argument("--fives", help="FIVES root (train/, test/)")
-    parser.add_argument("--hrf", help="HRF root (images/, manual1/, or all/...)")
-    parser.add_argument("--stonerounds", help="StoneRounds root (<case_id>/case.json + images)")
+    parser.add_argument("--dataset", "--source", dest="source", choices=config_names(), default="synthetic",
+                        help="which config to build")
+    for name in PAPER_SOURCES:
+        parser.add_argument(f"--{name}", help=SOURCES[name].layout)
     parser.add_argument(
         "--data_dir", help="the source's folder (single-source configs) or an image folder with metadata.jsonl"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset_seed", "--seed", dest="seed", type=int, default=0,
+                        help="seed of the synthetic set and of the splits")
     parser.add_argument("--num_images", type=int, help="synthetic: total images (default: the paper's 1,305 mix)")
     parser.add_argument("--image_size", type=number_in(int, MIN_IMAGE_SIZE), default=512,
                         help=f"synthetic: side in pixels (at least {MIN_IMAGE_SIZE})")
@@ -42,9 +48,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _source_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {
-        "fives": args.fives,
-        "hrf": args.hrf,
-        "stonerounds": args.stonerounds,
+        **{name: getattr(args, name) for name in PAPER_SOURCES},
         "data_dir": args.data_dir,
         "seed": args.seed,
         "cache_dir": args.cache_dir,
@@ -60,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser("build", help="build a dataset and export it")
     _add_source_arguments(build_parser)
-    build_parser.add_argument("--out", required=True, help="output folder")
+    build_parser.add_argument("--output_dir", "--out", dest="out", required=True, help="output folder")
     build_parser.add_argument("--format", choices=("parquet", "imagefolder"), default="parquet")
     fraction = number_in(float, 0.0, 1.0, high_open=True)
     build_parser.add_argument("--test_size", type=fraction, default=0.2, help="fraction of cases held out for test")

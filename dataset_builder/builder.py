@@ -34,7 +34,7 @@ from .sources import (
     LABEL_NAMES,
     LABEL_TYPES,
     PAPER_SOURCES,
-    READERS,
+    SOURCES,
     SPLITS,
     Record,
     Skipped,
@@ -57,7 +57,7 @@ FEATURES = datasets.Features(
         "split": datasets.Value("string"),
     }
 )
-CONFIG_NAMES = (*PAPER_SOURCES, "manifest", "synthetic", "all")
+CONFIG_NAMES = (*SOURCES, "synthetic", "all")  # the sources registered with the package (`config_names()`: now)
 REPORT_NAME = "split_report"
 # Synthetic photos are stored as JPEG (quality 95, no chroma subsampling, as HRF's photos are): encoding a noisy
 # 512 px photo as PNG takes longer than rendering it. Masks stay lossless PNG, so they stay exact.
@@ -148,7 +148,7 @@ def collect_records(config: MdfFundusConfig, num_workers: int = 1) -> tuple[list
     roots = source_roots(config)
     records, skipped = [], []
     for source, root in roots.items():
-        found, bad = READERS[source](root)
+        found, bad = SOURCES[source].read(root)
         records += [replace(record, file_name=os.path.relpath(record.image_path, root)) for record in found]
         skipped += bad
     records, unreadable = validate_images(records, num_workers)
@@ -169,8 +169,8 @@ def source_roots(config: MdfFundusConfig) -> dict[str, str]:
         if not roots:
             raise ValueError("all: give at least one of fives=, hrf=, stonerounds= (or data_dir= for an image folder)")
         return roots
-    if config.name not in READERS:
-        raise ValueError(f"config name {config.name!r} is not one of {CONFIG_NAMES}")
+    if config.name not in SOURCES:
+        raise ValueError(f"config name {config.name!r} is not one of {config_names()}")
     return {config.name: getattr(config, config.name, None) or config.data_dir}
 
 
@@ -357,10 +357,14 @@ def make_builder(
     """An `MdfFundus` builder for config `name`, caching under `cache_dir` (default `$MDF_MLLM_DATA_CACHE` or
     ~/.cache/mdf_mllm/datasets), keyed by the config and a fingerprint of the builder's code and of the source
     folders' listings."""
-    if name not in CONFIG_NAMES:
-        raise ValueError(f"name: {name!r} is not one of {CONFIG_NAMES}")
+    if name not in config_names():
+        raise ValueError(f"name: {name!r} is not one of {config_names()}")
     folders = [os.path.abspath(p) if p else None for p in (fives, hrf, stonerounds, data_dir)]
-    return MdfFundus(
+    builder = MdfFundus
+    if name not in builder.builder_configs:  # a source registered after the package: a config of its own
+        builder = type(MdfFundus.__name__, (MdfFundus,), {"BUILDER_CONFIGS": [MdfFundusConfig(name=name) for name in
+                                                                              config_names()]})
+    return builder(
         config_name=name,
         cache_dir=cache_dir or os.environ.get("MDF_MLLM_DATA_CACHE", DEFAULT_CACHE),
         num_workers=num_workers,
@@ -372,6 +376,11 @@ def make_builder(
         source_fingerprint=_fingerprint([p for p in folders if p] if name != "synthetic" else []),
         **config_kwargs,
     )
+
+
+def config_names() -> tuple[str, ...]:
+    """Every config the builder reads: each registered source (`sources.SOURCES`), the synthetic set, `all`."""
+    return (*SOURCES, "synthetic", "all")
 
 
 # What a build's content depends on besides its config: the code that reads, renders and encodes the examples.

@@ -340,12 +340,40 @@ def _manifest_label(label) -> str | Skipped:
     return name if name is not None else Skipped("", f"unknown label {label!r}")
 
 
-READERS: dict[str, Callable[[str | None], tuple[list[Record], list[Skipped]]]] = {
-    "fives": read_fives,
-    "hrf": read_hrf,
-    "stonerounds": read_stonerounds,
-    "manifest": read_manifest,
-}
+@dataclass(frozen=True)
+class Source:
+    """A source of photos: its reader and what the builder, its command line, the job's options and the model card
+    say of it. A new source is a reader and one `register(Source(...))`: `--source`/`--dataset NAME` then read it
+    from `--data_dir` (the paper's sources also from an option of their own name)."""
+
+    name: str
+    read: Callable[[str | None], tuple[list[Record], list[Skipped]]]
+    layout: str  # the folder its reader expects (the command lines' help)
+    has_text: bool  # whether its photos come with a clinical history
+    official_split: bool  # whether it brings a train/test split of its own (kept); else cases are split here
+    description: str  # how the model card names it
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register(source: Source) -> Source:
+    SOURCES[source.name] = source
+    return source
+
+
+register(Source("fives", read_fives, "FIVES root (train/, test/)", has_text=False, official_split=True,
+                description="FIVES (AMD, DR, glaucoma and normal fundus photos with vessel masks), read by "
+                "`dataset_builder` from a local copy"))
+register(Source("hrf", read_hrf, "HRF root (images/, manual1/, or all/...)", has_text=False, official_split=False,
+                description="HRF (healthy, DR and glaucoma fundus photos with vessel masks), read by `dataset_builder` "
+                "from a local copy"))
+register(Source("stonerounds", read_stonerounds, "StoneRounds root (<case_id>/case.json + images)", has_text=True,
+                official_split=False, description="StoneRounds inherited retinal disease cases with clinical "
+                "histories, read by `dataset_builder` from a local copy"))
+register(Source("manifest", read_manifest, "an image folder with metadata.jsonl", has_text=True,
+                official_split=True, description="a local image folder described by its `metadata.jsonl`, read by "
+                "`dataset_builder`"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
     python train_hf.py --ablation [--seeds 3]
 
 Rows: the baseline (the base fine-tuned alone), the U-Net alone (the stage-1 U-Net and its class head, image only:
-what the photo alone gives), text only and late fusion (the references of `comparison`: what the history alone
-gives, and the two combined without a language model), MDF with every depth, each single depth (every fused layer
+what the photo alone gives), every reference registered in `comparison.REFERENCES` (text only and late fusion: what
+the history alone gives, and the two combined without a language model), MDF with every depth, each single depth (every fused layer
 reads that U-Net depth), MDF without FiLM, without clinical text, without stage 1 (a random U-Net, frozen as the
 recipe freezes the trained one), and with Flamingo's closed gates (g_u = 0, with a gate learning rate of their own)
 in place of the main job's open gates over zero value projections. Every row starts from the same base; every MDF row but "no stage 1" from the
@@ -29,12 +29,11 @@ from safetensors.torch import load_file, save_file
 from scipy import stats
 
 from mdf_mllm import comparison, stage1, stages
-from mdf_mllm.comparison import Result
+from mdf_mllm.comparison import UNET_ALONE, Result
 from mdf_mllm.job import Job
-from mdf_mllm.model_setup import cross_attention_layers, mdf_kwargs
+from mdf_mllm.model_setup import cross_attention_layers
 from mdf_mllm.plots import plot_ablation
-from mdf_mllm.stage1 import UNET_ALONE
-from mdf_mllm.training import process_splits
+from mdf_mllm.training import RunContext
 
 METRICS = ("accuracy", "accuracy_with_history", "macro_f1", "type_accuracy", "type_macro_f1")
 
@@ -46,7 +45,7 @@ class Row:
     name: str
     baseline: bool = False  # the base fine-tuned alone: no U-Net at all
     unet_alone: bool = False  # the stage-1 U-Net and class head, no language model
-    reference: bool = False  # text only or late fusion (comparison.references): no model trained
+    reference: bool = False  # a registered reference (comparison.REFERENCES): no model trained
     depth: int | None = None  # every fused layer reads this U-Net depth (None: the default spread of depths)
     no_film: bool = False
     no_text: bool = False
@@ -55,11 +54,10 @@ class Row:
     gate_learning_rate: float | None = None  # (None: the job's --gate_learning_rate)
 
 
+# The trained rows; `default_rows()` puts the registered references after the first two.
 ROWS = (
     Row("Mllama baseline", baseline=True),
     Row(UNET_ALONE, unet_alone=True),
-    Row(comparison.TEXT_ONLY, reference=True),
-    Row(comparison.LATE_FUSION, reference=True),
     Row("MDF, all depths"),
     *(Row(f"MDF, depth {depth} only", depth=depth) for depth in range(1, 5)),
     Row("MDF, no FiLM", no_film=True),
@@ -68,6 +66,11 @@ ROWS = (
     # Flamingo's closed gates need a fast gate of their own to move at all.
     Row("MDF, closed gates", gate_start=0.0, gate_learning_rate=5e-2),
 )
+
+
+def default_rows(trained: tuple[Row, ...] = ROWS) -> tuple[Row, ...]:
+    """The table's rows: the baseline, the U-Net alone, every registered reference, then the MDF rows."""
+    return (*trained[:2], *(Row(name, reference=True) for name in comparison.REFERENCES), *trained[2:])
 
 
 def row_model_changes(job: Job, row: Row) -> dict:
@@ -176,41 +179,39 @@ def markdown(summary: dict[str, dict], wall_seconds: float, command: str,
     return "\n".join(lines) + "\n"
 
 
-def run_ablation(job: Job, dataset, processor, collator, rows=ROWS, command: str | None = None) -> list[dict]:
-    """Train and test every row `job.run.seeds` times from the job's base, `job.run.ablation_epochs` each; write
-    ablation.json (every run, the summary), ablation.md and ablation.png into the output folder after every run.
-    Returns one dict per run. `command` (default: this process's command line) is quoted in the table."""
-    start, out, epochs = time.perf_counter(), job.output_dir, job.run.ablation_epochs
+def run_ablation(run: RunContext, rows: tuple[Row, ...] | None = None, command: str | None = None) -> list[dict]:
+    """Train and test every row (default `default_rows()`) `job.run.seeds` times from the job's base,
+    `job.run.ablation_epochs` each; write ablation.json (every run, the summary), ablation.md and ablation.png into the
+    output folder after every run. Returns one dict per run. `command` (default: this process's command line) is
+    quoted in the table."""
+    job = run.job
+    start, out, epochs, rows = time.perf_counter(), job.output_dir, job.run.ablation_epochs, rows or default_rows()
     command = command or f"python {shlex.join(sys.argv)}"
-    splits = {no_text: process_splits(dataset, processor, no_text=no_text)
-              for no_text in {row.no_text for row in rows}}
     results = []
-    text_only = stages.text_only_reference(dataset)
-    labels = mdf_kwargs(job.model, processor)
-    label_names, disease_types = list(labels["id2label"].values()), labels["disease_types"]
     # Seed-major: a run stopped early still has every row for its first seeds.
     for seed in range(job.run.seeds):
-        seed_job = job.replace(training={"seed": seed, "output_dir": str(out / f"seed-{seed}")})
-        unet_alone = stage1.run(seed_job, splits[False], processor, collator)
+        seed_run = run.with_job(job.replace(training={"seed": seed, "output_dir": str(out / f"seed-{seed}")}))
+        unet_alone = stage1.run(seed_run)
         unet_path = unet_alone.weights if unet_alone else None
         no_film_path = without_film(unet_path) if unet_path and any(row.no_film for row in rows) else None
         # The references of this seed's U-Net alone (none without stage 1): no model is trained for their rows.
-        references = {r.name: r for r in [*([unet_alone] if unet_alone else []), *stages.references(
-            job, dataset, splits[False]["test"], unet_alone, text_only, label_names, disease_types)]}
+        unet_row = {unet_alone.name: unet_alone} if unet_alone else {}
+        references = {**unet_row, **{r.name: r for r in comparison.references(seed_run, unet_row)}}
         for row in rows:
             if row.unet_alone or row.reference:
-                if row.name in references:
-                    results.append(result(row.name, seed, references[row.name]))
+                scored = references.get(row.name)
+            else:
+                unet = None if row.baseline or not row.stage1 else no_film_path if row.no_film else unet_path
+                # No checkpoints, no validation passes: each run is short and only its test result is kept.
+                row_job = seed_run.job.replace(
+                    model=row_model_changes(job, row), data={"no_text": row.no_text},
+                    training=dict(num_train_epochs=epochs, resume_from_checkpoint=None, save_strategy="no",
+                                  eval_strategy="no", output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_",
+                                                                                  f"{row.name}-{seed}"))))
+                scored = stages.run_one(seed_run.with_job(row_job), row.name, unet_weights=unet)
+            if scored is None or scored.report is None:  # no stage 1 to read, or not the main process
                 continue
-            unet = None if row.baseline or not row.stage1 else no_film_path if row.no_film else unet_path
-            # No checkpoints, no validation passes: each run is short and only its test result is kept.
-            row_job = seed_job.replace(model=row_model_changes(job, row), training=dict(
-                num_train_epochs=epochs, resume_from_checkpoint=None, save_strategy="no", eval_strategy="no",
-                output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_", f"{row.name}-{seed}"))))
-            run = stages.run_one(row_job, row.name, splits[row.no_text], processor, collator, unet_weights=unet)
-            if run.report is None:  # not the main process
-                continue
-            results.append(result(row.name, seed, run))
+            results.append(result(row.name, seed, scored))
             write(out, results, time.perf_counter() - start, epochs, command)
     if results:
         print((out / "ablation.md").read_text())

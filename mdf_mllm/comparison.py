@@ -1,8 +1,10 @@
 """The rows of a comparison and what is computed across them.
 
 Every model or reference scored on the test photos is one `Result` (name, class probabilities per photo, metrics,
-timings), which every table, plot and the model card read. Beside the trained models, two references read one
-modality each or both without a language model:
+timings), which every table, plot and the model card read. Beside the trained models (MDF-MLLM, the baseline, the
+U-Net alone of stage 1), the references read one modality each or both without a language model. Each is registered
+once in `REFERENCES` (`@reference`), in the order of the rows; the main job, its counterfactual pass, the ablation,
+the tables, the card and comparison.json all iterate it:
 
 - text only: TF-IDF over word 1-2 grams of the clinical text (an empty text is the token "notext") and a logistic
   regression, fitted on the training split;
@@ -15,15 +17,15 @@ stay where the photo decides?).
 """
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from mdf_mllm.metrics import classification_report
 
+UNET_ALONE = "U-Net alone (image only)"  # the stage-1 U-Net and class head: what the photo alone gives
 TEXT_ONLY = "Text only (TF-IDF + logistic regression)"
 LATE_FUSION = "Late fusion (U-Net alone x text only / prior)"
-SUBSETS = ("all", "with_history", "without_history")
 
 
 @dataclass
@@ -94,6 +96,43 @@ def has_history(texts) -> np.ndarray:
 # The references
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A row of the comparison that trains no language model.
+
+    `probabilities(run, rows, texts)`: (N, K) class probabilities of the run's test photos (`run`: the
+    `training.RunContext`; `rows`: {name: `Result`} of the rows scored before it; `texts`: the photos' histories, their
+    own or, in the counterfactual pass, swapped ones); `needs`: the rows it reads, without which it is left out (the
+    U-Net alone where a job has no stage 1); `reads_photo`: whether it sees the photo, so that the counterfactual
+    table asks it too (a reference that reads the history only follows any history, trivially).
+    """
+
+    name: str
+    probabilities: Callable[[Any, dict[str, Result], list[str]], np.ndarray]
+    needs: tuple[str, ...] = ()
+    reads_photo: bool = False
+
+
+REFERENCES: dict[str, Reference] = {}
+
+
+def reference(name: str, needs: tuple[str, ...] = (), reads_photo: bool = False):
+    """Register the decorated `probabilities(run, rows, texts)` as the reference row `name` (after those before)."""
+    def register(probabilities):
+        REFERENCES[name] = Reference(name, probabilities, needs, reads_photo)
+        return probabilities
+    return register
+
+
+def references(run, rows: dict[str, Result]) -> list[Result]:
+    """Every registered reference that has the rows it needs, scored on the run's test photos, in registry order."""
+    rows, texts = dict(rows), run.dataset["test"]["text"]
+    for ref in REFERENCES.values():
+        if all(name in rows for name in ref.needs):
+            rows[ref.name] = run.scored(ref.name, ref.probabilities(run, rows, texts))
+    return [rows[name] for name in REFERENCES if name in rows]
+
+
 class TextOnly:
     """The text-only reference: TF-IDF (word 1-2 grams, sublinear tf) + logistic regression (C=10), fitted on the
     training texts; an empty text is the token "notext", so "no history" is evidence too."""
@@ -130,6 +169,19 @@ def late_fusion(image_probabilities, text_probabilities, prior) -> np.ndarray:
     fused = np.asarray(image_probabilities) * np.asarray(text_probabilities)
     fused = np.divide(fused, prior, out=np.zeros_like(fused), where=prior > 0)
     return fused / np.maximum(fused.sum(-1, keepdims=True), np.finfo(float).tiny)
+
+
+@reference(TEXT_ONLY)
+def text_only(run, rows: dict[str, Result], texts) -> np.ndarray:
+    train = run.dataset["train"]
+    fitted = run.fit(TEXT_ONLY, lambda: TextOnly(train["text"], train["label"], len(run.label_names)))
+    return fitted.probabilities(texts)
+
+
+@reference(LATE_FUSION, needs=(UNET_ALONE,), reads_photo=True)
+def late_fusion_of_the_run(run, rows: dict[str, Result], texts) -> np.ndarray:
+    prior = class_prior(run.dataset["train"]["label"], len(run.label_names))
+    return late_fusion(rows[UNET_ALONE].probabilities, text_only(run, rows, texts), prior)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

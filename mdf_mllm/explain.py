@@ -18,6 +18,7 @@ Imports only torch/transformers/numpy/PIL/stdlib at import time (matplotlib insi
 """
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +86,12 @@ def eager_text_attention(model):
         language_model.set_attn_implementation(previous)
 
 
+def unet_branches(model) -> dict:
+    """Fused layer -> U-Net branch, found by class by the model's own modeling file (a model loaded with
+    trust_remote_code has the classes of its export's copy, not of this checkout's `modeling_mdf_mllm`)."""
+    return sys.modules[type(model).__module__].unet_branches(model)
+
+
 @contextlib.contextmanager
 def capture_cross_attention(model, positions: torch.Tensor):
     """Record, per cross-attention layer, the weights of rows `positions` averaged over heads and those rows.
@@ -95,7 +102,7 @@ def capture_cross_attention(model, positions: torch.Tensor):
 
     def recorder(branch, layer_idx):
         def hook(module, args, output):
-            weights = output[1]  # (B=1, heads, T, keys)
+            weights = output[1]  # (B=1, heads, T, keys): the stock branch's tuple, a U-Net branch's attention_weights
             if weights is None:
                 raise RuntimeError("attention weights are None: run with eager attention")
             captured[branch][layer_idx] = weights[0, :, positions].float().mean(dim=(0, 1)).cpu()
@@ -106,8 +113,8 @@ def capture_cross_attention(model, positions: torch.Tensor):
     for layer_idx in model.config.text_config.cross_attention_layers:
         layer = model.model.language_model.layers[layer_idx]
         handles.append(layer.cross_attn.register_forward_hook(recorder("vision", layer_idx)))
-        if getattr(layer, "unet_depth", None) is not None:
-            handles.append(layer.unet_attn.register_forward_hook(recorder("unet", layer_idx)))
+    for layer_idx, branch in unet_branches(model).items():  # found by class
+        handles.append(branch.register_forward_hook(recorder("unet", layer_idx)))
     try:
         yield captured
     finally:
@@ -166,13 +173,13 @@ def unet_normalisation(image_processor) -> tuple:
 
 def _add_unet_maps(explanation: Explanation, model, unet_weights: dict[int, torch.Tensor]) -> None:
     grid = model.config.fusion_grid
-    layers = model.model.language_model.layers
+    layers, branches = model.model.language_model.layers, unet_branches(model)
     for layer_idx, depth in sorted(model.config.fusion_layers.items()):
         explanation.fused_layers.setdefault(depth, []).append(layer_idx)
     for depth, layer_ids in sorted(explanation.fused_layers.items()):
         weights = torch.stack([unet_weights[i] for i in layer_ids]).mean(0)
         explanation.unet_maps[depth] = weights.view(grid, grid).numpy()
-        gates = [(layers[i].unet_attn.gate.tanh().item(), layers[i].cross_attn_attn_gate.tanh().item())
+        gates = [(branches[i].gate.tanh().item(), layers[i].cross_attn_attn_gate.tanh().item())
                  for i in layer_ids]
         explanation.gates[depth] = tuple(float(np.mean(g)) for g in zip(*gates))
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from transformers import IntervalStrategy, SchedulerType, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
+from dataset_builder.sources import SOURCES
 
-DATASETS = ("synthetic", "all", "fives", "hrf", "stonerounds", "manifest")
 
 # The recipe (measured in docs/results.md, "The recipe, and how it was found"). Stage 1 teaches the U-Net the classes
 # from the photo alone; stage 2 then keeps it nearly still while the projector and branches learn to carry it into the
@@ -16,6 +16,8 @@ DATASETS = ("synthetic", "all", "fives", "hrf", "stonerounds", "manifest")
 STAGE1_EPOCHS = 12.0
 STAGE1_LEARNING_RATE = 1e-3
 STAGE1_VESSEL_WEIGHT = 0.0
+STAGE1_OPTIMIZERS = ("AdamW", "Adam", "SGD")  # torch.optim classes that take lr and weight_decay
+STAGE1_SCHEDULES = ("one_cycle", "constant")
 UNET_LEARNING_RATE = 0.0
 FILM_LEARNING_RATE = 3e-4
 
@@ -61,13 +63,21 @@ class ModelArguments:
                 "film": self.film_learning_rate}
 
 
+def dataset_names() -> tuple[str, ...]:
+    """--dataset's values: the synthetic set, the paper's sources together, each source registered with
+    dataset_builder (`dataset_builder.sources.SOURCES`)."""
+    return ("synthetic", "all", *SOURCES)
+
+
 @dataclass
 class DataArguments:
-    dataset: str = field(default="synthetic", metadata={"help": " | ".join(DATASETS)})
+    dataset: str = field(default="synthetic", metadata={"help": " | ".join(dataset_names())})
     fives: str | None = field(default=None, metadata={"help": "FIVES folder (--dataset fives or all)"})
     hrf: str | None = field(default=None, metadata={"help": "HRF folder (--dataset hrf or all)"})
     stonerounds: str | None = field(default=None, metadata={"help": "StoneRounds folder (--dataset stonerounds/all)"})
-    data_dir: str | None = field(default=None, metadata={"help": "Folder with metadata.jsonl (--dataset manifest)"})
+    data_dir: str | None = field(default=None, metadata={"help": "The source's folder: an image folder with "
+                                 "metadata.jsonl for --dataset manifest, the folder of a source without an option of "
+                                 "its own"})
     num_images: int | None = field(
         default=None, metadata={"help": "Synthetic set size (default: the paper's 1,305-pair composition)"}
     )
@@ -91,6 +101,12 @@ class RunArguments:
                                         "1 (one-cycle schedule)"})
     stage1_vessel_weight: float = field(default=STAGE1_VESSEL_WEIGHT, metadata={"help": "Weight of the vessel loss "
                                         "beside the class loss in stage 1 (0: the U-Net decoder does not train)"})
+    stage1_optimizer: str = field(default="AdamW", metadata={"help": f"Stage 1's optimizer, a torch.optim class: "
+                                  f"{' | '.join(STAGE1_OPTIMIZERS)} (weight decay: --weight_decay)"})
+    stage1_schedule: str = field(default="one_cycle", metadata={"help": "Stage 1's learning-rate schedule: "
+                                 f"{' | '.join(STAGE1_SCHEDULES)} (one_cycle peaks at --stage1_learning_rate)"})
+    stage1_flip: float = field(default=0.5, metadata={"help": "Probability that a stage-1 batch is mirrored left-right "
+                               "(as the other eye is photographed)"})
     baseline: bool = field(default=True, metadata={"help": "Also train the baseline (plain Mllama, same base)"})
     ablation: bool = field(default=False, metadata={"help": "Run the ablation table instead of the main job"})
     seeds: int = field(default=3, metadata={"help": "Seeds per ablation row"})

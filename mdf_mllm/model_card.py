@@ -66,20 +66,21 @@ MODEL_CARD_TAGS = ["medical", "ophthalmology", "fundus", "retina", "mllama", "im
 LLAMA_LICENSE = "llama3.2"  # Meta's Llama 3.2 Community License: binds every model fine-tuned from its weights
 PROJECT_LICENSE = "apache-2.0"  # this repository's licence (pyproject.toml)
 
-# How the card names each dataset_builder configuration. None of them is a Hub dataset, so the card's metadata has
-# no `datasets:` entry and no model-index (whose `dataset.type` must be a Hub dataset id): results are in the text.
+# How the card names the dataset_builder configurations that are no single source (each source says it itself,
+# `dataset_builder.sources.SOURCES`). None of them is a Hub dataset, so the card's metadata has no `datasets:` entry
+# and no model-index (whose `dataset.type` must be a Hub dataset id): results are in the text.
 DATASET_DESCRIPTIONS = {
     "synthetic": "the synthetic fundus set rendered by this repository's `dataset_builder`{seed} (fundus-like "
     "photos with exact vessel masks and clinical texts; not a Hub dataset)",
-    "fives": "FIVES (AMD, DR, glaucoma and normal fundus photos with vessel masks), read by `dataset_builder` from "
-    "a local copy",
-    "hrf": "HRF (healthy, DR and glaucoma fundus photos with vessel masks), read by `dataset_builder` from a local "
-    "copy",
-    "stonerounds": "StoneRounds inherited retinal disease cases with clinical histories, read by `dataset_builder` "
-    "from a local copy",
     "all": "FIVES, HRF and StoneRounds together, read by `dataset_builder` from local copies",
-    "manifest": "a local image folder described by its `metadata.jsonl`, read by `dataset_builder`",
 }
+
+
+def dataset_descriptions() -> dict[str, str]:
+    from dataset_builder.sources import SOURCES
+
+    return {**DATASET_DESCRIPTIONS, **{name: source.description for name, source in SOURCES.items()}}
+
 
 # The figures `write_results` and `plot_training_curves` write, with their captions in the card.
 STANDARD_FIGURES = {
@@ -102,11 +103,12 @@ def license_for(base_model: str | None) -> str:
 
 def describe_data(datasets: list[str], dataset_seed: int | None = None) -> str:
     """One sentence naming the data as it is, from `dataset_builder` configuration names."""
-    unknown = sorted(set(datasets) - set(DATASET_DESCRIPTIONS))
+    descriptions = dataset_descriptions()
+    unknown = sorted(set(datasets) - set(descriptions))
     if not datasets or unknown:
-        raise ValueError(f"datasets: expected names from {sorted(DATASET_DESCRIPTIONS)}, got {datasets}")
+        raise ValueError(f"datasets: expected names from {sorted(descriptions)}, got {datasets}")
     seed = "" if dataset_seed is None else f" with seed {dataset_seed}"
-    return "; ".join(DATASET_DESCRIPTIONS[name].format(seed=seed) for name in datasets)
+    return "; ".join(descriptions[name].format(seed=seed) for name in datasets)
 
 
 DEFAULT_USAGE_CODE = """from PIL import Image
@@ -255,7 +257,7 @@ def write_model_card(
             (`base_description`, else its folder's name), never by its path. The licence follows from it
             (`license_for`).
         metrics_report: `classification_report(...)` of the test set.
-        datasets: the `dataset_builder` names of the data (`DATASET_DESCRIPTIONS`), described in the text.
+        datasets: the `dataset_builder` names of the data (`dataset_descriptions`), described in the text.
         training_args_summary: setting -> value, shown as the training details table.
         widget_examples: `[{"image_path": file inside folder, "text": clinical text, "output": {label: score},
             "title": optional caption}]`; the Hub shows these stored outputs.

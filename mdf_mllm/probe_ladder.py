@@ -28,7 +28,7 @@ def ladder_features(model, items: list[dict], collator, batch_size: int = 32) ->
     inner = model.model
     branches = unet_branches(model)
     captured = {}
-    hooks = [branch.register_forward_hook(lambda module, args, output, layer=layer: captured.__setitem__(layer, output[0]))
+    hooks = [branch.register_forward_hook(lambda module, args, output, layer=layer: captured.__setitem__(layer, output.hidden_states))
              for layer, branch in branches.items()]
     features: dict[str, list] = {}
     try:

@@ -17,36 +17,35 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from mdf_mllm.comparison import Result
+from mdf_mllm.comparison import UNET_ALONE, Result
 from mdf_mllm.job import Job
 from mdf_mllm.model_setup import build_model, parse_fusion_layers
-from mdf_mllm.training import Diverged, ProcessedSplit, scored
+from mdf_mllm.training import Diverged, ProcessedSplit, RunContext
 from pipeline_mdf_mllm import non_finite_parameters
 
-UNET_ALONE = "U-Net alone (image only)"  # the stage-1 U-Net and class head: what the photo alone gives
 
-
-def run(job: Job, splits: dict[str, ProcessedSplit], processor, collator) -> Result | None:
-    """Train the U-Net of the job's model on the training photos and score it with its class head on the test photos.
+def run(run: RunContext) -> Result | None:
+    """Train the U-Net of the run's model on the training photos and score it with its class head on the test photos.
 
     Returns the "U-Net alone (image only)" `Result`, whose `weights` is the trained U-Net's file (what stage 2 starts
     from) and `losses` the loss of each epoch; None where the job has no stage 1 (--from_scratch, --no_stage1, no
     fused layer)."""
+    job = run.job
     if job.run.from_scratch or job.run.no_stage1 or parse_fusion_layers(job.model.fusion_layers) == {}:
         return None
     set_seed(job.training.seed)
     # The U-Net trains alone, in fp32, on the training device; the rest of the model (11B for the real base, read in
     # bf16 with --bf16) is dropped.
-    model = build_model(job.replace(model={"lora": False, "load_in_4bit": False}).model, processor,
+    model = build_model(job.replace(model={"lora": False, "load_in_4bit": False}).model, run.processor,
                         bf16=job.training.bf16)
     unet, config = model.model.unet.float().to(job.training.device), model.config
     del model
     folder = job.output_dir / "stage1"
     start = time.perf_counter()
-    losses = train_unet(job, unet, len(config.label_names), splits["train"], collator, folder)
+    losses = train_unet(job, unet, len(config.label_names), run.splits["train"], run.collator, folder)
     seconds = time.perf_counter() - start
     print(f"stage 1: loss per epoch {[round(loss, 4) for loss in losses]}; U-Net written to {folder}")
-    result = unet_alone_result(job, unet, folder, splits["test"], collator, config, train_seconds=round(seconds, 1))
+    result = unet_alone_result(run, unet, folder, train_seconds=round(seconds, 1))
     result.weights, result.losses = str(folder / "unet.safetensors"), losses
     return result
 
@@ -78,7 +77,8 @@ def mirrored(batch: dict) -> dict:
 
 
 def train_unet(job: Job, unet, num_classes: int, split: ProcessedSplit, collator, folder: Path) -> list[float]:
-    """Train `unet` and a class head on `split` (AdamW, one-cycle schedule, the photos mirrored at random); write
+    """Train `unet` and a class head on `split` (`--stage1_optimizer`, `--stage1_schedule`, the photos mirrored at
+    random, `--stage1_flip`); write
     `unet.safetensors` and `class_head.safetensors` to `folder`. Returns the mean loss of each epoch."""
     settings, args = job.run, job.training
     device = next(unet.parameters()).device
@@ -88,12 +88,14 @@ def train_unet(job: Job, unet, num_classes: int, split: ProcessedSplit, collator
     for param in parameters:  # the model leaves what its own forward does not run (decoder, deep stages) frozen
         param.requires_grad_(True)
     parameters += list(class_head.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=settings.stage1_learning_rate, weight_decay=args.weight_decay)
+    optimizer = getattr(torch.optim, settings.stage1_optimizer)(parameters, lr=settings.stage1_learning_rate,
+                                                                weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)
     batch_size = args.per_device_train_batch_size
     steps_per_epoch = math.ceil(len(split) / batch_size)
     steps = max(1, math.ceil(settings.stage1_epochs * steps_per_epoch))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.stage1_learning_rate, total_steps=steps)
+    schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.stage1_learning_rate, total_steps=steps)
+                if settings.stage1_schedule == "one_cycle" else torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0))
     vessel_weight = settings.stage1_vessel_weight if split.has_masks else 0.0
     bar, losses, step = tqdm(total=steps, desc="stage 1: U-Net classes and vessels", disable=args.disable_tqdm), [], 0
     unet.train()
@@ -101,7 +103,7 @@ def train_unet(job: Job, unet, num_classes: int, split: ProcessedSplit, collator
         epoch = []
         for indices in torch.randperm(len(split), generator=generator).split(batch_size):
             batch = on_device(collator([split[i] for i in indices]), device)
-            if torch.rand((), generator=generator) < 0.5:
+            if torch.rand((), generator=generator) < settings.stage1_flip:
                 batch = mirrored(batch)
             class_ids = torch.tensor([split.label_ids[i] for i in indices], device=device)
             value = loss(unet, class_head, batch, class_ids, vessel_weight)
@@ -143,12 +145,11 @@ def unet_alone_probabilities(unet, class_head, split: ProcessedSplit, collator, 
     return torch.cat(probabilities).numpy()
 
 
-def unet_alone_result(job: Job, unet, folder: Path, split: ProcessedSplit, collator, config, **timings) -> Result:
-    """The stage-1 U-Net encoder and class head (read from `folder`) on the photos of `split`, scored like the
-    models."""
-    head = torch.nn.Linear(sum(unet.widths), len(config.label_names), device=next(unet.parameters()).device)
+def unet_alone_result(run: RunContext, unet, folder: Path, **timings) -> Result:
+    """The stage-1 U-Net encoder and class head (read from `folder`) on the test photos, scored like the models."""
+    head = torch.nn.Linear(sum(unet.widths), len(run.label_names), device=next(unet.parameters()).device)
     head.load_state_dict(load_file(folder / "class_head.safetensors", device=str(head.weight.device)))
-    encoder = sum(p.numel() for name, p in unet.named_parameters() if name.startswith("stages."))
-    probabilities = unet_alone_probabilities(unet, head, split, collator, job.run.eval_batch_size)
-    return scored(job, UNET_ALONE, probabilities, split, config.label_names, config.disease_types,
-                  parameters=encoder + sum(p.numel() for p in head.parameters()), **timings)
+    encoder = sum(p.numel() for p in unet.stages.parameters())
+    probabilities = unet_alone_probabilities(unet, head, run.splits["test"], run.collator, run.job.run.eval_batch_size)
+    parameters = encoder + sum(p.numel() for p in head.parameters())
+    return run.scored(UNET_ALONE, probabilities, parameters=parameters, **timings)

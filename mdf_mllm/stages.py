@@ -1,6 +1,7 @@
-"""What the main job (mdf_mllm.train) and the ablation (mdf_mllm.ablation) share: the base, one stage-2 model trained
-and evaluated, the references beside the trained models and the counterfactual histories. Stage 1 is
-mdf_mllm.stage1; every stage takes the `Job` first."""
+"""What the main job (mdf_mllm.train) and the ablation (mdf_mllm.ablation) share: the base, the stage-2 models
+trained and evaluated, and the comparison of their rows with the references (`comparison.REFERENCES`) and the
+counterfactual histories. Stage 1 is mdf_mllm.stage1; every stage takes the `RunContext` (or, for the base, the
+`Job`) first."""
 
 import hashlib
 import inspect
@@ -10,7 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from mdf_mllm.model_setup import (
     build_model,
     mdf_processor,
     open_gates,
+    parse_fusion_layers,
     small_mllama_config,
     stock_processor,
     unwrap,
@@ -36,11 +38,12 @@ from mdf_mllm.training import (
     GateLogger,
     MllamaCollator,
     ProcessedSplit,
+    RunContext,
     evaluate_model,
     load_data,
     predict,
     process_splits,
-    scored,
+    resolve_checkpoint,
     train,
 )
 from configuration_mdf_mllm import LAYOUTS
@@ -66,8 +69,7 @@ def make_base(job: Job, folder: Path, dataset=None) -> Path:
     open_gates(base)  # a pretrained base's cross-attention gates are open; ours are trained from scratch
     folder.mkdir(parents=True, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=".training-", dir=folder)  # its own: removing it deletes nothing of the user's
-    args = replace(job.training, output_dir=scratch, num_train_epochs=job.run.base_epochs,
-                   eval_strategy="no", save_strategy="no", resume_from_checkpoint=None)
+    args = replace(job.training, output_dir=scratch, num_train_epochs=job.run.base_epochs, **BASE_TRAINING)
     try:
         train(base, splits, MllamaCollator(processor), args, label=f"base: stock Mllama ({size})")
     finally:
@@ -79,12 +81,28 @@ def make_base(job: Job, folder: Path, dataset=None) -> Path:
     return folder
 
 
+# The Trainer's settings make_base sets whatever the job's are (its epochs are --base_epochs).
+BASE_TRAINING = dict(eval_strategy="no", save_strategy="no", resume_from_checkpoint=None)
+# The Trainer's settings that say where and how a run writes, logs or reports (or which process it is), not what it
+# trains: the only ones left out of the base's key.
+NOT_TRAINING = {"output_dir", "num_train_epochs", *BASE_TRAINING, "report_to", "run_name", "project", "disable_tqdm",
+                "push_to_hub", "local_rank", "do_train", "do_eval", "do_predict", "skip_memory_metrics"}
+NOT_TRAINING_PREFIXES = ("logging_", "log_", "save_", "hub_", "trackio_", "eval_")
+
+
+def base_settings(job: Job) -> dict:
+    """Every setting the base's training reads: the layout, the data settings, the base's epochs and every Trainer
+    setting but those in NOT_TRAINING (a new Trainer setting is in the key unless named there)."""
+    training = {f.name: getattr(job.training, f.name) for f in fields(job.training) if f.init and
+                f.name not in NOT_TRAINING and not f.name.startswith(NOT_TRAINING_PREFIXES)}
+    return {"model_size": job.model.model_size or "small", "data": job.data, "base_epochs": job.run.base_epochs,
+            "training": training}
+
+
 def base_cache_folder(job: Job) -> Path:
-    """~/.cache/mdf_mllm/base-<key>: the key hashes every setting and the code the base depends on."""
-    args = job.training
-    settings = [job.model.model_size or "small", job.data, job.run.base_epochs, args.learning_rate,
-                args.per_device_train_batch_size, args.seed, args.weight_decay, args.warmup_steps,
-                str(args.lr_scheduler_type), LAYOUTS, BASE_CHAT_TEMPLATE,
+    """~/.cache/mdf_mllm/base-<key>: the key hashes every setting (`base_settings`) and the code the base depends
+    on."""
+    settings = [base_settings(job), LAYOUTS, BASE_CHAT_TEMPLATE,
                 [inspect.getsource(f) for f in (make_base, stock_processor, small_mllama_config, open_gates, train)]]
     # The processing code the base's inputs come from: the processor's file and, since it moved there, the image
     # processor's (a change to either makes another base).
@@ -112,17 +130,18 @@ def cached_base(job: Job, dataset) -> str:
     return str(folder)
 
 
-def run_one(job: Job, name: str, splits, processor, collator, resume=None, unet_weights=None) -> Result:
-    """Train one model of the job's settings (its U-Net from `unet_weights` when given) and evaluate it on the test
+def run_one(run: RunContext, name: str, resume=None, unet_weights=None) -> Result:
+    """Train one model of the run's settings (its U-Net from `unet_weights` when given) and evaluate it on the test
     split. On the processes of a distributed run that do not evaluate, the result has the model and trainer but no
     report."""
+    job = run.job
     set_seed(job.training.seed)
-    model = build_model(job.model, processor, bf16=job.training.bf16, checkpoint=resume)
+    model = build_model(job.model, run.processor, bf16=job.training.bf16, checkpoint=resume)
     if unet_weights and not resume:
         unwrap_peft(model).model.unet.load_state_dict(load_file(unet_weights))
     gates = GateLogger()
     start = time.perf_counter()
-    trainer = train(model, splits, collator, job.training, resume, [gates], job.model.learning_rates(),
+    trainer = train(model, run.splits, run.collator, job.training, resume, [gates], job.model.learning_rates(),
                     label=f"stage 2: {name}" if job.model.base_model else name)
     seconds = time.perf_counter() - start
     model = unwrap(trainer.model)
@@ -137,42 +156,47 @@ def run_one(job: Job, name: str, splits, processor, collator, resume=None, unet_
     state = trainer.accelerator.state
     print(f"{name}: trained with {state.distributed_type.value} over {state.num_processes} process(es)"
           if state.num_processes > 1 else f"{name}: trained in one process")
-    result = evaluate_model(job, name, model, splits["test"], collator, train_seconds=round(seconds, 1),
+    result = evaluate_model(run, name, model, train_seconds=round(seconds, 1),
                             parameters=sum(p.numel() for p in model.parameters()), gate_history=gates.history)
     result.model, result.trainer = model, trainer
     return result
 
 
+def stage2(run: RunContext, unet_alone: Result | None) -> list[Result]:
+    """MDF-MLLM (from the stage-1 U-Net, resumed where the job says) and, unless the job leaves it out, the baseline
+    from the same base: [MDF-MLLM, baseline]."""
+    job = run.job
+    resume = resolve_checkpoint(job.training.resume_from_checkpoint, job.training.output_dir)
+    if resume:
+        print(f"resuming from {resume}")
+    arms = [run_one(run, "MDF-MLLM", resume, unet_alone.weights if unet_alone else None)]
+    if job.run.baseline and parse_fusion_layers(job.model.fusion_layers) != {}:
+        baseline = job.replace(model={"fusion_layers": "none"}, training={
+            "output_dir": str(job.output_dir / "baseline"), "resume_from_checkpoint": None})
+        arms.append(run_one(run.with_job(baseline), "Mllama baseline"))
+    return arms
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# The references beside the trained models, and the counterfactual histories
+# The comparison: the trained rows, the references, paired differences and the counterfactual histories
 
 
-def text_only_reference(dataset) -> "comparison.TextOnly":
-    """The text-only reference fitted on the training split's histories."""
-    num_classes = len(dataset["train"].features["label"].names)
-    return comparison.TextOnly(dataset["train"]["text"], dataset["train"]["label"], num_classes)
+def compare(run: RunContext, trained: list[Result]) -> tuple[list[Result], dict, dict]:
+    """Every row (the trained ones, the first ours, then the registered references), the paired differences of ours
+    against each other row and the counterfactual-history table."""
+    results = [*trained, *comparison.references(run, {r.name: r for r in trained})]
+    test = run.splits["test"]
+    differences = comparison.paired_differences(results[0], results[1:], test.label_ids, test.has_history,
+                                                run.job.run.n_bootstrap)
+    return results, differences, counterfactual(run, results)
 
 
-def references(job: Job, dataset, split: ProcessedSplit, unet_alone: Result | None, text_only: "comparison.TextOnly",
-               label_names: list[str], disease_types: list[str]) -> list[Result]:
-    """Text only and, with a U-Net alone, late fusion: their results on the photos of `split` (the test split of
-    `dataset`)."""
-    text_probabilities = text_only.probabilities(dataset["test"]["text"])
-    results = [scored(job, comparison.TEXT_ONLY, text_probabilities, split, label_names, disease_types)]
-    if unet_alone is not None:
-        prior = comparison.class_prior(dataset["train"]["label"], len(label_names))
-        fused = comparison.late_fusion(unet_alone.probabilities, text_probabilities, prior)
-        results.append(scored(job, comparison.LATE_FUSION, fused, split, label_names, disease_types))
-    return results
-
-
-def counterfactual(job: Job, dataset, processor, collator, models: list[Result], text_only: "comparison.TextOnly",
-                   unet_alone: Result | None) -> dict:
+def counterfactual(run: RunContext, rows: list[Result]) -> dict:
     """The counterfactual-history table of the synthetic set ({} for other data): each test photo whose look another
     label draws too gets that label's own history (the answer should follow it), each photo whose look only its own
     label draws gets a misleading history (the answer should not move); see
-    `dataset_builder.synthetic.counterfactual_history`. `models`: the trained models' results on the photos' own
-    inputs; late fusion is added from the U-Net alone and `text_only`.
+    `dataset_builder.synthetic.counterfactual_history`. Asked: every row of `rows` with a trained model that reads
+    photo and history (not the U-Net alone), and every registered reference that reads the photo.
 
     Returns {"summary": {name: `comparison.counterfactual_summary` rows}, "photos": one entry per test photo (its
     case, file, group, kind, the history kind given, the labels it points to, and each model's answer with its own
@@ -180,6 +204,7 @@ def counterfactual(job: Job, dataset, processor, collator, models: list[Result],
     """
     from dataset_builder import synthetic
 
+    job, dataset = run.job, run.dataset
     if job.data.dataset != "synthetic":
         return {}
     test = dataset["test"]
@@ -198,16 +223,16 @@ def counterfactual(job: Job, dataset, processor, collator, models: list[Result],
                        "group": f"{label} photo drawn as {look}, {pointed}", "history": history,
                        "points_to": [twin] if twin else synthetic.HISTORY_LABELS[history], "answers": {}})
     answers = {}
-    swapped = ProcessedSplit(test.remove_columns("text").add_column("text", texts), processor, with_answers=False)
-    for result in models:
-        answers[result.name] = (result.predictions, predict(result.model, swapped, collator, job.run.eval_batch_size,
-                                                            job.training.bf16).argmax(-1))
-    if unet_alone is not None:
-        prior = comparison.class_prior(dataset["train"]["label"], len(names))
-        fuse = lambda text_probabilities: comparison.late_fusion(  # noqa: E731
-            unet_alone.probabilities, text_probabilities, prior).argmax(-1)
-        answers[comparison.LATE_FUSION] = (fuse(text_only.probabilities(test["text"])),
-                                           fuse(text_only.probabilities(texts)))
+    swapped = ProcessedSplit(test.remove_columns("text").add_column("text", texts), run.processor, with_answers=False)
+    for result in rows:
+        if result.model is not None and result.name != comparison.UNET_ALONE:
+            answers[result.name] = (result.predictions, predict(result.model, swapped, run.collator,
+                                                                job.run.eval_batch_size, job.training.bf16).argmax(-1))
+    by_name = {result.name: result for result in rows}
+    for ref in comparison.REFERENCES.values():
+        if ref.reads_photo and all(name in by_name for name in ref.needs):
+            answers[ref.name] = tuple(ref.probabilities(run, by_name, given).argmax(-1)
+                                      for given in (test["text"], texts))
     points_to = [[names.index(label) for label in photo["points_to"]] for photo in photos]
     groups, kinds = [photo["group"] for photo in photos], [photo["kind"] for photo in photos]
     for name, (original, changed) in answers.items():

@@ -31,8 +31,11 @@ from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
-from mdf_mllm import ablation, comparison, export, stage1, stages, tables
-from mdf_mllm.job import DATASETS, DataArguments, Job, MdfTrainingArguments, ModelArguments, RunArguments
+from dataset_builder.sources import PAPER_SOURCES, SOURCES
+from mdf_mllm import ablation, export, stage1, stages, tables
+from mdf_mllm.comparison import Result
+from mdf_mllm.job import (STAGE1_OPTIMIZERS, STAGE1_SCHEDULES, DataArguments, Job, MdfTrainingArguments,
+                          ModelArguments, RunArguments, dataset_names)
 from mdf_mllm.messages import OneStyleHelpFormatter
 from mdf_mllm.model_setup import (
     BASE_RECORD_FILE,
@@ -46,7 +49,7 @@ from mdf_mllm.model_setup import (
     parse_fusion_layers,
 )
 from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table, probe_ladder, selected
-from mdf_mllm.training import Diverged, checkpoints, load_data, process_splits, remove_checkpoints, resolve_checkpoint
+from mdf_mllm.training import Diverged, RunContext, checkpoints, load_data, remove_checkpoints
 from pipeline_mdf_mllm import require_safetensors
 from processing_mdf_mllm import MdfMllmDataCollator
 
@@ -100,16 +103,18 @@ def check_arguments(job: Job) -> None:
     """Raise UsageError naming the option for a value that would fail later (or silently reach for the Hub)."""
     data, training = job.data, job.training
     for option, value, allowed in (("--model_size", job.model.model_size, MODEL_SIZES),
-                                   ("--dataset", data.dataset, DATASETS)):
+                                   ("--dataset", data.dataset, dataset_names()),
+                                   ("--stage1_optimizer", job.run.stage1_optimizer, STAGE1_OPTIMIZERS),
+                                   ("--stage1_schedule", job.run.stage1_schedule, STAGE1_SCHEDULES)):
         if value is not None and value not in allowed:
             raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
     check_numbers(job)
-    if data.dataset in ("manifest", "fives", "hrf", "stonerounds"):
-        option = "data_dir" if data.dataset == "manifest" else data.dataset
+    if data.dataset in SOURCES:
+        option = data.dataset if data.dataset in PAPER_SOURCES else "data_dir"
         if not (getattr(data, option) or data.data_dir):
             raise UsageError(f"--dataset {data.dataset}: needs --{option} (the data folder)")
     check_path("--base_model", job.model.base_model, hub_id_allowed=True)
-    for option in ("fives", "hrf", "stonerounds", "data_dir"):
+    for option in (*PAPER_SOURCES, "data_dir"):
         check_path(f"--{option}", getattr(data, option))
     if training.resume_from_checkpoint != "latest":
         check_path("--resume_from_checkpoint", training.resume_from_checkpoint)
@@ -125,6 +130,8 @@ def check_numbers(job: Job) -> None:
              "--num_train_epochs": training.num_train_epochs, "--base_epochs": run.base_epochs,
              "--weight_decay": training.weight_decay, "--max_grad_norm": training.max_grad_norm}
     rates |= {f"--{kind}_learning_rate": rate for kind, rate in job.model.learning_rates().items() if rate is not None}
+    if not 0 <= run.stage1_flip <= 1:
+        raise UsageError(f"--stage1_flip: expected a probability from 0 to 1, got {run.stage1_flip}")
     for option, value in rates.items():
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{option}: expected a finite number >= 0, got {value}")
@@ -207,6 +214,19 @@ def ladder(model, splits) -> dict[str, float]:
     return probe_ladder(model, *selected(splits["train"], names), *selected(splits["test"], names), collator)
 
 
+def probe_ladder_stage(run: RunContext, ours: Result, unet_alone: Result | None) -> None:
+    """probe_ladder.md: the ladder of the model stage 2 started from (the stage-1 U-Net in the untrained fusion) and
+    of the trained MDF-MLLM."""
+    if not (run.job.run.probe_ladder and unet_alone):
+        return
+    start = build_model(run.job.replace(model={"lora": False}).model, run.processor)
+    start.model.unet.load_state_dict(load_file(unet_alone.weights))
+    ladders = {"start of stage 2": ladder(start, run.splits), "MDF-MLLM (trained)": ladder(ours.model, run.splits)}
+    path = run.job.output_dir / "probe_ladder.md"
+    path.write_text(ladder_table(ladders, chance=1 / len(ACQUIRED_CLASSES)) + "\n")
+    print(f"probe ladder (acquired classes, linear probes, test accuracy): {path}")
+
+
 def shard_on_cpu_processes() -> None:
     """Let `accelerate launch` with an FSDP config shard the model over CPU processes (gloo).
 
@@ -223,14 +243,29 @@ def shard_on_cpu_processes() -> None:
 
 
 def run(job: Job) -> None:
-    out = job.output_dir
     # The job pushes its export once at the end; a Trainer pushing each arm's checkpoints would mix them in one repo.
     push, job = job.training.push_to_hub, job.replace(training={"push_to_hub": False})
     if job.run.make_base:
-        folder = stages.make_base(job, out / "base")
+        folder = stages.make_base(job, job.output_dir / "base")
         print(f"base written to {folder}: MllamaForConditionalGeneration + MllamaProcessor, plain transformers")
         return
     shard_on_cpu_processes()
+    context = run_context(job)
+    if job.run.ablation:
+        ablation.run_ablation(context)
+        return
+    unet_alone = stage1.run(context)
+    arms = stages.stage2(context, unet_alone)
+    if arms[0].report is None:  # not the main process
+        return
+    probe_ladder_stage(context, arms[0], unet_alone)
+    results, differences, counterfactual = stages.compare(context, [*arms, *([unet_alone] if unet_alone else [])])
+    finish(context, results, differences, counterfactual, unet_alone, push)
+
+
+def run_context(job: Job) -> RunContext:
+    """The data set and the processor of the job's model: on the cached base (made first where needed) unless the
+    job names one or trains from scratch."""
     dataset = load_data(job.data)
     if not job.run.from_scratch and not job.model.base_model:
         base = stages.cached_base(job, dataset)
@@ -238,45 +273,21 @@ def run(job: Job) -> None:
     processor = base_processor(job.model) if job.model.base_model else default_processor(job.model)
     if job.model.base_model:
         print(describe_mdf_sizes(job.model))
-    collator = MdfMllmDataCollator(processor)
-    if job.run.ablation:
-        ablation.run_ablation(job, dataset, processor, collator)
-        return
-    splits = process_splits(dataset, processor, no_text=job.data.no_text)
-    unet_alone = stage1.run(job, splits, processor, collator)
-    unet_weights = unet_alone.weights if unet_alone else None
-    resume = resolve_checkpoint(job.training.resume_from_checkpoint, job.training.output_dir)
-    if resume:
-        print(f"resuming from {resume}")
-    ours = stages.run_one(job, "MDF-MLLM", splits, processor, collator, resume, unet_weights)
-    arms = [ours]
-    if job.run.baseline and parse_fusion_layers(job.model.fusion_layers) != {}:
-        baseline = job.replace(model={"fusion_layers": "none"},
-                               training={"output_dir": str(out / "baseline"), "resume_from_checkpoint": None})
-        arms.append(stages.run_one(baseline, "Mllama baseline", splits, processor, collator))
-    if ours.report is None:  # not the main process
-        return
-    if job.run.probe_ladder and unet_weights:
-        start = build_model(job.replace(model={"lora": False}).model, processor)
-        start.model.unet.load_state_dict(load_file(unet_weights))
-        ladders = {"start of stage 2": ladder(start, splits), "MDF-MLLM (trained)": ladder(ours.model, splits)}
-        (out / "probe_ladder.md").write_text(ladder_table(ladders, chance=1 / len(ACQUIRED_CLASSES)) + "\n")
-        print(f"probe ladder (acquired classes, linear probes, test accuracy): {out / 'probe_ladder.md'}")
-    config = ours.model.config
-    text_only = stages.text_only_reference(dataset)
-    results = [*arms, *([unet_alone] if unet_alone else []), *stages.references(
-        job, dataset, splits["test"], unet_alone, text_only, config.label_names, config.disease_types)]
-    history = splits["test"].has_history
-    differences = comparison.paired_differences(ours, results[1:], splits["test"].label_ids, history,
-                                                job.run.n_bootstrap)
-    counterfactual = stages.counterfactual(job, dataset, processor, collator, arms, text_only, unet_alone)
-    markdown = export.write_comparison(results, differences, counterfactual, out,
+    return RunContext(job, dataset, processor)
+
+
+def finish(run: RunContext, results: list[Result], differences: dict, counterfactual: dict,
+           unet_alone: Result | None, push: bool) -> None:
+    """comparison.md / .json, the export (pushed with --push_to_hub), checkpoints removed, the closing summary."""
+    job, (ours, *others) = run.job, results
+    markdown = export.write_comparison(results, differences, counterfactual, job.output_dir,
                                        unet_alone.losses if unet_alone else [])
-    export_dir = export.export(job, ours, processor, dataset, baseline=arms[1] if len(arms) > 1 else None,
-                               comparison=markdown)
+    baseline = next((r for r in others if r.trainer is not None), None)
+    export_dir = export.export(job, ours, run.processor, run.dataset, baseline=baseline, comparison=markdown)
     if push:
         print(f"export pushed to https://huggingface.co/{push_export(job, export_dir)}")
-    removed = [folder for arm in arms for folder in remove_checkpoints(arm.trainer.args.output_dir)]
+    trained = [r.trainer.args.output_dir for r in results if r.trainer is not None]
+    removed = [folder for output_dir in trained for folder in remove_checkpoints(output_dir)]
     if removed:
         print(f"checkpoints: {len(removed)} removed once training finished; none kept")
     print(export.summary(job, results, export_dir))

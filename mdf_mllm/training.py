@@ -4,7 +4,9 @@ its own learning rates for the MDF modules and gates, gate logging, checkpoints 
 import math
 import re
 import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +18,8 @@ from mdf_mllm.comparison import Result, has_history, score
 from mdf_mllm.job import DataArguments, Job
 from mdf_mllm.messages import shown
 from mdf_mllm.model_setup import UsageError
-from modeling_mdf_mllm import mdf_parameter_kinds
+from configuration_mdf_mllm import DEFAULT_LABELS
+from modeling_mdf_mllm import MDF_KINDS, mdf_parameter_kinds
 from modeling_mdf_mllm import unet_branches as modeling_unet_branches
 from pipeline_mdf_mllm import non_finite_parameters
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor
@@ -30,6 +33,7 @@ def load_data(data_args: DataArguments):
     """The dataset's splits; a source the builder refuses, or a split left without photos to train or test on, is a
     UsageError with the counts."""
     from dataset_builder import load
+    from dataset_builder.sources import PAPER_SOURCES
 
     if data_args.dataset == "synthetic":
         kwargs = dict(image_size=data_args.image_size)
@@ -37,8 +41,8 @@ def load_data(data_args: DataArguments):
             kwargs["num_images"] = data_args.num_images
         return load("synthetic", seed=data_args.dataset_seed, **kwargs)
     try:
-        dataset = load(data_args.dataset, fives=data_args.fives, hrf=data_args.hrf, stonerounds=data_args.stonerounds,
-                       data_dir=data_args.data_dir, seed=data_args.dataset_seed)
+        folders = {name: getattr(data_args, name) for name in PAPER_SOURCES}
+        dataset = load(data_args.dataset, **folders, data_dir=data_args.data_dir, seed=data_args.dataset_seed)
     except (ValueError, OSError) as error:
         raise UsageError(f"--dataset {data_args.dataset}: {shown(error)}") from None
     counts = {split: len(part) for split, part in dataset.items()}
@@ -86,6 +90,51 @@ def process_splits(dataset, processor, no_text: bool) -> dict[str, ProcessedSpli
         "validation": ProcessedSplit(dataset["validation"], processor, with_answers=True, no_text=no_text),
         "test": ProcessedSplit(dataset["test"], processor, with_answers=False, no_text=no_text),
     }
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run reads: the job's settings, the data set and the processor, with the processed
+    splits and the collator derived from them. A stage that runs with other settings (the baseline, an ablation row)
+    gets `with_job(...)`, which shares the splits already processed and the references already fitted."""
+
+    job: Job
+    dataset: Any
+    processor: MdfMllmProcessor
+    processed: dict[bool, dict[str, "ProcessedSplit"]] = field(default_factory=dict, repr=False)  # by no_text
+    fitted: dict = field(default_factory=dict, repr=False)  # what a reference fits once per run, by its key
+
+    def with_job(self, job: Job) -> "RunContext":
+        return replace(self, job=job)
+
+    @property
+    def splits(self) -> dict[str, "ProcessedSplit"]:
+        """The job's splits through the processor (without the clinical text where the job drops it), made once."""
+        no_text = self.job.data.no_text
+        if no_text not in self.processed:
+            self.processed[no_text] = process_splits(self.dataset, self.processor, no_text=no_text)
+        return self.processed[no_text]
+
+    @property
+    def collator(self) -> MdfMllmDataCollator:
+        return MdfMllmDataCollator(self.processor)
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.processor.label_names)
+
+    def fit(self, key, make):
+        """`make()` once per run under `key` (a reference's fitted classifier), then the same object."""
+        if key not in self.fitted:
+            self.fitted[key] = make()
+        return self.fitted[key]
+
+    def scored(self, name: str, probabilities, **timings) -> Result:
+        """The `Result` of class probabilities (N, K) on the test photos."""
+        test = self.splits["test"]
+        return score(name, probabilities, test.label_ids, test.has_history, self.label_names,
+                     [kind for _, _, kind in DEFAULT_LABELS], n_bootstrap=self.job.run.n_bootstrap, items=test.cases,
+                     **timings)
 
 
 class MllamaCollator(MdfMllmDataCollator):
@@ -143,11 +192,9 @@ class LabelledProgress(ProgressCallback):
             self.training_bar.set_description(self.label)
 
 
-# Optimizer groups: each kind without a rate of its own trains at the rate of the kind it names here.
+# Optimizer groups (an MDF parameter's is its kind's rate, modeling_mdf_mllm.MDF_KINDS): each group without a rate of
+# its own trains at the rate of the group it names here.
 PARAMETER_KINDS = {"gate": "mdf", "film": "mdf", "unet": "mdf", "mdf": "base", "base": None}
-# An MDF parameter's kind (modeling_mdf_mllm.MDF_KINDS) -> its optimizer group: the patch projector and the branches'
-# other weights (tau included) train together as "mdf".
-OPTIMIZER_KIND = {"gate": "gate", "film": "film", "unet": "unet", "projector": "mdf", "branch": "mdf", "tau": "mdf"}
 
 
 def parameter_kinds(model) -> dict[str, str]:
@@ -155,7 +202,7 @@ def parameter_kinds(model) -> dict[str, str]:
     rest of the U-Net), "mdf" (the patch projector and the branches' other weights) or "base"; the MDF kinds come from
     the module classes (`mdf_parameter_kinds`), not from names."""
     mdf = mdf_parameter_kinds(model)
-    return {name: OPTIMIZER_KIND[mdf[name]] if name in mdf else "base" for name, _ in model.named_parameters()}
+    return {name: MDF_KINDS[mdf[name]] if name in mdf else "base" for name, _ in model.named_parameters()}
 
 
 class Diverged(RuntimeError):
@@ -282,13 +329,7 @@ def predict(model, split: ProcessedSplit, collator, batch_size: int, bf16: bool 
     return torch.cat(probabilities).numpy()
 
 
-def evaluate_model(job: Job, name: str, model, split: ProcessedSplit, collator, **timings) -> Result:
-    """`model.classify()` on the photos of `split` (the test split), scored as one row of the comparison."""
-    probabilities = predict(model, split, collator, job.run.eval_batch_size, job.training.bf16)
-    return scored(job, name, probabilities, split, model.config.label_names, model.config.disease_types, **timings)
-
-
-def scored(job: Job, name: str, probabilities, split: ProcessedSplit, label_names, disease_types, **timings) -> Result:
-    """The `Result` of class probabilities (N, K) on the photos of `split`."""
-    return score(name, probabilities, split.label_ids, split.has_history, label_names, disease_types,
-                 n_bootstrap=job.run.n_bootstrap, items=split.cases, **timings)
+def evaluate_model(run: RunContext, name: str, model, **timings) -> Result:
+    """`model.classify()` on the test photos, scored as one row of the comparison."""
+    return run.scored(name, predict(model, run.splits["test"], run.collator, run.job.run.eval_batch_size,
+                                    run.job.training.bf16), **timings)

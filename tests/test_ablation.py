@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from mdf_mllm import ablation, comparison, model_setup, stage1, stages, train as job, training
 from mdf_mllm.job import ModelArguments
 from mdf_mllm.stage1 import UNET_ALONE
-from processing_mdf_mllm import MdfMllmDataCollator
 
 SEEDS = 2
 TINY_ABLATION = [
@@ -39,33 +38,35 @@ def ablation_run(tmp_path_factory):
     processor = model_setup.base_processor(settings.model)
     calls, real_run_one, real_stage1 = [], stages.run_one, stage1.run
 
-    def recording_run_one(row, name, splits, *args, **kwargs):
-        calls.append({"name": name, "model_args": row.model, "splits": splits, "args": row.training, **kwargs})
-        result = real_run_one(row, name, splits, *args, **kwargs)
+    def recording_run_one(row, name, *args, **kwargs):
+        calls.append({"name": name, "model_args": row.job.model, "splits": row.splits, "args": row.job.training,
+                      **kwargs})
+        result = real_run_one(row, name, *args, **kwargs)
         calls[-1]["probabilities"] = result.probabilities
         return result
 
-    def recording_stage1(seed, *args):
-        result = real_stage1(seed, *args)
-        calls.append({"name": UNET_ALONE, "args": seed.training, "unet_weights": result.weights,
+    def recording_stage1(seed):
+        result = real_stage1(seed)
+        calls.append({"name": UNET_ALONE, "args": seed.job.training, "unet_weights": result.weights,
                       "probabilities": result.probabilities})
         return result
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stages, "run_one", recording_run_one)
         patch.setattr(stage1, "run", recording_stage1)
-        runs = ablation.run_ablation(settings, dataset, processor, MdfMllmDataCollator(processor), command="pytest")
+        runs = ablation.run_ablation(training.RunContext(settings, dataset, processor), command="pytest")
     return {"out": out, "calls": calls, "runs": runs, "dataset": dataset, "processor": processor,
             "layers": json.loads((base / "config.json").read_text())["text_config"]["cross_attention_layers"]}
 
 
 def test_every_row_runs_once_per_seed_in_order(ablation_run):
-    names = ["Mllama baseline", UNET_ALONE, comparison.TEXT_ONLY, comparison.LATE_FUSION, "MDF, all depths",
+    names = ["Mllama baseline", UNET_ALONE, *comparison.REFERENCES, "MDF, all depths",
              *(f"MDF, depth {k} only" for k in range(1, 5)), "MDF, no FiLM", "MDF, no clinical text", "MDF, no stage 1",
              "MDF, closed gates"]
     expected = [(name, seed) for seed in range(SEEDS) for name in names]  # seed-major: a stopped run has every row
     # Each seed trains its own stage 1 (the U-Net-alone row) before its rows; the references train no model.
-    stage1_first = [(name, seed) for seed in range(SEEDS) for name in [names[1], names[0], *names[4:]]]
+    trained = names[2 + len(comparison.REFERENCES):]
+    stage1_first = [(name, seed) for seed in range(SEEDS) for name in [names[1], names[0], *trained]]
     assert [(c["name"], c["args"].seed) for c in ablation_run["calls"]] == stage1_first
     assert [(r["name"], r["seed"]) for r in ablation_run["runs"]] == expected
     assert {c["args"].num_train_epochs for c in ablation_run["calls"] if c["name"] != UNET_ALONE} == {1.0}
@@ -86,8 +87,8 @@ def test_rows_change_only_what_they_name(ablation_run):
                      (default.unet_gate_start, default.gate_learning_rate) for name in calls}
     # The fused layers each trained run really had, from its gate log.
     gates = {r["name"]: sorted(r["gates"]) for r in ablation_run["runs"] if r["seed"] == 0}
-    assert [gates.pop(name) for name in ("Mllama baseline", UNET_ALONE, comparison.TEXT_ONLY,
-                                         comparison.LATE_FUSION)] == [[]] * 4
+    untrained = ("Mllama baseline", UNET_ALONE, *comparison.REFERENCES)
+    assert [gates.pop(name) for name in untrained] == [[]] * len(untrained)
     assert set(map(tuple, gates.values())) == {("1", "3")}
 
 

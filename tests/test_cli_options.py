@@ -55,6 +55,18 @@ def test_both_spellings_mean_the_same(tmp_path):
         job.parse_arguments(["--output_dir", out, "--data_dir", "d", "--unet_gate_start", "0.25"])
 
 
+def test_the_dataset_command_line_speaks_the_jobs_option_names_and_still_takes_its_old_ones():
+    new = builder_cli.parse_args(["build", "--dataset", "manifest", "--dataset_seed", "3", "--output_dir", "o",
+                                  "--data_dir", "d"])
+    old = builder_cli.parse_args(["build", "--source", "manifest", "--seed", "3", "--out", "o", "--data_dir", "d"])
+    assert vars(new) == vars(old) and (new.source, new.seed, new.out) == ("manifest", 3, "o")
+    settings = job.parse_arguments(["--dataset", "manifest", "--dataset_seed", "3", "--output_dir", "o", "--data_dir",
+                                    "d"])
+    assert (settings.data.dataset, settings.data.dataset_seed, settings.training.output_dir) == ("manifest", 3, "o")
+    preview = builder_cli.parse_args(["preview", "--dataset", "synthetic", "--dataset_seed", "2", "--out", "p.png"])
+    assert (preview.source, preview.seed) == ("synthetic", 2)
+
+
 def test_values_and_what_follows_a_double_dash_are_left_as_they_are():
     args = cli.parse_args(["predict", "--model", "m", "--text", "a-b", "--", "--top-k"])
     assert args.images == ["--top-k"] and args.text == "a-b" and args.top_k is None

@@ -487,7 +487,7 @@ def test_labels_and_source_names_are_written_once():
     assert builder.LABEL_TYPES is sources.LABEL_TYPES
     assert builder.CONFIG_NAMES == ("fives", "hrf", "stonerounds", "manifest", "synthetic", "all")
     assert builder.PAPER_SOURCES is synthetic.PAPER_SOURCES is sources.PAPER_SOURCES
-    assert set(sources.PAPER_SOURCES) <= set(sources.READERS)
+    assert set(sources.PAPER_SOURCES) <= set(sources.SOURCES)
     assert synthetic._PART_IDS == {"fives": 0, "hrf": 1, "stonerounds": 2}  # each part's random stream
     with pytest.raises(ValueError, match="parts must be fives/hrf/stonerounds"):
         next(synthetic.generate(composition={"drive": {"normal": 1}}))

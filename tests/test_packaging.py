@@ -20,8 +20,8 @@ FLOORS = (
     ("configuration_mdf_mllm", "modeling_mdf_mllm", "image_processing_mdf_mllm", "processing_mdf_mllm",
      "pipeline_mdf_mllm"),  # the Hub files
     ("mdf_mllm", "mdf_mllm.messages", "mdf_mllm.handler"),  # helpers
+    ("dataset_builder",),  # data: the sources (which the job's options name) and the data sets
     ("mdf_mllm.job",),  # a job's settings
-    ("dataset_builder",),  # data
     ("mdf_mllm.model_setup", "mdf_mllm.probe_ladder", "mdf_mllm.explain", "mdf_mllm.real_photos"),  # models, processors
     ("mdf_mllm.metrics", "mdf_mllm.calibration", "mdf_mllm.comparison", "mdf_mllm.tables", "mdf_mllm.plots",
      "mdf_mllm.model_card"),  # reporting
@@ -120,13 +120,15 @@ def test_the_wheel_adds_only_the_package_dataset_builder_and_the_hub_files(tmp_p
 
 
 def test_a_jobs_settings_travel_as_one_object_taken_first():
-    """A function of the package that needs a job's settings takes the one `Job`, as its first parameter, or the one
-    part of it that it reads (`ModelArguments` for the model's builders, `DataArguments` for the data): never two
-    parts side by side, which could be swapped or drift apart."""
+    """A function of the package that needs a job's settings takes the one `Job`, as its first parameter, or the run
+    that holds it (`RunContext`, named `run`, first), or the one part of it that it reads (`ModelArguments` for the
+    model's builders, `DataArguments` for the data): never two parts side by side, which could be swapped or drift
+    apart."""
     import importlib
     import inspect
 
     from mdf_mllm.job import DataArguments, Job, MdfTrainingArguments, ModelArguments, RunArguments
+    from mdf_mllm.training import RunContext
 
     parts = {"model_args": ModelArguments, "data_args": DataArguments, "run_args": RunArguments,
              "training_args": MdfTrainingArguments}
@@ -144,6 +146,10 @@ def test_a_jobs_settings_travel_as_one_object_taken_first():
             if "job" in parameters or Job in annotated.values():
                 taking_job.append(where)
                 assert list(parameters)[0] == "job" and annotated["job"] is Job, where
+            if RunContext in annotated.values():
+                taking_job.append(where)
+                assert list(parameters)[0] == "run" and annotated["run"] is RunContext, where
+                assert "job" not in parameters, where
             settings = [p for p, annotation in annotated.items() if p in parts or annotation in parts.values()]
             assert len(settings) + ("job" in parameters) <= 1, f"{where}: {settings}"
     assert len(taking_job) >= 20, taking_job

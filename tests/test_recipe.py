@@ -1,5 +1,6 @@
 """The training recipe's parts on tiny models: the U-Net's initialisation, the U-Net-alone row, the probe ladder."""
 
+import copy
 import math
 
 import numpy as np
@@ -125,7 +126,8 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
     head = torch.nn.Linear(sum(unet.widths), 8)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp_path / "class_head.safetensors")
     settings = job.parse_arguments(["--n_bootstrap", "20", "--eval_batch_size", "7"])
-    row = stage1.unet_alone_result(settings, unet, tmp_path, prompts, MdfMllmDataCollator(processor), config)
+    run = training.RunContext(settings, None, processor, processed={False: {"test": prompts}})
+    row = stage1.unet_alone_result(run, unet, tmp_path)
     report = row.report
     # By hand, one photo at a time: pooled skips of the photo alone (no FiLM, whatever the prompt) -> head -> softmax.
     expected = []
@@ -149,3 +151,38 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
     assert report["type"]["accuracy"] == pytest.approx((kinds[predicted] == kinds[truth]).mean())
     encoder = sum(p.numel() for stage in unet.stages for p in stage.parameters())
     assert row.parameters == encoder + 8 * sum(unet.widths) + 8
+
+
+@pytest.mark.parametrize("optimizer, schedule, flip", [("AdamW", "one_cycle", 0.5), ("SGD", "constant", 0.0),
+                                                       ("Adam", "constant", 1.0)])
+def test_stage_1_trains_with_the_optimizer_schedule_and_flips_its_settings_name(tiny, tmp_path, monkeypatch, optimizer,
+                                                                               schedule, flip):
+    model, processor, answered, _ = tiny
+    settings = job.parse_arguments(["--per_device_train_batch_size", "8", "--stage1_epochs", "2", "--stage1_optimizer",
+                                    optimizer, "--stage1_schedule", schedule, "--stage1_flip", str(flip)])
+    made, rates, flips = [], [], []
+    real_optimizer, real_mirrored = getattr(torch.optim, optimizer), stage1.mirrored
+
+    class Recording(real_optimizer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def step(self, *args, **kwargs):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, optimizer, Recording)
+    monkeypatch.setattr(stage1, "mirrored", lambda batch: flips.append(1) or real_mirrored(batch))
+    unet = copy.deepcopy(model.model.unet).train()
+    stage1.train_unet(settings, unet, 8, answered, MdfMllmDataCollator(processor), tmp_path)
+    steps = 2 * math.ceil(len(answered) / 8)
+    assert len(made) == 1 and len(rates) == steps
+    assert made[0].param_groups[0]["weight_decay"] == settings.training.weight_decay
+    peak = settings.run.stage1_learning_rate
+    if schedule == "constant":
+        assert rates == [peak] * steps
+    else:  # one cycle: warms up from peak / 25 to the peak, then anneals
+        assert rates[0] == pytest.approx(peak / 25) and max(rates) <= peak and rates[-1] < rates[0]
+    # The batches mirrored: none at 0, every one at 1, some at 0.5 (the same draws whatever the probability).
+    assert len(flips) == {0.0: 0, 1.0: steps}.get(flip, len(flips)) and (flip != 0.5 or 0 < len(flips) < steps)

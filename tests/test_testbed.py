@@ -282,8 +282,7 @@ def test_counterfactual_table_on_a_tiny_model():
     models = [comparison.Result(name, training.predict(m, test, collator, 4), None, model=m)
               for name, m in (("tiny", model), ("reader", reader))]
     own = models[0].predictions
-    table = stages.counterfactual(settings, dataset, processor, collator, models, stages.text_only_reference(dataset),
-                                  None)
+    table = stages.counterfactual(training.RunContext(settings, dataset, processor), models)
     photos = table["photos"]
     assert [p["case_id"] for p in photos] == dataset["test"]["case_id"] and len(photos) == len(test)
     looks = {(i.case_id, i.label): i.look or i.label for i in synthetic.plan(60, 0)}

@@ -1,6 +1,7 @@
 """train_hf.py: the pretrained-base main job end to end on tiny layouts (base, stage 1, both arms, export), the CLI,
 the real-base path. Resume after a kill and FSDP sharding: tests/test_distributed.py."""
 
+import copy
 import json
 import math
 import os
@@ -8,15 +9,17 @@ import re
 from dataclasses import fields, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (AutoProcessor, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor,
                           TrainerCallback, set_seed)
 
 from conftest import tiny_mllama_config
-from mdf_mllm import comparison, export, model_setup, stage1, stages, train as job, training
+from mdf_mllm import ablation, comparison, export, model_setup, stage1, stages, train as job, training
 from mdf_mllm.job import DataArguments, MdfTrainingArguments, ModelArguments, RunArguments
 from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
@@ -66,8 +69,8 @@ def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(m
     saved = json.loads((main_job["out"] / "comparison.json").read_text())
     rows = saved["models"]
     assert [row["name"] for row in rows] == ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)",
-                                            comparison.TEXT_ONLY, comparison.LATE_FUSION]
-    mdf, baseline, unet_alone, text_only, late_fusion = rows
+                                            *comparison.REFERENCES]
+    mdf, baseline, unet_alone, text_only, late_fusion = rows[:5]
     assert mdf["parameters"] > baseline["parameters"]
     assert unet_alone["gate_history"] == [] and unet_alone["train_seconds"] > 0
     assert "parameters" not in text_only and "train_seconds" not in late_fusion  # references: nothing trained
@@ -109,7 +112,7 @@ def test_readme_quotes_the_default_runs_comparison_in_the_format_the_job_writes(
     ci = r"(0|1)\.\d{3} \((0|1)\.\d{3}–(0|1)\.\d{3}\)"
     row = re.compile(rf"\| ([^|]+) \| {ci} \| ((0|1)\.\d{{3}}|–) \| ((0|1)\.\d{{3}}|–) \| {ci} \| {ci} \| ([\d,]+|–) \| "
                      r"(\d+|–) \|$")
-    names = ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION]
+    names = ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)", *comparison.REFERENCES]
     assert [row.match(line)[1] for line in written[2:]] == [row.match(line)[1] for line in quoted[2:]] == names
 
 
@@ -329,6 +332,41 @@ def test_open_gates_with_zero_values_train_the_branch_from_the_first_step(made_b
         assert not torch.equal(branch.key_projection.weight, keys[layer])
 
 
+TOY_ROW = "Toy reference (the training split's class prior)"
+
+
+def test_a_reference_registered_once_reaches_every_report(main_job, tmp_path, monkeypatch):
+    """A new row is one registration in comparison.REFERENCES: the main job scores it into comparison.md, .json (and
+    the paired differences), the card, and the ablation gives it a row per seed; nothing else names it."""
+    def toy(run, rows, texts):
+        return np.tile(comparison.class_prior(run.dataset["train"]["label"], len(run.label_names)), (len(texts), 1))
+
+    monkeypatch.setitem(comparison.REFERENCES, TOY_ROW, comparison.Reference(TOY_ROW, toy))
+    out = tmp_path / "job"
+    job.main([*TINY_JOB, "--num_train_epochs", "1", "--stage1_epochs", "1", "--baseline", "false", "--output_dir",
+              str(out), "--base_model", str(main_job["base"]), "--probe_ladder", "false"])
+    dataset = training.load_data(job.parse_arguments(TINY_JOB).data)
+    train_labels, test_labels = np.array(dataset["train"]["label"]), np.array(dataset["test"]["label"])
+    majority = np.bincount(train_labels, minlength=8).argmax()  # argmax of the prior: the first most frequent class
+    saved = json.loads((out / "comparison.json").read_text())
+    rows = {row["name"]: row for row in saved["models"]}
+    assert list(rows) == ["MDF-MLLM", "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION, TOY_ROW]
+    assert rows[TOY_ROW]["disease"]["accuracy"] == pytest.approx((test_labels == majority).mean())
+    assert TOY_ROW in saved["paired_differences"]["MDF-MLLM"]
+    assert TOY_ROW not in saved["counterfactual_histories"]["summary"]  # it does not read the photo
+    assert f"| {TOY_ROW} |" in (out / "comparison.md").read_text()
+    assert f"| {TOY_ROW} |" in (out / "mdf-mllm" / "README.md").read_text()
+    settings = job.parse_arguments([*TINY_JOB, "--stage1_epochs", "1", "--seeds", "2", "--output_dir",
+                                    str(tmp_path / "ablation"), "--base_model", str(main_job["base"])])
+    context = training.RunContext(settings, dataset, model_setup.base_processor(settings.model))
+    runs = ablation.run_ablation(context, rows=ablation.default_rows(ablation.ROWS[1:2]), command="pytest")
+    assert [(r["name"], r["seed"]) for r in runs] == [(name, seed) for seed in (0, 1) for name in (
+        "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION, TOY_ROW)]
+    expected = pytest.approx((test_labels == majority).mean())
+    assert [r["accuracy"] for r in runs if r["name"] == TOY_ROW] == [expected] * 2
+    assert f"| {TOY_ROW} | 2 |" in (tmp_path / "ablation" / "ablation.md").read_text()
+
+
 def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
     made = []
 
@@ -345,6 +383,70 @@ def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({Path(first).name, Path(other).name})
 
 
+def read_toy(root):
+    """A toy source's reader: `<label>-<n>.png` photos, each its own case, no text."""
+    from dataset_builder.sources import Record
+
+    return [Record("toy", path.stem, path.stem.split("-")[0], image_path=str(path))
+            for path in sorted(Path(root).glob("*.png"))], []
+
+
+def test_a_source_registered_once_is_built_offered_and_trained_on(tmp_path, monkeypatch, capsys):
+    """A new source is a reader and one registration: the builder reads it, the dataset CLI and the job offer it
+    (its folder from --data_dir), the card names it, and the main job trains on it."""
+    from dataset_builder import __main__ as dataset_cli, load, sources, synthetic
+
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    for n, example in enumerate(synthetic.generate(image_size=64, composition=synthetic.TINY_COMPOSITION)):
+        Image.fromarray(example["image"]).save(folder / f"{example['label']}-{n}.png")
+    toy = sources.Source("toy", read_toy, "<label>-<n>.png photos", has_text=False, official_split=False,
+                         description="the toy photos")
+    monkeypatch.setitem(sources.SOURCES, "toy", toy)
+    monkeypatch.setenv("MDF_MLLM_DATA_CACHE", str(tmp_path / "cache"))
+    data = load("toy", data_dir=str(folder))
+    capsys.readouterr()
+    assert sum(map(len, data.values())) == len(list(folder.glob("*.png"))) and set(data["train"]["source"]) == {"toy"}
+    assert dataset_cli.parse_args(["build", "--source", "toy", "--data_dir", str(folder), "--out", "x"]).source == "toy"
+    with pytest.raises(SystemExit):  # the job's --dataset toy needs its folder
+        job.main(["--dataset", "toy"])
+    assert capsys.readouterr().err == "train_hf.py: error: --dataset toy: needs --data_dir (the data folder)\n"
+    out = tmp_path / "job"
+    job.main(["--dataset", "toy", "--data_dir", str(folder), "--from_scratch", "--model_size", "tiny",
+              "--num_train_epochs", "1", "--baseline", "false", "--per_device_train_batch_size", "8", "--n_bootstrap",
+              "20", "--output_dir", str(out)])
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["models"][0]["name"] == "MDF-MLLM" and saved["models"][0]["num_items"] == len(data["test"])
+    assert "Trained and evaluated on the toy photos." in (out / "mdf-mllm" / "README.md").read_text()
+
+
+def test_the_base_key_changes_with_every_setting_the_base_trains_with(tmp_path):
+    """Each data setting, each Trainer setting but those that only say where and how a run writes, logs or reports,
+    the layout and the base's epochs: a change to any of them is another base (a stale base is a wrong result)."""
+    settings = job.parse_arguments([*TINY_JOB, "--base_cache_dir", str(tmp_path)])
+    key = stages.base_cache_folder(settings)
+    assert " at 0x" not in repr(stages.base_settings(settings))  # the same key in every process and run
+
+    def changed(part: str, name: str, value=None) -> Path:
+        # The attribute set on a copy, without the dataclass's checks: any value of another repr is "another value".
+        copied = copy.copy(getattr(settings, part))
+        object.__setattr__(copied, name, ("changed", name) if value is None else value)
+        return stages.base_cache_folder(replace(settings, **{part: copied}))
+
+    reporting = {f.name for f in fields(MdfTrainingArguments) if f.name in stages.NOT_TRAINING or
+                 f.name.startswith(stages.NOT_TRAINING_PREFIXES)}
+    assert {"max_grad_norm", "gradient_accumulation_steps", "seed", "learning_rate"}.isdisjoint(reporting)
+    for part, arguments in (("data", DataArguments), ("training", MdfTrainingArguments)):
+        for f in fields(arguments):
+            if f.init and f.name not in reporting:
+                assert changed(part, f.name) != key, f"--{f.name} is not in the base's key"
+    assert changed("model", "model_size", "small") != key and changed("run", "base_epochs", 9.0) != key
+    for name in sorted(reporting):
+        assert changed("training", name) == key, f"--{name} changes the base's key"
+    # What the base does not read: stage 1, stage 2's model settings.
+    assert changed("run", "stage1_learning_rate", 0.5) == changed("model", "fusion_layers", "1:1") == key
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -358,6 +460,9 @@ def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
         (["--base_model", "./no/such/base"], "--base_model: no such file or folder: ./no/such/base"),
         (["--data_dir", "missing"], "--data_dir: no such file or folder: missing"),
         (["--model_sise", "tiny"], "unrecognized arguments: --model_sise tiny"),
+        (["--stage1_optimizer", "Lion"], "--stage1_optimizer: 'Lion' is not one of AdamW, Adam, SGD"),
+        (["--stage1_schedule", "cosine"], "--stage1_schedule: 'cosine' is not one of one_cycle, constant"),
+        (["--stage1_flip", "1.5"], "--stage1_flip: expected a probability from 0 to 1, got 1.5"),
     ],
 )
 def test_a_bad_option_exits_2_with_one_line_naming_it(argv, message, tmp_path, capsys):
