@@ -21,7 +21,6 @@ With no arguments the whole study runs offline on the synthetic fundus set (ever
 
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -31,7 +30,7 @@ from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
-from mdf_mllm import ablation, comparison, export, stage1, stages, tables
+from mdf_mllm import ablation, comparison, export, guards, stage1, stages, tables
 from mdf_mllm.job import DATASETS, DataArguments, Job, MdfTrainingArguments, ModelArguments, RunArguments
 from mdf_mllm.messages import OneStyleHelpFormatter
 from mdf_mllm.model_setup import (
@@ -64,7 +63,7 @@ class HelpFormatter(
         return action.help if documented else super()._get_help_string(action)
 
 
-class Parser(HfArgumentParser):
+class Parser(guards.RangeCheckedParser, HfArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -103,7 +102,6 @@ def check_arguments(job: Job) -> None:
                                    ("--dataset", data.dataset, DATASETS)):
         if value is not None and value not in allowed:
             raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
-    check_numbers(job)
     if data.dataset in ("manifest", "fives", "hrf", "stonerounds"):
         option = "data_dir" if data.dataset == "manifest" else data.dataset
         if not (getattr(data, option) or data.data_dir):
@@ -116,25 +114,7 @@ def check_arguments(job: Job) -> None:
     if training.push_to_hub:
         check_hub(job)
     check_output_folders(job)
-
-
-def check_numbers(job: Job) -> None:
-    """Rates finite and not negative, sizes and batch sizes positive: a NaN rate would train into NaN weights."""
-    run, training = job.run, job.training
-    rates = {"--learning_rate": training.learning_rate, "--stage1_learning_rate": run.stage1_learning_rate,
-             "--num_train_epochs": training.num_train_epochs, "--base_epochs": run.base_epochs,
-             "--weight_decay": training.weight_decay, "--max_grad_norm": training.max_grad_norm}
-    rates |= {f"--{kind}_learning_rate": rate for kind, rate in job.model.learning_rates().items() if rate is not None}
-    for option, value in rates.items():
-        if not math.isfinite(value) or value < 0:
-            raise UsageError(f"{option}: expected a finite number >= 0, got {value}")
-    counts = {"--per_device_train_batch_size": training.per_device_train_batch_size,
-              "--per_device_eval_batch_size": training.per_device_eval_batch_size,
-              "--eval_batch_size": run.eval_batch_size, "--image_size": job.data.image_size,
-              "--num_images": job.data.num_images or 1}
-    for option, value in counts.items():
-        if value < 1:
-            raise UsageError(f"{option}: expected a positive integer, got {value}")
+    guards.check_job(job)  # option ranges: guards.OPTION_RANGES, checked by the parser
 
 
 def check_output_folders(job: Job) -> None:
@@ -300,13 +280,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         job = parse_arguments(sys.argv[1:] if argv is None else argv)
         check_arguments(job)
-        run(job)
+        with guards.job_folder(job):  # one job per output folder
+            run(job)
         end_process_group()
     except UsageError as error:
         print(f"train_hf.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except Diverged as error:  # not the user's mistake, but no model either: one line, and nothing left behind
         print(f"train_hf.py: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as error:  # the disk ran full: one line saying what is kept
+        if not guards.out_of_space(error):
+            raise
+        print(f"train_hf.py: error: {guards.disk_full_message(job, error)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
