@@ -114,11 +114,15 @@ def mdf_layout(model_args) -> tuple[str, dict]:
 
 
 def cross_attention_layers(model_args) -> list[int] | None:
-    """The base's cross-attention layer indices (None for a Hub id, read when loaded)."""
+    """The base's cross-attention layer indices (None for a Hub id, or a config.json that does not say: read when
+    loaded, where transformers names what is wrong with it)."""
     if model_args.base_model is None:
         return LAYOUTS[model_args.model_size or "small"]["mllama"]["text"]["cross_attention_layers"]
-    config = Path(model_args.base_model) / "config.json"
-    return json.loads(config.read_text())["text_config"]["cross_attention_layers"] if config.is_file() else None
+    try:
+        return json.loads((Path(model_args.base_model) / "config.json").read_text())["text_config"][
+            "cross_attention_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def describe_mdf_sizes(model_args) -> str:
