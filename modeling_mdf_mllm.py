@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -848,7 +849,9 @@ def pack_verbalizers(verbalizer_ids: list[list[int]], device) -> tuple[torch.Ten
     return tokens, targets, owner, offsets, sees
 
 
-class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForConditionalGeneration):
+# GenerationMixin named among the direct bases too (it comes with MllamaForConditionalGeneration already), as
+# transformers asks of every generative class and checks in its model tests (`test_inherits_generation_mixin`).
+class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForConditionalGeneration, GenerationMixin):
     """MDF-MLLM with Mllama's language-modelling head, a vessel-segmentation loss and `classify()`."""
 
     # What a base model's checkpoint (MdfMllmModel, MllamaModel) lacks; see `MdfMllmPreTrainedModel.from_pretrained`.

@@ -259,3 +259,41 @@ def test_row_15_card_section_measures_the_real_photos_and_says_what_the_weights_
     assert [row.split(" | ")[0] for row in rows] == [f"| {call}" for _, call, _, _ in REAL_PHOTOS]
     assert all(len(row.split(" | ")[3].split(", ")) == 3 for row in rows)  # three answers with their scores
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 32: the model with its config's defaults, as transformers' own model tests build it
+
+
+def test_issue_32_with_the_configs_defaults_every_trainable_parameter_gets_a_gradient():
+    # A trainable parameter without a gradient stops DDP with find_unused_parameters=False (the Trainer's setting
+    # under gradient checkpointing). The vessel head trains only with a vessel loss and masks; the config's default
+    # asks for none, as the job's does.
+    from conftest import make_inputs, mdf_config
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+
+    config = mdf_config("a")
+    assert config.seg_loss_weight == 0.0 == job.ModelArguments().seg_loss_weight
+    model = MdfMllmForConditionalGeneration(config).train()
+    inputs = make_inputs(config)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_index, -100)
+    model(**inputs, labels=labels).loss.backward()
+    without = [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None]
+    assert without == []
+    assert not model.model.unet.vessel_head.weight.requires_grad  # idle, so frozen rather than left without gradient
+
+
+def test_issue_32_generative_classes_name_generation_mixin_among_their_direct_bases():
+    from transformers import GenerationMixin
+
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+
+    # transformers' test_inherits_generation_mixin: `GenerationMixin` in the class's own bases, not only inherited.
+    assert GenerationMixin in MdfMllmForConditionalGeneration.__bases__
+
+
+def test_issue_32_the_cross_attention_cache_layout_is_documented_with_its_formula():
+    formula = "N_images * (G^2 + tiles * P)"
+    for document in ("README.md", "docs/design.md"):
+        text = (ROOT / document).read_text()
+        assert formula in text and "fusion_grid" in text, document
