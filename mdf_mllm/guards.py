@@ -154,11 +154,11 @@ class RangeCheckedParser:
 
 
 def check_job(job) -> None:
-    """The checks of `check_arguments` that need more than one option or a look at a file: the U-Net layout, the
-    synthetic splits, the base, the folders the job writes and the checkpoint it resumes."""
+    """The checks of `check_arguments` that need more than one option or a look at a file: the base, the U-Net
+    layout, the synthetic splits, the folders the job writes and the checkpoint it resumes."""
+    check_base(job.model.base_model)
     check_layout(job.model)
     check_synthetic_splits(job.data)
-    check_base(job.model.base_model)
     check_writable(job)
     check_resume(job)
 
@@ -294,13 +294,13 @@ def check_resume(job) -> None:
     """A checkpoint is resumed only by a run of its own settings: its run's record (RUN_RECORD beside it) must agree
     with this run's, and its model must be an MDF-MLLM (a baseline checkpoint has no U-Net to resume)."""
     from mdf_mllm.model_setup import parse_fusion_layers
-    from mdf_mllm.training import checkpoints, is_complete_checkpoint
+    from mdf_mllm.training import checkpoints, is_complete_checkpoint, resolve_checkpoint
 
     resume = job.training.resume_from_checkpoint
     if resume is None:
         return
     found = [c for c in checkpoints(job.output_dir) if is_complete_checkpoint(c)] if resume == "latest" else \
-        [Path(resume)]
+        [Path(resolve_checkpoint(resume, job.training.output_dir))]  # a UsageError now for one cut short
     if not found:
         return
     checkpoint = found[-1]
@@ -446,13 +446,19 @@ class OutputLock:
             return self
         raise UsageError(f"--output_dir: {self.path} could not be taken")
 
-    def take_over_if_stale(self) -> None:
-        """Remove a stale lock (its process gone); raise UsageError naming the holder of a live one."""
+    def holder(self) -> tuple[dict, int | None, str | None]:
+        """The lock file as its holder wrote it, its pid and host (None, None: unreadable)."""
         try:
             other = json.loads(self.path.read_text())
-            pid, host = int(other["pid"]), str(other["host"])
+            return other, int(other["pid"]), str(other["host"])
         except (OSError, ValueError, KeyError, TypeError):
-            other, pid, host = {}, None, None
+            return {}, None, None
+
+    def check_free(self) -> None:
+        """Raise UsageError naming the holder when another job that still runs holds the lock."""
+        if not self.path.exists():
+            return
+        other, pid, host = self.holder()
         if pid is None:
             if self.path.exists() and time.time() - self.path.stat().st_mtime < 10:
                 # Being written by a job that has just taken it.
@@ -461,6 +467,11 @@ class OutputLock:
             raise UsageError(f"--output_dir: {self.path.parent} is in use by another job (pid {pid} on {host}, "
                              f"started {other.get('started')}; its lock: {self.path}); wait for it or choose another "
                              "--output_dir")
+
+    def take_over_if_stale(self) -> None:
+        """Remove a stale lock (its process gone); raise UsageError naming the holder of a live one."""
+        self.check_free()
+        other, pid, host = self.holder()
         print(f"{self.path}: taking over the lock of a job that no longer runs "
               f"(pid {pid} on {host}, started {other.get('started')})" if pid is not None else
               f"{self.path}: taking over an unreadable lock file")
@@ -475,9 +486,9 @@ class OutputLock:
 
 @contextmanager
 def job_folder(job):
-    """The output folder held by this job (`OutputLock`) while it runs, its settings recorded (`RUN_RECORD`) for a
-    later resume to compare."""
+    """The output folder held by this job (`OutputLock`) while it runs, the settings of a training run recorded
+    (`RUN_RECORD`) for a later resume to compare."""
     with OutputLock(job.output_dir) as lock:
-        if lock.held:
+        if lock.held and not job.run.make_base:
             record_run(job)
         yield

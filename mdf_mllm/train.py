@@ -122,6 +122,7 @@ def check_output_folders(job: Job) -> None:
     folder is free (export.export_dir_problem), and no checkpoint of another run sits where the job removes its own
     once finished (resuming that run is the way to use them)."""
     out, run = job.output_dir, job.run
+    guards.OutputLock(out).check_free()  # another job's folder: said first, whatever it holds
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir: {job.training.output_dir} is a file, not a folder")
     try:

@@ -300,3 +300,18 @@ def test_a_truncated_checkpoint_is_refused(tmp_path, capsys, no_work):
     (checkpoint / "model.safetensors").write_bytes(truncated_base(tmp_path / "cut").read_bytes())
     line = refused(["--resume_from_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out")], capsys)
     assert f"{checkpoint / 'model.safetensors'}: truncated" in line
+
+
+def test_a_second_job_is_told_of_the_first_before_anything_about_its_checkpoints(tmp_path, capsys, no_work):
+    out = tmp_path / "out"
+    with guards.OutputLock(out):
+        (out / "checkpoint-3").mkdir()  # the first job's, while it trains
+        line = refused(["--output_dir", str(out)], capsys)
+    assert f"--output_dir: {out} is in use by another job (pid {os.getpid()}" in line
+
+
+def test_an_incomplete_checkpoint_is_refused_before_any_work(tmp_path, capsys, no_work):
+    checkpoint = checkpoint_of([], tmp_path / "run", {"3": 4})
+    (checkpoint / "trainer_state.json").unlink()
+    line = refused(["--resume_from_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out")], capsys)
+    assert line.endswith(f"--resume_from_checkpoint: {checkpoint} is not a complete checkpoint (no trainer_state.json)")
