@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from mdf_mllm.model_setup import UsageError
 
 
@@ -378,27 +380,47 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def out_of_space(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+# How the writers the job goes through report a full disk: Python's OSError, safetensors' Rust I/O error (a
+# SafetensorError "IoError(Os { code: 28, kind: StorageFull, ... })"), torch.save's RuntimeError (which says only "file
+# write failed": then the disk itself is asked).
+FULL_DISK_WORDS = ("No space left on device", "StorageFull", "QuotaExceeded", "os error 28")
 
 
-def disk_full_message(job, error: OSError) -> str:
+def out_of_space(error: BaseException, folder: Path | None = None) -> bool:
+    """Whether `error` is a write that failed because the disk (of `folder`, where given) is full."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    if any(words in text for words in FULL_DISK_WORDS):
+        return True
+    if folder is not None and isinstance(error, RuntimeError) and "write failed" in text:
+        existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+        return shutil.disk_usage(existing).free < 2**20
+    return False
+
+
+def disk_full_message(job, error: BaseException) -> str:
     """One line for a disk that ran full: what was being written, that nothing half-written is left, and what can
     be resumed. Removes the incomplete checkpoints (a checkpoint cut short cannot be resumed)."""
     from mdf_mllm.training import checkpoints, is_complete_checkpoint
 
-    complete = []
+    complete, removed = [], []
     for folder in (job.output_dir, job.output_dir / "baseline"):
         for checkpoint in checkpoints(folder):
             if is_complete_checkpoint(checkpoint):
                 complete.append(checkpoint)
             else:
                 shutil.rmtree(checkpoint, ignore_errors=True)
-    where = f" writing {error.filename}" if error.filename else ""
-    resume = (f"the finished training's checkpoint {complete[-1]} is kept: free some space and resume it with "
-              "--resume_from_checkpoint latest" if complete else "no checkpoint was complete: free some space and "
-              "run the job again")
-    return f"no space left on the device{where}; nothing half-written was left; {resume}"
+                removed.append(checkpoint.name)
+    filename = getattr(error, "filename", None)
+    parts = [f"no space left on the device{f' writing {filename}' if filename else ''}",
+             "the export is written whole or not at all"]
+    if removed:
+        parts.append(f"the incomplete {', '.join(removed)} was removed")
+    parts.append(f"the finished training's checkpoint {complete[-1]} is kept: free some space and resume it with "
+                 "--resume_from_checkpoint latest" if complete else "no checkpoint was complete: free some space and "
+                 "run the job again")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

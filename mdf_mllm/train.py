@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     except Diverged as error:  # not the user's mistake, but no model either: one line, and nothing left behind
         print(f"train_hf.py: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    except OSError as error:  # the disk ran full: one line saying what is kept
-        if not guards.out_of_space(error):
+    except (OSError, RuntimeError, guards.SafetensorError) as error:  # the disk ran full: one line, what is kept
+        if not guards.out_of_space(error, job.output_dir):
             raise
         print(f"train_hf.py: error: {guards.disk_full_message(job, error)}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -172,9 +172,24 @@ def test_disk_full_is_one_line_naming_the_resumable_checkpoint(tmp_path, capsys,
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.count("\n") == 1
     assert err == (f"train_hf.py: error: no space left on the device writing {out / 'checkpoint-8' / 'model.safetensors'}"
-                   f"; nothing half-written was left; the finished training's checkpoint {out / 'checkpoint-4'} is "
-                   "kept: free some space and resume it with --resume_from_checkpoint latest\n")
+                   "; the export is written whole or not at all; the incomplete checkpoint-8 was removed; the "
+                   f"finished training's checkpoint {out / 'checkpoint-4'} is kept: free some space and resume it with "
+                   "--resume_from_checkpoint latest\n")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", guards.RUN_RECORD]  # the lock is gone too
+
+
+def test_a_full_disk_is_recognised_as_each_writer_reports_it(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    rust = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                           'left on device" })')  # safetensors' save_file, which save_pretrained calls
+    torch_save = RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                              "data/0: file write failed")  # torch.save (the optimizer's state), which names no cause
+    assert guards.out_of_space(OSError(errno.ENOSPC, "full")) and guards.out_of_space(rust, tmp_path)
+    assert not guards.out_of_space(OSError(errno.EACCES, "denied")) and not guards.out_of_space(ValueError("x"))
+    assert not guards.out_of_space(torch_save, tmp_path)  # this disk has room: another cause
+    monkeypatch.setattr(guards.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    assert guards.out_of_space(torch_save, tmp_path / "out")
 
 
 def test_an_atomic_write_that_runs_out_of_space_keeps_the_earlier_file(tmp_path, monkeypatch):
