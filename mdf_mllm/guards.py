@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -136,6 +137,8 @@ class RangeCheckedParser:
         return namespace, remaining
 
     def parse_dict(self, args: dict, allow_extra_keys: bool = False):
+        if not isinstance(args, dict):
+            self.error(f"expected the options as a mapping (option: value), got {type(args).__name__}")
         problem = range_problem(args)
         if problem:
             self.error(problem)
@@ -143,6 +146,22 @@ class RangeCheckedParser:
             return super().parse_dict(args, allow_extra_keys)
         except (ValueError, TypeError) as error:
             self.error(" ".join(str(error).split()))
+
+    def parse_yaml_file(self, yaml_file, allow_extra_keys: bool = False):
+        return self.parse_file(super().parse_yaml_file, yaml_file, allow_extra_keys)
+
+    def parse_json_file(self, json_file, allow_extra_keys: bool = False):
+        return self.parse_file(super().parse_json_file, json_file, allow_extra_keys)
+
+    def parse_file(self, parse, path, allow_extra_keys: bool):
+        """A settings file that cannot be read, or holds no mapping of options, is one line naming it."""
+        import yaml
+
+        try:
+            return parse(path, allow_extra_keys)
+        except (OSError, yaml.YAMLError, ValueError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
+            self.error(f"{path}: {reason}")
 
     def parse_args_into_dataclasses(self, *args, **kwargs):
         try:
@@ -509,8 +528,15 @@ class OutputLock:
 @contextmanager
 def job_folder(job):
     """The output folder held by this job (`OutputLock`) while it runs, the settings of a training run recorded
-    (`RUN_RECORD`) for a later resume to compare."""
+    (`RUN_RECORD`) for a later resume to compare. A disk that runs full ends the job with one line
+    (`disk_full_message`) and exit status 1: not the user's mistake, but nothing to show a traceback for."""
     with OutputLock(job.output_dir) as lock:
         if lock.held and not job.run.make_base:
             record_run(job)
-        yield
+        try:
+            yield
+        except (OSError, RuntimeError, SafetensorError) as error:
+            if not out_of_space(error, job.output_dir):
+                raise
+            print(f"train_hf.py: error: {disk_full_message(job, error)}", file=sys.stderr)
+            raise SystemExit(1) from None

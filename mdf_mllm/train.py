@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         job = parse_arguments(sys.argv[1:] if argv is None else argv)
         check_arguments(job)
-        with guards.job_folder(job):  # one job per output folder
+        with guards.job_folder(job):  # one job per output folder; a full disk is one line
             run(job)
         end_process_group()
     except UsageError as error:
@@ -289,11 +289,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except Diverged as error:  # not the user's mistake, but no model either: one line, and nothing left behind
         print(f"train_hf.py: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except (OSError, RuntimeError, guards.SafetensorError) as error:  # the disk ran full: one line, what is kept
-        if not guards.out_of_space(error, job.output_dir):
-            raise
-        print(f"train_hf.py: error: {guards.disk_full_message(job, error)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -81,6 +81,17 @@ def test_a_yaml_file_is_checked_against_the_same_ranges(tmp_path, capsys, no_wor
     assert "--eval_steps: got 0; accepts a finite number > 0" in refused([str(path)], capsys)
 
 
+def test_a_settings_file_that_cannot_be_read_or_is_no_mapping_is_one_line(tmp_path, capsys, no_work):
+    missing = tmp_path / "missing.yaml"
+    assert refused([str(missing)], capsys).endswith(f"error: {missing}: No such file or directory")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- --seed\n- '3'\n")
+    assert refused([str(listed)], capsys).endswith("expected the options as a mapping (option: value), got list")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"seed": 3,')
+    assert f"error: {broken}: Expecting property name" in refused([str(broken)], capsys)
+
+
 def test_options_in_range_are_accepted(tmp_path, no_work):
     job.main(["--model_size", "tiny", "--num_images", "16", "--fusion_layers", "1:1,3:4", "--fusion_grid", "1",
               "--unet_gate_start", "-2", "--output_dir", str(tmp_path / "out")])
