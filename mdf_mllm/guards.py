@@ -19,6 +19,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from dataset_builder.__main__ import MIN_IMAGE_SIZE
+
 from mdf_mllm.model_setup import UsageError
 
 
@@ -80,7 +82,7 @@ OPTION_RANGES = {
     "lora_alpha": POSITIVE,
     # DataArguments
     "num_images": POSITIVE,
-    "image_size": Range(int, 32),  # the synthetic photo's side: its vessels and lesions need a few pixels
+    "image_size": Range(int, MIN_IMAGE_SIZE),  # the synthetic photo's side, as `python -m dataset_builder` takes it
     "dataset_seed": SEED,
     # RunArguments
     "base_epochs": POSITIVE_NUMBER,
