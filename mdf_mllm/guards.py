@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 
 from dataset_builder.__main__ import MIN_IMAGE_SIZE
 
+from mdf_mllm.job import Job
 from mdf_mllm.model_setup import UsageError
 
 
@@ -176,7 +177,7 @@ class RangeCheckedParser:
 # Options that must agree with each other
 
 
-def check_job(job) -> None:
+def check_job(job: Job) -> None:
     """The checks of `check_arguments` that need more than one option or a look at a file: the base, the U-Net
     layout, the synthetic splits, the folders the job writes and the checkpoint it resumes."""
     check_base(job.model.base_model)
@@ -302,18 +303,18 @@ RECORDED = {"model": ("base_model", "model_size", "fusion_layers", "no_film", "u
             "training": ("seed",)}
 
 
-def run_settings(job) -> dict:
+def run_settings(job: Job) -> dict:
     """The settings of `RECORDED`, as `--option`: value."""
     parts = {"model": asdict(job.model), "data": asdict(job.data), "training": {"seed": job.training.seed}}
     return {f"--{name}": parts[part][name] for part, names in RECORDED.items() for name in names}
 
 
-def record_run(job) -> None:
+def record_run(job: Job) -> None:
     """Write `RUN_RECORD` into the output folder (atomically): what a later resume of its checkpoints compares."""
     atomic_write_text(job.output_dir / RUN_RECORD, json.dumps(run_settings(job), indent=1) + "\n")
 
 
-def check_resume(job) -> None:
+def check_resume(job: Job) -> None:
     """A checkpoint is resumed only by a run of its own settings: its run's record (RUN_RECORD beside it) must agree
     with this run's, and its model must be an MDF-MLLM (a baseline checkpoint has no U-Net to resume)."""
     from mdf_mllm.model_setup import parse_fusion_layers
@@ -372,7 +373,7 @@ def writable_problem(folder: Path) -> str | None:
     return None
 
 
-def check_writable(job) -> None:
+def check_writable(job: Job) -> None:
     """--output_dir and the export folder writable now, not after the training (and a --make_base whose `base` is a
     file refused)."""
     folders = [("--output_dir", job.output_dir)]
@@ -420,7 +421,7 @@ def out_of_space(error: BaseException, folder: Path | None = None) -> bool:
     return False
 
 
-def disk_full_message(job, error: BaseException) -> str:
+def disk_full_message(job: Job, error: BaseException) -> str:
     """One line for a disk that ran full: what was being written, that nothing half-written is left, and what can
     be resumed. Removes the incomplete checkpoints (a checkpoint cut short cannot be resumed)."""
     from mdf_mllm.training import checkpoints, is_complete_checkpoint
@@ -528,7 +529,7 @@ class OutputLock:
 
 
 @contextmanager
-def job_folder(job):
+def job_folder(job: Job):
     """The output folder held by this job (`OutputLock`) while it runs, the settings of a training run recorded
     (`RUN_RECORD`) for a later resume to compare. A disk that runs full ends the job with one line
     (`disk_full_message`) and exit status 1: not the user's mistake, but nothing to show a traceback for."""
