@@ -142,8 +142,10 @@ class MdfMllmConfig(MllamaConfig):
         Condition the U-Net on the prompt's mean token embedding with FiLM.
     film_hidden_dim (`int`, defaults to 256):
         Width of each FiLM MLP.
-    seg_loss_weight (`float`, defaults to 0.1):
-        Weight of the vessel-segmentation loss added when `vessel_mask` is given (needs `use_decoder`).
+    seg_loss_weight (`float`, defaults to 0.0):
+        Weight of the vessel-segmentation loss added when `vessel_mask` is given (needs `use_decoder`). At 0 the
+        decoder and vessel head neither run nor train (they are frozen), so that every trainable parameter gets a
+        gradient; set it above 0 (e.g. 0.1) and pass `vessel_mask` to train them.
     pre_image_text_masking (`str`, defaults to `"transformers"`):
         What the stock cross-attention does for text tokens that may see no image (those before the first image
         token, e.g. a chat header). `"transformers"`: exactly transformers' `MllamaCrossAttentionDecoderLayer`, whose
@@ -175,7 +177,7 @@ class MdfMllmConfig(MllamaConfig):
     projector_dim: int | None = DEFAULT_SIZES["projector_dim"]
     use_film: bool = True
     film_hidden_dim: int = DEFAULT_SIZES["film_hidden_dim"]
-    seg_loss_weight: float = 0.1
+    seg_loss_weight: float = 0.0
     pre_image_text_masking: str = "transformers"
     verbalizers: list[str] | None = None
     disease_types: list[str] | None = None

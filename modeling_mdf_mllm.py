@@ -16,9 +16,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+try:
+    from transformers.core_model_loading import revert_weight_conversion
+except ImportError:  # a release without it: state dicts load in module names only
+    revert_weight_conversion = None
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.mllama.configuration_mllama import MllamaTextConfig
 from transformers.models.mllama.modeling_mllama import (
@@ -528,6 +533,19 @@ class MdfMllmPreTrainedModel(MllamaPreTrainedModel):
     # each name up and fails on one it cannot find.
     _no_split_modules = ["MllamaVisionEncoderLayer", "MllamaSelfAttentionDecoderLayer", "MdfMllmCrossAttentionDecoderLayer"]
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's, for a state dict in the module names or in the names a checkpoint stores (`save_pretrained`'s,
+        Mllama's `language_model.model.*`...): the Trainer's resume loads a checkpoint's model.safetensors as saved,
+        and would otherwise find every renamed tensor both missing and unexpected."""
+        own = self.state_dict()
+        if revert_weight_conversion is not None and not set(state_dict) <= set(own):
+            # transformers' own renaming for saving, read back: each stored name -> the module name of its tensor.
+            module_names = {id(tensor): name for name, tensor in own.items()}
+            stored = {key: module_names[id(tensor)] for key, tensor in revert_weight_conversion(self, own).items()
+                      if id(tensor) in module_names}
+            state_dict = {stored.get(key, key): value for key, value in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load an MDF-MLLM checkpoint, or a plain Mllama one with `unet_config=...`, `fusion_layers=...`, from
@@ -860,7 +878,9 @@ def pack_verbalizers(verbalizer_ids: list[list[int]], device) -> tuple[torch.Ten
     return tokens, targets, owner, offsets, sees
 
 
-class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForConditionalGeneration):
+# GenerationMixin named among the direct bases too (it comes with MllamaForConditionalGeneration already), as
+# transformers asks of every generative class and checks in its model tests (`test_inherits_generation_mixin`).
+class MdfMllmForConditionalGeneration(MdfMllmPreTrainedModel, MllamaForConditionalGeneration, GenerationMixin):
     """MDF-MLLM with Mllama's language-modelling head, a vessel-segmentation loss and `classify()`."""
 
     # What a base model's checkpoint (MdfMllmModel, MllamaModel) lacks; see `MdfMllmPreTrainedModel.from_pretrained`.

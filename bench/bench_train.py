@@ -3,8 +3,8 @@
     python bench/bench_train.py
 
 One step = forward + backward + AdamW step on a batch of 16 processed synthetic photos with their answers and vessel
-masks. MDF-MLLM runs twice: with the config's vessel loss (0.1: the U-Net decoder runs) and with it off (the main
-job's stage 2: the decoder does not run). The six variants run interleaved, so the ratios compare runs that saw the
+masks. MDF-MLLM runs twice: with a vessel loss of 0.1 (the U-Net decoder runs) and with it off (the config's default
+and the main job's stage 2: the decoder does not run). The six variants run interleaved, so the ratios compare runs that saw the
 same machine load.
 """
 
@@ -59,7 +59,8 @@ def measure() -> dict:
     baseline_inputs = {k: v for k, v in inputs.items() if k not in ("unet_pixel_values", "vessel_mask")}
     kwargs = dict(verbalizer_token_ids=processor.verbalizer_token_ids)
     models = {
-        MDF_WITH_SEG: (MdfMllmForConditionalGeneration(small_default_config(processor.tokenizer, **kwargs)), inputs),
+        MDF_WITH_SEG: (MdfMllmForConditionalGeneration(small_default_config(processor.tokenizer, seg_loss_weight=0.1,
+                                                                            **kwargs)), inputs),
         MDF: (MdfMllmForConditionalGeneration(small_default_config(processor.tokenizer, seg_loss_weight=0.0, **kwargs)),
               inputs),
         "Mllama": (

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mdf_mllm import model_card, plots
+from mdf_mllm import guards, model_card, plots
 from mdf_mllm.comparison import Result
 from mdf_mllm.job import Job
 from mdf_mllm.tables import comparison_markdown, comparison_table
@@ -198,8 +198,9 @@ def write_comparison(results: list[Result], differences: dict, counterfactual: d
     the counterfactual-history table; each trained baseline's results beside its checkpoints. Returns the markdown."""
     markdown = comparison_markdown(results, differences, counterfactual)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(markdown)
-    (out / "comparison.json").write_text(json.dumps(
+    # Each replaces an earlier run's whole or not at all (a full disk leaves the earlier file, not half of this one).
+    guards.atomic_write_text(out / "comparison.md", markdown)
+    guards.atomic_write_text(out / "comparison.json", json.dumps(
         {"models": [r.as_json() for r in results], "paired_differences": {results[0].name: differences},
          "counterfactual_histories": counterfactual, "stage1_loss": stage1_losses}, indent=1, allow_nan=False))
     for result in results[1:]:

@@ -33,12 +33,20 @@ def parse_fusion_layers(spec: str | None) -> dict[int, int] | None:
     """'3:1,8:1' -> {3: 1, 8: 1}; 'none' -> {} (plain Mllama); None -> the config's default spread."""
     if spec is None:
         return None
-    if spec.strip().lower() in {"none", "", "{}"}:
+    if spec.strip().lower() in {"none", "{}"}:
         return {}
+    # An empty value is a mistake (a shell variable left unset), not the baseline: that is asked for by name.
+    wanted = "expected 'layer:depth,...' such as '3:1,8:1' (or 'none': plain Mllama)"
     try:
-        return {int(layer): int(depth) for layer, depth in (pair.split(":") for pair in spec.split(","))}
+        pairs = [tuple(int(part) for part in pair.split(":", 1)) for pair in spec.split(",")]
+        fusion = dict(pairs)
     except ValueError:
-        raise UsageError(f"--fusion_layers: expected 'layer:depth,...' such as '3:1,8:1', got {spec!r}") from None
+        raise UsageError(f"--fusion_layers: {wanted}, got {spec!r}") from None
+    if len(fusion) < len(pairs):
+        twice = sorted({layer for layer, _ in pairs if [p[0] for p in pairs].count(layer) > 1})
+        raise UsageError(f"--fusion_layers: got {spec!r}, which gives layer {twice[0]} more than one depth; {wanted}, "
+                         "each layer once")
+    return fusion
 
 
 # --model_size's values: the layouts whose Mllama the job builds (its base, or the model from scratch); the 11B
@@ -106,11 +114,15 @@ def mdf_layout(model_args) -> tuple[str, dict]:
 
 
 def cross_attention_layers(model_args) -> list[int] | None:
-    """The base's cross-attention layer indices (None for a Hub id, read when loaded)."""
+    """The base's cross-attention layer indices (None for a Hub id, or a config.json that does not say: read when
+    loaded, where transformers names what is wrong with it)."""
     if model_args.base_model is None:
         return LAYOUTS[model_args.model_size or "small"]["mllama"]["text"]["cross_attention_layers"]
-    config = Path(model_args.base_model) / "config.json"
-    return json.loads(config.read_text())["text_config"]["cross_attention_layers"] if config.is_file() else None
+    try:
+        return json.loads((Path(model_args.base_model) / "config.json").read_text())["text_config"][
+            "cross_attention_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def describe_mdf_sizes(model_args) -> str:

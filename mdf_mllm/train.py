@@ -21,7 +21,6 @@ With no arguments the whole study runs offline on the synthetic fundus set (ever
 
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -32,7 +31,7 @@ from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
 from dataset_builder.sources import PAPER_SOURCES, SOURCES
-from mdf_mllm import ablation, export, stage1, stages, tables
+from mdf_mllm import ablation, export, guards, stage1, stages, tables
 from mdf_mllm.comparison import Result
 from mdf_mllm.job import (STAGE1_OPTIMIZERS, STAGE1_SCHEDULES, DataArguments, Job, MdfTrainingArguments,
                           ModelArguments, RunArguments, dataset_names)
@@ -67,7 +66,7 @@ class HelpFormatter(
         return action.help if documented else super()._get_help_string(action)
 
 
-class Parser(HfArgumentParser):
+class Parser(guards.RangeCheckedParser, HfArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -108,7 +107,6 @@ def check_arguments(job: Job) -> None:
                                    ("--stage1_schedule", job.run.stage1_schedule, STAGE1_SCHEDULES)):
         if value is not None and value not in allowed:
             raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
-    check_numbers(job)
     if data.dataset in SOURCES:
         option = data.dataset if data.dataset in PAPER_SOURCES else "data_dir"
         if not (getattr(data, option) or data.data_dir):
@@ -121,27 +119,7 @@ def check_arguments(job: Job) -> None:
     if training.push_to_hub:
         check_hub(job)
     check_output_folders(job)
-
-
-def check_numbers(job: Job) -> None:
-    """Rates finite and not negative, sizes and batch sizes positive: a NaN rate would train into NaN weights."""
-    run, training = job.run, job.training
-    rates = {"--learning_rate": training.learning_rate, "--stage1_learning_rate": run.stage1_learning_rate,
-             "--num_train_epochs": training.num_train_epochs, "--base_epochs": run.base_epochs,
-             "--weight_decay": training.weight_decay, "--max_grad_norm": training.max_grad_norm}
-    rates |= {f"--{kind}_learning_rate": rate for kind, rate in job.model.learning_rates().items() if rate is not None}
-    if not 0 <= run.stage1_flip <= 1:
-        raise UsageError(f"--stage1_flip: expected a probability from 0 to 1, got {run.stage1_flip}")
-    for option, value in rates.items():
-        if not math.isfinite(value) or value < 0:
-            raise UsageError(f"{option}: expected a finite number >= 0, got {value}")
-    counts = {"--per_device_train_batch_size": training.per_device_train_batch_size,
-              "--per_device_eval_batch_size": training.per_device_eval_batch_size,
-              "--eval_batch_size": run.eval_batch_size, "--image_size": job.data.image_size,
-              "--num_images": job.data.num_images or 1}
-    for option, value in counts.items():
-        if value < 1:
-            raise UsageError(f"{option}: expected a positive integer, got {value}")
+    guards.check_job(job)  # option ranges: guards.OPTION_RANGES, checked by the parser
 
 
 def check_output_folders(job: Job) -> None:
@@ -149,6 +127,7 @@ def check_output_folders(job: Job) -> None:
     folder is free (export.export_dir_problem), and no checkpoint of another run sits where the job removes its own
     once finished (resuming that run is the way to use them)."""
     out, run = job.output_dir, job.run
+    guards.OutputLock(out).check_free()  # another job's folder: said first, whatever it holds
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir: {job.training.output_dir} is a file, not a folder")
     try:
@@ -311,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         job = parse_arguments(sys.argv[1:] if argv is None else argv)
         check_arguments(job)
-        run(job)
+        with guards.job_folder(job):  # one job per output folder; a full disk is one line
+            run(job)
         end_process_group()
     except UsageError as error:
         print(f"train_hf.py: error: {error}", file=sys.stderr)

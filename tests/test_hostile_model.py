@@ -259,3 +259,58 @@ def test_row_15_card_section_measures_the_real_photos_and_says_what_the_weights_
     assert [row.split(" | ")[0] for row in rows] == [f"| {call}" for _, call, _, _ in REAL_PHOTOS]
     assert all(len(row.split(" | ")[3].split(", ")) == 3 for row in rows)  # three answers with their scores
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 32: the model with its config's defaults, as transformers' own model tests build it
+
+
+def test_issue_32_with_the_configs_defaults_every_trainable_parameter_gets_a_gradient():
+    # A trainable parameter without a gradient stops DDP with find_unused_parameters=False (the Trainer's setting
+    # under gradient checkpointing). The vessel head trains only with a vessel loss and masks; the config's default
+    # asks for none, as the job's does.
+    from conftest import make_inputs, mdf_config
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+
+    config = mdf_config("a")
+    model = MdfMllmForConditionalGeneration(config).train()
+    inputs = make_inputs(config)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_index, -100)
+    model(**inputs, labels=labels).loss.backward()
+    without = [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None]
+    assert without == []
+    assert config.seg_loss_weight == 0.0 == job.ModelArguments().seg_loss_weight
+    assert not model.model.unet.vessel_head.weight.requires_grad  # idle, so frozen rather than left without gradient
+
+
+def test_issue_32_generative_classes_name_generation_mixin_among_their_direct_bases():
+    from transformers import GenerationMixin
+
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+
+    # transformers' test_inherits_generation_mixin: `GenerationMixin` in the class's own bases, not only inherited.
+    assert GenerationMixin in MdfMllmForConditionalGeneration.__bases__
+
+
+def test_issue_32_the_cross_attention_cache_layout_is_documented_with_its_formula():
+    formula = "N_images * (G^2 + tiles * P)"
+    for document in ("README.md", "docs/design.md"):
+        text = (ROOT / document).read_text()
+        assert formula in text and "fusion_grid" in text, document
+
+
+def test_issue_32_a_checkpoint_state_dict_loads_as_saved_with_no_key_missing_or_unexpected(tmp_path):
+    # What the Trainer's resume does with a checkpoint: model.safetensors as stored, through load_state_dict.
+    from conftest import mdf_config
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+
+    saved = MdfMllmForConditionalGeneration(mdf_config("a"))
+    saved.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert not set(stored) <= set(saved.state_dict())  # stored in other names than the modules'
+    torch.manual_seed(1)
+    model = MdfMllmForConditionalGeneration(mdf_config("a"))
+    result = model.load_state_dict(stored, strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name

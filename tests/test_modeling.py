@@ -85,7 +85,7 @@ def test_prompt_text_steers_the_unet_through_film():
 
 
 def test_one_backward_pass_reaches_every_new_parameter():
-    _, mdf = stock_and_mdf("a")
+    _, mdf = stock_and_mdf("a", seg_loss_weight=0.1)  # a vessel loss: the config's default has none
     move_off_init(mdf)
     mdf.train()
     inputs = make_inputs(mdf.config)
@@ -102,7 +102,7 @@ def test_one_backward_pass_reaches_every_new_parameter():
 
 
 def test_segmentation_loss_is_weighted_by_the_config():
-    _, mdf = stock_and_mdf("a")
+    _, mdf = stock_and_mdf("a", seg_loss_weight=0.1)  # a vessel loss: the config's default has none
     inputs = make_inputs(mdf.config)
     size = mdf.config.unet_config["image_size"]
     vessel_mask = (torch.rand(2, 1, size, size) > 0.8).float()
@@ -434,7 +434,7 @@ def test_a_padded_second_image_changes_nothing():
 
 
 def test_segmentation_loss_covers_one_mask_per_unet_view():
-    _, mdf = stock_and_mdf("a")
+    _, mdf = stock_and_mdf("a", seg_loss_weight=0.1)  # a vessel loss: the config's default has none
     one_image = make_inputs(mdf.config)
     inputs = two_images(one_image)
     size = mdf.config.unet_config["image_size"]
@@ -451,7 +451,7 @@ def test_segmentation_loss_covers_one_mask_per_unet_view():
 
 
 def test_segmentation_loss_leaves_out_zero_padded_views():
-    _, mdf = stock_and_mdf("a")
+    _, mdf = stock_and_mdf("a", seg_loss_weight=0.1)  # a vessel loss: the config's default has none
     inputs = two_images(make_inputs(mdf.config))
     inputs["cross_attention_mask"][1, :, 1] = 0  # sample 1 has one image: its second view is padding
     inputs["unet_pixel_values"][1, 1] = 0

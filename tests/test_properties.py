@@ -1,11 +1,18 @@
-"""Property tests (hypothesis): random images through the processor, random configs through MdfMllmConfig.
+"""Property tests (hypothesis): random images through the processor, random configs through MdfMllmConfig, random
+values of the job's numeric options through its parser.
 
 The processor either returns inputs of the configured shapes, dtypes and finite values, or raises a ValueError with a
 message; never another exception. A valid config constructs and survives a JSON round trip exactly; an invalid one
-raises a ValueError naming the field.
+raises a ValueError naming the field. The job either runs with every option in its range or exits 2 with one line.
 """
 
+import contextlib
+import io
 import json
+import os
+import re
+import tempfile
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -15,6 +22,9 @@ from PIL import Image
 
 from configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES, UNET_DEPTHS, MdfMllmConfig
 from conftest import tiny_mllama_config
+from mdf_mllm import train
+from mdf_mllm.guards import OPTION_RANGES
+from mdf_mllm.job import DataArguments, MdfTrainingArguments, ModelArguments, RunArguments
 from processing_mdf_mllm import build_default_processor
 
 
@@ -188,3 +198,52 @@ def test_invalid_configs_raise_a_value_error_naming_the_field(case, how, data):
     kwargs, message = break_config(case, how, data)
     with pytest.raises(ValueError, match=message):
         make_config(case[0], kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job's options (train_hf.py)
+
+
+def numeric_fields(cls) -> list[str]:
+    return [f.name for f in fields(cls) if re.search(r"\b(int|float)\b", str(f.type)) and "bool" not in str(f.type)]
+
+
+def test_every_numeric_option_of_the_job_has_a_range():
+    ours = [name for cls in (ModelArguments, DataArguments, RunArguments) for name in numeric_fields(cls)]
+    ours += [name for name in numeric_fields(MdfTrainingArguments) if name in vars(MdfTrainingArguments)]
+    assert sorted(set(ours) - set(OPTION_RANGES)) == []
+    every = {name for cls in (ModelArguments, DataArguments, RunArguments, MdfTrainingArguments)
+             for name in numeric_fields(cls)}
+    assert sorted(set(OPTION_RANGES) - every) == []  # no range for an option that does not exist
+
+
+OPTION_VALUES = st.one_of(
+    st.integers(-(2**64), 2**64),
+    st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-2, 2),
+    st.sampled_from(["nan", "inf", "-inf", "1e400", "abc", "", "0x10", "1_000", "2.5", "-0"]),
+).map(str)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.dictionaries(st.sampled_from(sorted(OPTION_RANGES)), OPTION_VALUES, min_size=1, max_size=3))
+def test_any_numeric_option_values_give_one_line_and_exit_2_or_a_run(values):
+    argv = [arg for name, value in values.items() for arg in (f"--{name}", value)]
+    started, original = [], train.run
+    train.run = started.append
+    err = io.StringIO()
+    try:
+        with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stderr(err):
+            train.main(["--model_size", "tiny", *argv, "--output_dir", os.path.join(folder, "out")])
+    except SystemExit as stop:
+        assert stop.code == 2 and not started, (argv, err.getvalue())
+        assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("train_hf.py: error: "), err.getvalue()
+        return
+    finally:
+        train.run = original
+    (job,) = started
+    for name, value in values.items():
+        parsed = next(getattr(part, name) for part in (job.model, job.data, job.run, job.training)
+                      if hasattr(part, name))
+        assert OPTION_RANGES[name].accepts(parsed), (name, value, parsed)

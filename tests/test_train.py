@@ -19,7 +19,7 @@ from transformers import (AutoProcessor, MllamaForConditionalGeneration, MllamaI
                           TrainerCallback, set_seed)
 
 from conftest import tiny_mllama_config
-from mdf_mllm import ablation, comparison, export, model_setup, stage1, stages, train as job, training
+from mdf_mllm import ablation, comparison, export, guards, model_setup, stage1, stages, train as job, training
 from mdf_mllm.job import DataArguments, MdfTrainingArguments, ModelArguments, RunArguments
 from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
@@ -150,7 +150,8 @@ def test_stage_1_lowers_the_class_loss_and_stage_2_starts_from_its_u_net(main_jo
 def test_everything_the_job_writes_is_under_output_dir(main_job):
     assert list(main_job["cwd"].iterdir()) == []
     assert {p.name for p in main_job["out"].iterdir()} == {"comparison.json", "comparison.md", "mdf-mllm", "baseline",
-                                                          "stage1", "probe_ladder.md"}
+                                                          "stage1", "probe_ladder.md", guards.RUN_RECORD}
+    assert json.loads((main_job["out"] / guards.RUN_RECORD).read_text())["--num_images"] == 40  # the lock is gone
     assert not list(main_job["out"].glob("**/checkpoint-*"))  # removed once each arm finished
     assert (main_job["out"] / "baseline" / "results.json").is_file()
 
