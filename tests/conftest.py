@@ -1,6 +1,7 @@
 """Shared fixtures: tiny Mllama / MDF-MLLM layouts that build and run in well under a second on a CPU."""
 
 import importlib
+import json
 import os
 import shutil
 import socket
@@ -183,8 +184,10 @@ def launch_two_cpu_processes(command: list[str], **kwargs) -> subprocess.Complet
 
 
 def export_tiny_model(folder) -> str:
-    """A tiny MDF-MLLM with open gates, exported as training exports one: model + processor + pipeline in `folder`."""
+    """A tiny MDF-MLLM with open gates, exported as training exports one: model + processor + pipeline + Endpoints
+    handler in `folder`, and the list of the files written."""
     from configuration_mdf_mllm import MdfMllmConfig
+    from mdf_mllm.export import EXPORT_MANIFEST, HANDLER_SOURCE, files_in
     from modeling_mdf_mllm import MdfMllmForConditionalGeneration
     from pipeline_mdf_mllm import register_pipeline
     from processing_mdf_mllm import build_default_processor
@@ -208,6 +211,8 @@ def export_tiny_model(folder) -> str:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     register_pipeline(folder)
+    shutil.copyfile(HANDLER_SOURCE, Path(folder) / "handler.py")
+    (Path(folder) / EXPORT_MANIFEST).write_text(json.dumps({"files": sorted(files_in(Path(folder)))}))
     return str(folder)
 
 
