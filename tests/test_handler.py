@@ -13,7 +13,7 @@ import sys
 import zlib
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, injected_export
 from PIL import Image
 from skimage import data
 
@@ -171,34 +171,6 @@ def test_issue32_base64_as_encoders_write_it_is_read_and_other_text_refused(endp
     answers = endpoint["base64_answers"]
     assert answers[:7] == [endpoint["answers"][1]] * 7
     assert answers[7:] == [{"error": "inputs: text that is not base64; send the photo as base64 text or raw bytes"}] * 3
-
-
-MARKER_MODULE = """
-import pathlib
-pathlib.Path({marker!r}).write_text("ran")  # transformers runs a copy of this file from its modules cache
-from .modeling_mdf_mllm import *  # noqa: F401,F403
-from .configuration_mdf_mllm import *  # noqa: F401,F403
-from .processing_mdf_mllm import *  # noqa: F401,F403
-from .image_processing_mdf_mllm import *  # noqa: F401,F403
-from .pipeline_mdf_mllm import *  # noqa: F401,F403
-"""
-
-
-def injected_export(model_folder, root, listed: bool):
-    """A copy of the export whose every `auto_map` (and custom pipeline) names `injected.py`, a module that writes
-    `root/marker` when imported; `listed`: also added to export_files.json, as a careful attacker would."""
-    folder = shutil.copytree(model_folder, root / "model")
-    (folder / "injected.py").write_text(MARKER_MODULE.format(marker=str(root / "marker")))
-    for config in set(folder.glob("*.json")) - {folder / export.EXPORT_MANIFEST}:
-        text = config.read_text()
-        for module in ("configuration", "modeling", "processing", "image_processing", "pipeline"):
-            text = text.replace(f'"{module}_mdf_mllm.', '"injected.')
-        config.write_text(text)
-    assert '"injected.' in (folder / "config.json").read_text()
-    if listed:
-        written = json.loads((folder / export.EXPORT_MANIFEST).read_text())
-        (folder / export.EXPORT_MANIFEST).write_text(json.dumps({"files": written["files"] + ["injected.py"]}))
-    return folder
 
 
 def test_issue32_handler_never_runs_code_an_edited_auto_map_names(model_folder, photos, tmp_path):
