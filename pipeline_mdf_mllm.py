@@ -20,10 +20,12 @@ from transformers import Pipeline
 
 try:
     from .image_processing_mdf_mllm import to_rgb_image
-    from .modeling_mdf_mllm import require_safetensors
+    from .modeling_mdf_mllm import MdfMllmForConditionalGeneration, require_safetensors
+    from .processing_mdf_mllm import MdfMllmProcessor
 except ImportError:  # imported from the repository rather than from an exported folder
     from image_processing_mdf_mllm import to_rgb_image
-    from modeling_mdf_mllm import require_safetensors
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration, require_safetensors
+    from processing_mdf_mllm import MdfMllmProcessor
 
 
 TASK = "fundus-classification"
@@ -123,18 +125,20 @@ class FundusClassificationPipeline(Pipeline):
         ]
 
 
-def load_pipeline(model, **pipeline_kwargs) -> FundusClassificationPipeline:
-    """`pipeline("fundus-classification", model=model, trust_remote_code=True, **pipeline_kwargs)` with weights read
-    as safetensors only (`require_safetensors`), also for a model folder whose config.json has no `custom_pipelines`
-    entry (the task is registered here for this process)."""
-    from transformers import AutoModel, pipeline
-    from transformers.pipelines import PIPELINE_REGISTRY
+def load_pipeline(model, dtype="auto", model_kwargs=None, **pipeline_kwargs) -> FundusClassificationPipeline:
+    """The `fundus-classification` pipeline over `model` (a folder or Hub id), built from the classes of the modules
+    beside this file, with weights read as safetensors only (`require_safetensors`).
 
+    The folder is read as weights, config and processor only: unlike `pipeline(..., trust_remote_code=True)`, this
+    never imports the modules its config.json's `auto_map` names, so the CLI, the demo and the Endpoints handler run
+    no code that was put in a model folder."""
     require_safetensors(model)
-    if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
-        PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=FundusClassificationPipeline, pt_model=AutoModel)
-    model_kwargs = {**pipeline_kwargs.pop("model_kwargs", {}), "use_safetensors": True}
-    return pipeline(TASK, model=model, trust_remote_code=True, model_kwargs=model_kwargs, **pipeline_kwargs)
+    network = MdfMllmForConditionalGeneration.from_pretrained(
+        model, dtype=dtype, **{**(model_kwargs or {}), "use_safetensors": True}
+    )
+    # False, not left unset: the tokenizer's AutoConfig would otherwise ask on a terminal whether to run the code
+    processor = MdfMllmProcessor.from_pretrained(model, trust_remote_code=False)
+    return FundusClassificationPipeline(model=network, processor=processor, task=TASK, **pipeline_kwargs)
 
 
 def register_pipeline(model_folder: str | os.PathLike) -> None:

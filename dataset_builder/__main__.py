@@ -20,7 +20,7 @@ import sys
 
 from mdf_mllm.messages import OneLineParser, number_in, shown
 
-from .builder import build, config_names, export_imagefolder, export_parquet, parquet_export_problem, write_report
+from .builder import build, config_names, export_imagefolder, export_parquet, export_problem, write_report
 from .preview import contact_sheet
 from .sources import LABEL_NAMES, PAPER_SOURCES, SOURCES, SPLITS
 from .synthetic import generate
@@ -37,13 +37,15 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data_dir", help="the source's folder (single-source configs) or an image folder with metadata.jsonl"
     )
-    parser.add_argument("--dataset_seed", "--seed", dest="seed", type=int, default=0,
+    parser.add_argument("--dataset_seed", "--seed", dest="seed", type=number_in(int, 0), default=0,
                         help="seed of the synthetic set and of the splits")
-    parser.add_argument("--num_images", type=int, help="synthetic: total images (default: the paper's 1,305 mix)")
+    parser.add_argument("--num_images", type=number_in(int, 1),
+                        help="synthetic: total images (default: the paper's 1,305 mix)")
     parser.add_argument("--image_size", type=number_in(int, MIN_IMAGE_SIZE), default=512,
                         help=f"synthetic: side in pixels (at least {MIN_IMAGE_SIZE})")
     parser.add_argument("--cache_dir", help="where the builder caches Arrow files")
-    parser.add_argument("--num_workers", type=int, help="decoding / rendering threads (default: the CPU count)")
+    parser.add_argument("--num_workers", type=number_in(int, 1),
+                        help="decoding / rendering threads (default: the CPU count)")
 
 
 def _source_kwargs(args: argparse.Namespace) -> dict:
@@ -75,8 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preview_parser = commands.add_parser("preview", help="draw a contact sheet of examples per class with masks")
     _add_source_arguments(preview_parser)
     preview_parser.add_argument("--out", required=True, help="PNG file to write")
-    preview_parser.add_argument("--per_class", type=int, default=4)
-    preview_parser.add_argument("--thumb", type=int, default=128, help="thumbnail side in pixels")
+    preview_parser.add_argument("--per_class", type=number_in(int, 1), default=4)
+    # a synthetic sheet renders its photos at twice the thumbnail's side
+    preview_parser.add_argument("--thumb", type=number_in(int, MIN_IMAGE_SIZE // 2), default=128,
+                                help=f"thumbnail side in pixels (at least {MIN_IMAGE_SIZE // 2})")
     return parser.parse_args(argv)
 
 
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> None:
-    problem = parquet_export_problem(args.out) if args.format == "parquet" else None
+    problem = export_problem(args.out)
     if problem:  # found before the build, not after it
         raise ValueError(problem)
     dataset, report = build(

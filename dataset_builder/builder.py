@@ -450,20 +450,59 @@ DEFAULT_MAX_SHARD_BYTES = 500 * 2**20
 
 
 SHARD_NAME = re.compile(r"(train|validation|test)-\d{5}-of-\d{5}\.parquet")
+IMAGEFOLDER_NAME = re.compile(r"\d{5}(_mask)?\.[A-Za-z0-9]+|metadata\.jsonl")
+# What an export owns in its folder: the Parquet shards' `data/`, the ImageFolder's split folders and the split report.
+# An export of either format replaces all of it, so an earlier export of the other format never mixes into
+# `load_dataset(out)`.
+OWNED_FOLDERS = {"data": SHARD_NAME, **dict.fromkeys(SPLITS, IMAGEFOLDER_NAME)}
+REPORT_FILES = (f"{REPORT_NAME}.json", f"{REPORT_NAME}.md")
 
 
-def parquet_export_problem(out: str) -> str | None:
-    """Why a Parquet export may not go to `out` (None: it may): its `data/` folder holds files other than shards of
-    an earlier export, which `load_dataset(out)` would mix in and which the export must not delete."""
-    data = os.path.join(out, "data")
-    if os.path.exists(data) and not os.path.isdir(data):
-        return f"--out {out}: {data} is a file; choose another --out"
-    names = os.listdir(data) if os.path.isdir(data) else []
-    foreign = sorted(name for name in names if not SHARD_NAME.fullmatch(name))
+def export_problem(out: str) -> str | None:
+    """Why an export may not go to `out` (None: it may): `out` holds files that no export wrote, which
+    `load_dataset(out)` would mix in and which the export, replacing what an earlier one owns, must not delete.
+    Hidden entries at its top (which `load_dataset` skips) are left as they are."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out}: is a file; choose another --out"
+    foreign = []
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        path = os.path.join(out, name)
+        if name.startswith(".") or (name in REPORT_FILES and os.path.isfile(path)):
+            continue
+        pattern = OWNED_FOLDERS.get(name)
+        if pattern is None or os.path.islink(path) or not os.path.isdir(path):
+            foreign.append(name)
+        else:
+            foreign += [f"{name}/{entry}" for entry in sorted(os.listdir(path))
+                        if not (pattern.fullmatch(entry) and os.path.isfile(os.path.join(path, entry)))]
     if foreign:
-        return (f"--out {out}: {data} holds files an export did not write ({', '.join(foreign[:3])}); the export "
-                "replaces that folder, so choose another --out")
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        return (f"--out {out}: holds files an export did not write ({', '.join(foreign[:3])}{more}); an export "
+                "replaces what an earlier one wrote there, so choose another --out")
     return None
+
+
+def _replace_export(out: str, write) -> None:
+    """`write(folder)` into a temporary folder inside `out`, whose contents then take the place of everything an
+    earlier export owns there (`OWNED_FOLDERS`, the split report), whichever its format: exports never mix, and a
+    failed one leaves the earlier one whole. `out` must pass `export_problem`."""
+    problem = export_problem(out)
+    if problem:
+        raise ValueError(problem)
+    os.makedirs(out, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=out)
+    previous = staging + "-previous"
+    try:
+        write(staging)
+        os.mkdir(previous)
+        for name in (*OWNED_FOLDERS, *REPORT_FILES):
+            if os.path.exists(os.path.join(out, name)):
+                os.rename(os.path.join(out, name), os.path.join(previous, name))
+        for name in os.listdir(staging):
+            os.rename(os.path.join(staging, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def export_parquet(
@@ -471,35 +510,26 @@ def export_parquet(
 ) -> list[str]:
     """Write `out/data/<split>-<i>-of-<n>.parquet` (images embedded, features in the schema); return the paths.
 
-    `datasets.load_dataset("parquet", data_dir=out)` and `load_dataset(out)` read it back with the same features. The
-    shards are written into a temporary folder that replaces `out/data` once complete, so an earlier export's shards
-    never mix with these and a failed export leaves the earlier one whole; `out/data` must pass
-    `parquet_export_problem`. A split with no rows is not written (datasets cannot read back an empty split): the
-    export then loads with the other splits.
+    `datasets.load_dataset("parquet", data_dir=out)` and `load_dataset(out)` read it back with the same features. It
+    replaces an earlier export of either format (see `_replace_export`; `out` must pass `export_problem`). A split
+    with no rows is not written (datasets cannot read back an empty split): the export then loads with the other
+    splits.
     """
-    problem = parquet_export_problem(out)
-    if problem:
-        raise ValueError(problem)
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes: expected a positive size, got {max_shard_bytes}")
     if not any(len(part) for part in dataset.values()):
         raise ValueError("nothing to export: every split is empty")
-    os.makedirs(out, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".data-", dir=out)
-    try:
-        names = []
+    names = []
+
+    def write(folder: str) -> None:
+        os.mkdir(os.path.join(folder, "data"))
         for split, part in dataset.items():
             num_shards = max(1, math.ceil(part.data.nbytes / max_shard_bytes)) if len(part) else 0
             for index in range(num_shards):
                 names.append(f"{split}-{index:05d}-of-{num_shards:05d}.parquet")
-                part.shard(num_shards, index, contiguous=True).to_parquet(os.path.join(staging, names[-1]))
-        data = os.path.join(out, "data")
-        if os.path.isdir(data):
-            os.rename(data, staging + "-old")
-        os.rename(staging, data)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(staging + "-old", ignore_errors=True)
+                part.shard(num_shards, index, contiguous=True).to_parquet(os.path.join(folder, "data", names[-1]))
+
+    _replace_export(out, write)
     return [os.path.join(out, "data", name) for name in names]
 
 
@@ -507,8 +537,13 @@ def export_imagefolder(dataset: datasets.DatasetDict, out: str) -> None:
     """Write `out/<split>/<n>.<ext>` (+ `<n>_mask.<ext>`) and `out/<split>/metadata.jsonl`.
 
     `datasets.load_dataset(out)` reads it as an ImageFolder (`vessel_mask_file_name` becomes an Image column; labels
-    come back as names), and `load("manifest", data_dir=out)` reads it back with the same splits.
+    come back as names), and `load("manifest", data_dir=out)` reads it back with the same splits. It replaces an
+    earlier export of either format (see `_replace_export`; `out` must pass `export_problem`).
     """
+    _replace_export(out, lambda folder: _write_imagefolder(dataset, folder))
+
+
+def _write_imagefolder(dataset: datasets.DatasetDict, out: str) -> None:
     for split, part in dataset.items():
         folder = os.path.join(out, split)
         os.makedirs(folder, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Each reader walks its folder and returns `(records, skipped)`: a `Record` per usable image (label, case, text, mask
 path, official split) and a `Skipped(path, reason)` per file it could not use. Nothing is decoded here;
-`validate_images` decodes every image once (in threads), hashes its pixels and moves unreadable ones to `skipped`.
+`validate_images` decodes every image once (in threads), hashes its pixels and moves unreadable ones, and ones with
+no field of view to crop (an all-black frame), to `skipped`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io
 import json
 import os
 import re
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from configuration_mdf_mllm import DEFAULT_LABELS
+from image_processing_mdf_mllm import MdfMllmImageProcessor, detect_field_of_view, to_rgb_image
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".gif", ".webp"}
@@ -32,6 +34,9 @@ PAPER_SOURCES = ("fives", "hrf", "stonerounds")
 FIVES_LABELS = {"a": "amd", "d": "dr", "g": "glaucoma", "n": "normal"}
 HRF_LABELS = {"h": "normal", "dr": "dr", "g": "glaucoma"}
 LABEL_ALIASES = {"healthy": "normal"}
+# Llama 3's special tokens are all spelled <|name|> (<|image|>, <|eot_id|>, <|reserved_special_token_7|>, ...): in a
+# clinical history the processor would read one as that token and refuse the sample, so the builder refuses the row.
+SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]+\|>")
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,9 @@ def read_stonerounds(root: str | None) -> tuple[list[Record], list[Skipped]]:
             skipped.append(Skipped(case_json, f"unknown diagnosis {case['diagnosis']!r}"))
             continue
         text = case_text(case)
+        if SPECIAL_TOKEN.search(text):
+            skipped.append(Skipped(case_json, special_token_reason(text)))
+            continue
         for file in _files(case_dir):
             path = os.path.join(case_dir, file)
             if file == "case.json":
@@ -227,7 +235,9 @@ def read_manifest(root: str | None) -> tuple[list[Record], list[Skipped]]:
 
     A bad row is skipped with its file and line (JSON, fields, encoding, a file outside the data folder); a UTF-8 BOM
     is accepted. Nothing reached through a symlink (a file, or a split folder) that leads outside `root` is read. A
-    photo listed twice with one label is kept once; with two labels it is a conflict and none of its rows is kept."""
+    file listed twice with one label is kept once; a photo listed with two labels is a conflict, whether by one file or
+    by several holding its bytes (a hard link, a copy), and none of its rows is kept. A row whose text holds a special
+    token (`<|image|>`, ...) is skipped."""
     root = require_dir(root, "manifest")
     manifests = [(os.path.join(root, MANIFEST), None)] + [
         (os.path.join(root, split, MANIFEST), split) for split in SPLITS
@@ -259,24 +269,42 @@ def read_manifest(root: str | None) -> tuple[list[Record], list[Skipped]]:
 
 
 def _one_row_per_photo(rows: list[tuple[Record, str]], skipped: list[Skipped]) -> tuple[list[Record], list[Skipped]]:
-    """(record, file:line) rows -> one record per photo: a photo listed again with the same label is kept once; one
-    listed with two labels is a conflict, and none of its rows is kept (which label is right is the user's call)."""
-    by_photo = {}
-    for record, where in rows:
-        by_photo.setdefault(os.path.realpath(record.image_path), []).append((record, where))
-    kept = []
-    for photo_rows in by_photo.values():
-        (first, first_where), *again = photo_rows
-        labels = sorted({record.label for record, _ in photo_rows})
-        if len(labels) > 1:
-            lines = ", ".join(where for _, where in photo_rows)
-            skipped.append(Skipped(first.image_path, f"conflict: listed with labels {', '.join(labels)} ({lines}); "
-                                                     "none kept, fix the manifest"))
+    """(record, file:line) rows -> one record per photo file: a file listed again with the same label is kept once. A
+    photo listed with two labels is a conflict, whether by one file or by several holding its bytes (a hard link, a
+    copy under another name), and none of its rows is kept (which label is right is the user's call)."""
+    reals = [os.path.realpath(record.image_path) for record, _ in rows]
+    digests = {real: _photo_key(real) for real in dict.fromkeys(reals)}
+    by_photo = defaultdict(list)
+    for row, real in zip(rows, reals):
+        by_photo[digests[real]].append(row)
+    conflicts = {digest: photo_rows for digest, photo_rows in by_photo.items()
+                 if len({record.label for record, _ in photo_rows}) > 1}
+    for photo_rows in conflicts.values():
+        labels = ", ".join(sorted({record.label for record, _ in photo_rows}))
+        lines = ", ".join(f"{where}: {record.image_path}" for record, where in photo_rows)
+        skipped.append(Skipped(photo_rows[0][0].image_path, f"conflict: listed with labels {labels} ({lines}: one "
+                                                            "photo); none kept, fix the manifest"))
+    kept, first_at = [], {}
+    for (record, where), real in zip(rows, reals):
+        if digests[real] in conflicts:
             continue
-        kept.append(first)
-        skipped += [Skipped(where, f"{record.image_path} listed again with the same label (first at {first_where}); "
-                                   "kept once") for record, where in again]
+        if real in first_at:
+            skipped.append(Skipped(where, f"{record.image_path} listed again with the same label (first at "
+                                          f"{first_at[real]}); kept once"))
+            continue
+        first_at[real] = where
+        kept.append(record)
     return kept, skipped
+
+
+def _photo_key(path: str) -> str:
+    """What makes two rows one photo: the file's bytes (a hard link or a copy under another name is the same photo),
+    or its real path when it cannot be read (decoding then reports it)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return path
 
 
 def _manifest_row(root: str, manifest: str, line_number: int, line: str,
@@ -312,6 +340,8 @@ def _manifest_row(root: str, manifest: str, line_number: int, line: str,
         return Skipped(path, f"file not found ({where})")
     if split not in (None, *SPLITS):
         return Skipped(path, f"unknown split {split!r} ({where})")
+    if SPECIAL_TOKEN.search(row.get("text") or ""):
+        return Skipped(where, f"{special_token_reason(row['text'])} ({file_name})")
     return Record(
         source=row.get("source") or "manifest",
         case_id=str(row.get("case_id") or f"manifest/{file_name}"),
@@ -321,6 +351,12 @@ def _manifest_row(root: str, manifest: str, line_number: int, line: str,
         mask_path=os.path.join(folder, mask_name) if mask_name else None,
         official_split=split,
     )
+
+
+def special_token_reason(text: str) -> str:
+    tokens = sorted(set(SPECIAL_TOKEN.findall(text)))
+    return (f"text holds the special token(s) {', '.join(tokens)}, which the processor would read as tokens (an image "
+            "slot, an end of turn); remove them from the history")
 
 
 def _inside(folder: str, name: str) -> bool:
@@ -433,7 +469,8 @@ def _is_utf8(text: str) -> bool:
 
 
 def _check(record: Record) -> tuple[Record | None, list[Skipped]]:
-    """Decode a record's image (and mask): (record with its pixel hash, or None if unreadable; problems found)."""
+    """Decode a record's image (and mask): (record with its pixel hash, or None if unreadable or without a field of
+    view; problems found)."""
     fields = ("image_path", "mask_path", "case_id", "text")
     not_utf8 = [field for field in fields if not _is_utf8(getattr(record, field) or "")]
     if not_utf8:  # Arrow stores UTF-8 strings only
@@ -441,6 +478,8 @@ def _check(record: Record) -> tuple[Record | None, list[Skipped]]:
                                                  "encoding?); rename the file or fix the text")]
     try:
         image = decode_file(record.image_path)
+        # The processor crops every photo to its field of view: one with none (an all-black frame) cannot be trained on.
+        detect_field_of_view(to_rgb_image(image), MdfMllmImageProcessor.fov_detection_size, "photo")
     except (OSError, ValueError) as error:
         return None, [Skipped(record.image_path, str(error))]
     digest = hashlib.sha256(f"{image.mode}{image.size}".encode())  # sha256: hardware-accelerated on most CPUs

@@ -140,8 +140,15 @@ def load(args):
     try:
         return load_pipeline(args.model, device=args.device, dtype=dtype)
     except Exception as error:  # noqa: BLE001 - a truncated file, a bad config value: whichever, it is the folder
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise InputError(f"--model {args.model}: cannot load the model ({type(error).__name__}: {first})") from None
+        raise InputError(f"--model {args.model}: cannot load the model ({type(error).__name__}: "
+                         f"{first_line(error)})") from None
+
+
+def first_line(error: Exception) -> str:
+    """What an error says, on one line: its first line, with the next one when the first only introduces it
+    (huggingface_hub's "Validation error for field 'fusion_grid':" puts the field's value and type there)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])
 
 
 def checked_inputs(args, paths: list[str]) -> list[Image.Image]:

@@ -4,6 +4,8 @@ clinical history in, the class probabilities and the explanation map out. A phot
 
     MDF_MLLM_MODEL=path/to/exported/model python -m mdf_mllm.demo   # or: python app.py path/to/model [--port 7860]
 
+It listens on 127.0.0.1 unless `--host` or Gradio's `GRADIO_SERVER_NAME` says otherwise (`GRADIO_SERVER_PORT` too).
+
 Needs the optional `demo` extra (gradio).
 """
 
@@ -116,8 +118,11 @@ def build_demo(model_folder: str) -> gr.Blocks:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="MDF-MLLM demo")
     parser.add_argument("model", nargs="?", default=os.environ.get(MODEL_ENV), help=f"model folder (or ${MODEL_ENV})")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
+    # Gradio's own variables (a Space sets GRADIO_SERVER_NAME=0.0.0.0); unset, the demo listens on this machine only.
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
+                        help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     args = parser.parse_args(argv)
     if not args.model:
         parser.error(f"give the model folder as an argument or in ${MODEL_ENV}")

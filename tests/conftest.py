@@ -1,6 +1,7 @@
 """Shared fixtures: tiny Mllama / MDF-MLLM layouts that build and run in well under a second on a CPU."""
 
 import importlib
+import json
 import os
 import shutil
 import socket
@@ -183,8 +184,10 @@ def launch_two_cpu_processes(command: list[str], **kwargs) -> subprocess.Complet
 
 
 def export_tiny_model(folder) -> str:
-    """A tiny MDF-MLLM with open gates, exported as training exports one: model + processor + pipeline in `folder`."""
+    """A tiny MDF-MLLM with open gates, exported as training exports one: model + processor + pipeline + Endpoints
+    handler in `folder`, and the list of the files written."""
     from configuration_mdf_mllm import MdfMllmConfig
+    from mdf_mllm.export import EXPORT_MANIFEST, HANDLER_SOURCE, files_in
     from modeling_mdf_mllm import MdfMllmForConditionalGeneration
     from pipeline_mdf_mllm import register_pipeline
     from processing_mdf_mllm import build_default_processor
@@ -208,7 +211,39 @@ def export_tiny_model(folder) -> str:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     register_pipeline(folder)
+    shutil.copyfile(HANDLER_SOURCE, Path(folder) / "handler.py")
+    (Path(folder) / EXPORT_MANIFEST).write_text(json.dumps({"files": sorted(files_in(Path(folder)))}))
     return str(folder)
+
+
+MARKER_MODULE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("ran")  # transformers runs a copy of this file from its modules cache
+from .modeling_mdf_mllm import *  # noqa: F401,F403
+from .configuration_mdf_mllm import *  # noqa: F401,F403
+from .processing_mdf_mllm import *  # noqa: F401,F403
+from .image_processing_mdf_mllm import *  # noqa: F401,F403
+from .pipeline_mdf_mllm import *  # noqa: F401,F403
+"""
+
+
+def injected_export(model_folder, root, listed: bool):
+    """A copy of the export whose every `auto_map` (and custom pipeline) names `injected.py`, a module that writes
+    `root/marker` when imported; `listed`: also added to export_files.json, as a careful attacker would."""
+    from mdf_mllm.export import EXPORT_MANIFEST
+
+    folder = shutil.copytree(model_folder, root / "model")
+    (folder / "injected.py").write_text(MARKER_MODULE.format(marker=str(root / "marker")))
+    for config in set(folder.glob("*.json")) - {folder / EXPORT_MANIFEST}:
+        text = config.read_text()
+        for module in ("configuration", "modeling", "processing", "image_processing", "pipeline"):
+            text = text.replace(f'"{module}_mdf_mllm.', '"injected.')
+        config.write_text(text)
+    assert '"injected.' in (folder / "config.json").read_text()
+    if listed:
+        written = json.loads((folder / EXPORT_MANIFEST).read_text())
+        (folder / EXPORT_MANIFEST).write_text(json.dumps({"files": written["files"] + ["injected.py"]}))
+    return folder
 
 
 @pytest.fixture(scope="session")

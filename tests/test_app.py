@@ -117,3 +117,48 @@ def test_upload_a_photo_and_read_the_prediction_and_map(demo_url, browser, tmp_p
     labels = browser.find_element(By.CSS_SELECTOR, "body").text
     for entry in expected:
         assert entry["label"] in labels
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses (as /proc/net/tcp writes them, hex) with a socket listening on `port`."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return {local.split(":")[0] for local, state in ((row[1], row[3]) for row in rows)
+            if state == "0A" and int(local.split(":")[1], 16) == port}
+
+
+def test_issue32_the_demo_listens_where_gradio_server_name_says(demo_url, tmp_path):
+    port = int(demo_url[0].rsplit(":", 1)[1].strip("/"))
+    assert listening_addresses(port) == {"0100007F"}  # unset: 127.0.0.1 only
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "MDF_MLLM_MODEL": demo_url[1],
+           "GRADIO_SERVER_NAME": "0.0.0.0"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/", process)
+        assert listening_addresses(port) == {"00000000"}  # every interface
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.mark.parametrize("env, argv, expected", [
+    ({}, [], ("127.0.0.1", 7860)),
+    ({"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7999"}, [], ("0.0.0.0", 7999)),
+    ({"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7999"}, ["--host", "127.0.0.1", "--port", "7001"],
+     ("127.0.0.1", 7001)),
+])
+def test_issue32_demo_address_options_default_to_gradios_variables(monkeypatch, env, argv, expected):
+    from types import SimpleNamespace
+
+    from mdf_mllm import demo
+
+    launched = {}
+    monkeypatch.setattr(demo, "build_demo", lambda folder: SimpleNamespace(launch=lambda **kw: launched.update(kw)))
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    demo.main(["folder", *argv])
+    assert (launched["server_name"], launched["server_port"]) == expected

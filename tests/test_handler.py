@@ -13,7 +13,7 @@ import sys
 import zlib
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, injected_export
 from PIL import Image
 from skimage import data
 
@@ -87,13 +87,36 @@ def endpoint(model_folder, photos, tmp_path_factory):
         "abc",
         {"inputs": bomb_png(13000, 13000)},
     ]
-    (root / "requests.pkl").write_bytes(pickle.dumps(requests))
+    served = run_endpoint(folder, requests + base64_spellings(fundus))
+    served["base64_answers"] = served["answers"][len(requests):]
+    served["answers"] = served["answers"][: len(requests)]
+    return served
+
+
+def run_endpoint(folder, requests):
+    """What ENDPOINT prints for `requests` served from `folder` in a fresh interpreter (its exit status and stderr
+    when it fails)."""
+    (folder.parent / "requests.pkl").write_bytes(pickle.dumps(requests))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", ENDPOINT, str(folder), str(root / "requests.pkl"),
+    result = subprocess.run([sys.executable, "-c", ENDPOINT, str(folder), str(folder.parent / "requests.pkl"),
                              json.dumps(PROJECT_MODULES)],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+                            cwd=folder.parent, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode:
+        return {"returncode": result.returncode, "stderr": result.stderr}
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def base64_spellings(photo: bytes) -> list[dict]:
+    """`photo` as encoders write base64 (each must read as the photo), then text that is not base64."""
+    photo += b"\0" * ((1 - len(photo)) % 3)  # after PNG's end chunk (readers ignore it): base64 then ends with ==
+    text = base64.b64encode(photo).decode()
+    url_safe = base64.urlsafe_b64encode(photo).decode()
+    # Each spelling differs from the plain one, or the test would prove nothing.
+    assert text.endswith("=") and ("-" in url_safe or "_" in url_safe) and len(text) > 76
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\n"  # what GNU base64 writes
+    spellings = [wrapped, text + "\n", text.rstrip("="), url_safe, url_safe.rstrip("="),
+                 f"data:image/png;base64,{wrapped}", "\r\n".join(text[i : i + 64] for i in range(0, len(text), 64))]
+    return [{"inputs": spelling} for spelling in spellings + [text[:40] + "$" + text[40:], text + "é", "fundus.png"]]
 
 
 def test_handler_loads_from_the_exported_folder_alone(endpoint):
@@ -140,3 +163,24 @@ def test_row_10_any_payload_shape_and_a_bomb_get_an_error(endpoint):
                             'expected a JSON object {"inputs": ..., "parameters": {...}}, got str']
     assert messages[2] == ("inputs: 13000x13000 pixels exceeds the limit of 89478485; refused as a possible "
                            "decompression bomb")
+
+
+def test_issue32_base64_as_encoders_write_it_is_read_and_other_text_refused(endpoint):
+    """Line breaks (GNU base64), a trailing newline, no padding, the URL-safe alphabet: the photo's answer; a stray
+    character or a file name: the clear refusal."""
+    answers = endpoint["base64_answers"]
+    assert answers[:7] == [endpoint["answers"][1]] * 7
+    assert answers[7:] == [{"error": "inputs: text that is not base64; send the photo as base64 text or raw bytes"}] * 3
+
+
+def test_issue32_handler_never_runs_code_an_edited_auto_map_names(model_folder, photos, tmp_path):
+    fundus = png(photos[0])
+    refused = run_endpoint(injected_export(model_folder, tmp_path / "a", listed=False), [{"inputs": fundus}])
+    assert not (tmp_path / "a" / "marker").exists() and refused.get("returncode") == 1
+    assert refused["stderr"].strip().splitlines()[-1] == (
+        f"ValueError: {tmp_path / 'a' / 'model'}: holds Python files the export did not write (injected.py); its code "
+        "is not run")
+    served = run_endpoint(injected_export(model_folder, tmp_path / "b", listed=True), [{"inputs": fundus}])
+    assert not (tmp_path / "b" / "marker").exists()
+    expected = run_endpoint(shutil.copytree(model_folder, tmp_path / "c" / "model"), [{"inputs": fundus}])
+    assert served["answers"] == expected["answers"] and len(expected["answers"][0]) == 8

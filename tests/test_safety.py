@@ -1,5 +1,6 @@
 """Nothing the user kept is deleted (export and output folders); nothing pickled is loaded (every model loader)."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -190,3 +191,63 @@ def test_the_endpoint_handler_and_automodel_load_safetensors_only(pickled_model)
         AutoModel.from_pretrained(pickled_model, trust_remote_code=True, use_safetensors=False)
     with pytest.raises(ValueError, match=message):
         EndpointHandler(str(pickled_model))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 32: the package's programs treat a model folder as weights, config and processor; their messages keep the
+# reason.
+
+
+@pytest.fixture(scope="module")
+def fundus_file(tmp_path_factory):
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photo") / "retina.png"
+    Image.fromarray(data.retina()).resize((64, 64)).save(path)
+    return str(path)
+
+
+def predict_json(folder, photo, capsys) -> tuple[int, list | str]:
+    """`mdf-mllm predict --json`'s exit status, and its predictions (exit 0) or what it wrote on stderr."""
+    from mdf_mllm.cli import main
+
+    code = main(["predict", photo, "--model", str(folder), "--json", "--text", "Night blindness."])
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if code == 0 else err
+
+
+def test_issue32_cli_and_demo_never_run_code_an_edited_auto_map_names(model_folder, fundus_file, tmp_path, capsys):
+    from conftest import injected_export
+
+    folder = injected_export(model_folder, tmp_path, listed=True)
+    code, predictions = predict_json(folder, fundus_file, capsys)
+    assert not (tmp_path / "marker").exists()
+    assert (code, predictions) == predict_json(model_folder, fundus_file, capsys) and code == 0
+    if importlib.util.find_spec("gradio") is not None:
+        from mdf_mllm.demo import build_demo
+
+        build_demo(str(folder))
+        assert not (tmp_path / "marker").exists()
+
+
+def test_issue32_cli_names_the_missing_modules_of_an_incomplete_folder(model_folder, fundus_file, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    folder = shutil.copytree(model_folder, tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".unet." not in k}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    code, err = predict_json(folder, fundus_file, capsys)
+    assert code == 2 and err.count("\n") == 1 and "See the original errors" not in err
+    assert "whose MDF tensors do not match the model: missing in ['model.unet'], unexpected in []" in err
+
+
+def test_issue32_cli_wrong_typed_config_field_is_one_line_with_its_reason(model_folder, fundus_file, tmp_path,
+                                                                           capsys):
+    folder = shutil.copytree(model_folder, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"fusion_grid": "2"}))
+    assert predict_json(folder, fundus_file, capsys) == (2,
+        f"mdf-mllm: error: --model {folder}: cannot load the model (StrictDataclassFieldValidationError: Validation "
+        "error for field 'fusion_grid': TypeError: Field 'fusion_grid' expected int, got str (value: '2'))\n")
