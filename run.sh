@@ -41,10 +41,11 @@ setup() {
             packages+=("torch==$TORCH_VERSION")  # one resolution for torch and the package
         else
             # torch alone from PyTorch's index; its dependencies come with the package's from pip's configured index.
-            python -m pip install --quiet --no-deps "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
+            python -m pip install --quiet --no-compile --no-deps "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
         fi
     fi
-    python -m pip install --quiet "${packages[@]}"
+    # --no-compile: Python compiles a module when it is first imported, so only what runs is compiled (as uv does).
+    python -m pip install --quiet --no-compile "${packages[@]}"
     echo "$want" >> "$stamp"
 }
 
