@@ -33,8 +33,8 @@ UNREACHABLE = "http://127.0.0.1:9/whl/cpu"  # nothing listens on the discard por
 COMMANDS = [
     (r"-m venv", "venv"),
     (r"pip install .*--upgrade pip", "pip upgrade"),
+    (r"pip install .*-e ", "package (editable)"),  # with torch in the same call where one resolution does both
     (r"pip install .*torch==", "torch"),
-    (r"pip install .*-e ", "package (editable)"),
     (r"train_hf\.py", "the command (--help)"),
 ]
 # Within one pip call, where each step of pip's log begins (pip writes these lines in this order).
@@ -44,7 +44,7 @@ PIP_STEPS = [
     (r"^Collecting |^Requirement already satisfied|^Looking in", "resolution + downloads"),
     (r"Building editable for", "editable wheel"),
     (r"Installing collected packages", "installing files"),
-    (r"Successfully installed", "end"),
+    (r"Successfully installed", "the rest"),
 ]
 TRACE = re.compile(r"^\++ ?(\d+\.\d+) (.*)$")
 PIP_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d),(\d{3}) (.*)$")
@@ -78,8 +78,7 @@ def pip_steps(lines: list[tuple[float, str]], start: float, stop: float, kind: s
         steps[f"{kind}: {step}"] += stamp - previous
         previous = stamp
         step = next((name for pattern, name in PIP_STEPS if re.search(pattern, text)), step)
-    if step != "end":
-        steps[f"{kind}: {step}"] += stop - previous
+    steps[f"{kind}: {step}"] += stop - previous
     return steps
 
 
@@ -152,6 +151,8 @@ def main() -> None:
     parser.add_argument("--unreachable", default=UNREACHABLE, help="a torch index that does not answer")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs of each (commit, scenario); median")
     parser.add_argument("--report", type=Path, default=ROOT / "bench" / "REPORT.md")
+    parser.add_argument("--no_warm_up", dest="warm_up", action="store_false",
+                        help="skip the untimed run of each commit (pip's cache already holds what both install)")
     args = parser.parse_args()
     started = time.perf_counter()
     commits = {}
@@ -161,7 +162,7 @@ def main() -> None:
                                         capture_output=True, text=True).stdout.strip()
     scenarios = {"TORCH_INDEX_URL=default": "default", "torch index unreachable": args.unreachable}
     log_dir = Path(tempfile.mkdtemp(prefix="setup-time-traces-"))
-    for label, commit in commits.items():  # warm pip's cache with everything each commit installs
+    for label, commit in commits.items() if args.warm_up else ():  # pip's cache: everything each commit installs
         print(f"warming pip's cache: {label} ({commit[:12]})", flush=True)
         one_run(commit, "default", log_dir)
     results = {}
