@@ -155,6 +155,7 @@ def _training_summary(job: Job, trainer) -> dict:
         "dataset": job.data.dataset,
         "train_examples": len(trainer.train_dataset),
         "epochs": args.num_train_epochs,
+        **({"max_steps": args.max_steps} if args.max_steps > 0 else {}),  # a smoke run says so
         "batch_size": args.per_device_train_batch_size,
         "learning_rate": args.learning_rate,
         "lora": model.lora,

@@ -127,6 +127,10 @@ class MdfTrainingArguments(TrainingArguments):
 
     output_dir: str = field(default="outputs/run", metadata={"help": "Everything the run writes goes here"})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of each stage-2 arm (main job default)"})
+    max_steps: int = field(default=-1, metadata={"help": "A smoke run: every training loop of the job (base, stage "
+                           "1, both arms; each ablation run) stops after N optimizer steps, and every other phase "
+                           "still runs (scoring, references, counterfactual pass, probe ladder, export); -1: the "
+                           "epochs decide"})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size (main job default)"})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Validation batch size"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Base learning rate (main job default)"})

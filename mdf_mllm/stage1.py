@@ -93,7 +93,8 @@ def train_unet(job: Job, unet, num_classes: int, split: ProcessedSplit, collator
     generator = torch.Generator().manual_seed(args.seed)
     batch_size = args.per_device_train_batch_size
     steps_per_epoch = math.ceil(len(split) / batch_size)
-    steps = max(1, math.ceil(settings.stage1_epochs * steps_per_epoch))
+    # --max_steps bounds this loop as it bounds the Trainer's.
+    steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(settings.stage1_epochs * steps_per_epoch))
     schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.stage1_learning_rate, total_steps=steps)
                 if settings.stage1_schedule == "one_cycle" else torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0))
     vessel_weight = settings.stage1_vessel_weight if split.has_masks else 0.0

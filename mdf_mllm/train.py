@@ -13,6 +13,7 @@ With no arguments the whole study runs offline on the synthetic fundus set (ever
     python train_hf.py                          # the main job above (or mdf-mllm-train, python -m mdf_mllm.train)
     python train_hf.py job.yaml                 # the same arguments from a YAML or JSON file
     python train_hf.py --make_base --output_dir DIR       # only write the stock Mllama base to DIR/base
+    python train_hf.py --max_steps 2 --output_dir DIR     # a smoke run: each training loop 2 steps, every phase
     python train_hf.py --from_scratch           # both models from scratch, every gate open (no base, no stage 1)
     python train_hf.py --base_model meta-llama/Llama-3.2-11B-Vision-Instruct --dataset all \\
         --fives FIVES --hrf HRF --stonerounds StoneRounds --lora --bf16 --gradient_checkpointing

@@ -587,3 +587,40 @@ def test_the_export_holds_no_stage_1_class_head(main_job):
     assert len(exported) == len(fresh)  # tied or renamed keys aside, nothing beyond the model's own tensors
     assert not [key for key in exported if "class_head" in key]
     assert set(load_file(main_job["out"] / "stage1" / "class_head.safetensors")) == {"weight", "bias"}
+
+
+def test_max_steps_bounds_every_training_loop_and_every_phase_still_runs(tmp_path, monkeypatch):
+    """A smoke run (`--max_steps 2`): the base, stage 1 and both arms each take exactly 2 optimizer steps, and the
+    scoring, references, counterfactual pass, probe ladder and export all still run."""
+    from transformers import AutoModel
+
+    steps, original_train, original_loss = {}, stages.train, stage1.loss
+
+    def counting_train(model, *args, label=None, **kwargs):
+        trainer = original_train(model, *args, label=label, **kwargs)
+        # Optimizer steps, counted twice: the Trainer's own count, and the losses it logged (one per step here).
+        steps[label] = (trainer.state.global_step, len([h for h in trainer.state.log_history if "loss" in h]))
+        return trainer
+
+    def counting_loss(*args, **kwargs):  # stage 1 computes one loss per optimizer step
+        steps["stage 1"] = steps.get("stage 1", 0) + 1
+        return original_loss(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "train", counting_train)
+    monkeypatch.setattr(stage1, "loss", counting_loss)
+    out, cache = tmp_path / "smoke", tmp_path / "cache"
+    job.main([*TINY_JOB, *TINY_STAGES, "--max_steps", "2", "--output_dir", str(out), "--base_cache_dir", str(cache)])
+    assert steps == {"base: stock Mllama (tiny)": (2, 2), "stage 1": 2, "stage 2: MDF-MLLM": (2, 2),
+                     "stage 2: Mllama baseline": (2, 2)}
+    saved = json.loads((out / "comparison.json").read_text())
+    assert [row["name"] for row in saved["models"]] == ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)",
+                                                        comparison.TEXT_ONLY, comparison.LATE_FUSION]
+    assert all(row["num_items"] == 8 for row in saved["models"])  # every test photo scored
+    assert len(saved["counterfactual_histories"]["photos"]) == 8 and (out / "probe_ladder.md").is_file()
+    model = AutoModel.from_pretrained(out / "mdf-mllm", trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == saved["models"][0]["parameters"]
+    assert "| max_steps | 2 |" in (out / "mdf-mllm" / "README.md").read_text()  # the card says it was a smoke run
+    # The smoke base is cached under a key of its own: a full run never reuses it.
+    (smoke_base,) = cache.glob("base-*")
+    assert stages.base_cache_folder(job.parse_arguments([*TINY_JOB, *TINY_STAGES, "--base_cache_dir", str(cache)])
+                                    ) != smoke_base
