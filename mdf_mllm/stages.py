@@ -108,8 +108,6 @@ def base_cache_folder(job: Job) -> Path:
     # processor's (a change to either makes another base).
     code = [Path(sys.modules[cls.__module__].__file__).read_bytes()
             for cls in (MdfMllmProcessor, MdfMllmImageProcessor)]
-    if args.max_steps > 0:  # a smoke run's base is its own (and the key of every other base stays as it was)
-        settings.append(f"max_steps={args.max_steps}")
     key = hashlib.sha256(repr(settings).encode() + b"".join(code) + torch.__version__.encode()).hexdigest()[:16]
     root = job.run.base_cache_dir or os.environ.get("MDF_MLLM_BASE_CACHE") or Path.home() / ".cache" / "mdf_mllm"
     return Path(root) / f"base-{key}"
