@@ -341,3 +341,11 @@ def test_an_incomplete_checkpoint_is_refused_before_any_work(tmp_path, capsys, n
     (checkpoint / "trainer_state.json").unlink()
     line = refused(["--resume_from_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out")], capsys)
     assert line.endswith(f"--resume_from_checkpoint: {checkpoint} is not a complete checkpoint (no trainer_state.json)")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", (40).to_bytes(8, "little") + b'{"w": {"dtype": "F32"}}' + b" " * 17],
+                         ids=["empty", "no header", "header without offsets"])
+def test_a_safetensors_file_that_is_not_one_is_named(content, tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    assert guards.safetensors_problem(path).startswith(f"{path}: not a readable safetensors file (")
