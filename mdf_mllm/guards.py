@@ -211,7 +211,8 @@ def check_layout(model_args) -> None:
                                                           ("fusion_grid", model_args.fusion_grid),
                                                           ("fusion_layers", model_args.fusion_layers))
                  if value is not None]
-        raise UsageError(f"{', '.join(given) or '--model_size ' + layout}: the MDF config refuses it: {error}") from None
+        options = ", ".join(given) or f"--model_size {layout}"
+        raise UsageError(f"{options}: the MDF config refuses it: {error}") from None
 
 
 def local_config(folder: str) -> dict:
