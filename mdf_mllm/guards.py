@@ -19,10 +19,12 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from configuration_mdf_mllm import LAYOUTS, MdfMllmConfig
 from dataset_builder.__main__ import MIN_IMAGE_SIZE
-
+from dataset_builder.builder import MdfFundusConfig, assign_splits, collect_records
 from mdf_mllm.job import Job
-from mdf_mllm.model_setup import UsageError
+from mdf_mllm.model_setup import UsageError, cross_attention_layers, mdf_layout, parse_fusion_layers
+from mdf_mllm.training import checkpoints, is_complete_checkpoint, resolve_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -191,9 +193,6 @@ def check_job(job: Job) -> None:
 def check_layout(model_args) -> None:
     """The MDF config the job will build, made now from the options: what it refuses (the U-Net input size against
     the grid, the fusion map against the base's layers), refused before any training."""
-    from configuration_mdf_mllm import LAYOUTS, MdfMllmConfig
-    from mdf_mllm.model_setup import cross_attention_layers, mdf_layout, parse_fusion_layers
-
     layout, sizes = mdf_layout(model_args)
     layers = cross_attention_layers(model_args)
     if layout == "11b" and model_args.base_model:  # an MDF-MLLM checkpoint as the base brings its own sizes
@@ -213,7 +212,8 @@ def check_layout(model_args) -> None:
                                                           ("fusion_grid", model_args.fusion_grid),
                                                           ("fusion_layers", model_args.fusion_layers))
                  if value is not None]
-        raise UsageError(f"{', '.join(given) or '--model_size ' + layout}: the MDF config refuses it: {error}") from None
+        options = ", ".join(given) or f"--model_size {layout}"
+        raise UsageError(f"{options}: the MDF config refuses it: {error}") from None
 
 
 def local_config(folder: str) -> dict:
@@ -226,8 +226,6 @@ def local_config(folder: str) -> dict:
 
 def synthetic_split_sizes(num_images: int | None, seed: int) -> dict[str, int]:
     """The photos per split of the synthetic set of `num_images` (its plan alone: no photo is drawn)."""
-    from dataset_builder.builder import MdfFundusConfig, assign_splits, collect_records
-
     records, _ = collect_records(MdfFundusConfig(name="synthetic", num_images=num_images, seed=seed))
     splits = assign_splits(records, seed)
     return {split: splits.count(split) for split in ("train", "validation", "test")}
@@ -261,10 +259,10 @@ def safetensors_problem(path: Path) -> str | None:
         with open(path, "rb") as file:
             (length,) = struct.unpack("<Q", file.read(8))
             header = json.loads(file.read(length))
-    except (OSError, struct.error, ValueError, MemoryError) as error:
+        end = 8 + length + max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                               default=0)
+    except (OSError, struct.error, ValueError, MemoryError, KeyError, TypeError, IndexError, AttributeError) as error:
         return f"{path}: not a readable safetensors file ({type(error).__name__})"
-    end = 8 + length + max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
-                           default=0)
     size = path.stat().st_size
     if size < end:
         return f"{path}: truncated ({size} bytes of the {end} its header lists): copy it again"
@@ -318,9 +316,6 @@ def record_run(job: Job) -> None:
 def check_resume(job: Job) -> None:
     """A checkpoint is resumed only by a run of its own settings: its run's record (RUN_RECORD beside it) must agree
     with this run's, and its model must be an MDF-MLLM (a baseline checkpoint has no U-Net to resume)."""
-    from mdf_mllm.model_setup import parse_fusion_layers
-    from mdf_mllm.training import checkpoints, is_complete_checkpoint, resolve_checkpoint
-
     resume = job.training.resume_from_checkpoint
     if resume is None:
         return
@@ -425,8 +420,6 @@ def out_of_space(error: BaseException, folder: Path | None = None) -> bool:
 def disk_full_message(job: Job, error: BaseException) -> str:
     """One line for a disk that ran full: what was being written, that nothing half-written is left, and what can
     be resumed. Removes the incomplete checkpoints (a checkpoint cut short cannot be resumed)."""
-    from mdf_mllm.training import checkpoints, is_complete_checkpoint
-
     complete, removed = [], []
     for folder in (job.output_dir, job.output_dir / "baseline"):
         for checkpoint in checkpoints(folder):

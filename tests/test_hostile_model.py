@@ -265,7 +265,8 @@ def test_row_15_card_section_measures_the_real_photos_and_says_what_the_weights_
 # Issue 32: the model with its config's defaults, as transformers' own model tests build it
 
 
-def test_issue_32_with_the_configs_defaults_every_trainable_parameter_gets_a_gradient():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_issue_32_with_the_configs_defaults_every_trainable_parameter_gets_a_gradient(checkpointing):
     # A trainable parameter without a gradient stops DDP with find_unused_parameters=False (the Trainer's setting
     # under gradient checkpointing). The vessel head trains only with a vessel loss and masks; the config's default
     # asks for none, as the job's does.
@@ -274,6 +275,8 @@ def test_issue_32_with_the_configs_defaults_every_trainable_parameter_gets_a_gra
 
     config = mdf_config("a")
     model = MdfMllmForConditionalGeneration(config).train()
+    if checkpointing:  # as transformers' test_training_gradient_checkpointing runs it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     inputs = make_inputs(config)
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_index, -100)
     model(**inputs, labels=labels).loss.backward()

@@ -46,8 +46,8 @@ def refused(argv, capsys) -> str:
     (["--fusion_grid", "100"], "--fusion_grid 100: the MDF config refuses it: unet_config.image_size: 128 must be "
                                "divisible by fusion_grid * 8 = 800"),
     (["--unet_image_size", "7"], "--unet_image_size: got 7; accepts a whole number >= 16"),
-    (["--model_size", "tiny", "--unet_image_size", "40"], "--unet_image_size 40: the MDF config refuses it: "
-                                                          "unet_config.image_size: 40 must be divisible by fusion_grid"),
+    (["--model_size", "tiny", "--unet_image_size", "40"],
+     "--unet_image_size 40: the MDF config refuses it: unet_config.image_size: 40 must be divisible by fusion_grid"),
     (["--dataset_seed", "-1"], "--dataset_seed: got -1; accepts a whole number >= 0 and <= 4294967295"),
     (["--seed", "-1"], "--seed: got -1; accepts a whole number >= 0 and <= 4294967295"),
     (["--n_bootstrap", "0"], "--n_bootstrap: got 0; accepts a whole number >= 1"),
@@ -182,10 +182,11 @@ def test_disk_full_is_one_line_naming_the_resumable_checkpoint(tmp_path, capsys,
         job.main(["--output_dir", str(out)])
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.count("\n") == 1
-    assert err == (f"train_hf.py: error: no space left on the device writing {out / 'checkpoint-8' / 'model.safetensors'}"
-                   "; the export is written whole or not at all; the incomplete checkpoint-8 was removed; the "
-                   f"finished training's checkpoint {out / 'checkpoint-4'} is kept: free some space and resume it with "
-                   "--resume_from_checkpoint latest\n")
+    written = out / "checkpoint-8" / "model.safetensors"
+    assert err == (f"train_hf.py: error: no space left on the device writing {written}; the export is written whole or "
+                   "not at all; the incomplete checkpoint-8 was removed; the finished training's checkpoint "
+                   f"{out / 'checkpoint-4'} is kept: free some space and resume it with --resume_from_checkpoint "
+                   "latest\n")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", guards.RUN_RECORD]  # the lock is gone too
 
 
@@ -341,3 +342,13 @@ def test_an_incomplete_checkpoint_is_refused_before_any_work(tmp_path, capsys, n
     (checkpoint / "trainer_state.json").unlink()
     line = refused(["--resume_from_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out")], capsys)
     assert line.endswith(f"--resume_from_checkpoint: {checkpoint} is not a complete checkpoint (no trainer_state.json)")
+
+
+NO_OFFSETS = (40).to_bytes(8, "little") + b'{"w": {"dtype": "F32"}}'.ljust(40)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", NO_OFFSETS], ids=["empty", "no header", "header without offsets"])
+def test_a_safetensors_file_that_is_not_one_is_named(content, tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    assert guards.safetensors_problem(path).startswith(f"{path}: not a readable safetensors file (")
