@@ -463,7 +463,7 @@ def test_the_base_key_changes_with_every_setting_the_base_trains_with(tmp_path):
         (["--model_sise", "tiny"], "unrecognized arguments: --model_sise tiny"),
         (["--stage1_optimizer", "Lion"], "--stage1_optimizer: 'Lion' is not one of AdamW, Adam, SGD"),
         (["--stage1_schedule", "cosine"], "--stage1_schedule: 'cosine' is not one of one_cycle, constant"),
-        (["--stage1_flip", "1.5"], "--stage1_flip: expected a probability from 0 to 1, got 1.5"),
+        (["--stage1_flip", "1.5"], "--stage1_flip: got 1.5; accepts a finite number >= 0 and <= 1"),
     ],
 )
 def test_a_bad_option_exits_2_with_one_line_naming_it(argv, message, tmp_path, capsys):
