@@ -100,6 +100,7 @@ def one_run(commit: str, torch_index: str, log_dir: Path) -> dict[str, float]:
         end = time.time()
         name = f"{commit[:12]}-{'default' if torch_index == 'default' else 'unreachable'}"
         (log_dir / f"{name}.trace").write_text(done.stderr)
+        (log_dir / f"{name}.pip.log").write_bytes(log.read_bytes() if log.exists() else b"")
         if done.returncode:
             raise SystemExit(f"setup_time.py: ./run.sh main-job --help failed at {commit} (exit {done.returncode}); "
                              f"trace in {log_dir / (name + '.trace')}")
