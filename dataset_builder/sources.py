@@ -281,9 +281,12 @@ def _one_row_per_photo(rows: list[tuple[Record, str]], skipped: list[Skipped]) -
                  if len({record.label for record, _ in photo_rows}) > 1}
     for photo_rows in conflicts.values():
         labels = ", ".join(sorted({record.label for record, _ in photo_rows}))
-        lines = ", ".join(f"{where}: {record.image_path}" for record, where in photo_rows)
-        skipped.append(Skipped(photo_rows[0][0].image_path, f"conflict: listed with labels {labels} ({lines}: one "
-                                                            "photo); none kept, fix the manifest"))
+        if len({os.path.realpath(record.image_path) for record, _ in photo_rows}) == 1:
+            lines = ", ".join(where for _, where in photo_rows)
+        else:  # several files: each named, with its line
+            lines = ", ".join(f"{where}: {record.image_path}" for record, where in photo_rows) + ": one photo"
+        skipped.append(Skipped(photo_rows[0][0].image_path, f"conflict: listed with labels {labels} ({lines}); none "
+                                                            "kept, fix the manifest"))
     kept, first_at = [], {}
     for (record, where), real in zip(rows, reals):
         if digests[real] in conflicts:

@@ -300,14 +300,16 @@ def test_issue32_a_history_holding_special_tokens_is_skipped_naming_its_row(tmp_
     assert [os.path.basename(r.image_path) for r in records] == ["p0.png", "p3.png"]
     manifest = tmp_path / "metadata.jsonl"
     assert [s.path for s in skipped] == [f"{manifest}:2", f"{manifest}:3"]
-    assert skipped[0].reason.startswith("text holds the special token(s) <|image|>, which") and "(p1.png)" in skipped[0].reason
+    assert skipped[0].reason.startswith("text holds the special token(s) <|image|>, which")
+    assert skipped[0].reason.endswith("(p1.png)")
     assert "<|eot_id|>, <|start_header_id|>" in skipped[1].reason
 
 
 def test_issue32_a_stonerounds_history_holding_special_tokens_is_skipped(tmp_path):
     for case, history in (("ok", "Night blindness."), ("bad", "<|image|>")):
         _photo(str(tmp_path / case / "a.png"))
-        (tmp_path / case / "case.json").write_text(json.dumps({"diagnosis": "retinitis pigmentosa", "history": history}))
+        case_json = {"diagnosis": "retinitis pigmentosa", "history": history}
+        (tmp_path / case / "case.json").write_text(json.dumps(case_json))
     from dataset_builder import read_stonerounds
 
     records, skipped = read_stonerounds(str(tmp_path))
