@@ -44,7 +44,7 @@ def exported(model_folder):
     photo = Image.new("RGB", (32, 32), (150, 60, 20))
     test = [{"image": photo, "label": 0, "text": "Routine check."}, {"image": photo, "label": 4, "text": ""}]
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=[{"train_runtime": 1.0}]), train_dataset=[0, 1, 2],
-                              args=SimpleNamespace(num_train_epochs=1, per_device_train_batch_size=2,
+                              args=SimpleNamespace(num_train_epochs=1, max_steps=-1, per_device_train_batch_size=2,
                                                    learning_rate=1e-3, bf16=False, seed=0))
     ours.model, ours.trainer = MdfMllmForConditionalGeneration.from_pretrained(model_folder), trainer
     return dict(processor=MdfMllmProcessor.from_pretrained(model_folder), ours=ours, dataset={"test": test})
