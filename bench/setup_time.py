@@ -116,11 +116,20 @@ def one_run(commit: str, torch_index: str, log_dir: Path) -> dict[str, float]:
         return phases
 
 
+def phase_order(phase: str) -> tuple[int, int]:
+    """run.sh's order: the venv, pip's calls (each split in pip's order), the checks, the command; totals last."""
+    kinds = ["venv", "pip upgrade", "torch", "package (editable)", "checks", "the command (--help)",
+             "pip retry warnings"]
+    steps = ["start-up"] + [name for _, name in PIP_STEPS]
+    kind, _, step = phase.partition(": ")
+    return kinds.index(kind) if kind in kinds else len(kinds), steps.index(step) + 1 if step else 0
+
+
 def table(results: dict[str, dict[str, dict[str, float]]], labels: list[str]) -> str:
     """One row per phase, one column per (commit, scenario)."""
     columns = [(scenario, label) for scenario in results for label in labels]
     rows = sorted({phase for scenario in results.values() for runs in scenario.values() for phase in runs},
-                  key=lambda p: (p.startswith(("total", "pip retry")), p))
+                  key=phase_order)
     head = "| phase | " + " | ".join(f"{label}, {scenario}" for scenario, label in columns) + " |"
     out = [head, "|---|" + "---:|" * len(columns)]
     for phase in rows:
@@ -155,7 +164,7 @@ def main() -> None:
     parser.add_argument("--no_warm_up", dest="warm_up", action="store_false",
                         help="skip the untimed run of each commit (pip's cache already holds what both install)")
     args = parser.parse_args()
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     commits = {}
     for label in ("before", "after"):
         ref = getattr(args, label)
@@ -178,14 +187,15 @@ def main() -> None:
             results[scenario][label] = median_runs(runs)
     totals = {s: {label: r[label]["total (wall)"] for label in commits} for s, r in results.items()}
     default, offline = totals["TORCH_INDEX_URL=default"], totals["torch index unreachable"]
-    load = os.getloadavg()[0]
+    loads = f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     section = "\n".join([
         SECTION,
         "",
-        f"`./run.sh main-job --help` on a new clone (`git clone` + checkout), pip's cache warm, on {platform.machine()} "
-        f"with {os.cpu_count()} cores (load average {load:.1f} at the end: other work ran beside it), median of "
+        f"`./run.sh main-job --help` on a new clone (`git clone` + checkout), pip's cache warm, on "
+        f"{platform.machine()} with {os.cpu_count()} cores (load average {loads}), median of "
         f"{args.repeat} run(s); before = {commits['before'][:12]}, after = {commits['after'][:12]}. Seconds by "
-        "phase: each command of run.sh timed by bash's xtrace, each pip call split by pip's own log. The torch "
+        "phase: each command of run.sh timed by bash's xtrace, each pip call split by pip's own log (its debug "
+        "log, which every pip call writes here, costs both commits alike). The torch "
         f"index unreachable: TORCH_INDEX_URL={args.unreachable} (connections refused). `python bench/setup_time.py` "
         "writes this section.",
         "",
