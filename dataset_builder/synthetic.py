@@ -113,17 +113,17 @@ DEFAULT_COMPOSITION = {
     },
 }
 # 89 images: every split gets every class of FIVES and HRF and both sides of every phenocopy pair and of every
-# overlapping history but the simplex and carrier ones (4 one-photo cases per presentation: 1 test, 1 validation,
-# 2 train), the age-dependent looks among them.
+# overlapping history but the carriers' (4 one-photo cases per presentation: 1 test, 1 validation, 2 train), the
+# age-dependent looks among them (24 photos).
 TINY_COMPOSITION = {
     "fives": {"normal": 4, "amd": 4, "dr": 4, "glaucoma": 4},
     "hrf": {"normal": 3, "dr": 3, "glaucoma": 3},
     "stonerounds": {
-        "retinitis_pigmentosa": {"x_linked@rp_moderate": 4, "sine_pigmento": 4},
-        "choroideremia": {"x_linked@rp_moderate": 4},
-        "stargardt": {"central_blur@macular_atrophy": 4, "late_onset": 4},
+        "retinitis_pigmentosa": {"male@rp_moderate": 4, "sine_pigmento": 4},
+        "choroideremia": {"male@rp_moderate": 4},
+        "stargardt": {"central_blur@macular_atrophy": 4, "late_onset@ga_flecks": 4},
         "best_disease": {"central_blur@macular_atrophy": 4, "typical@best_disease": 4},
-        "amd": {"atrophic": 4, "vitelliform": 4},
+        "amd": {"blur@ga_flecks": 4, "vitelliform": 4},
         "normal": {"diabetes": 4, "glaucoma_family": 4, "large_cup": 4, "hypertensive": 4},
         "dr": {"typical": 4},
         "glaucoma": {"typical": 4, "early": 4},
@@ -287,11 +287,11 @@ def _plan_stonerounds(counts: dict, rng: np.random.Generator) -> list[SyntheticI
         look, kind, _ = PRESENTATIONS[label][name]
         for _ in range(100 if isinstance(counts[label], dict) else 1):
             text, written, age = case_record(label, kind, rng)
-            staged = stage_look(label, age) if look == STAGED else look
+            staged = stage_look(label, age, name) if look == STAGED else look
             if written == kind and staged == (wanted or staged):
                 break
         first = _pick(rng, ["right", "left"])
-        age_dependent = written == kind and is_age_dependent(label, staged, kind)
+        age_dependent = written in (kind, "uninformative") and is_age_dependent(label, staged, written)
         for eye in (("right", "left") if first == "right" else ("left", "right"))[:eyes]:
             items.append(SyntheticItem("stonerounds", len(items), label, str(number), text, None, name, staged,
                                        written, eye, age_dependent))
@@ -320,31 +320,32 @@ def _allocate(presentations: dict, num_cases: int) -> list[str]:
 STAGED = "staged"
 PRESENTATIONS = {
     "retinitis_pigmentosa": {
-        "typical": (STAGED, "rod_cone_dystrophy", 0.37),  # dominant, recessive, Usher or no known family
-        "simplex": (STAGED, "night_blind_simplex", 0.30),  # a male with no family history: as choroideremia's
-        "x_linked": (STAGED, "x_linked", 0.12),  # X-linked RP is 10-15 % of RP; history as choroideremia's
+        "typical": (STAGED, "rod_cone_dystrophy", 0.33),  # dominant, recessive, Usher or no known family
+        # A male, simplex or with an X-linked family (a third of the kind's: X-linked RP is 10-15 % of RP); history
+        # as choroideremia's.
+        "male": (STAGED, "male_night_blindness", 0.45),
         "sine_pigmento": ("narrow_vessels", "rod_cone_dystrophy", 0.17),  # photo as a hypertensive normal eye's
-        "carrier": ("rp_mild", "x_linked_carrier", 0.04),  # a female carrier of X-linked RP with patchy spicules
+        "carrier": ("rp_mild", "x_linked_carrier", 0.05),  # a female carrier of X-linked RP with patchy spicules
     },
     "choroideremia": {
-        "x_linked": (STAGED, "x_linked", 0.55),  # history as X-linked RP's
-        "simplex": (STAGED, "night_blind_simplex", 0.20),
-        "gene_tested": (STAGED, "x_linked_chm", 0.12),
-        "carrier": ("chm_carrier", "x_linked_carrier", 0.13),  # a female carrier: patchy peripheral mottling
+        "male": (STAGED, "male_night_blindness", 0.80),  # history as RP's in a male
+        "gene_tested": (STAGED, "x_linked_chm", 0.10),
+        "carrier": ("chm_carrier", "x_linked_carrier", 0.10),  # a female carrier: patchy peripheral mottling
     },
     "stargardt": {
-        "typical": (STAGED, "juvenile_macular", 0.30),
-        "central_blur": (STAGED, "central_blur", 0.40),  # history as Best's
-        "late_onset": ("ga_flecks", "late_onset_macular", 0.30),  # photo as AMD's atrophy with flecks
+        "typical": (STAGED, "juvenile_macular", 0.20),
+        "central_blur": (STAGED, "central_blur", 0.60),  # history as Best's
+        "late_onset": (STAGED, "adult_macular", 0.20),  # history as AMD's; foveal-sparing atrophy with flecks
     },
     "best_disease": {
-        "typical": (STAGED, "dominant_macular", 0.40),
-        "central_blur": (STAGED, "central_blur", 0.60),  # history as Stargardt's
+        "typical": (STAGED, "dominant_macular", 0.20),
+        "central_blur": (STAGED, "central_blur", 0.80),  # history as Stargardt's
     },
     "amd": {
-        "typical": ("amd", "elderly_macular", 0.30),
-        "atrophic": ("ga_flecks", "elderly_macular", 0.30),  # photo as late-onset Stargardt's
-        "vitelliform": ("best_disease", "elderly_macular", 0.40),  # photo as Best's (adult-onset vitelliform lesion)
+        "typical": ("amd", "elderly_macular", 0.15),
+        "atrophic": ("ga_flecks", "elderly_macular", 0.15),  # photo as late-onset Stargardt's
+        "vitelliform": ("best_disease", "elderly_macular", 0.30),  # photo as Best's (adult-onset vitelliform lesion)
+        "blur": (STAGED, "adult_macular", 0.40),  # history as late-onset Stargardt's
     },
     "normal": {
         "screening": ("normal", "no_complaints", 0.20),
@@ -363,21 +364,26 @@ PRESENTATIONS = {
 # atrophic scar in adult life; Stargardt disease shows macular atrophy with few flecks in childhood, flecks spreading
 # later; choroideremia looks like RP (pigment clumping) in childhood before its scalloped atrophy; RP goes from a
 # few spicules to dense spicules with narrow vessels and a waxy disc. So "macular_atrophy" is Best disease after 30
-# and Stargardt disease before 17, "rp_moderate" choroideremia before 18 and RP from 18 to 44.
+# and Stargardt disease before 17, "rp_moderate" choroideremia before 18 and RP from 18 to 49.
 STAGES = {
     "best_disease": ((0, "best_disease"), (30, "macular_atrophy")),
     "stargardt": ((0, "macular_atrophy"), (17, "stargardt")),
     "choroideremia": ((0, "rp_moderate"), (18, "choroideremia")),
-    "retinitis_pigmentosa": ((0, "rp_mild"), (18, "rp_moderate"), (45, "retinitis_pigmentosa")),
+    "retinitis_pigmentosa": ((0, "rp_mild"), (18, "rp_moderate"), (50, "retinitis_pigmentosa")),
+    # By presentation: late-onset Stargardt disease is foveal-sparing atrophy with flecks, then widespread flecks;
+    # AMD drusen, then geographic atrophy from the late sixties; so "ga_flecks" is Stargardt disease before 66 and
+    # AMD from 66.
+    "stargardt/late_onset": ((0, "ga_flecks"), (66, "stargardt")),
+    "amd/blur": ((0, "amd"), (66, "ga_flecks")),
 }
 LOOKS = [*LABEL_NAMES, "large_cup", "macular_atrophy", "ga_flecks", "rp_mild", "rp_moderate", "narrow_vessels",
          "chm_carrier"]
 CUP_TO_DISC = {"normal": (0.2, 0.5), "glaucoma": (0.65, 0.9), "large_cup": (0.6, 0.8)}
 
 
-def stage_look(label: str, age: int) -> str:
-    """The look of `label`'s stage at `age` (`STAGES`)."""
-    return [look for start, look in STAGES[label] if age >= start][-1]
+def stage_look(label: str, age: int, presentation: str = "") -> str:
+    """The look of `label`'s stage at `age` (`STAGES`: the presentation's own stages, else the label's)."""
+    return [look for start, look in STAGES.get(f"{label}/{presentation}", STAGES.get(label)) if age >= start][-1]
 
 
 # History kinds: what a clinician writes for a case (`clinical_case`): the age (`ages`: ranges drawn with equal
@@ -398,23 +404,18 @@ HISTORIES = {
                   "Goldmann fields constricted to 15 degrees; rod ERG severely reduced."],
         "gene": 0.5,
     },
-    "x_linked": {
-        # Childhood and adult visits equally often, so that the age is no clue to the label by itself.
-        "ages": [(6, 16), (20, 60)], "onset": (3, 12), "sex": "male",
+    "male_night_blindness": {
+        # Childhood and adult visits equally often, so that the age is no clue to the label by itself; a third of
+        # the families X-linked (a maternal uncle or grandfather), the rest simplex.
+        "ages": [(6, 16), (20, 55)], "onset": (3, 12), "sex": "male",
         "complaint": ["Night blindness since early childhood (age {onset}); the side vision has narrowed since.",
                       "Poor vision in the dark since age {onset} and progressive peripheral field loss."],
         "family": [("A maternal uncle has the same condition; the mother has no complaints.", None),
-                   ("{Pos} maternal grandfather was affected; parents unaffected.", None)],
+                   ("{Pos} maternal grandfather was affected; parents unaffected.", None),
+                   ("No family history of eye disease.", None), ("Adopted; family history unknown.", None),
+                   ("Parents unaffected; no other relatives affected.", None), ("Parents and siblings unaffected.", None)],
         "tests": ["ERG reduced in a rod-cone pattern; central acuity preserved.",
                   "Visual fields constricted; genetic testing pending."],
-        "gene": 0.0,
-    },
-    "night_blind_simplex": {
-        "ages": [(6, 16), (20, 60)], "onset": (4, 14), "sex": "male",
-        "complaint": ["Night blindness noticed at age {onset}; the side vision has narrowed since.",
-                      "Trouble seeing in dim light since age {onset}."],
-        "family": [("No family history of eye disease.", None), ("Adopted; family history unknown.", None)],
-        "tests": ["ERG: rod responses markedly reduced.", "Visual fields constricted; genetic testing pending."],
         "gene": 0.0,
     },
     "x_linked_carrier": {
@@ -434,15 +435,14 @@ HISTORIES = {
         "tests": ["Fluorescein angiography shows a dark choroid.", "Central scotoma on perimetry."],
         "gene": 0.6,
     },
-    "late_onset_macular": {
-        "ages": [(40, 65)], "onset": (35, 55), "sex": None,
-        "complaint": ["Slowly progressive central blur since age {onset}; the very centre was spared for years.",
-                      "Difficulty reading since age {onset}."],
-        "family": [("Parents unaffected; an older sister has the same condition.", "ABCA4"),
-                   ("Parents unaffected; a cousin lost central vision at about 45.", "ABCA4")],
-        "tests": ["Fluorescein angiography shows a dark choroid.",
-                  "Autofluorescence shows flecks beyond the vascular arcades."],
-        "gene": 0.5,
+    "adult_macular": {
+        # Visits before and after 66 equally often (see male_night_blindness).
+        "ages": [(45, 65), (66, 88)], "onset": None, "years": (1, 8), "sex": None,
+        "complaint": ["Slowly progressive central blur over {years} years; difficulty reading.",
+                      "Difficulty reading for {years} years; the very centre seems spared."],
+        "family": [("No family history known.", None), ("Parents died young; family history unknown.", None)],
+        "tests": ["Autofluorescence ordered.", "Central visual field relative scotoma."],
+        "gene": 0.0,
     },
     "dominant_macular": {
         "ages": [(5, 62)], "onset": (4, 30), "sex": None,
@@ -455,7 +455,7 @@ HISTORIES = {
         "gene": 0.5,
     },
     "central_blur": {
-        # Childhood and adult visits equally often (see x_linked).
+        # Childhood and adult visits equally often (see male_night_blindness).
         "ages": [(7, 16), (35, 60)], "onset": None, "years": (1, 6), "sex": None,
         "complaint": ["Gradual central blur over the past {years} years; difficulty reading.",
                       "Blurred central vision and mild distortion for {years} years."],
@@ -520,8 +520,8 @@ HISTORIES = {
         "gene": 0.0,
     },
 }
-HISTORIES["x_linked_chm"] = {**HISTORIES["x_linked"], "family": [(text, "CHM") for text, _ in
-                                                                 HISTORIES["x_linked"]["family"]], "gene": 1.0,
+HISTORIES["x_linked_chm"] = {**HISTORIES["male_night_blindness"], "family": [
+    (text, "CHM") for text, _ in HISTORIES["male_night_blindness"]["family"][:2]], "gene": 1.0,
                              "tests": ["ERG reduced in a rod-cone pattern; genetic testing done.",
                                        "Visual fields constricted; genetic testing done."]}
 UNINFORMATIVE = ["Referred for fundus photography.", "Seen in clinic; notes not available.",
@@ -531,8 +531,8 @@ UNINFORMATIVE = ["Referred for fundus photography.", "Seen in clinic; notes not 
 # records the pressure (mmHg, both eyes) and most the blood pressure; a few cases have no history at all, a few an
 # uninformative one, a few a misleading one (another label's history: a previous misdiagnosis).
 CLINIC = {
-    "missing": 0.12,  # no history: the photo comes alone
-    "uninformative": 0.04,  # "referred for photography", with the age and sex
+    "missing": 0.10,  # no history: the photo comes alone
+    "uninformative": 0.07,  # "referred for photography", with the age and sex
     "misleading": 0.03,  # another label's kind of history
     "nonspecific": 0.25,  # floaters, glare, new glasses: any label
     # Intraocular pressure: raised (22-34) in this share of each label's eyes, else 10-21. Normal-tension glaucoma
@@ -568,7 +568,7 @@ def presentation_looks(label: str, name: str) -> list[str]:
     if look != STAGED:
         return [look]
     ages = HISTORIES[kind]["ages"]
-    return sorted({stage_look(label, age) for low, high in ages for age in range(low, high + 1)})
+    return sorted({stage_look(label, age, name) for low, high in ages for age in range(low, high + 1)})
 
 
 # Which labels draw each look, and which write each history kind (the StoneRounds-like part; FIVES- and HRF-like
@@ -579,13 +579,32 @@ HISTORY_LABELS = {kind: sorted({label for label, ps in PRESENTATIONS.items() for
                   for kind in HISTORIES}
 # A misleading history for a photo that decides alone: the first of these that no label drawing the photo's look
 # would write.
-MISLEADING_HISTORIES = ("juvenile_macular", "x_linked", "elderly_macular")
+MISLEADING_HISTORIES = ("juvenile_macular", "male_night_blindness", "elderly_macular")
+
+
+def look_ages(look: str) -> dict[str, set[int]]:
+    """Label -> the ages at which it draws `look` (over its presentations and their history kinds' ages)."""
+    ages = {}
+    for label, presentations in PRESENTATIONS.items():
+        for name, (own, kind, _) in presentations.items():
+            for low, high in HISTORIES[kind]["ages"]:
+                for age in range(low, high + 1):
+                    if (stage_look(label, age, name) if own == STAGED else own) == look:
+                        ages.setdefault(label, set()).add(age)
+    return ages
+
+
+LOOK_AGES = {look: look_ages(look) for look in LOOKS}
 
 
 def is_age_dependent(label: str, look: str, history: str) -> bool:
-    """Whether a case's look and history kind are both drawn / written by another label too: then only the age read
-    with the photo tells them apart (the look is one label's early stage and the other's late one)."""
-    return bool(history) and len(set(LOOK_LABELS[look]) & set(HISTORY_LABELS.get(history, ()))) > 1
+    """Whether only the age read with the photo tells a case's label: its look is drawn by another label too, at
+    ages that never overlap (one label's early stage, the other's late one), and its history is a kind both write or
+    says nothing ("uninformative", with the age and sex)."""
+    ages = LOOK_AGES[look]
+    writers = set(ages) if history == "uninformative" else set(HISTORY_LABELS.get(history, ()))
+    sharing = [ages[other] for other in set(ages) & writers]
+    return len(sharing) > 1 and sum(map(len, sharing)) == len(set().union(*sharing))
 
 
 def counterfactual_history(label: str, look: str = "") -> tuple[str, str, str | None]:

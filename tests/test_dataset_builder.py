@@ -380,7 +380,7 @@ def test_synthetic_is_identical_for_a_seed_and_different_for_another(tmp_path):
     names_of = first["train"].features["label"].names
     found = {(row["case_id"], names_of[row["label"]]) for split in first for row in
              first[split].select_columns(["case_id", "label", "age_dependent"]) if row["age_dependent"]}
-    assert found == tagged and len(tagged) == 16
+    assert found == tagged and len(tagged) == 24
     mask = np.asarray(first["train"][0]["vessel_mask"])
     assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) == {0, 255}
 
