@@ -11,10 +11,9 @@ late fusion is well above both single references, the data asks a model to combi
                the photo at --size px, --epochs epochs, AdamW one-cycle 1e-3, clip 1.0, class-balanced loss, mirror
   text only    mdf_mllm.comparison.TextOnly (TF-IDF + logistic regression), as the main job's row
   late fusion  mdf_mllm.comparison.late_fusion of the two, as the main job's row (there: U-Net alone x text)
-  joint        a second head on the same CNN trunk (trained together, the sum of both losses): the pooled features
-               concatenated with the history's vector, read by two layers (64 hidden, SiLU), so that what the photo
-               means may depend on the history; the CNN row is the trunk's other, image-only head. The
-               history's vector (`history_vector`): the text-only reference's class log-probabilities (out of fold,
+  joint        the same CNN recipe with its own trunk, whose pooled features are concatenated with the history's
+               vector and read by two layers (64 hidden, SiLU), so that what the photo means may depend on the
+               history. The history's vector (`history_vector`): the text-only reference's class probabilities (out of fold,
                5 folds, on the training split; fitted on all of it for the test split), the age parsed from
                "<age>-year-old" as one of AGE_BINS (or "no age") and whether there is a history at all.
 
@@ -44,15 +43,15 @@ AGE_BINS = (17, 30, 50, 66)  # bins start at 0, 17, 30, 50, 66: the stages' ages
 AGE = re.compile(r"\b(\d{1,3})-year-old\b")
 
 
-def history_vector(texts, text_log_probabilities: np.ndarray) -> torch.Tensor:
-    """(N, K + len(AGE_BINS) + 3) float: the text reference's log-probabilities, the age bin one-hot (the last of
+def history_vector(texts, text_probabilities: np.ndarray) -> torch.Tensor:
+    """(N, K + len(AGE_BINS) + 3) float: the text reference's class probabilities, the age bin one-hot (the last of
     those columns: no age written) and 1 where there is a history."""
     ages = np.zeros((len(texts), len(AGE_BINS) + 2))
     for row, text in enumerate(texts):
         found = AGE.search(text or "")
         ages[row, np.searchsorted(AGE_BINS, int(found.group(1)), side="right") if found else -1] = 1
     present = np.array([[bool(text and text.strip())] for text in texts], dtype=float)
-    return torch.tensor(np.concatenate([text_log_probabilities, ages, present], 1), dtype=torch.float32)
+    return torch.tensor(np.concatenate([text_probabilities, ages, present], 1), dtype=torch.float32)
 
 
 def out_of_fold(texts, labels, num_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -80,29 +79,29 @@ def cnn(num_classes: int) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
 
-class Readers(nn.Module):
-    """The CNN's trunk and two heads: a linear one on its pooled features alone (the image-only reference), a
-    two-layer one on those features and the history's vector together (the joint reference)."""
+class Joint(nn.Module):
+    """A CNN trunk whose pooled features and the history's vector are read together by a two-layer head."""
 
     def __init__(self, num_classes: int, history_size: int, hidden: int = 64):
         super().__init__()
         self.trunk = cnn(num_classes)[:-1]
-        self.image = nn.Linear(128, num_classes)
-        self.joint = nn.Sequential(nn.Linear(128 + history_size, hidden), nn.SiLU(), nn.Linear(hidden, num_classes))
+        self.head = nn.Sequential(nn.Linear(128 + history_size, hidden), nn.SiLU(), nn.Linear(hidden, num_classes))
 
     def forward(self, x, history):
-        features = self.trunk(x)
-        return self.image(features), self.joint(torch.cat([features, history], 1))
+        return self.head(torch.cat([self.trunk(x), history], 1))
 
 
-def image_and_joint(x_train, y_train, h_train, x_test, h_test, num_classes: int, epochs: int,
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train both readers on one trunk (the sum of their class-balanced losses); their test probabilities. The image
-    head never sees the history, so it is an image-only classifier; sharing the trunk halves the cost."""
+def train_cnn(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int, h_train=None,
+              h_test=None) -> np.ndarray:
+    """The image-only CNN's test probabilities; given the history vectors `h_train` and `h_test`, the joint
+    reference's (the same recipe, its own trunk)."""
     torch.manual_seed(seed)
     mean, std = x_train.mean((0, 2, 3), keepdim=True), x_train.std((0, 2, 3), keepdim=True)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    model = Readers(num_classes, h_train.shape[1])
+    if h_train is None:
+        model, read = cnn(num_classes), lambda x, rows, h: model(x)  # noqa: E731
+    else:
+        model, read = Joint(num_classes, h_train.shape[1]), lambda x, rows, h: model(x, h[rows])  # noqa: E731
     counts = torch.bincount(y_train, minlength=num_classes).float()
     weight = counts.sum() / (num_classes * counts.clamp(min=1))  # the few inherited photos count as much as the rest
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -115,7 +114,7 @@ def image_and_joint(x_train, y_train, h_train, x_test, h_test, num_classes: int,
             batch = order[start:start + 32]
             x = x_train[batch]
             x = torch.where((torch.rand(len(batch)) < 0.5)[:, None, None, None], x.flip(3), x)
-            loss = sum(F.cross_entropy(logits, y_train[batch], weight=weight) for logits in model(x, h_train[batch]))
+            loss = F.cross_entropy(read(x, batch, h_train), y_train[batch], weight=weight)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,8 +122,8 @@ def image_and_joint(x_train, y_train, h_train, x_test, h_test, num_classes: int,
             schedule.step()
     model.eval()
     with torch.no_grad():
-        outputs = [model(x_test[b:b + 64], h_test[b:b + 64]) for b in range(0, len(x_test), 64)]
-    return tuple(torch.cat([o[k] for o in outputs]).softmax(-1).numpy() for k in (0, 1))
+        return torch.cat([read(x_test[b:b + 64], slice(b, b + 64), h_test).softmax(-1)
+                          for b in range(0, len(x_test), 64)]).numpy()
 
 
 def main() -> None:
@@ -141,11 +140,11 @@ def main() -> None:
     num_classes = len(train.features["label"].names)
     y_train, y_test = np.array(train["label"]), np.array(test["label"])
     p_text = TextOnly(train["text"], y_train, num_classes).probabilities(test["text"])
-    floor = 1e-4  # log-probabilities of a class the text reference gives 0
-    h_train = history_vector(train["text"], np.log(out_of_fold(train["text"], y_train, num_classes) + floor))
-    h_test = history_vector(test["text"], np.log(p_text + floor))
-    p_image, p_joint = image_and_joint(photos(train, args.size), torch.tensor(y_train), h_train, photos(test, args.size),
-                                       h_test, num_classes, args.epochs, args.seed)
+    h_train = history_vector(train["text"], out_of_fold(train["text"], y_train, num_classes))
+    h_test = history_vector(test["text"], p_text)
+    x_train, x_test = photos(train, args.size), photos(test, args.size)
+    p_image = train_cnn(x_train, torch.tensor(y_train), x_test, num_classes, args.epochs, args.seed)
+    p_joint = train_cnn(x_train, torch.tensor(y_train), x_test, num_classes, args.epochs, args.seed, h_train, h_test)
     rows = {"CNN (image only)": p_image, "text only": p_text,
             "late fusion, CNN x text": late_fusion(p_image, p_text, class_prior(y_train, num_classes)),
             "joint reference": p_joint}
