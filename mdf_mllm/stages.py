@@ -187,7 +187,7 @@ def compare(run: RunContext, trained: list[Result]) -> tuple[list[Result], dict,
     results = [*trained, *comparison.references(run, {r.name: r for r in trained})]
     test = run.splits["test"]
     differences = comparison.paired_differences(results[0], results[1:], test.label_ids, test.has_history,
-                                                run.job.run.n_bootstrap)
+                                                run.job.run.n_bootstrap, age_dependent=test.age_dependent)
     return results, differences, counterfactual(run, results)
 
 

@@ -1,8 +1,11 @@
 """Markdown tables: a report, its misclassified items, a comparison of models and the 11B memory estimate (the
 ablation's table is `mdf_mllm.ablation.markdown`)."""
 
-from mdf_mllm.comparison import Result
+from mdf_mllm.comparison import SUBSETS, Result
 from mdf_mllm.metrics import LEVELS
+
+SUBSET_NAMES = {"all": "All photos", "with_history": "With a history", "without_history": "Without",
+                "age_dependent": "Age-dependent"}
 
 
 def _fmt(value: float | None) -> str:
@@ -75,17 +78,19 @@ def _accuracy(value: float | None) -> str:
 
 def comparison_table(results: list[Result]) -> str:
     """Markdown comparison of models and references scored on the same photos: one row per `Result`, accuracy over
-    all photos (95% CI), over the photos with a clinical history and those without, macro F1 and type accuracy (95%
-    CIs), parameters and training seconds where known; then per-class sensitivity side by side."""
+    all photos (95% CI), over the photos with a clinical history, those without and the age-dependent ones, macro F1
+    and type accuracy (95% CIs), parameters and training seconds where known; then per-class sensitivity side by
+    side."""
     reports = [result.report for result in results]
     subsets = reports[0]["subsets"]
-    columns = ["Model", "Accuracy, all (95% CI)", f"With a history (n={subsets['with_history']['n']})",
-               f"Without (n={subsets['without_history']['n']})", "Macro F1 (95% CI)", "Type accuracy (95% CI)",
-               "Parameters", "Train s"]
-    lines = ["| " + " | ".join(columns) + " |", "|---|---|---:|---:|---|---|---:|---:|"]
+    columns = ["Model", "Accuracy, all (95% CI)", *(f"{SUBSET_NAMES[name]} (n={subsets[name]['n']})"
+                                                    for name in SUBSETS if name != "all"),
+               "Macro F1 (95% CI)", "Type accuracy (95% CI)", "Parameters", "Train s"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(SUBSETS) - 1) + "---|---|---:|---:|"]
     for result, report in zip(results, reports):
-        cells = [_with_ci(report["disease"], "accuracy"), _accuracy(result.accuracy("with_history")),
-                 _accuracy(result.accuracy("without_history")), _with_ci(report["disease"], "macro_f1"),
+        cells = [_with_ci(report["disease"], "accuracy"),
+                 *(_accuracy(result.accuracy(name)) for name in SUBSETS if name != "all"),
+                 _with_ci(report["disease"], "macro_f1"),
                  _with_ci(report["type"], "accuracy"),
                  "–" if result.parameters is None else f"{result.parameters:,}",
                  "–" if result.train_seconds is None else f"{result.train_seconds:.0f}"]
@@ -108,10 +113,10 @@ def _difference(entry: dict) -> str:
 
 def paired_table(ours: str, differences: dict[str, dict]) -> str:
     """Markdown table of `comparison.paired_differences`: our accuracy minus each other row's, with the paired 95%
-    bootstrap interval, over all photos and over the photos with a history."""
-    lines = [f"| {ours} minus | All photos: difference (95% CI) | Photos with a history: difference (95% CI) |",
-             "|---|---|---|"]
-    lines += [f"| {name} | {_difference(d['all'])} | {_difference(d['with_history'])} |"
+    bootstrap interval, on each subset of photos (`comparison.SUBSETS`)."""
+    lines = [f"| {ours} minus | " + " | ".join(f"{SUBSET_NAMES[name]}: difference (95% CI)" for name in SUBSETS) + " |",
+             "|---|" + "---|" * len(SUBSETS)]
+    lines += [f"| {name} | " + " | ".join(_difference(d[subset]) for subset in SUBSETS) + " |"
               for name, d in differences.items()]
     return "\n".join(lines) + "\n"
 

@@ -377,29 +377,37 @@ def test_paired_interval_by_hand():
         comparison.paired_difference(right_a, right_b[:4])
 
 
-def result(name, predictions, labels, history, num_classes=3):
+def result(name, predictions, labels, history, num_classes=3, age_dependent=None):
     probabilities = np.eye(num_classes)[predictions] * 0.9 + 0.1 / num_classes
     return comparison.score(name, probabilities, labels, history, ["a", "b", "c"], ["normal", "acquired", "inherited"],
-                            n_bootstrap=50)
+                            n_bootstrap=50, age_dependent=age_dependent)
 
 
-def test_rows_report_accuracy_with_and_without_a_history_and_the_tables_read_them():
+def test_rows_report_accuracy_on_every_subset_and_the_tables_read_them():
     labels = [0, 1, 2, 2, 1, 0]
     history = [True, True, True, False, False, False]
-    ours = result("MDF-MLLM", [0, 1, 2, 2, 0, 0], labels, history)
-    other = result("Text only", [0, 1, 1, 0, 1, 1], labels, history)
+    age = [False, True, False, True, False, False]
+    ours = result("MDF-MLLM", [0, 1, 2, 2, 0, 0], labels, history, age_dependent=age)
+    other = result("Text only", [0, 1, 1, 0, 1, 1], labels, history, age_dependent=age)
     assert ours.report["subsets"] == {"all": {"n": 6, "accuracy": 5 / 6}, "with_history": {"n": 3, "accuracy": 1.0},
-                                      "without_history": {"n": 3, "accuracy": 2 / 3}}
+                                      "without_history": {"n": 3, "accuracy": 2 / 3},
+                                      "age_dependent": {"n": 2, "accuracy": 1.0}}
     assert other.accuracy("with_history") == pytest.approx(2 / 3) and other.accuracy() == pytest.approx(0.5)
-    differences = comparison.paired_differences(ours, [other], labels, history, n_bootstrap=50)
+    assert other.accuracy("age_dependent") == 0.5
+    differences = comparison.paired_differences(ours, [other], labels, history, n_bootstrap=50, age_dependent=age)
     assert differences["Text only"]["all"]["difference"] == pytest.approx(5 / 6 - 0.5)
     assert differences["Text only"]["with_history"]["difference"] == pytest.approx(1 / 3)
     assert differences["Text only"]["with_history"]["n"] == 3
+    assert differences["Text only"]["age_dependent"] == {"n": 2, "difference": 0.5, "ci95": pytest.approx(
+        comparison.paired_difference([1, 1], [1, 0], 50)["ci95"])}
     markdown = tables.comparison_markdown([ours, other], differences)
     row = next(line for line in markdown.splitlines() if line.startswith("| Text only |"))
-    assert row.split(" | ")[2:4] == ["0.667", "0.333"]  # with a history, without
+    assert row.split(" | ")[2:5] == ["0.667", "0.333", "0.500"]  # with a history, without, age-dependent
     paired = next(line for line in markdown.splitlines() if line.startswith("| Text only | +"))
     assert paired.startswith(f"| Text only | {5 / 6 - 0.5:+.3f} (") and f"| {1 / 3:+.3f} (" in paired
+    assert paired.split(" | ")[4].startswith("+0.500 (")  # the age-dependent photos' column
+    # Every row's calibration on all photos: here each photo's top probability is 0.9 + 0.1 / 3.
+    assert ours.report["calibration"]["ece"] == pytest.approx(abs(5 / 6 - (0.9 + 0.1 / 3)))
     assert "parameters" not in ours.as_json() and "probabilities" not in ours.as_json()
 
 
