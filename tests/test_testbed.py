@@ -512,3 +512,61 @@ def test_counterfactual_table_on_a_tiny_model():
     assert rows["all photo decides photos"]["changed"] == pytest.approx(changed)
     misled = np.mean([p["answers"]["tiny"][1] in p["points_to"] for p in decided])
     assert rows["all photo decides photos"]["follows"] == pytest.approx(misled)
+
+
+def test_history_vector_and_joint_features_by_hand():
+    texts = ["12-year-old male. Blur.", "17-year-old female.", "66-year-old male.", "", "Seen in clinic."]
+    text_probabilities = np.array([[0.25, 0.75]] * 5)
+    history = comparison.history_vector(texts, text_probabilities)
+    # Columns: 2 text probabilities, age bins 0-16, 17-29, 30-49, 50-65, 66+, no age; history present.
+    assert history.tolist() == [[0.25, 0.75, 1, 0, 0, 0, 0, 0, 1], [0.25, 0.75, 0, 1, 0, 0, 0, 0, 1],
+                                [0.25, 0.75, 0, 0, 0, 0, 1, 0, 1], [0.25, 0.75, 0, 0, 0, 0, 0, 1, 0],
+                                [0.25, 0.75, 0, 0, 0, 0, 0, 1, 1]]
+    image = np.array([[0.9, 0.1]] * 5)
+    features = comparison.joint_features(image, history)
+    # Each class's probability times each age bin (class-major), between the image and the history.
+    assert features[0].tolist() == [0.9, 0.1, 0.9, 0, 0, 0, 0, 0, 0.1, 0, 0, 0, 0, 0, *history[0]]
+    assert features[2, 2:14].tolist() == [0, 0, 0, 0, 0.9, 0, 0, 0, 0, 0, 0.1, 0]
+
+
+def age_xor(count: int, offset: int):
+    """Photos of two looks, the U-Net leaning 0.8 / 0.2 to the class a look means in a child: a child's look P is
+    class 0 and an adult's class 1, look Q the other way round; the histories differ only by the age."""
+    looks = np.arange(count) % 2
+    adult = (np.arange(count) // 2) % 2
+    ages = np.where(adult, 40 + (np.arange(count) + offset) % 9, 6 + (np.arange(count) + offset) % 9)
+    texts = [f"{age}-year-old male. Gradual central blur over the past 2 years." for age in ages]
+    image = np.where(looks[:, None] == 0, [[0.8, 0.2]], [[0.2, 0.8]])
+    return image, texts, looks ^ adult
+
+
+def test_the_joint_reference_reads_the_age_with_the_photo_where_late_fusion_cannot():
+    """An XOR of look and age: neither the image (0.8 for the child's class), nor the text (the same sentence with
+    ages half of each class), nor their product decides; the age bins times the image's probabilities do. The
+    fitted model is the logistic regression of the hand-made features (an independent fit), and deterministic."""
+    from sklearn.linear_model import LogisticRegression
+
+    image, texts, labels = age_xor(48, 0)
+    test_image, test_texts, test_labels = age_xor(24, 3)
+    joint = comparison.Joint(image, texts, labels, 2)
+    text = comparison.TextOnly(texts, labels, 2).probabilities(test_texts)
+    predicted = joint.probabilities(test_image, text, test_texts)
+    assert (predicted.argmax(1) == test_labels).all()
+    assert np.allclose(predicted.sum(1), 1)
+    fused = comparison.late_fusion(test_image, text, comparison.class_prior(labels, 2))
+    assert (fused.argmax(1) == test_labels).mean() <= 0.6
+    # The same fit by hand: out-of-fold text probabilities, the age bins, the products, a logistic regression.
+    folds = np.array_split(np.random.default_rng(0).permutation(48), 5)
+    oof = np.zeros((48, 2))
+    for fold in folds:
+        rest = np.setdiff1d(np.arange(48), fold)
+        oof[fold] = comparison.TextOnly([texts[i] for i in rest], labels[rest], 2).probabilities(
+            [texts[i] for i in fold])
+    bins = lambda ts: np.array([[a < 17, 17 <= a < 30, 30 <= a < 50, 50 <= a < 66, a >= 66, False, True]  # noqa: E731
+                                for a in (int(t.split("-")[0]) for t in ts)], dtype=float)
+    by_hand = lambda p, q, ts: np.concatenate([p, (p[:, :, None] * bins(ts)[:, None, :6]).reshape(len(p), -1),  # noqa: E731
+                                               q, bins(ts)], 1)
+    reference = LogisticRegression(C=1.0, max_iter=5000).fit(by_hand(image, oof, texts), labels)
+    assert predicted == pytest.approx(reference.predict_proba(by_hand(test_image, text, test_texts)), abs=1e-6)
+    again = comparison.Joint(image, texts, labels, 2).probabilities(test_image, text, test_texts)
+    assert np.array_equal(again, predicted)
