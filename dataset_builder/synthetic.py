@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -1185,3 +1186,36 @@ SIGNS = {
 ATTENUATION = {"retinitis_pigmentosa": 0.45, "rp_moderate": 0.62, "rp_mild": 0.82, "narrow_vessels": 0.66,
                "choroideremia": 0.8}
 DISC_PALLOR = {"retinitis_pigmentosa": 1.0, "rp_moderate": 0.45}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The age swap: an age-dependent photo's own history with the age (and the duration or onset) moved to the other
+# label's stage of its look.
+
+AGE_WRITTEN = re.compile(r"\b(\d{1,3})-year-old\b")
+DURATION_WRITTEN = re.compile(r"\b(\d{1,2}) years\b")
+ONSET_WRITTEN = re.compile(r"\bage (\d{1,3})\b")
+
+
+def age_swapped_history(label: str, look: str, text: str, rng: np.random.Generator,
+                        history: str = "") -> tuple[str, str] | None:
+    """(the text with another age, the label whose stage the look is at that age) for an age-dependent photo, or None
+    where the look is no other label's at any age or the text writes no age.
+
+    The text is the photo's own, word for word, but for the age ("<age>-year-old"), drawn from the ages at which the
+    other label draws `look` (`LOOK_AGES`; those its `history` kind writes, where it names one), and a duration ("<n> years") or an onset ("age <n>") that the new age
+    would make impossible, cut to at most the age less 3 (a duration, as `clinical_case` draws it) or less 1 (an
+    onset)."""
+    others = sorted(set(LOOK_AGES[look]) - {label})
+    written = AGE_WRITTEN.search(text or "")
+    if not others or not written:
+        return None
+    twin = others[0]
+    ages = LOOK_AGES[look][twin]
+    written_ages = {a for low, high in HISTORIES[history]["ages"] for a in range(low, high + 1)} if history in HISTORIES \
+        else set()
+    age = int(_pick(rng, sorted(ages & written_ages or ages)))
+    swapped = AGE_WRITTEN.sub(f"{age}-year-old", text, count=1)
+    swapped = DURATION_WRITTEN.sub(lambda m: f"{min(int(m.group(1)), max(1, age - 3))} years", swapped)
+    swapped = ONSET_WRITTEN.sub(lambda m: f"age {min(int(m.group(1)), age - 1)}", swapped)
+    return swapped, twin

@@ -55,7 +55,8 @@ class Result:
     training (MDF-MLLM only); `model`, `trainer`: the trained model and its `Trainer`, where there are some;
     `weights`, `losses`: the file a stage wrote its trained weights to and its loss per epoch (stage 1's U-Net);
     `train_probabilities`: (N_train, K) class probabilities of the training photos, for a reference that learns from
-    this row (the U-Net alone's, which the joint reference reads).
+    this row (the U-Net alone's, which the joint reference reads); `temperature`: the temperature a row's
+    probabilities were scaled with (fitted on the validation photos), None for raw ones.
     """
 
     name: str
@@ -69,6 +70,7 @@ class Result:
     weights: str | None = None
     losses: list[float] = field(default_factory=list)
     train_probabilities: np.ndarray | None = field(default=None, repr=False)
+    temperature: float | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -83,7 +85,8 @@ class Result:
 
     def as_json(self) -> dict:
         """Everything but the probabilities (comparison.json)."""
-        extra = {key: getattr(self, key) for key in ("train_seconds", "parameters") if getattr(self, key) is not None}
+        extra = {key: getattr(self, key) for key in ("train_seconds", "parameters", "temperature")
+                 if getattr(self, key) is not None}
         return {"name": self.name, **extra, **self.report, "gate_history": self.gate_history}
 
 

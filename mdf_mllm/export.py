@@ -84,12 +84,13 @@ def export(job: Job, ours: Result, processor, dataset, **card) -> Path:
 
 
 def write_repository(job: Job, folder: Path, ours: Result, processor, dataset, baseline: Result | None = None,
-                     comparison: str = "") -> None:
+                     comparison: str = "", calibration: dict | None = None) -> None:
     """Weights, code, processor, pipeline registration, Endpoints handler, results, plots and the model card.
 
     `ours`: the exported model's `Result` (its model is written, its trainer's log and gate history plotted);
     `baseline`: the `Result` of the baseline trained beside it (its loss curve goes into the plot), or None;
-    `comparison`: the comparison as markdown (`tables.comparison_markdown`) for the card.
+    `comparison`: the comparison as markdown (`tables.comparison_markdown`) for the card; `calibration`: {row name:
+    (N, K) class probabilities of the test photos}, drawn as reliability diagrams and risk-coverage curves.
     """
     model, trainer = ours.model, ours.trainer
     model.config.verbalizer_token_ids = processor.verbalizer_token_ids
@@ -103,6 +104,10 @@ def write_repository(job: Job, folder: Path, ours: Result, processor, dataset, b
         histories[baseline.name] = baseline.trainer.state.log_history
     if all(any("loss" in entry for entry in history) for history in histories.values()):
         plots.plot_training_curves(histories, folder / plots.TRAINING_CURVES_FILE, ours.gate_history or None)
+    if calibration:
+        labels = dataset["test"]["label"]
+        plots.plot_reliability(calibration, labels, folder / plots.RELIABILITY_FILE)
+        plots.plot_risk_coverage(calibration, labels, folder / plots.RISK_COVERAGE_FILE)
     base_model, data = job.model.base_model, job.data
     model_card.write_model_card(
         folder,
@@ -194,16 +199,18 @@ def _rate(value) -> str:
 
 
 def write_comparison(results: list[Result], differences: dict, counterfactual: dict, out: Path,
-                     stage1_losses: list[float]) -> str:
+                     stage1_losses: list[float], calibrated: Result | None = None) -> str:
     """comparison.md / .json: every row (the first is ours), the paired differences of ours against each other row,
-    the counterfactual-history table; each trained baseline's results beside its checkpoints. Returns the markdown."""
-    markdown = comparison_markdown(results, differences, counterfactual)
+    the counterfactual-history table, every row's calibration (and ours temperature-scaled, `stages.calibrate`);
+    each trained baseline's results beside its checkpoints. Returns the markdown."""
+    markdown = comparison_markdown(results, differences, counterfactual, calibrated)
     out.mkdir(parents=True, exist_ok=True)
     # Each replaces an earlier run's whole or not at all (a full disk leaves the earlier file, not half of this one).
     guards.atomic_write_text(out / "comparison.md", markdown)
     guards.atomic_write_text(out / "comparison.json", json.dumps(
         {"models": [r.as_json() for r in results], "paired_differences": {results[0].name: differences},
-         "counterfactual_histories": counterfactual, "stage1_loss": stage1_losses}, indent=1, allow_nan=False))
+         "counterfactual_histories": counterfactual, "stage1_loss": stage1_losses,
+         "temperature_scaled": calibrated.as_json() if calibrated else None}, indent=1, allow_nan=False))
     for result in results[1:]:
         if result.trainer is not None:
             model_card.write_results(result.results_json(), result.trainer.args.output_dir)

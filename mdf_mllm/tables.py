@@ -1,6 +1,7 @@
 """Markdown tables: a report, its misclassified items, a comparison of models and the 11B memory estimate (the
 ablation's table is `mdf_mllm.ablation.markdown`)."""
 
+from mdf_mllm import calibration
 from mdf_mllm.comparison import SUBSETS, Result
 from mdf_mllm.metrics import LEVELS
 
@@ -134,18 +135,34 @@ def counterfactual_table(table: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_markdown(results: list[Result], differences: dict[str, dict],
-                        counterfactual: dict | None = None) -> str:
+def calibration_markdown(results: list[Result], calibrated: Result | None = None) -> str:
+    """Every row's calibration (`calibration.markdown_table`), ours raw and, where there is one, after its
+    temperature (`stages.calibrate`) beside it."""
+    rows = [results[0], *([calibrated] if calibrated else []), *results[1:]]
+    lead = "Calibration on all test photos"
+    if calibrated:
+        lead += (f"; \"{calibrated.name}\": {results[0].name}'s probabilities after one temperature, T = "
+                 f"{calibrated.temperature:.3f}, fitted on the validation photos (the exported model answers with it)")
+    return f"{lead}:\n\n" + calibration.markdown_table({r.name: r.report["calibration"] for r in rows})
+
+
+def comparison_markdown(results: list[Result], differences: dict[str, dict], counterfactual: dict | None = None,
+                        calibrated: Result | None = None) -> str:
     """The comparison as comparison.md and the model card show it: the rows, the paired differences of the first
-    row against the others and, where there is one, the counterfactual-history table."""
+    row against the others, the rows' calibration and, where there is one, the counterfactual-history table."""
     parts = [comparison_table(results), f"Paired differences (the same resampled test photos for both models, "
              f"{results[0].report['bootstrap']['n_resamples']} resamples):", "", paired_table(results[0].name, differences)]
+    if all("calibration" in r.report for r in results):
+        parts.append(calibration_markdown(results, calibrated))
     if counterfactual:
         parts += ["Counterfactual histories: each test photo whose look another class draws too gets that class's "
                   "own history (phenocopy: the answer should follow the history), each photo that only its class "
                   "draws gets a history that no class of its look writes (photo decides: the answer should not "
-                  "move). Follows: share of answers that are a class the swapped history is written for; changed: "
-                  "share of answers that differ from the answer to the photo's own input.", "",
+                  "move); each age-dependent photo is asked again with its own history, the age moved to the other "
+                  "class's stage of its look (age swap: the answer should move to that class). Follows: share of "
+                  "answers that are a class the swapped history is written for (or, for an age swap, the class whose "
+                  "stage the photo then fits); changed: share of answers that differ from the answer to the photo's "
+                  "own input.", "",
                   counterfactual_table(counterfactual["summary"])]
     return "\n".join(parts)
 

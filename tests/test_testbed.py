@@ -466,8 +466,8 @@ def test_counterfactual_table_on_a_tiny_model():
     model = MdfMllmForConditionalGeneration(config).eval()
     move_off_init(model)
     model.config.verbalizer_token_ids = processor.verbalizer_token_ids
-    settings = train.parse_arguments(["--num_images", "60", "--eval_batch_size", "4"])
-    dataset = load("synthetic", num_images=60, image_size=64, seed=0)
+    settings = train.parse_arguments(["--num_images", "120", "--eval_batch_size", "4"])
+    dataset = load("synthetic", num_images=120, image_size=64, seed=0)  # a phenocopy and an age-dependent photo in test
     collator = MdfMllmDataCollator(processor)
     test = training.ProcessedSplit(dataset["test"], processor, with_answers=False)
     reader = TextReader(len(names := dataset["test"].features["label"].names))
@@ -475,12 +475,15 @@ def test_counterfactual_table_on_a_tiny_model():
               for name, m in (("tiny", model), ("reader", reader))]
     own = models[0].predictions
     table = stages.counterfactual(training.RunContext(settings, dataset, processor), models)
-    photos = table["photos"]
-    assert [p["case_id"] for p in photos] == dataset["test"]["case_id"] and len(photos) == len(test)
-    looks = {(i.case_id, i.label): i.look or i.label for i in synthetic.plan(60, 0)}
+    photos, age_swaps = table["photos"][:len(test)], table["photos"][len(test):]
+    assert [p["case_id"] for p in photos] == dataset["test"]["case_id"]
+    planned = {(i.case_id, i.label): i for i in synthetic.plan(120, 0)}
+    looks = {key: i.look or i.label for key, i in planned.items()}
     for photo, label in zip(photos, dataset["test"]["label"]):
         look = looks[(photo["case_id"], names[label])]
-        shared = len(synthetic.LOOK_LABELS[look]) > 1
+        # A phenocopy whenever another label draws the look with a history of its own for it.
+        shared = synthetic.counterfactual_history(names[label], look)[0] == "phenocopy"
+        assert shared <= (len(synthetic.LOOK_LABELS[look]) > 1)
         assert photo["kind"] == ("phenocopy" if shared else "photo decides")
         writers = synthetic.HISTORY_LABELS[photo["history"]]
         assert photo["points_to"] == writers
@@ -512,6 +515,24 @@ def test_counterfactual_table_on_a_tiny_model():
     assert rows["all photo decides photos"]["changed"] == pytest.approx(changed)
     misled = np.mean([p["answers"]["tiny"][1] in p["points_to"] for p in decided])
     assert rows["all photo decides photos"]["follows"] == pytest.approx(misled)
+    # The age swaps: each age-dependent test photo once more, its own text with the other label's age, in order.
+    tested = [i for i, flag in enumerate(dataset["test"]["age_dependent"]) if flag]
+    assert tested and [p["case_id"] for p in age_swaps] == [dataset["test"][i]["case_id"] for i in tested]
+    rng = np.random.default_rng([0, 1])
+    for index, photo in zip(tested, age_swaps):
+        example = dataset["test"][index]
+        item = planned[(example["case_id"], names[example["label"]])]
+        text, twin = synthetic.age_swapped_history(item.label, item.look, example["text"], rng, item.history)
+        assert photo["kind"] == "age swap" and photo["points_to"] == [twin] != [item.label]
+        inputs = processor(images=[example["image"]], clinical_text=[text])
+        batch = collator([{key: value[0] for key, value in inputs.items()}])
+        with torch.no_grad():
+            answer = model.classify(**{k: v for k, v in batch.items() if k != "vessel_mask"}).argmax(-1).item()
+        assert photo["answers"]["tiny"] == [names[own[index]], names[answer]]
+        assert photo["answers"]["reader"][1] == names[reader.classify(**batch).argmax(-1).item()]  # the text read
+    swapped = rows["all age swap photos"]
+    assert swapped["n"] == len(tested) and swapped["follows"] == pytest.approx(
+        np.mean([p["answers"]["tiny"][1] in p["points_to"] for p in age_swaps]))
 
 
 def test_history_vector_and_joint_features_by_hand():
@@ -570,3 +591,24 @@ def test_the_joint_reference_reads_the_age_with_the_photo_where_late_fusion_cann
     assert predicted == pytest.approx(reference.predict_proba(by_hand(test_image, text, test_texts)), abs=1e-6)
     again = comparison.Joint(image, texts, labels, 2).probabilities(test_image, text, test_texts)
     assert np.array_equal(again, predicted)
+
+
+def test_the_age_swap_moves_the_age_to_the_other_labels_stage_and_keeps_the_rest():
+    text = "49-year-old female. Gradual central blur over the past 5 years; difficulty reading. IOP 19 and 17 mmHg."
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        swapped, twin = synthetic.age_swapped_history("best_disease", "macular_atrophy", text, rng, "central_blur")
+        age = int(swapped.split("-")[0])
+        assert twin == "stargardt" and synthetic.stage_look("stargardt", age) == "macular_atrophy"
+        assert 7 <= age <= 16  # the ages the central-blur history writes for a child
+        assert swapped == (f"{age}-year-old female. Gradual central blur over the past {min(5, age - 3)} years; "
+                           "difficulty reading. IOP 19 and 17 mmHg.")
+    child = "6-year-old male. Poor vision in the dark since age 5 and progressive peripheral field loss."
+    swapped, twin = synthetic.age_swapped_history("choroideremia", "rp_moderate", child, rng, "male_night_blindness")
+    assert twin == "retinitis_pigmentosa" and 20 <= int(swapped.split("-")[0]) <= 49 and "since age 5 " in swapped
+    back = synthetic.age_swapped_history("retinitis_pigmentosa", "rp_moderate", "30-year-old male. Since age 12.",
+                                         rng, "male_night_blindness")
+    assert back[1] == "choroideremia" and back[0] == f"{back[0].split('-')[0]}-year-old male. Since age " \
+        f"{min(12, int(back[0].split('-')[0]) - 1)}."
+    assert synthetic.age_swapped_history("dr", "dr", text, rng) is None  # no other label draws the look
+    assert synthetic.age_swapped_history("stargardt", "macular_atrophy", "Seen in clinic.", rng) is None
