@@ -223,8 +223,8 @@ def counterfactual(run: RunContext, rows: list[Result]) -> dict:
     photo.
 
     Returns {"summary": {name: `comparison.counterfactual_summary` rows}, "photos": one entry per swapped history
-    (every test photo, then the age swaps: its case, file, group, kind, the history kind given, the labels it points
-    to, and each model's answer with its own input and with the swapped history)}.
+    (every test photo, then the age swaps: its case, file, group, kind, the history kind given and its text, the
+    labels it points to, and each model's answer with its own input and with the swapped history)}.
     """
     from dataset_builder import synthetic
 
@@ -245,11 +245,13 @@ def counterfactual(run: RunContext, rows: list[Result]) -> dict:
         pointed = f"history of {twin}" if twin else f"a misleading {history} history"
         case = {"case_id": example["case_id"], "file_name": example["file_name"]}
         photos.append({**case, "kind": kind, "group": f"{label} photo drawn as {look}, {pointed}", "history": history,
-                       "points_to": [twin] if twin else synthetic.HISTORY_LABELS[history], "answers": {}})
+                       "points_to": [twin] if twin else synthetic.HISTORY_LABELS[history], "text": texts[-1],
+                       "answers": {}})
         swapped = example["age_dependent"] and synthetic.age_swapped_history(label, look, example["text"], age_rng,
                                                                             item.history)
         if swapped:
             ages[index] = (swapped[0], {**case, "kind": "age swap", "history": "age swap", "points_to": [swapped[1]],
+                                        "text": swapped[0],
                                         "group": f"{label} photo drawn as {look}, the age of {swapped[1]}'s stage",
                                         "answers": {}})
     own = list(test["text"])

@@ -266,7 +266,7 @@ def finish(run: RunContext, results: list[Result], differences: dict, counterfac
     baseline = next((r for r in others if r.trainer is not None), None)
     rows = [ours, *([calibrated] if calibrated else []), *others]
     export_dir = export.export(job, ours, run.processor, run.dataset, baseline=baseline, comparison=markdown,
-                               calibration={r.name: r.probabilities for r in rows})
+                               calibration={r.name: r.probabilities for r in rows}, counterfactual=counterfactual)
     if push:
         print(f"export pushed to https://huggingface.co/{push_export(job, export_dir)}")
     trained = [r.trainer.args.output_dir for r in results if r.trainer is not None]

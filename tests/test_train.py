@@ -86,7 +86,7 @@ def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(m
     assert differences["Mllama baseline"]["all"]["difference"] == pytest.approx(
         mdf["disease"]["accuracy"] - baseline["disease"]["accuracy"])
     counterfactual = saved["counterfactual_histories"]
-    assert set(counterfactual["summary"]) == {"MDF-MLLM", "Mllama baseline", comparison.LATE_FUSION}
+    assert set(counterfactual["summary"]) == {"MDF-MLLM", "Mllama baseline", comparison.LATE_FUSION, comparison.JOINT}
     assert len(counterfactual["photos"]) == 8
     gates = mdf["gate_history"]
     start = math.tanh(ModelArguments().unet_gate_start)  # open over zero value projections
@@ -351,7 +351,8 @@ def test_a_reference_registered_once_reaches_every_report(main_job, tmp_path, mo
     majority = np.bincount(train_labels, minlength=8).argmax()  # argmax of the prior: the first most frequent class
     saved = json.loads((out / "comparison.json").read_text())
     rows = {row["name"]: row for row in saved["models"]}
-    assert list(rows) == ["MDF-MLLM", "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION, TOY_ROW]
+    assert list(rows) == ["MDF-MLLM", "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION,
+                          comparison.JOINT, TOY_ROW]
     assert rows[TOY_ROW]["disease"]["accuracy"] == pytest.approx((test_labels == majority).mean())
     assert TOY_ROW in saved["paired_differences"]["MDF-MLLM"]
     assert TOY_ROW not in saved["counterfactual_histories"]["summary"]  # it does not read the photo
@@ -362,7 +363,7 @@ def test_a_reference_registered_once_reaches_every_report(main_job, tmp_path, mo
     context = training.RunContext(settings, dataset, model_setup.base_processor(settings.model))
     runs = ablation.run_ablation(context, rows=ablation.default_rows(ablation.ROWS[1:2]), command="pytest")
     assert [(r["name"], r["seed"]) for r in runs] == [(name, seed) for seed in (0, 1) for name in (
-        "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION, TOY_ROW)]
+        "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION, comparison.JOINT, TOY_ROW)]
     expected = pytest.approx((test_labels == majority).mean())
     assert [r["accuracy"] for r in runs if r["name"] == TOY_ROW] == [expected] * 2
     assert f"| {TOY_ROW} | 2 |" in (tmp_path / "ablation" / "ablation.md").read_text()
