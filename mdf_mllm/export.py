@@ -222,7 +222,8 @@ def summary(job: Job, results: list[Result], export_dir: Path) -> str:
         per_class = r.report["disease"]["per_class"]
         sensitivity = ", ".join(f"{name} {_rate(s['sensitivity'])}" for name, s in per_class.items())
         lines.append(f"{r.name}: accuracy {r.accuracy():.3f} (with a history {_rate(r.accuracy('with_history'))}, "
-                     f"without {_rate(r.accuracy('without_history'))}), macro F1 {r.report['disease']['macro_f1']:.3f}; "
+                     f"without {_rate(r.accuracy('without_history'))}, age-dependent "
+                     f"{_rate(r.accuracy('age_dependent'))}), macro F1 {r.report['disease']['macro_f1']:.3f}; "
                      f"sensitivity: {sensitivity}")
         if r.gate_history:
             end = r.gate_history[-1]
