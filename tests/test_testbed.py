@@ -612,3 +612,24 @@ def test_the_age_swap_moves_the_age_to_the_other_labels_stage_and_keeps_the_rest
         f"{min(12, int(back[0].split('-')[0]) - 1)}."
     assert synthetic.age_swapped_history("dr", "dr", text, rng) is None  # no other label draws the look
     assert synthetic.age_swapped_history("stargardt", "macular_atrophy", "Seen in clinic.", rng) is None
+
+
+def test_the_examples_are_own_histories_then_a_phenocopy_and_an_age_swap_pair():
+    import datasets
+
+    from mdf_mllm import export
+
+    test = datasets.Dataset.from_dict({"label": [0, 0, 1, 2, 1], "text": ["", "own a", "own b", "own c", ""],
+                                       "case_id": list("vwxyz"), "file_name": [f"{c}.png" for c in "vwxyz"]})
+    counterfactual = {"photos": [
+        {"case_id": "v", "file_name": "v.png", "kind": "photo decides", "text": "misleading", "points_to": ["b"]},
+        {"case_id": "x", "file_name": "x.png", "kind": "phenocopy", "text": "twin's history", "points_to": ["c"]},
+        {"case_id": "y", "file_name": "y.png", "kind": "age swap", "text": "older", "points_to": ["a"]}]}
+    examples = export.example_inputs(test, counterfactual, ["a", "b", "c"], count=3)
+    assert [(e["index"], e["text"]) for e in examples] == [(1, "own a"), (2, "own b"), (3, "own c"), (2, "own b"),
+                                                           (2, "twin's history"), (3, "own c"), (3, "older")]
+    assert examples[4]["title"] == "phenocopy: the same photo, a c history"
+    assert examples[6]["title"] == "age swap: the same photo, the age of a's stage"
+    # Without a counterfactual table (real data), only own histories; a class without one comes with none.
+    assert [(e["index"], e["text"]) for e in export.example_inputs(test.select([0, 2]), {}, ["a", "b", "c"])] == [
+        (1, "own b"), (0, "")]

@@ -210,6 +210,49 @@ def test_a_failed_export_keeps_the_previous_model_and_leaves_nothing_behind(main
     assert not [name for name in os.listdir(main_job["out"]) if name.startswith(".")]
 
 
+def test_the_exported_temperature_is_fitted_on_the_validation_photos_and_every_row_is_calibrated(main_job, tiny_data):
+    """The export's config carries the temperature that minimises the NLL of the exported model's own raw
+    probabilities on the validation prompts (fitted again here); comparison.json holds every row's ECE, Brier and NLL
+    and MDF-MLLM's after the temperature; the card shows the table and both plots, which the export holds."""
+    from mdf_mllm.calibration import calibration_scores, fit_temperature
+
+    folder = main_job["out"] / "mdf-mllm"
+    config = json.loads((folder / "config.json").read_text())
+    saved = json.loads((main_job["out"] / "comparison.json").read_text())
+    temperature = config["classifier_temperature"]
+    assert saved["temperature_scaled"]["temperature"] == temperature
+    model = model_setup.MdfMllmForConditionalGeneration.from_pretrained(folder).eval()
+    model.config.classifier_temperature = None
+    _, processor, dataset, _ = tiny_data
+    validation = training.ProcessedSplit(dataset["validation"], processor, with_answers=False)
+    raw = training.predict(model, validation, MdfMllmDataCollator(processor), 4)
+    assert temperature == pytest.approx(fit_temperature(validation.label_ids, probabilities=raw), rel=1e-4)
+    for row in saved["models"]:
+        assert set(row["calibration"]) >= {"ece", "brier", "nll", "ci95", "reliability", "risk_coverage"}
+    ours = saved["models"][0]["calibration"]
+    scaled = saved["temperature_scaled"]["calibration"]
+    assert scaled["nll"] != ours["nll"] and saved["temperature_scaled"]["disease"]["accuracy"] == saved["models"][0][
+        "disease"]["accuracy"]  # a temperature moves the probabilities, never the answer
+    results = json.loads((folder / "results.json").read_text())
+    test_labels = dataset["test"]["label"]
+    probabilities = np.asarray(results["probabilities"])
+    assert ours["ece"] == pytest.approx(calibration_scores(probabilities, test_labels, n_bootstrap=1)["ece"])
+    card = (folder / "README.md").read_text()
+    assert "| MDF-MLLM, temperature-scaled | " in card and f"T = {temperature:.3f}" in card
+    for plot in ("reliability.png", "risk_coverage.png"):
+        assert (folder / plot).is_file() and f"]({plot})" in card
+
+
+def test_the_examples_are_test_photos_with_their_own_histories(main_job, tiny_data):
+    folder = main_job["out"] / "mdf-mllm"
+    histories = json.loads((folder / "examples" / "histories.json").read_text())
+    test = tiny_data[2]["test"]
+    card = (folder / "README.md").read_text()
+    assert "## Examples from the test split" in card
+    for name, text in histories.items():
+        assert text in test["text"] and f"`examples/{name}` | {text or '(none)'} |" in card
+
+
 def test_exported_model_reproduces_the_reported_predictions(main_job):
     from transformers import AutoModel
 
