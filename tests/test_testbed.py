@@ -633,3 +633,40 @@ def test_the_examples_are_own_histories_then_a_phenocopy_and_an_age_swap_pair():
     # Without a counterfactual table (real data), only own histories; a class without one comes with none.
     assert [(e["index"], e["text"]) for e in export.example_inputs(test.select([0, 2]), {}, ["a", "b", "c"])] == [
         (1, "own b"), (0, "")]
+
+
+class SoftReader(TextReader):
+    """TextReader's answer with logit 2 over the other classes, scaled by its config's temperature as classify()
+    scales (softmax(z / T))."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        self.config = type("Config", (), {"classifier_temperature": None})()
+
+    def classify(self, input_ids, attention_mask, **_):
+        logits = 2.0 * super().classify(input_ids, attention_mask)
+        return (logits / (self.config.classifier_temperature or 1.0)).softmax(-1)
+
+
+def test_the_temperature_is_fitted_on_the_validation_prompts_and_saved_in_the_config():
+    from dataset_builder import load
+    from mdf_mllm import stages, train, training
+    from mdf_mllm.calibration import apply_temperature, fit_temperature
+    from processing_mdf_mllm import build_default_processor
+
+    processor = build_default_processor(image_size=28, unet_image_size=32)
+    settings = train.parse_arguments(["--num_images", "60", "--eval_batch_size", "4", "--n_bootstrap", "20"])
+    dataset = load("synthetic", num_images=60, image_size=64, seed=0)
+    run = training.RunContext(settings, dataset, processor)
+    model = SoftReader(8)
+    ours = run.scored("ours", training.predict(model, run.splits["test"], run.collator, 4))
+    ours.model = model
+    calibrated = stages.calibrate(run, ours)
+    # By hand: the validation prompts' answers (the token sum mod 8), their logits 2 * one-hot, the NLL's minimum.
+    validation = training.ProcessedSplit(dataset["validation"], processor, with_answers=False)
+    answers = np.array([int(item["input_ids"][item["attention_mask"].bool()].sum()) % 8 for item in validation.items])
+    expected = fit_temperature(validation.label_ids, logits=2.0 * np.eye(8)[answers])
+    assert 0.05 < expected < 20 and calibrated.temperature == pytest.approx(expected, rel=1e-6)
+    assert model.config.classifier_temperature == calibrated.temperature  # classify() now answers with it
+    assert calibrated.probabilities == pytest.approx(apply_temperature(expected, probabilities=ours.probabilities))
+    assert calibrated.name == "ours, temperature-scaled" and calibrated.accuracy() == ours.accuracy()
