@@ -635,17 +635,27 @@ def test_the_examples_are_own_histories_then_a_phenocopy_and_an_age_swap_pair():
         (1, "own b"), (0, "")]
 
 
-class SoftReader(TextReader):
-    """TextReader's answer with logit 2 over the other classes, scaled by its config's temperature as classify()
-    scales (softmax(z / T))."""
+class Oracle(torch.nn.Module):
+    """A stand-in classifier that knows each photo (by its pixels' sum): right on every other photo it was given,
+    wrong on the rest, with a logit of 1, 2 or 3 over the other classes (a confidence that differs between photos),
+    scaled by its config's temperature as classify() scales (softmax(z / T))."""
 
-    def __init__(self, num_classes: int):
-        super().__init__(num_classes)
+    def __init__(self, splits, num_classes: int = 8):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # predict() reads the device from a parameter
         self.config = type("Config", (), {"classifier_temperature": None})()
+        photos = [(self.key(item["unet_pixel_values"]), label) for split in splits
+                  for item, label in zip(split.items, split.label_ids)]
+        self.logits = {key: (1.0 + n % 3) * np.eye(num_classes)[(label + n % 2) % num_classes]
+                       for n, (key, label) in enumerate(photos)}
 
-    def classify(self, input_ids, attention_mask, **_):
-        logits = 2.0 * super().classify(input_ids, attention_mask)
-        return (logits / (self.config.classifier_temperature or 1.0)).softmax(-1)
+    @staticmethod
+    def key(pixels) -> float:
+        return round(float(pixels.double().sum()), 2)
+
+    def classify(self, unet_pixel_values, **_):
+        logits = torch.tensor(np.stack([self.logits[self.key(pixels)] for pixels in unet_pixel_values]))
+        return (logits / (self.config.classifier_temperature or 1.0)).softmax(-1).float()
 
 
 def test_the_temperature_is_fitted_on_the_validation_prompts_and_saved_in_the_config():
@@ -658,15 +668,15 @@ def test_the_temperature_is_fitted_on_the_validation_prompts_and_saved_in_the_co
     settings = train.parse_arguments(["--num_images", "60", "--eval_batch_size", "4", "--n_bootstrap", "20"])
     dataset = load("synthetic", num_images=60, image_size=64, seed=0)
     run = training.RunContext(settings, dataset, processor)
-    model = SoftReader(8)
+    validation = training.ProcessedSplit(dataset["validation"], processor, with_answers=False)
+    model = Oracle([validation, run.splits["test"]])
     ours = run.scored("ours", training.predict(model, run.splits["test"], run.collator, 4))
     ours.model = model
     calibrated = stages.calibrate(run, ours)
-    # By hand: the validation prompts' answers (the token sum mod 8), their logits 2 * one-hot, the NLL's minimum.
-    validation = training.ProcessedSplit(dataset["validation"], processor, with_answers=False)
-    answers = np.array([int(item["input_ids"][item["attention_mask"].bool()].sum()) % 8 for item in validation.items])
-    expected = fit_temperature(validation.label_ids, logits=2.0 * np.eye(8)[answers])
-    assert 0.05 < expected < 20 and calibrated.temperature == pytest.approx(expected, rel=1e-6)
+    # By hand: the validation photos' logits as the oracle draws them, the NLL's minimum.
+    expected = fit_temperature(validation.label_ids, logits=np.stack(
+        [(1.0 + n % 3) * np.eye(8)[(label + n % 2) % 8] for n, label in enumerate(validation.label_ids)]))
+    assert 0.06 < expected < 19 and calibrated.temperature == pytest.approx(expected, rel=1e-6)
     assert model.config.classifier_temperature == calibrated.temperature  # classify() now answers with it
     assert calibrated.probabilities == pytest.approx(apply_temperature(expected, probabilities=ours.probabilities))
     assert calibrated.name == "ours, temperature-scaled" and calibrated.accuracy() == ours.accuracy()
