@@ -144,11 +144,11 @@ def example_inputs(test_split, counterfactual: dict, label_names: list[str], cou
             seen.add(labels[index])
             own = "its own history" if texts[index] else "no history"
             examples.append({"index": index, "text": texts[index], "title": f"{label_names[labels[index]]}, {own}"})
-    where = {(case, name): i for i, (case, name) in enumerate(zip(test_split["case_id"], test_split["file_name"]))}
     for kind, other in (("phenocopy", "a {} history"), ("age swap", "the age of {}'s stage")):
         photo = next((p for p in counterfactual.get("photos", []) if p["kind"] == kind), None)
         if photo:
-            index = where[(photo["case_id"], photo["file_name"])]
+            index = list(zip(test_split["case_id"], test_split["file_name"])).index((photo["case_id"],
+                                                                                   photo["file_name"]))
             name = label_names[labels[index]]
             examples += [{"index": index, "text": texts[index], "title": f"{kind}: a {name} photo, its own history"},
                          {"index": index, "text": photo["text"],
