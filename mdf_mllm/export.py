@@ -135,7 +135,8 @@ EXAMPLE_HISTORIES = "histories.json"  # examples/<photo> -> its clinical history
 def example_inputs(test_split, counterfactual: dict, label_names: list[str], count: int = 3) -> list[dict]:
     """The card's and the demo's examples, from the test split: `count` photos of distinct classes, each with its own
     history (those with one first); then, from the counterfactual table, one phenocopy photo with its own history and
-    its twin's, and one age-dependent photo with its own history and the age swapped (the same photo, two answers).
+    its twin's, and one age-dependent photo with its own history and the age swapped (the same photo, two answers;
+    each the first test photo of its kind not shown before, where there is one).
     `[{"index": the test photo, "text", "title"}]`."""
     labels, texts = test_split["label"], test_split["text"]
     examples, seen = [], set()
@@ -144,11 +145,15 @@ def example_inputs(test_split, counterfactual: dict, label_names: list[str], cou
             seen.add(labels[index])
             own = "its own history" if texts[index] else "no history"
             examples.append({"index": index, "text": texts[index], "title": f"{label_names[labels[index]]}, {own}"})
+    photos = list(zip(test_split["case_id"], test_split["file_name"]))
     for kind, other in (("phenocopy", "a {} history"), ("age swap", "the age of {}'s stage")):
-        photo = next((p for p in counterfactual.get("photos", []) if p["kind"] == kind), None)
-        if photo:
-            index = list(zip(test_split["case_id"], test_split["file_name"])).index((photo["case_id"],
-                                                                                   photo["file_name"]))
+        # A photo not shown yet, where there is one.
+        shown = {e["index"] for e in examples}
+        found = [(photos.index((p["case_id"], p["file_name"])), n)
+                 for n, p in enumerate(counterfactual.get("photos", [])) if p["kind"] == kind]
+        if found:
+            index, number = min(found, key=lambda pair: (pair[0] in shown, pair))
+            photo = counterfactual["photos"][number]
             name = label_names[labels[index]]
             examples += [{"index": index, "text": texts[index], "title": f"{kind}: a {name} photo, its own history"},
                          {"index": index, "text": photo["text"],
