@@ -35,7 +35,7 @@ from mdf_mllm.metrics import classification_report
 UNET_ALONE = "U-Net alone (image only)"  # the stage-1 U-Net and class head: what the photo alone gives
 TEXT_ONLY = "Text only (TF-IDF + logistic regression)"
 LATE_FUSION = "Late fusion (U-Net alone x text only / prior)"
-JOINT = "Joint reference (U-Net alone's probabilities x age, with the history)"
+JOINT = "Joint reference (U-Net alone x age x history)"
 # The subsets every row is scored on: {name: the photos it holds, from `has_history` and `age_dependent` (N,) bools}.
 SUBSETS = {
     "all": lambda history, age: np.ones_like(history),
