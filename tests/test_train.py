@@ -659,7 +659,7 @@ def test_max_steps_bounds_every_training_loop_and_every_phase_still_runs(tmp_pat
                      "stage 2: Mllama baseline": (2, 2)}
     saved = json.loads((out / "comparison.json").read_text())
     assert [row["name"] for row in saved["models"]] == ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)",
-                                                        comparison.TEXT_ONLY, comparison.LATE_FUSION]
+                                                        *comparison.REFERENCES]
     assert all(row["num_items"] == 8 for row in saved["models"])  # every test photo scored
     assert len(saved["counterfactual_histories"]["photos"]) == 8 and (out / "probe_ladder.md").is_file()
     model = AutoModel.from_pretrained(out / "mdf-mllm", trust_remote_code=True)
