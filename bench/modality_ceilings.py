@@ -1,4 +1,5 @@
-"""What does each modality of the data carry? An image-only CNN, the text-only reference and their late fusion.
+"""What does each modality of the data carry? An image-only CNN, the text-only reference, their late fusion, and the
+joint reference that reads photo and history together.
 
     python bench/modality_ceilings.py [--dataset_seed 0]
 
@@ -10,11 +11,19 @@ late fusion is well above both single references, the data asks a model to combi
                the photo at --size px, --epochs epochs, AdamW one-cycle 1e-3, clip 1.0, class-balanced loss, mirror
   text only    mdf_mllm.comparison.TextOnly (TF-IDF + logistic regression), as the main job's row
   late fusion  mdf_mllm.comparison.late_fusion of the two, as the main job's row (there: U-Net alone x text)
+  joint        the same CNN recipe with its own trunk, whose pooled features are concatenated with the history's
+               vector and read by two layers (64 hidden, SiLU), so that what the photo means may depend on the
+               history. The history's vector (`history_vector`): the text-only reference's class probabilities (out of fold,
+               5 folds, on the training split; fitted on all of it for the test split), the age parsed from
+               "<age>-year-old" as one of AGE_BINS (or "no age") and whether there is a history at all.
 
-Prints accuracy over all test photos, over those with a history and over those without.
+Prints accuracy over all test photos, over those with a history, those without, and the age-dependent subset (the
+`age_dependent` field: a look two labels draw at ages that never overlap, with a history both write or an
+uninformative one, so that only the age read with the photo decides).
 """
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +36,33 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset_builder import load  # noqa: E402
-from mdf_mllm.comparison import TextOnly, class_prior, has_history, late_fusion, subset_accuracies  # noqa: E402
+from mdf_mllm.comparison import TextOnly, class_prior, has_history, late_fusion  # noqa: E402
+
+
+AGE_BINS = (17, 30, 50, 66)  # bins start at 0, 17, 30, 50, 66: the stages' ages (dataset_builder.synthetic.STAGES)
+AGE = re.compile(r"\b(\d{1,3})-year-old\b")
+
+
+def history_vector(texts, text_probabilities: np.ndarray) -> torch.Tensor:
+    """(N, K + len(AGE_BINS) + 3) float: the text reference's class probabilities, the age bin one-hot (the last of
+    those columns: no age written) and 1 where there is a history."""
+    ages = np.zeros((len(texts), len(AGE_BINS) + 2))
+    for row, text in enumerate(texts):
+        found = AGE.search(text or "")
+        ages[row, np.searchsorted(AGE_BINS, int(found.group(1)), side="right") if found else -1] = 1
+    present = np.array([[bool(text and text.strip())] for text in texts], dtype=float)
+    return torch.tensor(np.concatenate([text_probabilities, ages, present], 1), dtype=torch.float32)
+
+
+def out_of_fold(texts, labels, num_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """The text reference's class probabilities for each training text from a model fitted without its fold."""
+    probabilities = np.zeros((len(texts), num_classes))
+    order = np.random.default_rng(seed).permutation(len(texts))
+    for fold in np.array_split(order, folds):
+        rest = np.setdiff1d(order, fold)
+        model = TextOnly([texts[i] for i in rest], labels[rest], num_classes)
+        probabilities[fold] = model.probabilities([texts[i] for i in fold])
+    return probabilities
 
 
 def photos(split, size: int) -> torch.Tensor:
@@ -44,11 +79,29 @@ def cnn(num_classes: int) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
 
-def image_only(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int) -> np.ndarray:
+class Joint(nn.Module):
+    """A CNN trunk whose pooled features and the history's vector are read together by a two-layer head."""
+
+    def __init__(self, num_classes: int, history_size: int, hidden: int = 64):
+        super().__init__()
+        self.trunk = cnn(num_classes)[:-1]
+        self.head = nn.Sequential(nn.Linear(128 + history_size, hidden), nn.SiLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x, history):
+        return self.head(torch.cat([self.trunk(x), history], 1))
+
+
+def train_cnn(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int, h_train=None,
+              h_test=None) -> np.ndarray:
+    """The image-only CNN's test probabilities; given the history vectors `h_train` and `h_test`, the joint
+    reference's (the same recipe, its own trunk)."""
     torch.manual_seed(seed)
     mean, std = x_train.mean((0, 2, 3), keepdim=True), x_train.std((0, 2, 3), keepdim=True)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    model = cnn(num_classes)
+    if h_train is None:
+        model, read = cnn(num_classes), lambda x, rows, h: model(x)  # noqa: E731
+    else:
+        model, read = Joint(num_classes, h_train.shape[1]), lambda x, rows, h: model(x, h[rows])  # noqa: E731
     counts = torch.bincount(y_train, minlength=num_classes).float()
     weight = counts.sum() / (num_classes * counts.clamp(min=1))  # the few inherited photos count as much as the rest
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -61,7 +114,7 @@ def image_only(x_train, y_train, x_test, num_classes: int, epochs: int, seed: in
             batch = order[start:start + 32]
             x = x_train[batch]
             x = torch.where((torch.rand(len(batch)) < 0.5)[:, None, None, None], x.flip(3), x)
-            loss = F.cross_entropy(model(x), y_train[batch], weight=weight)
+            loss = F.cross_entropy(read(x, batch, h_train), y_train[batch], weight=weight)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -69,7 +122,8 @@ def image_only(x_train, y_train, x_test, num_classes: int, epochs: int, seed: in
             schedule.step()
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(x_test[b:b + 64]).softmax(-1) for b in range(0, len(x_test), 64)]).numpy()
+        return torch.cat([read(x_test[b:b + 64], slice(b, b + 64), h_test).softmax(-1)
+                          for b in range(0, len(x_test), 64)]).numpy()
 
 
 def main() -> None:
@@ -85,19 +139,27 @@ def main() -> None:
     train, test = data["train"], data["test"]
     num_classes = len(train.features["label"].names)
     y_train, y_test = np.array(train["label"]), np.array(test["label"])
-    p_image = image_only(photos(train, args.size), torch.tensor(y_train), photos(test, args.size), num_classes,
-                         args.epochs, args.seed)
     p_text = TextOnly(train["text"], y_train, num_classes).probabilities(test["text"])
+    h_train = history_vector(train["text"], out_of_fold(train["text"], y_train, num_classes))
+    h_test = history_vector(test["text"], p_text)
+    x_train, x_test = photos(train, args.size), photos(test, args.size)
+    p_image = train_cnn(x_train, torch.tensor(y_train), x_test, num_classes, args.epochs, args.seed)
+    p_joint = train_cnn(x_train, torch.tensor(y_train), x_test, num_classes, args.epochs, args.seed, h_train, h_test)
     rows = {"CNN (image only)": p_image, "text only": p_text,
-            "late fusion, CNN x text": late_fusion(p_image, p_text, class_prior(y_train, num_classes))}
-    history = has_history(test["text"])
-    print(f"dataset seed {args.dataset_seed}: test {len(y_test)} photos, {history.sum()} with a history; CNN at "
-          f"{args.size} px, {args.epochs} epochs\n")
-    print("| reference | with a history | without | all |\n|---|---:|---:|---:|")
+            "late fusion, CNN x text": late_fusion(p_image, p_text, class_prior(y_train, num_classes)),
+            "joint reference": p_joint}
+    subsets = {"with a history": has_history(test["text"])}
+    subsets["without"] = ~subsets["with a history"]
+    subsets["age-dependent"] = np.array(test["age_dependent"], dtype=bool)
+    subsets["all"] = np.ones(len(y_test), dtype=bool)
+    print(f"dataset seed {args.dataset_seed}: test {len(y_test)} photos, " + ", ".join(
+        f"{mask.sum()} {name}" for name, mask in subsets.items() if name != "all") +
+        f"; CNN at {args.size} px, {args.epochs} epochs\n")
+    print("| reference | " + " | ".join(subsets) + " |\n|---|" + "---:|" * len(subsets))
     for name, probabilities in rows.items():
-        scores = subset_accuracies(probabilities.argmax(1), y_test, history)
-        print(f"| {name} | " + " | ".join(f"{scores[s]['accuracy']:.3f}" for s in
-                                          ("with_history", "without_history", "all")) + " |")
+        right = probabilities.argmax(1) == y_test
+        print(f"| {name} | " + " | ".join(f"{right[mask].mean():.3f}" if mask.any() else "-"
+                                          for mask in subsets.values()) + " |")
     print(f"\n[{time.time() - start:.0f} s]")
 
 

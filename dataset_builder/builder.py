@@ -55,6 +55,7 @@ FEATURES = datasets.Features(
         "file_name": datasets.Value("string"),
         "vessel_mask": datasets.Image(),
         "split": datasets.Value("string"),
+        "age_dependent": datasets.Value("bool"),  # synthetic: the look and history another label shares but by age
     }
 )
 CONFIG_NAMES = (*SOURCES, "synthetic", "all")  # the sources registered with the package (`config_names()`: now)
@@ -93,7 +94,7 @@ class MdfFundusConfig(datasets.BuilderConfig):
 class MdfFundus(datasets.GeneratorBasedBuilder):
     """Fundus photos with disease label, disease type, clinical text, vessel mask, case and split (see docs/data.md)."""
 
-    VERSION = datasets.Version("1.1.0")  # 1.1: the file_name column
+    VERSION = datasets.Version("1.2.0")  # 1.1: the file_name column; 1.2: age_dependent
     BUILDER_CONFIG_CLASS = MdfFundusConfig
     BUILDER_CONFIGS = [MdfFundusConfig(name=name) for name in CONFIG_NAMES]
     DEFAULT_CONFIG_NAME = "synthetic"
@@ -181,7 +182,7 @@ def to_example(record: Record, split: str, image_size: int = 512, seed: int = 0)
     file_name = record.file_name
     if record.synthetic is not None:
         image, mask = synthetic.render(record.synthetic, image_size, seed)
-        name = f"{record.source}_{record.synthetic.index:05d}"
+        name = f"{record.source}_{record.synthetic.number:05d}"
         file_name = f"{name}.jpg"
         image = _encode(image, file_name, SYNTHETIC_PHOTO_FORMAT)
         mask = _encode(mask, f"{name}_mask.png", SYNTHETIC_MASK_FORMAT)
@@ -198,6 +199,7 @@ def to_example(record: Record, split: str, image_size: int = 512, seed: int = 0)
         "file_name": file_name,
         "vessel_mask": mask,
         "split": split,
+        "age_dependent": getattr(record.synthetic, "age_dependent", False),
     }
 
 
@@ -264,10 +266,10 @@ def _stratified_take(case_keys, cases, records, fraction, rng) -> list:
 
 
 def _stratum_label(record: Record) -> str:
-    """A record's label, with its synthetic presentation where it has one, so that both sides of every phenocopy
-    pair and overlapping history reach every split."""
+    """A record's label, with its synthetic presentation and look where it has one, so that both sides of every
+    phenocopy pair, overlapping history and age-dependent look reach every split."""
     presentation = getattr(record.synthetic, "presentation", "")
-    return f"{record.label}/{presentation}" if presentation else record.label
+    return f"{record.label}/{presentation}/{record.synthetic.look}" if presentation else record.label
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -52,8 +52,9 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -72,7 +73,9 @@ LESION_COUNTS = {
     "cotton_wool": (0, 3),
     "drusen": (15, 60),
     "pigment_clump": (2, 8),
-    "bone_spicule": (60, 180),
+    "bone_spicule": (90, 200),  # dense, late RP
+    "bone_spicule_moderate": (30, 70),
+    "bone_spicule_mild": (8, 25),
     "fleck": (20, 70),
 }
 LESION_RADII = {
@@ -86,6 +89,7 @@ LESION_RADII = {
     "bone_spicule": (0.006, 0.018),  # arm length
     "fleck": (0.006, 0.016),  # half length
     "stargardt_atrophy": (0.035, 0.075),
+    "macular_atrophy": (0.045, 0.08),
     "vitelliform": (0.05, 0.09),
 }
 NOISE_SIGMA = (0.005, 0.02)
@@ -109,18 +113,19 @@ DEFAULT_COMPOSITION = {
         "glaucoma": 20,
     },
 }
-# 81 images: every split gets every class of FIVES and HRF and both sides of every phenocopy pair and of every
-# overlapping history (4 one-photo cases per presentation: 1 test, 1 validation, 2 train).
+# 89 images: every split gets every class of FIVES and HRF and both sides of every phenocopy pair and of every
+# overlapping history but the carriers' (4 one-photo cases per presentation: 1 test, 1 validation, 2 train), the
+# age-dependent looks among them (24 photos).
 TINY_COMPOSITION = {
     "fives": {"normal": 4, "amd": 4, "dr": 4, "glaucoma": 4},
     "hrf": {"normal": 3, "dr": 3, "glaucoma": 3},
     "stonerounds": {
-        "retinitis_pigmentosa": {"x_linked": 4, "sine_pigmento": 4},
-        "choroideremia": {"x_linked": 4},
-        "stargardt": {"central_blur": 4, "late_onset": 4},
-        "best_disease": {"central_blur": 4},
-        "amd": {"typical": 4, "vitelliform": 4},
-        "normal": {"diabetes": 4, "glaucoma_family": 4, "large_cup": 4},
+        "retinitis_pigmentosa": {"male@rp_moderate": 4, "sine_pigmento": 4},
+        "choroideremia": {"male@rp_moderate": 4},
+        "stargardt": {"central_blur@macular_atrophy": 4, "late_onset@ga_flecks": 4},
+        "best_disease": {"central_blur@macular_atrophy": 4, "typical@best_disease": 4},
+        "amd": {"blur@ga_flecks": 4, "vitelliform": 4},
+        "normal": {"diabetes": 4, "glaucoma_family": 4, "large_cup": 4, "hypertensive": 4},
         "dr": {"typical": 4},
         "glaucoma": {"typical": 4, "early": 4},
     },
@@ -156,14 +161,17 @@ class SyntheticItem:
     """One image to render: its place in the plan and its example fields (the image itself is rendered lazily)."""
 
     part: str  # "fives" | "hrf" | "stonerounds"
-    index: int  # position within its part; with the seed and part it fixes the image
+    index: int  # with the seed and part it fixes the image (the order planned, by label: never shown)
     label: str
     case_id: str
     text: str
     official_split: str | None
     presentation: str = ""  # StoneRounds-like cases: the name in PRESENTATIONS[label]
-    look: str = ""  # the picture drawn (a label, or "large_cup"); "" means the label's own
-    history: str = ""  # the kind of history written (HISTORIES), "" for none
+    look: str = ""  # the picture drawn (one of LOOKS); "" means the label's own
+    history: str = ""  # the kind of history written (HISTORIES), "uninformative", or "" for none
+    eye: str = ""  # "right" | "left"; "" drawn with the photo
+    age_dependent: bool = False  # look and history kind shared with another label: the age decides
+    number: int = -1  # the photo's number in its part, label-blind (shuffled): names its file
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -188,7 +196,9 @@ def scale_composition(num_images: int, composition: dict | None = None) -> dict:
 
 
 def plan(num_images: int | None = None, seed: int = 0, composition: dict | None = None) -> list[SyntheticItem]:
-    """List the images of the set: labels, case grouping, texts and FIVES-like official splits, all seeded."""
+    """List the images of the set: labels, case grouping, texts and FIVES-like official splits, all seeded; within
+    each part, cases come in a shuffled order and are numbered in it, so that neither the order nor a case id nor a
+    file name follows the label."""
     if composition is None:
         composition = DEFAULT_COMPOSITION if num_images is None else scale_composition(num_images)
     elif num_images is not None:
@@ -204,11 +214,26 @@ def plan(num_images: int | None = None, seed: int = 0, composition: dict | None 
     items = []
     for part, counts in composition.items():
         rng = np.random.default_rng([seed, _PART_IDS[part], 1_000_003])
-        items.extend(planners[part](counts, rng))
+        items.extend(_label_blind(planners[part](counts, rng), rng))
     return items
 
 
 _PART_IDS = {part: k for k, part in enumerate(PAPER_SOURCES)}  # seeds each part's generator: fives 0, hrf 1, ...
+CASE_IDS = {"fives": "synthetic_fives/{:04d}", "stonerounds": "synthetic_stonerounds/case_{:04d}"}  # HRF: patients
+
+
+def _label_blind(items: list[SyntheticItem], rng: np.random.Generator) -> list[SyntheticItem]:
+    """The items case by case in a shuffled order, numbered in that order (case ids too, except HRF's patients,
+    which hold every class); each keeps its `index`, so its photo is the one planned."""
+    cases = {}
+    for item in items:
+        cases.setdefault(item.case_id, []).append(item)
+    shuffled = []
+    for number, key in enumerate(rng.permutation(len(cases))):
+        for item in list(cases.values())[key]:
+            case_id = CASE_IDS[item.part].format(number + 1) if item.part in CASE_IDS else item.case_id
+            shuffled.append(replace(item, case_id=case_id, number=len(shuffled)))
+    return shuffled
 
 
 def _images(count) -> int:
@@ -222,8 +247,7 @@ def _plan_fives(counts: dict, rng: np.random.Generator) -> list[SyntheticItem]:
         num_train = round(count * FIVES_TRAIN_FRACTION)
         for k in range(count):
             split = "train" if k < num_train else "test"
-            case_id = f"synthetic_fives/{label}_{k:03d}"
-            items.append(SyntheticItem("fives", len(items), label, case_id, "", split))
+            items.append(SyntheticItem("fives", len(items), label, f"{label}_{k}", "", split))
     return items
 
 
@@ -237,31 +261,41 @@ def _plan_hrf(counts: dict, rng: np.random.Generator) -> list[SyntheticItem]:
 
 
 def _plan_stonerounds(counts: dict, rng: np.random.Generator) -> list[SyntheticItem]:
-    """Cases of one or two eyes; each case gets one presentation (its look and its history), allocated to the
-    label's cases by `PRESENTATIONS` shares (largest remainders, then shuffled) so that every presentation of a label
-    with enough cases is present. A count may instead be {presentation: cases} (one photo each), as in
-    `TINY_COMPOSITION`."""
-    items = []
+    """Cases of one or two eyes (the second the other eye); each case gets one presentation, allocated to the label's
+    cases by `PRESENTATIONS` shares (largest remainders, then shuffled) so that every presentation of a label with
+    enough cases is present, and a record (`case_record`): its text, the kind written and the age that stages a
+    STAGED look. A count may instead be {presentation: cases} (one photo each), as in `TINY_COMPOSITION`: each such
+    case is drawn again until it is the presentation as named (its own kind of history written, and for a name
+    "<presentation>@<look>" that stage drawn)."""
+    cases = []
     for label, count in counts.items():
         if isinstance(count, dict):
-            unknown = set(count) - set(PRESENTATIONS[label])
+            unknown = {name.split("@")[0] for name in count} - set(PRESENTATIONS[label])
             if unknown:
                 raise ValueError(f"composition: {label} has no presentation {sorted(unknown)}; "
                                  f"known: {sorted(PRESENTATIONS[label])}")
-            cases = [(name, 1) for name, n in count.items() for _ in range(n)]
+            cases += [(label, name, 1) for name, n in count.items() for _ in range(n)]
         else:
             eyes = []
             while sum(eyes) < count:
                 left = count - sum(eyes)
                 eyes.append(2 if left >= 2 and rng.random() < SECOND_EYE_PROBABILITY else 1)
             names = _allocate(PRESENTATIONS[label], len(eyes))
-            cases = list(zip((names[i] for i in rng.permutation(len(names))), eyes))
-        for name, eyes in cases:
-            look, history = PRESENTATIONS[label][name][:2]
-            case_id = f"synthetic_stonerounds/case_{len({item.case_id for item in items}) + 1:04d}"
-            text = case_text(clinical_case(history, rng))
-            for _ in range(eyes):
-                items.append(SyntheticItem("stonerounds", len(items), label, case_id, text, None, name, look, history))
+            cases += [(label, names[i], n) for i, n in zip(rng.permutation(len(names)), eyes)]
+    items = []
+    for number, (label, name, eyes) in enumerate(cases):
+        name, _, wanted = name.partition("@")
+        look, kind, _ = PRESENTATIONS[label][name]
+        for _ in range(100 if isinstance(counts[label], dict) else 1):
+            text, written, age = case_record(label, kind, rng)
+            staged = stage_look(label, age, name) if look == STAGED else look
+            if written == kind and staged == (wanted or staged):
+                break
+        first = _pick(rng, ["right", "left"])
+        age_dependent = written in (kind, "uninformative") and is_age_dependent(label, staged, written)
+        for eye in (("right", "left") if first == "right" else ("left", "right"))[:eyes]:
+            items.append(SyntheticItem("stonerounds", len(items), label, str(number), text, None, name, staged,
+                                       written, eye, age_dependent))
     return items
 
 
@@ -277,111 +311,153 @@ def _allocate(presentations: dict, num_cases: int) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The StoneRounds-like part: photo and history complete each other, as in the clinic (see the data documentation,
-# docs/data.md). A presentation is (look, history, share of the label's cases): the look is which picture is drawn
-# (a label's typical signs, or "large_cup"), the history which kind of history is written. A look drawn for two
-# labels is a phenocopy (only the history separates them); a history kind written for two labels is an overlapping
-# history (only the photo separates them). No case has both, so the two together always decide.
+# docs/data.md). A presentation is (look, history kind, share of the label's cases): the look is which picture is
+# drawn (a label's signs, a shared look such as "large_cup", or STAGED: the label's stage at the patient's age,
+# `STAGES`), the history kind which history is written. A look drawn for two labels is a phenocopy (the history
+# separates them); a history kind written for two labels is an overlapping history (the photo separates them). Where
+# both are shared, the patient's age separates them: the look is one label's early stage and the other's late one
+# (the age-dependent subset, `age_dependent`).
 
+STAGED = "staged"
 PRESENTATIONS = {
     "retinitis_pigmentosa": {
-        "typical": ("retinitis_pigmentosa", "rod_cone_dystrophy", 0.20),
-        "x_linked": ("retinitis_pigmentosa", "x_linked", 0.40),  # history as choroideremia's
-        "sine_pigmento": ("normal", "rod_cone_dystrophy", 0.40),  # photo as a normal eye's
+        "typical": (STAGED, "rod_cone_dystrophy", 0.33),  # dominant, recessive, Usher or no known family
+        # A male, simplex or with an X-linked family (a third of the kind's: X-linked RP is 10-15 % of RP); history
+        # as choroideremia's.
+        "male": (STAGED, "male_night_blindness", 0.45),
+        "sine_pigmento": ("narrow_vessels", "rod_cone_dystrophy", 0.17),  # photo as a hypertensive normal eye's
+        "carrier": ("rp_mild", "x_linked_carrier", 0.05),  # a female carrier of X-linked RP with patchy spicules
     },
     "choroideremia": {
-        "x_linked": ("choroideremia", "x_linked", 0.85),  # history as X-linked RP's
-        "gene_tested": ("choroideremia", "x_linked_chm", 0.15),
+        "male": (STAGED, "male_night_blindness", 0.80),  # history as RP's in a male
+        "gene_tested": (STAGED, "x_linked_chm", 0.10),
+        "carrier": ("chm_carrier", "x_linked_carrier", 0.10),  # a female carrier: patchy peripheral mottling
     },
     "stargardt": {
-        "typical": ("stargardt", "juvenile_macular", 0.25),
-        "central_blur": ("stargardt", "central_blur", 0.40),  # history as Best's
-        "late_onset": ("amd", "late_onset_macular", 0.35),  # photo as AMD's geographic atrophy
+        "typical": (STAGED, "juvenile_macular", 0.20),
+        "central_blur": (STAGED, "central_blur", 0.60),  # history as Best's
+        "late_onset": (STAGED, "adult_macular", 0.20),  # history as AMD's; foveal-sparing atrophy with flecks
     },
     "best_disease": {
-        "typical": ("best_disease", "dominant_macular", 0.40),
-        "central_blur": ("best_disease", "central_blur", 0.60),  # history as Stargardt's
+        "typical": (STAGED, "dominant_macular", 0.20),
+        "central_blur": (STAGED, "central_blur", 0.80),  # history as Stargardt's
     },
     "amd": {
-        "typical": ("amd", "elderly_macular", 0.45),
-        "vitelliform": ("best_disease", "elderly_macular", 0.55),  # photo as Best's (adult-onset vitelliform lesion)
+        "typical": ("amd", "elderly_macular", 0.15),
+        "atrophic": ("ga_flecks", "elderly_macular", 0.15),  # photo as late-onset Stargardt's
+        "vitelliform": ("best_disease", "elderly_macular", 0.30),  # photo as Best's (adult-onset vitelliform lesion)
+        "blur": (STAGED, "adult_macular", 0.40),  # history as late-onset Stargardt's
     },
     "normal": {
-        "screening": ("normal", "no_complaints", 0.25),
-        "diabetes": ("normal", "diabetes", 0.30),  # history as DR's
-        "glaucoma_family": ("normal", "glaucoma_family", 0.20),  # history as glaucoma's
+        "screening": ("normal", "no_complaints", 0.20),
+        "hypertensive": ("narrow_vessels", "hypertension", 0.15),  # photo as RP sine pigmento's
+        "diabetes": ("normal", "diabetes", 0.25),  # history as DR's
+        "glaucoma_family": ("normal", "glaucoma_family", 0.15),  # history as glaucoma's
         "large_cup": ("large_cup", "large_cup_workup", 0.25),  # photo as early glaucoma's
     },
     "dr": {"typical": ("dr", "diabetes", 1.0)},  # history as a diabetic's without retinopathy
     "glaucoma": {
         "typical": ("glaucoma", "glaucoma_family", 0.50),  # history as a normal eye's with a family history
-        "early": ("large_cup", "raised_pressure", 0.50),  # photo as a physiological large cup's
+        "early": ("large_cup", "field_loss", 0.50),  # photo as a physiological large cup's
     },
 }
-LOOKS = [*LABEL_NAMES, "large_cup"]
+# Each inherited disease's look by the patient's age (first age of each stage): Best disease's egg yolk becomes an
+# atrophic scar in adult life; Stargardt disease shows macular atrophy with few flecks in childhood, flecks spreading
+# later; choroideremia looks like RP (pigment clumping) in childhood before its scalloped atrophy; RP goes from a
+# few spicules to dense spicules with narrow vessels and a waxy disc. So "macular_atrophy" is Best disease after 30
+# and Stargardt disease before 17, "rp_moderate" choroideremia before 18 and RP from 18 to 49.
+STAGES = {
+    "best_disease": ((0, "best_disease"), (30, "macular_atrophy")),
+    "stargardt": ((0, "macular_atrophy"), (17, "stargardt")),
+    "choroideremia": ((0, "rp_moderate"), (18, "choroideremia")),
+    "retinitis_pigmentosa": ((0, "rp_mild"), (18, "rp_moderate"), (50, "retinitis_pigmentosa")),
+    # By presentation: late-onset Stargardt disease is foveal-sparing atrophy with flecks, then widespread flecks;
+    # AMD drusen, then geographic atrophy from the late sixties; so "ga_flecks" is Stargardt disease before 66 and
+    # AMD from 66.
+    "stargardt/late_onset": ((0, "ga_flecks"), (66, "stargardt")),
+    "amd/blur": ((0, "amd"), (66, "ga_flecks")),
+}
+LOOKS = [*LABEL_NAMES, "large_cup", "macular_atrophy", "ga_flecks", "rp_mild", "rp_moderate", "narrow_vessels",
+         "chm_carrier"]
 CUP_TO_DISC = {"normal": (0.2, 0.5), "glaucoma": (0.65, 0.9), "large_cup": (0.6, 0.8)}
 
-# History kinds: the fields of a case.json, written as a clinician would (age, complaint, family, tests); a gene
-# only where genetic testing would have been done, never a diagnosis. A kind is written the same way whichever
-# label it is drawn for (the label is not an input), so an overlapping history carries nothing about the label.
+
+def stage_look(label: str, age: int, presentation: str = "") -> str:
+    """The look of `label`'s stage at `age` (`STAGES`: the presentation's own stages, else the label's)."""
+    return [look for start, look in STAGES.get(f"{label}/{presentation}", STAGES.get(label)) if age >= start][-1]
+
+
+# History kinds: what a clinician writes for a case (`clinical_case`): the age (`ages`: ranges drawn with equal
+# weight; `onset`: the range of the age of onset, always below the age; or `years`: a duration), the sex (None: either), a complaint, the
+# family, the tests, and a gene where genetic testing would have found one (share `gene`), never a diagnosis. A kind
+# is written the same way whichever label it is drawn for (the label is not an input), so an overlapping history
+# carries nothing about the label but what its age does; `CLINIC` then adds what each label's patients bring
+# besides (comorbidity, pressure, complaints, negations) at their rates. {Pos}/{pos}: his or her.
 HISTORIES = {
     "rod_cone_dystrophy": {
-        "age": ("onset", (6, 25), (3, 35)),
-        "sex": None,
+        "ages": [(8, 62)], "onset": (5, 30), "sex": None,
         "complaint": ["Night blindness since age {onset}, with a slowly shrinking visual field.",
                       "Difficulty seeing in dim light since age {onset}; bumps into objects at the sides."],
         "family": [("Father and paternal aunt have the same night vision problem.", "RHO"),
                    ("Parents unaffected; a sister has night blindness and was born with hearing loss.", "USH2A"),
-                   ("No family history known.", "PRPH2")],
+                   ("Parents unaffected; no family history known.", "PRPH2")],
         "tests": ["Full-field ERG: rod responses extinguished, cone responses reduced.",
                   "Goldmann fields constricted to 15 degrees; rod ERG severely reduced."],
-        "gene": 0.4,
+        "gene": 0.5,
     },
-    "x_linked": {
-        "age": ("onset", (4, 15), (5, 30)),
-        "sex": "male",
+    "male_night_blindness": {
+        # Childhood and adult visits equally often, so that the age is no clue to the label by itself; a third of
+        # the families X-linked (a maternal uncle or grandfather), the rest simplex.
+        "ages": [(6, 16), (20, 55)], "onset": (3, 12), "sex": "male",
         "complaint": ["Night blindness since early childhood (age {onset}); the side vision has narrowed since.",
                       "Poor vision in the dark since age {onset} and progressive peripheral field loss."],
         "family": [("A maternal uncle has the same condition; the mother has no complaints.", None),
-                   ("His maternal grandfather was affected; parents unaffected.", None)],
+                   ("{Pos} maternal grandfather was affected; parents unaffected.", None),
+                   ("No family history of eye disease.", None), ("Adopted; family history unknown.", None),
+                   ("Parents unaffected; no other relatives affected.", None), ("Parents and siblings unaffected.", None)],
         "tests": ["ERG reduced in a rod-cone pattern; central acuity preserved.",
                   "Visual fields constricted; genetic testing pending."],
         "gene": 0.0,
     },
+    "x_linked_carrier": {
+        "ages": [(25, 65)], "onset": None, "sex": "female",
+        "complaint": ["Examined because {pos} son has night blindness; mild difficulty in dim light.",
+                      "{Pos} brother has night blindness from childhood; examined as a relative. No complaints."],
+        "family": [("Maternal uncle also affected.", None), ("", None)],
+        "tests": ["ERG mildly reduced.", "Visual fields full."],
+        "gene": 0.0,
+    },
     "juvenile_macular": {
-        "age": ("onset", (7, 22), (1, 25)),
-        "sex": None,
+        "ages": [(8, 45)], "onset": (6, 20), "sex": None,
         "complaint": ["Gradual loss of central vision since age {onset}; difficulty reading and recognising faces.",
-                      "Blurred central vision first noticed at school at age {onset}; no night blindness."],
+                      "Blurred central vision first noticed at school at age {onset}."],
         "family": [("Parents unaffected; a brother has similar central vision loss.", "ABCA4"),
                    ("Parents are first cousins; no other affected relatives.", "ABCA4")],
         "tests": ["Fluorescein angiography shows a dark choroid.", "Central scotoma on perimetry."],
-        "gene": 0.5,
+        "gene": 0.6,
     },
-    "late_onset_macular": {
-        "age": ("onset", (35, 55), (2, 15)),
-        "sex": None,
-        "complaint": ["Slowly progressive central blur since age {onset}; the very centre was spared for years.",
-                      "Difficulty reading since age {onset}; never smoked."],
-        "family": [("Parents unaffected; an older sister has the same condition.", "ABCA4"),
-                   ("Parents unaffected; a cousin lost central vision in her forties.", "ABCA4")],
-        "tests": ["Fluorescein angiography shows a dark choroid.",
-                  "Autofluorescence shows flecks beyond the vascular arcades."],
-        "gene": 0.4,
+    "adult_macular": {
+        # Visits before and after 66 equally often (see male_night_blindness).
+        "ages": [(45, 65), (66, 88)], "onset": None, "years": (1, 8), "sex": None,
+        "complaint": ["Slowly progressive central blur over {years} years; difficulty reading.",
+                      "Difficulty reading for {years} years; the very centre seems spared."],
+        "family": [("No family history known.", None), ("Parents died young; family history unknown.", None)],
+        "tests": ["Autofluorescence ordered.", "Central visual field relative scotoma."],
+        "gene": 0.0,
     },
     "dominant_macular": {
-        "age": ("onset", (4, 30), (1, 20)),
-        "sex": None,
+        "ages": [(5, 62)], "onset": (4, 30), "sex": None,
         "complaint": ["Mild blur of central vision noticed at age {onset}.",
-                      "Found on a school eye examination at age {onset}; reading slightly harder."],
+                      "Found on an eye examination at age {onset}; reading slightly harder."],
         "family": [("Father and paternal grandmother have similar macular lesions.", "BEST1"),
                    ("Mother and a sibling have similar macular lesions.", "BEST1")],
         "tests": ["EOG Arden ratio 1.2 with a full-field ERG within limits.",
                   "EOG light rise markedly reduced; ERG within limits."],
-        "gene": 0.4,
+        "gene": 0.5,
     },
     "central_blur": {
-        "age": ("age", (14, 45), None),
-        "sex": None,
+        # Childhood and adult visits equally often (see male_night_blindness).
+        "ages": [(7, 16), (35, 60)], "onset": None, "years": (1, 6), "sex": None,
         "complaint": ["Gradual central blur over the past {years} years; difficulty reading.",
                       "Blurred central vision and mild distortion for {years} years."],
         "family": [("No family history known.", None), ("Adopted; family history unknown.", None)],
@@ -389,113 +465,219 @@ HISTORIES = {
         "gene": 0.0,
     },
     "elderly_macular": {
-        "age": ("age", (66, 89), None),
-        "sex": None,
-        "complaint": ["Gradual central blur and distortion over {years} years.",
-                      "Difficulty reading fine print for {years} years; straight lines look wavy."],
-        "family": [("Smoker, 40 pack-years; no family history of eye disease.", None),
-                   ("Ex-smoker with hypertension; no family history of eye disease.", None)],
-        "tests": ["EOG Arden ratio 2.0.", "The fellow eye shows soft drusen."],
+        "ages": [(66, 89)], "onset": (60, 88), "sex": None,
+        "complaint": ["Gradual central blur and distortion since age {onset}.",
+                      "Difficulty reading fine print since age {onset}; straight lines look wavy."],
+        "family": [("", None)],
+        "tests": ["EOG Arden ratio 2.0.", "The fellow eye shows soft drusen.", "Amsler grid: distortion centrally."],
         "gene": 0.0,
     },
     "no_complaints": {
-        "age": ("age", (18, 80), None),
-        "sex": None,
-        "complaint": ["Routine examination; no visual complaints and good vision in the dark.",
-                      "Seen for new glasses; no other complaints."],
-        "family": [("No family history of eye disease.", None)],
-        "tests": ["Intraocular pressure 15 mmHg; visual fields full.", "Visual fields full on confrontation."],
+        "ages": [(18, 80)], "onset": None, "sex": None,
+        "complaint": ["Routine examination; no visual complaints.", "Seen for new glasses; no other complaints."],
+        "family": [("No family history of eye disease.", None), ("", None)],
+        "tests": ["Visual fields full.", "Visual fields full on confrontation."],
+        "gene": 0.0,
+    },
+    "hypertension": {
+        "ages": [(45, 85)], "onset": (35, 80), "sex": None,
+        "complaint": ["Hypertension since age {onset}, on two drugs; routine eye review.",
+                      "Treated for high blood pressure since age {onset}; no visual complaints."],
+        "family": [("No family history of eye disease.", None), ("", None)],
+        "tests": ["Visual fields full.", "Visual fields full on confrontation."],
         "gene": 0.0,
     },
     "diabetes": {
-        "age": ("age", (35, 80), None),
-        "sex": None,
-        "complaint": ["Type 2 diabetes for {years} years, HbA1c {hba1c} %; annual eye screening.",
-                      "Type 1 diabetes since childhood ({years} years), HbA1c {hba1c} %; no visual complaints."],
-        "family": [("", None)],
-        "tests": ["Blood pressure 145/90 on treatment.", "Microalbuminuria on the last check."],
+        "ages": [(30, 80)], "onset": (28, 75), "sex": None,
+        "complaint": ["Type 2 diabetes since age {onset}, HbA1c {hba1c} %; annual eye screening.",
+                      "Type 2 diabetes diagnosed at age {onset}, HbA1c {hba1c} %; referred from diabetic screening."],
+        "family": [("", None), ("{Pos} mother has type 2 diabetes.", None)],
+        "tests": ["Microalbuminuria on the last check.", "Kidney function within limits."],
         "gene": 0.0,
     },
     "glaucoma_family": {
-        "age": ("age", (40, 80), None),
-        "sex": None,
+        "ages": [(40, 80)], "onset": None, "sex": None,
         "complaint": ["Referred for screening: the father uses eye drops for raised eye pressure.",
                       "Asymptomatic; a brother and the mother are treated for raised eye pressure."],
         "family": [("", None)],
-        "tests": ["Pressure not yet measured.", "First eye examination."],
+        "tests": ["First eye examination.", "Fields not yet tested."],
         "gene": 0.0,
     },
     "large_cup_workup": {
-        "age": ("age", (25, 75), None),
-        "sex": None,
+        "ages": [(25, 75)], "onset": None, "sex": None,
         "complaint": ["Referred by the optician for a large optic cup; no complaints.",
                       "Large cups noted at a routine sight test; asymptomatic."],
-        "family": [("No family history of eye disease.", None), ("Her mother also has large optic discs.", None)],
-        "tests": ["Intraocular pressure 14 and 15 mmHg; visual fields full on repeat testing; OCT nerve fibre layer "
-                  "within limits.",
-                  "Pressure 16 mmHg in both eyes; fields full and stable over two years."],
+        "family": [("No family history of eye disease.", None), ("{Pos} mother also has large optic discs.", None)],
+        "tests": ["Visual fields full on repeat testing; OCT nerve fibre layer within limits.",
+                  "Fields full and stable over two years."],
         "gene": 0.0,
     },
-    "raised_pressure": {
-        "age": ("age", (45, 85), None),
-        "sex": None,
-        "complaint": ["Intraocular pressure {iop} mmHg at a routine sight test.",
-                      "Noticed patchy vision on one side; intraocular pressure {iop} mmHg."],
+    "field_loss": {
+        "ages": [(45, 85)], "onset": None, "sex": None,
+        "complaint": ["Field defect found at a routine sight test.", "Noticed patchy vision on one side."],
         "family": [("No family history known.", None), ("", None)],
         "tests": ["Inferior arcuate field defect on perimetry; started on drops.",
                   "OCT shows thinning of the superior nerve fibre layer; field defect confirmed."],
         "gene": 0.0,
     },
 }
-HISTORIES["x_linked_chm"] = {**HISTORIES["x_linked"], "family": [(text, "CHM") for text, _ in
-                                                                 HISTORIES["x_linked"]["family"]], "gene": 1.0}
-HISTORIES["x_linked_chm"]["tests"] = ["ERG reduced in a rod-cone pattern; genetic testing done.",
-                                      "Visual fields constricted; genetic testing done."]
+HISTORIES["x_linked_chm"] = {**HISTORIES["male_night_blindness"], "family": [
+    (text, "CHM") for text, _ in HISTORIES["male_night_blindness"]["family"][:2]], "gene": 1.0,
+                             "tests": ["ERG reduced in a rod-cone pattern; genetic testing done.",
+                                       "Visual fields constricted; genetic testing done."]}
+UNINFORMATIVE = ["Referred for fundus photography.", "Seen in clinic; notes not available.",
+                 "Photographed for the teaching file."]
+
+# What a clinic's notes add, by label (rates: docs/data.md, "Histories as a clinic writes them"). Every history
+# records the pressure (mmHg, both eyes) and most the blood pressure; a few cases have no history at all, a few an
+# uninformative one, a few a misleading one (another label's history: a previous misdiagnosis).
+CLINIC = {
+    "missing": 0.10,  # no history: the photo comes alone
+    "uninformative": 0.07,  # "referred for photography", with the age and sex
+    "misleading": 0.03,  # another label's kind of history
+    "nonspecific": 0.25,  # floaters, glare, new glasses: any label
+    # Intraocular pressure: raised (22-34) in this share of each label's eyes, else 10-21. Normal-tension glaucoma
+    # is about a third of open-angle glaucoma; ocular hypertension about 4 % of adults over 40.
+    "raised_iop": {"glaucoma": 0.65, "normal": 0.04},
+}
+# Label -> [(share, sentence)]: drawn independently; each rate cited in docs/data.md.
+COMORBIDITY = {
+    "dr": [(0.20, "Blurred central vision for some months.")],  # diabetic macular oedema, ~1 in 5 with DR
+    "normal": [(0.25, "Treated hypertension."), (0.30, "Not diabetic."), (0.25, "Denies night blindness."),
+               (0.03, "Carries one ABCA4 variant (tested for a relative).")],
+    "amd": [(0.60, "Treated hypertension."), (0.20, "Type 2 diabetes, diet controlled."),
+            (0.25, "{Pos} mother had central vision loss in old age."), (0.15, "Current smoker."),
+            (0.35, "Ex-smoker."), (0.30, "Sudden distortion in the last weeks."), (0.30, "Denies night blindness.")],
+    "glaucoma": [(0.30, "Treated hypertension."), (0.15, "Type 2 diabetes.")],
+    "stargardt": [(0.40, "Denies night blindness."), (0.20, "Photophobia.")],
+    "best_disease": [(0.40, "Denies night blindness."), (0.15, "Mild distortion.")],
+    "retinitis_pigmentosa": [(0.25, "Central vision still good."), (0.20, "Hearing unaffected."),
+                             (0.15, "Photophobia.")],
+    "choroideremia": [(0.25, "Central vision still good."), (0.20, "Hearing unaffected.")],
+}
+NONSPECIFIC = ["Occasional floaters.", "Some glare from headlights.", "Thinks the glasses need updating.",
+               "Eyes feel tired when reading.", "Dry, gritty eyes."]
+# Diabetes: glycaemic control is worse in those with retinopathy (HbA1c drawn in these ranges).
+HBA1C = {"dr": (6.8, 11.0), None: (6.0, 9.5)}
+BLOOD_PRESSURE_KINDS = {"diabetes", "hypertension", "elderly_macular", "field_loss", "glaucoma_family",
+                        "no_complaints", "large_cup_workup"}
+
+
+def presentation_looks(label: str, name: str) -> list[str]:
+    """The looks a presentation draws: its own, or (STAGED) each stage reached at the ages of its history kind."""
+    look, kind, _ = PRESENTATIONS[label][name]
+    if look != STAGED:
+        return [look]
+    ages = HISTORIES[kind]["ages"]
+    return sorted({stage_look(label, age, name) for low, high in ages for age in range(low, high + 1)})
 
 
 # Which labels draw each look, and which write each history kind (the StoneRounds-like part; FIVES- and HRF-like
 # photos draw their label's own look).
-LOOK_LABELS = {look: sorted({label for label, ps in PRESENTATIONS.items() for lk, _, _ in ps.values() if lk == look})
-               for look in LOOKS}
+LOOK_LABELS = {look: sorted({label for label, ps in PRESENTATIONS.items() for name in ps
+                             if look in presentation_looks(label, name)}) for look in LOOKS}
 HISTORY_LABELS = {kind: sorted({label for label, ps in PRESENTATIONS.items() for _, h, _ in ps.values() if h == kind})
                   for kind in HISTORIES}
 # A misleading history for a photo that decides alone: the first of these that no label drawing the photo's look
 # would write.
-MISLEADING_HISTORIES = ("juvenile_macular", "x_linked")
+MISLEADING_HISTORIES = ("juvenile_macular", "male_night_blindness", "elderly_macular")
+
+
+def look_ages(look: str) -> dict[str, set[int]]:
+    """Label -> the ages at which it draws `look` (over its presentations and their history kinds' ages)."""
+    ages = {}
+    for label, presentations in PRESENTATIONS.items():
+        for name, (own, kind, _) in presentations.items():
+            for low, high in HISTORIES[kind]["ages"]:
+                for age in range(low, high + 1):
+                    if (stage_look(label, age, name) if own == STAGED else own) == look:
+                        ages.setdefault(label, set()).add(age)
+    return ages
+
+
+LOOK_AGES = {look: look_ages(look) for look in LOOKS}
+
+
+def is_age_dependent(label: str, look: str, history: str) -> bool:
+    """Whether only the age read with the photo tells a case's label: its look is drawn by another label too, at
+    ages that never overlap (one label's early stage, the other's late one), and its history is a kind both write or
+    says nothing ("uninformative", with the age and sex)."""
+    ages = LOOK_AGES[look]
+    writers = set(ages) if history == "uninformative" else set(HISTORY_LABELS.get(history, ()))
+    sharing = [ages[other] for other in set(ages) & writers]
+    return len(sharing) > 1 and sum(map(len, sharing)) == len(set().union(*sharing))
 
 
 def counterfactual_history(label: str, look: str = "") -> tuple[str, str, str | None]:
     """The history to swap in for a test photo of `label` drawn with `look` ("" = the label's own), to ask whether a
     model fuses: ("phenocopy", history kind, the label that history points to) when another label draws the same
-    look (its own distinctive history for that look: the answer should follow it), else ("photo decides", a history
-    kind no label of this look writes, None) (the answer should not move)."""
+    look (a history kind with which, among the labels of this look, only that label comes: the answer should follow
+    it), else ("photo decides", a history kind no label of this look writes, None) (the answer should not move)."""
     look = look or label
-    twins = [other for other in LOOK_LABELS[look] if other != label]
-    if twins:
-        twin = twins[0]
-        kinds = [h for lk, h, _ in PRESENTATIONS[twin].values() if lk == look and HISTORY_LABELS[h] == [twin]]
-        return "phenocopy", kinds[0], twin
     drawing = set(LOOK_LABELS[look]) | {label}
+    for twin in sorted(drawing - {label}):
+        kinds = [h for name, (_, h, _) in PRESENTATIONS[twin].items()
+                 if look in presentation_looks(twin, name) and set(HISTORY_LABELS[h]) & drawing == {twin}]
+        if kinds:
+            return "phenocopy", kinds[0], twin
     kind = next(k for k in MISLEADING_HISTORIES if not drawing & set(HISTORY_LABELS[k]))
     return "photo decides", kind, None
 
 
-def clinical_case(history: str, rng: np.random.Generator) -> dict:
-    """A StoneRounds-like case record (`age`, `sex`, `history`, maybe `gene`) of one history kind (`HISTORIES`)."""
+def clinical_case(history: str, rng: np.random.Generator, label: str | None = None) -> dict:
+    """A StoneRounds-like case record (`age`, `sex`, `history`, maybe `gene`) of one history kind (`HISTORIES`),
+    with what a clinic's notes add for `label` (`CLINIC`, `COMORBIDITY`; None: no label-specific additions)."""
     spec = HISTORIES[history]
-    mode, first, second = spec["age"]
-    start = int(rng.integers(*first))
-    age = start + int(rng.integers(*second)) if mode == "onset" else start
+    low, high = spec["ages"][rng.integers(len(spec["ages"]))]
+    age = int(rng.integers(low, high + 1))
+    onset = years = None
+    if spec["onset"]:  # the onset is before today, and within the kind's range
+        first, last = spec["onset"]
+        onset = int(rng.integers(min(first, age - 1), min(last, age - 1) + 1))
+    if spec.get("years"):  # a duration, at most the age less 3
+        first, last = spec["years"]
+        years = int(rng.integers(first, min(last, age - 3) + 1))
     sex = spec["sex"] or _pick(rng, ["male", "female"])
+    pronouns = {"Pos": "His" if sex == "male" else "Her", "pos": "his" if sex == "male" else "her"}
     family, gene = _pick(rng, spec["family"])
-    text = _pick(rng, spec["complaint"]).format(onset=start, years=rng.integers(2, 25),
-                                                 hba1c=round(float(rng.uniform(6.2, 10.5)), 1),
-                                                 iop=rng.integers(24, 36))
-    history_text = " ".join(part for part in (text, family, _pick(rng, spec["tests"])) if part)
-    case = {"age": age, "sex": sex, "history": history_text}
+    hba1c = round(float(rng.uniform(*HBA1C.get(label, HBA1C[None]))), 1)
+    parts = [_pick(rng, spec["complaint"]).format(onset=onset, years=years, hba1c=hba1c, **pronouns)]
+    parts += [sentence.format(**pronouns) for share, sentence in COMORBIDITY.get(label, []) if rng.random() < share]
+    parts += [family.format(**pronouns), _pick(rng, spec["tests"]), _pressures(rng, label, history)]
+    if rng.random() < CLINIC["nonspecific"]:
+        parts.append(_pick(rng, NONSPECIFIC))
+    case = {"age": age, "sex": sex, "history": " ".join(part for part in parts if part)}
     if gene and rng.random() < spec["gene"]:
         case["gene"] = gene
     return case
+
+
+def _pressures(rng: np.random.Generator, label: str | None, history: str) -> str:
+    """The recorded intraocular pressure of both eyes (raised at `CLINIC["raised_iop"]`'s rate for the label) and,
+    for the kinds whose visit measures it, a blood pressure."""
+    raised = rng.random() < CLINIC["raised_iop"].get(label, 0.0)
+    first = int(rng.integers(22, 35) if raised else rng.integers(10, 22))
+    text = f"IOP {first} and {int(np.clip(first + rng.integers(-3, 4), 8, 40))} mmHg."
+    if history in BLOOD_PRESSURE_KINDS:
+        text += f" BP {int(rng.integers(112, 176))}/{int(rng.integers(66, 101))}."
+    return text
+
+
+def case_record(label: str, history: str, rng: np.random.Generator) -> tuple[str, str, int]:
+    """A case's clinical text as a clinic has it, the history kind actually written ("" none, "uninformative", or
+    another label's kind when misleading) and the patient's age (which stages the look, written or not): missing,
+    uninformative and misleading at `CLINIC`'s rates, else `clinical_case` of `history` for `label`."""
+    case = clinical_case(history, rng, label)
+    draw = rng.random() - CLINIC["missing"]
+    if draw < 0:
+        return "", "", case["age"]
+    draw -= CLINIC["uninformative"]
+    if draw < 0:
+        return case_text({**case, "history": _pick(rng, UNINFORMATIVE), "gene": None}), "uninformative", case["age"]
+    if draw < CLINIC["misleading"]:
+        other = _pick(rng, sorted(kind for kind, labels in HISTORY_LABELS.items() if label not in labels))
+        return case_text({**clinical_case(other, rng), "gene": None}), other, case["age"]
+    return case_text(case), history, case["age"]
 
 
 def _pick(rng: np.random.Generator, options: list):
@@ -509,7 +691,7 @@ def _pick(rng: np.random.Generator, options: list):
 def render(item: SyntheticItem, image_size: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Render one planned item: (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255})."""
     rng = np.random.default_rng([seed, _PART_IDS[item.part], item.index])
-    return render_fundus(item.look or item.label, rng, image_size)
+    return render_fundus(item.look or item.label, rng, image_size, eye=item.eye)
 
 
 def generate(
@@ -602,15 +784,18 @@ def _window(centre, half: float, size: int):
     return (rows, cols), x[:, cols], y[rows]
 
 
-def render_fundus(label: str, rng: np.random.Generator, size: int = 512, return_lesions: bool = False) -> tuple:
-    """Render a fundus photo with the signs of `label` (a class, or the look "large_cup": a normal fundus with a
-    large cup and no notch): (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255}), and with
-    `return_lesions` the mask of the dots and strokes of its disease signs (S, S) bool."""
+def render_fundus(label: str, rng: np.random.Generator, size: int = 512, return_lesions: bool = False,
+                  eye: str = "") -> tuple:
+    """Render a fundus photo with the signs of `label` (a class, or another look of `LOOKS`, e.g. "large_cup": a
+    normal fundus with a large cup and no notch) of the `eye` ("right": the disc right of the macula, "left", or ""
+    drawn): (image (S, S, 3) uint8, vessel mask (S, S) uint8 in {0, 255}), and with `return_lesions` the mask of the
+    dots and strokes of its disease signs (S, S) bool."""
     if label not in LOOKS:
         raise ValueError(f"label: {label!r} is not one of {LOOKS}")
     canvas = _Canvas(size, rng)
     # Anatomy: right or left eye, the macula near the centre and the disc 0.25-0.29 S nasal to it.
-    eye = float(rng.choice([-1.0, 1.0]))
+    drawn = float(rng.choice([-1.0, 1.0]))  # drawn even when given, so that the rest of the photo is the same
+    eye = {"right": 1.0, "left": -1.0}.get(eye, drawn)
     macula = np.array([rng.uniform(-0.03, 0.03) - eye * 0.12, rng.uniform(-0.04, 0.04)])
     angle = rng.uniform(-0.2, 0.2)
     disc = macula + rng.uniform(0.25, 0.29) * np.array([eye * math.cos(angle), math.sin(angle)])
@@ -618,12 +803,12 @@ def render_fundus(label: str, rng: np.random.Generator, size: int = 512, return_
     _background(canvas, tessellated=label == "choroideremia" or rng.random() < TESSELLATION_PROBABILITY)
     if label == "choroideremia":
         _choroideremia(canvas, macula)
-    _macula(canvas, macula, dim=label in ("stargardt", "best_disease"))
+    _macula(canvas, macula, dim=label in ("stargardt", "best_disease", "macular_atrophy", "ga_flecks"))
     if label in SIGNS:
         SIGNS[label](canvas, macula, disc)
     _dust(canvas)
     _optic_disc(canvas, disc, rng.uniform(0.055, 0.07), label)
-    attenuation = {"retinitis_pigmentosa": 0.45, "choroideremia": 0.8}.get(label, 1.0)
+    attenuation = ATTENUATION.get(label, 1.0)
     vessel_mask = _vessels(canvas, disc, macula, attenuation)
     return (_photograph(canvas), vessel_mask, canvas.lesions) if return_lesions else (_photograph(canvas), vessel_mask)
 
@@ -651,7 +836,8 @@ def _optic_disc(canvas: _Canvas, disc, radius: float, label: str) -> None:
     rng = canvas.rng
     cx, cy = (disc + 0.5) * canvas.size
     r = canvas.px(radius)
-    colour = COLOURS["waxy_disc"] if label == "retinitis_pigmentosa" else COLOURS["disc"]
+    pallor = DISC_PALLOR.get(label, 0.0)
+    colour = np.float32(COLOURS["disc"]) + np.float32(pallor) * (np.float32(COLOURS["waxy_disc"]) - COLOURS["disc"])
     if label == "glaucoma" and rng.random() < 0.5:
         # Peripapillary atrophy: a pale halo around the disc.
         halo = canvas.layer(lambda d: d.ellipse([cx - 1.35 * r, cy - 1.25 * r, cx + 1.35 * r, cy + 1.25 * r], 200),
@@ -670,7 +856,7 @@ def _optic_disc(canvas: _Canvas, disc, radius: float, label: str) -> None:
             draw.ellipse([cx - notch, ny - notch, cx + notch, ny + notch], 255)
 
     cup_layer = canvas.layer(draw_cup, blur=0.1 * r, region=disc_layer[1])
-    canvas.blend(*cup_layer, COLOURS["cup"], opacity=0.4 if label == "retinitis_pigmentosa" else 0.85)
+    canvas.blend(*cup_layer, COLOURS["cup"], opacity=0.85 - 0.45 * pallor)
 
 
 ARTERY_WIDTH, VEIN_WIDTH = 0.007, 0.0095  # of S, where they leave the disc
@@ -874,13 +1060,14 @@ def _amd(canvas: _Canvas, macula, disc) -> None:
         _dots(canvas, centre, radius, COLOURS["atrophy"], 0.85, 0.15 * canvas.px(radius[0]))
 
 
-def _retinitis_pigmentosa(canvas: _Canvas, macula, disc) -> None:
-    """Bone spicules (3-5 pigment arms from a point) over a depigmented mid-periphery; the posterior pole is spared."""
+def _retinitis_pigmentosa(canvas: _Canvas, macula, disc, stage: str = "bone_spicule") -> None:
+    """Bone spicules (3-5 pigment arms from a point) over a depigmented mid-periphery; the posterior pole is spared.
+    `stage`: the count's key in LESION_COUNTS (few spicules early, dense late); the depigmentation follows it."""
     rng, size = canvas.rng, canvas.size
     x, y = _grid(size)
     ring = np.clip((np.sqrt(x**2 + y**2) - 0.18) * 8, 0, 1)
-    canvas.blend(ring, FULL, COLOURS["atrophy"], opacity=0.25)
-    n = _count(rng, "bone_spicule")
+    canvas.blend(ring, FULL, COLOURS["atrophy"], opacity=0.25 * LESION_COUNTS[stage][1] / LESION_COUNTS["bone_spicule"][1])
+    n = _count(rng, stage)
     lengths = _radii(rng, "bone_spicule", n)
     width = max(1, round(canvas.px(0.004)))
     _strokes(canvas, _around(rng, np.zeros(2), 0.2, 0.44, n), lengths, width, COLOURS["pigment"], 0.85, 0.4,
@@ -896,6 +1083,43 @@ def _stargardt(canvas: _Canvas, macula, disc) -> None:
     centres = _around(rng, macula, radius[0] * 1.1, 0.2, n)
     lengths = _radii(rng, "fleck", n)
     _strokes(canvas, centres, lengths, max(1, round(canvas.px(0.006))), COLOURS["fleck"], 0.9, 0.5, arms=2)
+
+
+def _macular_atrophy(canvas: _Canvas, macula, disc) -> None:
+    """An atrophic macular scar with a few pigment clumps at its edge and at most a few faint yellow spots: Best
+    disease's late stage and Stargardt disease's early one alike."""
+    rng = canvas.rng
+    radius = _radii(rng, "macular_atrophy", 1)
+    _dots(canvas, macula[None], radius, (0.6, 0.42, 0.27), 0.85, 0.2 * canvas.px(radius[0]))
+    n = int(rng.integers(2, 7))
+    _dots(canvas, _around(rng, macula, radius[0] * 0.7, radius[0] * 1.1, n), _radii(rng, "pigment_clump", n),
+          COLOURS["pigment"], 0.7, 0.8)
+    n = int(rng.integers(0, 5))
+    if n:
+        _dots(canvas, _around(rng, macula, radius[0], 0.12, n), _radii(rng, "drusen", n), COLOURS["fleck"], 0.5, 0.8)
+
+
+def _ga_flecks(canvas: _Canvas, macula, disc) -> None:
+    """Foveal-sparing patches of atrophy around the fovea with yellow flecks and drusen-like dots over the posterior
+    pole: late-onset Stargardt disease and atrophic AMD alike."""
+    rng = canvas.rng
+    n = int(rng.integers(2, 5))
+    radii = rng.uniform(0.015, 0.03, n)
+    _dots(canvas, _around(rng, macula, 0.03, 0.06, n), radii, COLOURS["atrophy"], 0.85, 0.2 * canvas.px(radii.mean()))
+    n = int(rng.integers(15, 41))
+    _dots(canvas, _around(rng, macula, 0.04, 0.2, n), rng.uniform(0.004, 0.01, n), COLOURS["drusen"], 0.85, 0.5)
+    n = _count(rng, "pigment_clump")
+    _dots(canvas, _around(rng, macula, 0.0, 0.06, n), _radii(rng, "pigment_clump", n), COLOURS["pigment"], 0.6, 0.8)
+
+
+def _chm_carrier(canvas: _Canvas, macula, disc) -> None:
+    """A choroideremia carrier's fundus: patchy, moth-eaten depigmentation of the periphery with fine pigment."""
+    rng, size = canvas.rng, canvas.size
+    x, y = _grid(size)
+    patches = (smooth_noise(rng, size, 30) > 0.5) * np.clip((np.sqrt(x**2 + y**2) - 0.15) * 8, 0, 1)
+    canvas.blend(patches.astype(np.float32), FULL, COLOURS["atrophy"], opacity=0.45)
+    n = int(rng.integers(15, 40))
+    _dots(canvas, _around(rng, np.zeros(2), 0.2, 0.44, n), rng.uniform(0.002, 0.004, n), COLOURS["pigment"], 0.7, 0.3)
 
 
 def _choroideremia(canvas: _Canvas, macula) -> None:
@@ -949,6 +1173,49 @@ SIGNS = {
     "dr": _dr,
     "amd": _amd,
     "retinitis_pigmentosa": _retinitis_pigmentosa,
+    "rp_moderate": functools.partial(_retinitis_pigmentosa, stage="bone_spicule_moderate"),
+    "rp_mild": functools.partial(_retinitis_pigmentosa, stage="bone_spicule_mild"),
     "stargardt": _stargardt,
     "best_disease": _best_disease,
+    "macular_atrophy": _macular_atrophy,
+    "ga_flecks": _ga_flecks,
+    "chm_carrier": _chm_carrier,
 }
+# Vessel width (x) and disc pallor (0 pink .. 1 waxy) by look: RP narrows the vessels and pales the disc as it
+# advances; RP sine pigmento and a hypertensive normal eye share narrowed arterioles.
+ATTENUATION = {"retinitis_pigmentosa": 0.45, "rp_moderate": 0.62, "rp_mild": 0.82, "narrow_vessels": 0.66,
+               "choroideremia": 0.8}
+DISC_PALLOR = {"retinitis_pigmentosa": 1.0, "rp_moderate": 0.45}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The age swap: an age-dependent photo's own history with the age (and the duration or onset) moved to the other
+# label's stage of its look.
+
+AGE_WRITTEN = re.compile(r"\b(\d{1,3})-year-old\b")
+DURATION_WRITTEN = re.compile(r"\b(\d{1,2}) years\b")
+ONSET_WRITTEN = re.compile(r"\bage (\d{1,3})\b")
+
+
+def age_swapped_history(label: str, look: str, text: str, rng: np.random.Generator,
+                        history: str = "") -> tuple[str, str] | None:
+    """(the text with another age, the label whose stage the look is at that age) for an age-dependent photo, or None
+    where the look is no other label's at any age or the text writes no age.
+
+    The text is the photo's own, word for word, but for the age ("<age>-year-old"), drawn from the ages at which the
+    other label draws `look` (`LOOK_AGES`; those its `history` kind writes, where it names one), and a duration ("<n> years") or an onset ("age <n>") that the new age
+    would make impossible, cut to at most the age less 3 (a duration, as `clinical_case` draws it) or less 1 (an
+    onset)."""
+    others = sorted(set(LOOK_AGES[look]) - {label})
+    written = AGE_WRITTEN.search(text or "")
+    if not others or not written:
+        return None
+    twin = others[0]
+    ages = LOOK_AGES[look][twin]
+    written_ages = {a for low, high in HISTORIES[history]["ages"] for a in range(low, high + 1)} if history in HISTORIES \
+        else set()
+    age = int(_pick(rng, sorted(ages & written_ages or ages)))
+    swapped = AGE_WRITTEN.sub(f"{age}-year-old", text, count=1)
+    swapped = DURATION_WRITTEN.sub(lambda m: f"{min(int(m.group(1)), max(1, age - 3))} years", swapped)
+    swapped = ONSET_WRITTEN.sub(lambda m: f"age {min(int(m.group(1)), age - 1)}", swapped)
+    return swapped, twin

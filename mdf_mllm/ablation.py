@@ -35,7 +35,8 @@ from mdf_mllm.model_setup import cross_attention_layers
 from mdf_mllm.plots import plot_ablation
 from mdf_mllm.training import RunContext
 
-METRICS = ("accuracy", "accuracy_with_history", "macro_f1", "type_accuracy", "type_macro_f1")
+METRICS = ("accuracy", "accuracy_with_history", "accuracy_age_dependent", "macro_f1", "type_accuracy", "type_macro_f1")
+PAIRED = ("accuracy", "accuracy_with_history", "accuracy_age_dependent")  # the metrics paired by seed
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def summarize(results: list[dict]) -> dict[str, dict]:
         runs = [r for r in results if r["name"] == name]
         summary[name] = {"seeds": len(runs)}
         for metric in (*METRICS, "train_seconds"):
-            values = [r[metric] for r in runs if r[metric] is not None]  # None: no test photo with a history
+            values = [r.get(metric) for r in runs if r.get(metric) is not None]  # None: no such test photo
             summary[name][metric] = {"mean": float(np.mean(values)) if values else None,
                                      "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                                      "ci95": t_interval(values)}
@@ -132,16 +133,16 @@ REFERENCE_ROW = "MDF, all depths"  # what each other row is compared with, seed 
 
 def differences(results: list[dict], reference: str = REFERENCE_ROW) -> dict[str, dict]:
     """{row name: {metric: {"mean", "ci95", "seeds"}}}: the row minus `reference` on the same seed (same stage 1,
-    data order and test photos), for accuracy over all photos and over the photos with a history; the mean over
-    seeds and its Student-t 95% interval."""
+    data order and test photos), for accuracy over all photos, over the photos with a history and over the
+    age-dependent ones (`PAIRED`); the mean over seeds and its Student-t 95% interval."""
     base = {r["seed"]: r for r in results if r["name"] == reference}
     table = {}
     for name in dict.fromkeys(r["name"] for r in results if r["name"] != reference):
         paired = [(r, base[r["seed"]]) for r in results if r["name"] == name and r["seed"] in base]
         table[name] = {}
-        for metric in ("accuracy", "accuracy_with_history"):
+        for metric in PAIRED:
             values = [row[metric] - ref[metric] for row, ref in paired
-                      if row[metric] is not None and ref[metric] is not None]
+                      if row.get(metric) is not None and ref.get(metric) is not None]
             table[name][metric] = {"mean": float(np.mean(values)) if values else None, "ci95": t_interval(values),
                                    "seeds": len(values)}
     return table
@@ -151,21 +152,23 @@ def differences_markdown(table: dict[str, dict], reference: str = REFERENCE_ROW)
     cell = lambda d: "–" if d["mean"] is None else (  # noqa: E731
         f"{d['mean']:+.3f}" + (f" ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})" if d["ci95"] else ""))
     lines = [f"Each row minus \"{reference}\" on the same seed (mean over seeds, Student-t 95% interval):", "",
-             "| row | seeds | accuracy, all photos | photos with a history |", "|---|---:|---|---|"]
-    lines += [f"| {name} | {d['accuracy']['seeds']} | {cell(d['accuracy'])} | {cell(d['accuracy_with_history'])} |"
+             "| row | seeds | accuracy, all photos | photos with a history | age-dependent photos |",
+             "|---|---:|---|---|---|"]
+    lines += [f"| {name} | {d['accuracy']['seeds']} | " + " | ".join(cell(d[metric]) for metric in PAIRED) + " |"
               for name, d in table.items()]
     return "\n".join(lines) + "\n"
 
 
 def markdown(summary: dict[str, dict], wall_seconds: float, command: str,
              sensitivities: dict[str, dict[str, float | None]] | None = None) -> str:
-    lines = ["| row | seeds | accuracy | 95% CI | with a history | 95% CI | macro F1 | 95% CI | type accuracy | "
-             "type macro F1 | train s |", "|---|---:|---|---|---|---|---|---|---|---|---:|"]
+    lines = ["| row | seeds | accuracy | 95% CI | with a history | 95% CI | age-dependent | 95% CI | macro F1 | 95% CI | "
+             "type accuracy | type macro F1 | train s |", "|---|---:|---|---|---|---|---|---|---|---|---|---|---:|"]
     cell = lambda s: "–" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
     ci = lambda s: f"{s['ci95'][0]:.3f}–{s['ci95'][1]:.3f}" if s["ci95"] else "–"  # noqa: E731
     for name, s in summary.items():
         lines.append(f"| {name} | {s['seeds']} | {cell(s['accuracy'])} | {ci(s['accuracy'])} | "
-                     f"{cell(s['accuracy_with_history'])} | {ci(s['accuracy_with_history'])} | {cell(s['macro_f1'])} | "
+                     f"{cell(s['accuracy_with_history'])} | {ci(s['accuracy_with_history'])} | "
+                     f"{cell(s['accuracy_age_dependent'])} | {ci(s['accuracy_age_dependent'])} | {cell(s['macro_f1'])} | "
                      f"{ci(s['macro_f1'])} | {cell(s['type_accuracy'])} | {cell(s['type_macro_f1'])} | "
                      f"{s['train_seconds']['mean']:.0f} |")
     lines += ["", "Mean ± sample standard deviation over seeds; 95% CI: Student-t interval of the mean over seeds.",
@@ -222,7 +225,8 @@ def result(name: str, seed: int, run: Result) -> dict:
     """One run's line of ablation.json: the metrics of the table, its gates at the end, per-class sensitivity."""
     report = run.report
     return {"name": name, "seed": seed, "accuracy": report["disease"]["accuracy"],
-            "accuracy_with_history": run.accuracy("with_history"), "macro_f1": report["disease"]["macro_f1"],
+            "accuracy_with_history": run.accuracy("with_history"),
+            "accuracy_age_dependent": run.accuracy("age_dependent"), "macro_f1": report["disease"]["macro_f1"],
             "type_accuracy": report["type"]["accuracy"], "type_macro_f1": report["type"]["macro_f1"],
             "train_seconds": run.train_seconds or 0.0, "gates": run.gate_history[-1]["gates"] if run.gate_history else {},
             "sensitivity": {label: scores["sensitivity"] for label, scores in report["disease"]["per_class"].items()}}

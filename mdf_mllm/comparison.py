@@ -9,23 +9,40 @@ the tables, the card and comparison.json all iterate it:
 - text only: TF-IDF over word 1-2 grams of the clinical text (an empty text is the token "notext") and a logistic
   regression, fitted on the training split;
 - late fusion: the U-Net alone's and the text-only reference's class probabilities multiplied and divided by the
-  class prior of the training split (two independent pieces of evidence), renormalised.
+  class prior of the training split (two independent pieces of evidence), renormalised;
+- joint reference: a logistic regression that reads the U-Net alone's class probabilities, their products with the
+  age bins parsed from the text (what a look means may change with the age) and the history's vector (the text-only
+  reference's class probabilities, out of fold on the training split; the age bin; whether there is a history),
+  fitted on the training split: photo and history read together, without a language model.
+
+Every row is scored on all test photos, those with a history, those without and the age-dependent ones
+(`SUBSETS`), with its calibration (`calibration.calibration_report`).
 
 A comparison also holds the paired bootstrap of accuracy differences (the same resampled photos for both models) and
 the counterfactual-history table (does the answer follow a swapped history where only the history decides, and
 stay where the photo decides?).
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from mdf_mllm.calibration import calibration_report
 from mdf_mllm.metrics import classification_report
 
 UNET_ALONE = "U-Net alone (image only)"  # the stage-1 U-Net and class head: what the photo alone gives
 TEXT_ONLY = "Text only (TF-IDF + logistic regression)"
 LATE_FUSION = "Late fusion (U-Net alone x text only / prior)"
+JOINT = "Joint reference (U-Net alone x age x history)"
+# The subsets every row is scored on: {name: the photos it holds, from `has_history` and `age_dependent` (N,) bools}.
+SUBSETS = {
+    "all": lambda history, age: np.ones_like(history),
+    "with_history": lambda history, age: history,
+    "without_history": lambda history, age: ~history,
+    "age_dependent": lambda history, age: age,
+}
 
 
 @dataclass
@@ -36,7 +53,10 @@ class Result:
     plus "subsets" (`subset_accuracies`) (both None on the processes of a distributed run that do not evaluate);
     `train_seconds`, `parameters`: None for a reference that has none; `gate_history`: the U-Net gates logged while
     training (MDF-MLLM only); `model`, `trainer`: the trained model and its `Trainer`, where there are some;
-    `weights`, `losses`: the file a stage wrote its trained weights to and its loss per epoch (stage 1's U-Net).
+    `weights`, `losses`: the file a stage wrote its trained weights to and its loss per epoch (stage 1's U-Net);
+    `train_probabilities`: (N_train, K) class probabilities of the training photos, for a reference that learns from
+    this row (the U-Net alone's, which the joint reference reads); `temperature`: the temperature a row's
+    probabilities were scaled with (fitted on the validation photos), None for raw ones.
     """
 
     name: str
@@ -49,6 +69,8 @@ class Result:
     trainer: Any = field(default=None, repr=False)
     weights: str | None = None
     losses: list[float] = field(default_factory=list)
+    train_probabilities: np.ndarray | None = field(default=None, repr=False)
+    temperature: float | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -63,29 +85,38 @@ class Result:
 
     def as_json(self) -> dict:
         """Everything but the probabilities (comparison.json)."""
-        extra = {key: getattr(self, key) for key in ("train_seconds", "parameters") if getattr(self, key) is not None}
+        extra = {key: getattr(self, key) for key in ("train_seconds", "parameters", "temperature")
+                 if getattr(self, key) is not None}
         return {"name": self.name, **extra, **self.report, "gate_history": self.gate_history}
 
 
 def score(name: str, probabilities, labels, has_history, label_names, disease_types, n_bootstrap: int = 1000,
-          items: list[dict] | None = None, **timings) -> Result:
+          items: list[dict] | None = None, age_dependent=None, **timings) -> Result:
     """The `Result` of class probabilities (N, K) against the true label ids (N,); `has_history` (N,) bools say
-    which photos carry a clinical history; `timings`: `train_seconds`, `parameters`, `gate_history`."""
+    which photos carry a clinical history, `age_dependent` (N,) bools (default none) which are age-dependent;
+    `timings`: `train_seconds`, `parameters`, `gate_history`. The report holds "subsets" (`subset_accuracies`) and
+    "calibration" (`calibration.calibration_report`)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     predictions = probabilities.argmax(-1)
     report = classification_report(labels, predictions.tolist(), label_names, disease_types, n_bootstrap=n_bootstrap,
                                    items=items, probabilities=probabilities)
-    report["subsets"] = subset_accuracies(predictions, labels, has_history)
+    report["subsets"] = subset_accuracies(predictions, labels, has_history, age_dependent)
+    report["calibration"] = calibration_report(probabilities, labels, n_bootstrap)
     return Result(name, probabilities, report, **timings)
 
 
-def subset_accuracies(predictions, labels, has_history) -> dict[str, dict]:
-    """{"all" | "with_history" | "without_history": {"n", "accuracy" (None for an empty subset)}}."""
+def subset_masks(has_history, age_dependent=None) -> dict[str, np.ndarray]:
+    """{subset name: (N,) bools} of `SUBSETS`."""
+    history = np.asarray(has_history, dtype=bool)
+    age = np.zeros_like(history) if age_dependent is None else np.asarray(age_dependent, dtype=bool)
+    return {name: select(history, age) for name, select in SUBSETS.items()}
+
+
+def subset_accuracies(predictions, labels, has_history, age_dependent=None) -> dict[str, dict]:
+    """{subset name (`SUBSETS`): {"n", "accuracy" (None for an empty subset)}}."""
     right = np.asarray(predictions) == np.asarray(labels)
-    has_history = np.asarray(has_history, dtype=bool)
-    masks = {"all": np.ones_like(has_history), "with_history": has_history, "without_history": ~has_history}
     return {name: {"n": int(mask.sum()), "accuracy": float(right[mask].mean()) if mask.any() else None}
-            for name, mask in masks.items()}
+            for name, mask in subset_masks(has_history, age_dependent).items()}
 
 
 def has_history(texts) -> np.ndarray:
@@ -184,6 +215,72 @@ def late_fusion_of_the_run(run, rows: dict[str, Result], texts) -> np.ndarray:
     return late_fusion(rows[UNET_ALONE].probabilities, text_only(run, rows, texts), prior)
 
 
+AGE_BINS = (17, 30, 50, 66)  # bins from 0, 17, 30, 50, 66: the ages at which the synthetic looks change stage
+AGE = re.compile(r"\b(\d{1,3})-year-old\b")
+
+
+def history_vector(texts, text_probabilities) -> np.ndarray:
+    """(N, K + len(AGE_BINS) + 3): the text-only reference's class probabilities, the age bin parsed from
+    "<age>-year-old", one-hot (its last column: no age written), and 1 where there is a history."""
+    ages = np.zeros((len(texts), len(AGE_BINS) + 2))
+    for row, text in enumerate(texts):
+        found = AGE.search(text or "")
+        ages[row, np.searchsorted(AGE_BINS, int(found.group(1)), side="right") if found else -1] = 1
+    return np.concatenate([np.asarray(text_probabilities, dtype=np.float64), ages, has_history(texts)[:, None]], 1)
+
+
+def joint_features(image_probabilities, history) -> np.ndarray:
+    """What the joint reference reads: the image's class probabilities (N, K), their products with the age bins of
+    `history` (`history_vector`; so that what a look means may change with the age) and the history's vector."""
+    image_probabilities, history = np.asarray(image_probabilities), np.asarray(history)
+    ages = history[:, image_probabilities.shape[1]:-1]
+    products = (image_probabilities[:, :, None] * ages[:, None, :]).reshape(len(history), -1)
+    return np.concatenate([image_probabilities, products, history], 1)
+
+
+def out_of_fold_text(texts, labels, num_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """The text-only reference's class probabilities of each training text from a `TextOnly` fitted without its fold
+    (so that the joint reference learns how far the text reference is right on texts it has not seen)."""
+    labels = np.asarray(labels)
+    probabilities = np.zeros((len(texts), num_classes))
+    order = np.random.default_rng(seed).permutation(len(texts))
+    for fold in np.array_split(order, min(folds, len(texts))):
+        rest = np.setdiff1d(order, fold)
+        model = TextOnly([texts[i] for i in rest], labels[rest], num_classes)
+        probabilities[fold] = model.probabilities([texts[i] for i in fold])
+    return probabilities
+
+
+class Joint:
+    """The joint reference: a logistic regression (C=1, lbfgs: deterministic) on `joint_features` of the image
+    reference's class probabilities of the training photos and the history's vector of their texts."""
+
+    def __init__(self, image_probabilities, texts, labels, num_classes: int, seed: int = 0):
+        from sklearn.linear_model import LogisticRegression
+
+        self.num_classes = num_classes
+        history = history_vector(texts, out_of_fold_text(texts, labels, num_classes, seed=seed))
+        self.classifier = LogisticRegression(C=1.0, max_iter=5000).fit(joint_features(image_probabilities, history),
+                                                                      np.asarray(labels))
+
+    def probabilities(self, image_probabilities, text_probabilities, texts) -> np.ndarray:
+        """(N, K) class probabilities; a class the training split lacks gets 0."""
+        features = joint_features(image_probabilities, history_vector(texts, text_probabilities))
+        probabilities = np.zeros((len(texts), self.num_classes))
+        probabilities[:, self.classifier.classes_] = self.classifier.predict_proba(features)
+        return probabilities
+
+
+@reference(JOINT, needs=(UNET_ALONE,), reads_photo=True)
+def joint_reference(run, rows: dict[str, Result], texts) -> np.ndarray:
+    unet_alone, train = rows[UNET_ALONE], run.dataset["train"]
+    # Fitted once per U-Net alone (an ablation has one per seed).
+    key = (JOINT, np.asarray(unet_alone.train_probabilities).tobytes())
+    fitted = run.fit(key, lambda: Joint(unet_alone.train_probabilities, train["text"], train["label"],
+                                        len(run.label_names), run.job.training.seed))
+    return fitted.probabilities(unet_alone.probabilities, text_only(run, rows, texts), texts)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Paired differences
 
@@ -204,12 +301,12 @@ def paired_difference(right_a, right_b, n_bootstrap: int = 1000, seed: int = 0) 
 
 
 def paired_differences(ours: Result, others: list[Result], labels, history, n_bootstrap: int = 1000,
-                       seed: int = 0) -> dict[str, dict]:
-    """{other's name: {"all": paired_difference, "with_history": paired_difference}} of `ours` minus each other."""
-    labels, history = np.asarray(labels), np.asarray(history, dtype=bool)
+                       seed: int = 0, age_dependent=None) -> dict[str, dict]:
+    """{other's name: {subset name (`SUBSETS`): paired_difference}} of `ours` minus each other."""
+    labels, masks = np.asarray(labels), subset_masks(history, age_dependent)
     right = lambda result: result.predictions == labels  # noqa: E731
     return {other.name: {subset: paired_difference(right(ours)[mask], right(other)[mask], n_bootstrap, seed)
-                         for subset, mask in (("all", np.ones_like(history)), ("with_history", history))}
+                         for subset, mask in masks.items()}
             for other in others}
 
 

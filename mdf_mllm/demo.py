@@ -47,8 +47,8 @@ class UploadedPhoto(gr.Image):
 
 
 def example_photos(model_folder: str) -> list[list[str]]:
-    """[photo, history] rows of the export's example photos (`examples/`, with their histories when the export wrote
-    them), for the page to offer as clickable examples."""
+    """[photo, history] rows of the export's example photos (`examples/`, each with its own history from the test
+    split, as the export wrote them), for the page to offer as clickable examples."""
     folder = os.path.join(model_folder, "examples")
     if not os.path.isdir(folder):
         return []
@@ -57,7 +57,8 @@ def example_photos(model_folder: str) -> list[list[str]]:
         with open(os.path.join(folder, EXAMPLE_HISTORIES), encoding="utf-8") as f:
             histories = json.load(f)
     photos = sorted(name for name in os.listdir(folder) if name.lower().endswith((".png", ".jpg", ".jpeg")))
-    return [[os.path.join(folder, name), histories.get(name) or SAMPLE_HISTORY] for name in photos]
+    # A photo the export lists keeps its own history, none included; only an unlisted one gets the sample.
+    return [[os.path.join(folder, name), histories[name] if name in histories else SAMPLE_HISTORY] for name in photos]
 
 
 def answer(classifier, checker, image, clinical_text, skip_fundus_check=False):

@@ -4,6 +4,7 @@ results, plots, model card with the baseline beside it), and the job's closing s
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,7 +15,9 @@ from mdf_mllm.job import Job
 from mdf_mllm.tables import comparison_markdown, comparison_table
 from mdf_mllm.model_setup import describe_base
 from mdf_mllm.real_photos import real_photo_section
+from mdf_mllm.training import ProcessedSplit, predict
 from pipeline_mdf_mllm import register_pipeline
+from processing_mdf_mllm import MdfMllmDataCollator
 
 
 # Inference Endpoints' custom handler, shipped in every export as model_card.ENDPOINT_HANDLER_FILE.
@@ -84,12 +87,14 @@ def export(job: Job, ours: Result, processor, dataset, **card) -> Path:
 
 
 def write_repository(job: Job, folder: Path, ours: Result, processor, dataset, baseline: Result | None = None,
-                     comparison: str = "") -> None:
+                     comparison: str = "", calibration: dict | None = None, counterfactual: dict | None = None) -> None:
     """Weights, code, processor, pipeline registration, Endpoints handler, results, plots and the model card.
 
     `ours`: the exported model's `Result` (its model is written, its trainer's log and gate history plotted);
     `baseline`: the `Result` of the baseline trained beside it (its loss curve goes into the plot), or None;
-    `comparison`: the comparison as markdown (`tables.comparison_markdown`) for the card.
+    `comparison`: the comparison as markdown (`tables.comparison_markdown`) for the card; `calibration`: {row name:
+    (N, K) class probabilities of the test photos}, drawn as reliability diagrams and risk-coverage curves;
+    `counterfactual`: the counterfactual table (`stages.counterfactual`), whence the examples' second histories.
     """
     model, trainer = ours.model, ours.trainer
     model.config.verbalizer_token_ids = processor.verbalizer_token_ids
@@ -103,46 +108,94 @@ def write_repository(job: Job, folder: Path, ours: Result, processor, dataset, b
         histories[baseline.name] = baseline.trainer.state.log_history
     if all(any("loss" in entry for entry in history) for history in histories.values()):
         plots.plot_training_curves(histories, folder / plots.TRAINING_CURVES_FILE, ours.gate_history or None)
+    if calibration:
+        labels = dataset["test"]["label"]
+        plots.plot_reliability(calibration, labels, folder / plots.RELIABILITY_FILE)
+        plots.plot_risk_coverage(calibration, labels, folder / plots.RISK_COVERAGE_FILE)
     base_model, data = job.model.base_model, job.data
+    widgets = _widget_examples(folder, dataset["test"], model, processor, counterfactual or {}, job.run.eval_batch_size)
     model_card.write_model_card(
         folder,
         base_model,
         metrics_report=ours.report,
         datasets=[data.dataset],
-        widget_examples=_widget_examples(folder, dataset["test"], ours.probabilities, model.config),
+        widget_examples=widgets,
         training_args_summary=_training_summary(job, trainer),
         comparison=comparison,
         dataset_seed=data.dataset_seed,
         base_description=describe_base(base_model) if base_model else None,
-        extra_markdown=real_photo_section(model, processor) if data.dataset == "synthetic" else "",
+        extra_markdown=examples_markdown(widgets) + (
+            "\n" + real_photo_section(model, processor) if data.dataset == "synthetic" else ""),
     )
 
 
 EXAMPLE_HISTORIES = "histories.json"  # examples/<photo> -> its clinical history, which the demo offers with it
 
 
-def _widget_examples(folder: Path, test_split, probabilities, config, count: int = 3) -> list[dict]:
-    """The first test photos of distinct classes, shipped in the folder with the model's (static) outputs and, for
-    the demo, their histories."""
+def example_inputs(test_split, counterfactual: dict, label_names: list[str], count: int = 3) -> list[dict]:
+    """The card's and the demo's examples, from the test split: `count` photos of distinct classes, each with its own
+    history (those with one first); then, from the counterfactual table, one phenocopy photo with its own history and
+    its twin's, and one age-dependent photo with its own history and the age swapped (the same photo, two answers;
+    each the first test photo of its kind not shown before, where there is one).
+    `[{"index": the test photo, "text", "title"}]`."""
+    labels, texts = test_split["label"], test_split["text"]
+    examples, seen = [], set()
+    for index in sorted(range(len(labels)), key=lambda i: not texts[i]):  # stable: test order within each
+        if labels[index] not in seen and len(seen) < count:
+            seen.add(labels[index])
+            own = "its own history" if texts[index] else "no history"
+            examples.append({"index": index, "text": texts[index], "title": f"{label_names[labels[index]]}, {own}"})
+    photos = list(zip(test_split["case_id"], test_split["file_name"]))
+    for kind, other in (("phenocopy", "a {} history"), ("age swap", "the age of {}'s stage")):
+        # A photo not shown yet, where there is one.
+        shown = {e["index"] for e in examples}
+        found = [(photos.index((p["case_id"], p["file_name"])), n)
+                 for n, p in enumerate(counterfactual.get("photos", [])) if p["kind"] == kind]
+        if found:
+            index, number = min(found, key=lambda pair: (pair[0] in shown, pair))
+            photo = counterfactual["photos"][number]
+            name = label_names[labels[index]]
+            examples += [{"index": index, "text": texts[index], "title": f"{kind}: a {name} photo, its own history"},
+                         {"index": index, "text": photo["text"],
+                          "title": f"{kind}: the same photo, " + other.format(photo["points_to"][0])}]
+    return examples
+
+
+def _widget_examples(folder: Path, test_split, model, processor, counterfactual: dict, batch_size: int) -> list[dict]:
+    """`example_inputs` shipped in the folder (one file per example, named by its place and title) with what the
+    exported model answers to each (its temperature included) and, for the demo, their histories."""
+    examples = example_inputs(test_split, counterfactual, model.config.label_names)
+    if not examples:
+        return []
+    chosen = test_split.select([e["index"] for e in examples]).remove_columns("text")
+    split = ProcessedSplit(chosen.add_column("text", [e["text"] for e in examples]), processor, with_answers=False)
+    probabilities = predict(model, split, MdfMllmDataCollator(processor), batch_size)
     (folder / "examples").mkdir()
-    widgets, seen = [], set()
-    for index, example in enumerate(test_split):
-        if example["label"] in seen or len(widgets) == count:
-            continue
-        seen.add(example["label"])
-        path = folder / "examples" / f"{config.label_names[example['label']]}.png"
-        example["image"].convert("RGB").save(path)
-        scores = probabilities[index]
-        widgets.append(
-            {
-                "image_path": str(path.relative_to(folder)),
-                "text": example["text"],
-                "output": {name: round(float(score), 4) for name, score in zip(config.label_names, scores)},
-            }
-        )
+    widgets = []
+    for number, (example, scores) in enumerate(zip(examples, probabilities), 1):
+        path = folder / "examples" / f"{number}-{re.sub(r'[^A-Za-z0-9]+', '-', example['title']).strip('-')}.png"
+        test_split[example["index"]]["image"].convert("RGB").save(path)
+        widgets.append({"image_path": str(path.relative_to(folder)), "text": example["text"], "title": example["title"],
+                        "output": {name: round(float(score), 4) for name, score in
+                                   zip(model.config.label_names, scores)}})
     histories = {Path(widget["image_path"]).name: widget["text"] for widget in widgets}
     (folder / "examples" / EXAMPLE_HISTORIES).write_text(json.dumps(histories, indent=1, allow_nan=False) + "\n")
     return widgets
+
+
+def examples_markdown(widgets: list[dict]) -> str:
+    """The examples as a table of the card: each photo's history and the model's two most probable answers."""
+    if not widgets:
+        return ""
+    lines = ["## Examples from the test split", "",
+             "Each photo with its own history; a phenocopy photo and an age-dependent photo also with another history "
+             "(the same photo, two answers). The exported model's probabilities (the widget shows them too):", "",
+             "| Example | Photo | History | Answer (probability) |", "|---|---|---|---|"]
+    for widget in widgets:
+        top = sorted(widget["output"].items(), key=lambda item: -item[1])[:2]
+        answer = ", ".join(f"{label} ({score:.3f})" for label, score in top)
+        lines.append(f"| {widget['title']} | `{widget['image_path']}` | {widget['text'] or '(none)'} | {answer} |")
+    return "\n".join(lines) + "\n"
 
 
 def _training_summary(job: Job, trainer) -> dict:
@@ -174,7 +227,8 @@ def summary(job: Job, results: list[Result], export_dir: Path) -> str:
         per_class = r.report["disease"]["per_class"]
         sensitivity = ", ".join(f"{name} {_rate(s['sensitivity'])}" for name, s in per_class.items())
         lines.append(f"{r.name}: accuracy {r.accuracy():.3f} (with a history {_rate(r.accuracy('with_history'))}, "
-                     f"without {_rate(r.accuracy('without_history'))}), macro F1 {r.report['disease']['macro_f1']:.3f}; "
+                     f"without {_rate(r.accuracy('without_history'))}, age-dependent "
+                     f"{_rate(r.accuracy('age_dependent'))}), macro F1 {r.report['disease']['macro_f1']:.3f}; "
                      f"sensitivity: {sensitivity}")
         if r.gate_history:
             end = r.gate_history[-1]
@@ -194,16 +248,18 @@ def _rate(value) -> str:
 
 
 def write_comparison(results: list[Result], differences: dict, counterfactual: dict, out: Path,
-                     stage1_losses: list[float]) -> str:
+                     stage1_losses: list[float], calibrated: Result | None = None) -> str:
     """comparison.md / .json: every row (the first is ours), the paired differences of ours against each other row,
-    the counterfactual-history table; each trained baseline's results beside its checkpoints. Returns the markdown."""
-    markdown = comparison_markdown(results, differences, counterfactual)
+    the counterfactual-history table, every row's calibration (and ours temperature-scaled, `stages.calibrate`);
+    each trained baseline's results beside its checkpoints. Returns the markdown."""
+    markdown = comparison_markdown(results, differences, counterfactual, calibrated)
     out.mkdir(parents=True, exist_ok=True)
     # Each replaces an earlier run's whole or not at all (a full disk leaves the earlier file, not half of this one).
     guards.atomic_write_text(out / "comparison.md", markdown)
     guards.atomic_write_text(out / "comparison.json", json.dumps(
         {"models": [r.as_json() for r in results], "paired_differences": {results[0].name: differences},
-         "counterfactual_histories": counterfactual, "stage1_loss": stage1_losses}, indent=1, allow_nan=False))
+         "counterfactual_histories": counterfactual, "stage1_loss": stage1_losses,
+         "temperature_scaled": calibrated.as_json() if calibrated else None}, indent=1, allow_nan=False))
     for result in results[1:]:
         if result.trainer is not None:
             model_card.write_results(result.results_json(), result.trainer.args.output_dir)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from configuration_mdf_mllm import DISEASE_TYPES
 from mdf_mllm.metrics import LEVELS
-from mdf_mllm.plots import CONFUSION_MATRIX_FILE, TRAINING_CURVES_FILE, plot_confusion_matrix
+from mdf_mllm.plots import (CONFUSION_MATRIX_FILE, RELIABILITY_FILE, RISK_COVERAGE_FILE, TRAINING_CURVES_FILE,
+                            plot_confusion_matrix)
 from mdf_mllm.tables import markdown_table, misclassified_table
 
 ENDPOINT_HANDLER_FILE = "handler.py"  # the name Inference Endpoints looks for
@@ -90,6 +91,10 @@ STANDARD_FIGURES = {
         "the true class)"
         for level in LEVELS
     },
+    RELIABILITY_FILE: "Reliability diagram of each row on the test photos: the accuracy of the photos in each bin of "
+    "top-label confidence against the diagonal of perfect calibration (with the model's temperature-scaled "
+    "probabilities beside its raw ones)",
+    RISK_COVERAGE_FILE: "Risk-coverage: the accuracy of each row when it answers only its most confident photos",
 }
 
 

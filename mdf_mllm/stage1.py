@@ -147,10 +147,14 @@ def unet_alone_probabilities(unet, class_head, split: ProcessedSplit, collator, 
 
 
 def unet_alone_result(run: RunContext, unet, folder: Path, **timings) -> Result:
-    """The stage-1 U-Net encoder and class head (read from `folder`) on the test photos, scored like the models."""
+    """The stage-1 U-Net encoder and class head (read from `folder`) on the test photos, scored like the models
+    (with its class probabilities of the training photos)."""
     head = torch.nn.Linear(sum(unet.widths), len(run.label_names), device=next(unet.parameters()).device)
     head.load_state_dict(load_file(folder / "class_head.safetensors", device=str(head.weight.device)))
     encoder = sum(p.numel() for p in unet.stages.parameters())
-    probabilities = unet_alone_probabilities(unet, head, run.splits["test"], run.collator, run.job.run.eval_batch_size)
+    probabilities = {split: unet_alone_probabilities(unet, head, run.splits[split], run.collator,
+                                                     run.job.run.eval_batch_size) for split in ("train", "test")}
     parameters = encoder + sum(p.numel() for p in head.parameters())
-    return run.scored(UNET_ALONE, probabilities, parameters=parameters, **timings)
+    result = run.scored(UNET_ALONE, probabilities["test"], parameters=parameters, **timings)
+    result.train_probabilities = probabilities["train"]  # what the joint reference learns from
+    return result

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import MllamaForConditionalGeneration, set_seed
 
 from mdf_mllm import comparison
+from mdf_mllm.calibration import apply_temperature, fit_temperature
 from mdf_mllm.comparison import Result
 from mdf_mllm.job import Job
 from mdf_mllm.model_setup import (
@@ -181,62 +182,109 @@ def stage2(run: RunContext, unet_alone: Result | None) -> list[Result]:
 # The comparison: the trained rows, the references, paired differences and the counterfactual histories
 
 
-def compare(run: RunContext, trained: list[Result]) -> tuple[list[Result], dict, dict]:
+def compare(run: RunContext, trained: list[Result]) -> tuple[list[Result], dict, dict, Result | None]:
     """Every row (the trained ones, the first ours, then the registered references), the paired differences of ours
-    against each other row and the counterfactual-history table."""
+    against each other row, the counterfactual-history table and ours temperature-scaled (`calibrate`)."""
     results = [*trained, *comparison.references(run, {r.name: r for r in trained})]
     test = run.splits["test"]
     differences = comparison.paired_differences(results[0], results[1:], test.label_ids, test.has_history,
-                                                run.job.run.n_bootstrap)
-    return results, differences, counterfactual(run, results)
+                                                run.job.run.n_bootstrap, age_dependent=test.age_dependent)
+    return results, differences, counterfactual(run, results), calibrate(run, results[0])
+
+
+def calibrate(run: RunContext, ours: Result) -> Result | None:
+    """One temperature for our model, fitted on the validation photos (their prompts, as the test photos are asked)
+    by `calibration.fit_temperature`, and saved as its `config.classifier_temperature`, so that its `classify()`, and
+    the export, answer with it. Returns our test probabilities scaled by it, scored as a row of their own (the same
+    answers; only the probabilities move), or None without a model or validation photos."""
+    validation = run.dataset["validation"]
+    if ours.model is None or not len(validation):
+        return None
+    split = ProcessedSplit(validation, run.processor, with_answers=False, no_text=run.job.data.no_text)
+    ours.model.config.classifier_temperature = None  # the raw probabilities are fitted
+    raw = predict(ours.model, split, run.collator, run.job.run.eval_batch_size, run.job.training.bf16)
+    temperature = fit_temperature(split.label_ids, probabilities=raw / raw.sum(-1, keepdims=True))
+    ours.model.config.classifier_temperature = temperature
+    calibrated = run.scored(f"{ours.name}, temperature-scaled",
+                            apply_temperature(temperature, probabilities=ours.probabilities))
+    calibrated.temperature = temperature
+    print(f"{ours.name}: temperature {temperature:.3f} fitted on {len(split)} validation photos")
+    return calibrated
 
 
 def counterfactual(run: RunContext, rows: list[Result]) -> dict:
     """The counterfactual-history table of the synthetic set ({} for other data): each test photo whose look another
     label draws too gets that label's own history (the answer should follow it), each photo whose look only its own
     label draws gets a misleading history (the answer should not move); see
-    `dataset_builder.synthetic.counterfactual_history`. Asked: every row of `rows` with a trained model that reads
-    photo and history (not the U-Net alone), and every registered reference that reads the photo.
+    `dataset_builder.synthetic.counterfactual_history`. Each age-dependent photo is asked once more with its own
+    history, the age (and a duration or onset it rules out) moved to the other label's stage of its look ("age
+    swap", `synthetic.age_swapped_history`: the answer should move to that label). Asked: every row of `rows` with a
+    trained model that reads photo and history (not the U-Net alone), and every registered reference that reads the
+    photo.
 
-    Returns {"summary": {name: `comparison.counterfactual_summary` rows}, "photos": one entry per test photo (its
-    case, file, group, kind, the history kind given, the labels it points to, and each model's answer with its own
-    input and with the swapped history)}.
+    Returns {"summary": {name: `comparison.counterfactual_summary` rows}, "photos": one entry per swapped history
+    (every test photo, then the age swaps: its case, file, group, kind, the history kind given and its text, the
+    labels it points to, and each model's answer with its own input and with the swapped history)}.
     """
     from dataset_builder import synthetic
 
-    job, dataset = run.job, run.dataset
+    job, test = run.job, run.dataset["test"]
     if job.data.dataset != "synthetic":
         return {}
-    test = dataset["test"]
-    looks = {(item.case_id, item.label): item.look or item.label
-             for item in synthetic.plan(job.data.num_images, job.data.dataset_seed)}
+    planned = {(item.case_id, item.label): item
+               for item in synthetic.plan(job.data.num_images, job.data.dataset_seed)}
     names = test.features["label"].names
-    rng = np.random.default_rng(job.data.dataset_seed)
-    photos, texts = [], []
-    for example in test.select_columns(["case_id", "file_name", "label"]):
+    rng, age_rng = np.random.default_rng(job.data.dataset_seed), np.random.default_rng([job.data.dataset_seed, 1])
+    photos, texts, ages = [], [], {}  # ages: test index -> (swapped text, its photo's entry)
+    for index, example in enumerate(test.select_columns(["case_id", "file_name", "label", "text", "age_dependent"])):
         label = names[example["label"]]
-        look = looks[(example["case_id"], label)]
+        item = planned[(example["case_id"], label)]
+        look = item.look or label
         kind, history, twin = synthetic.counterfactual_history(label, look)
         texts.append(synthetic.case_text(synthetic.clinical_case(history, rng)))
         pointed = f"history of {twin}" if twin else f"a misleading {history} history"
-        photos.append({"case_id": example["case_id"], "file_name": example["file_name"], "kind": kind,
-                       "group": f"{label} photo drawn as {look}, {pointed}", "history": history,
-                       "points_to": [twin] if twin else synthetic.HISTORY_LABELS[history], "answers": {}})
+        case = {"case_id": example["case_id"], "file_name": example["file_name"]}
+        photos.append({**case, "kind": kind, "group": f"{label} photo drawn as {look}, {pointed}", "history": history,
+                       "points_to": [twin] if twin else synthetic.HISTORY_LABELS[history], "text": texts[-1],
+                       "answers": {}})
+        swapped = example["age_dependent"] and synthetic.age_swapped_history(label, look, example["text"], age_rng,
+                                                                            item.history)
+        if swapped:
+            ages[index] = (swapped[0], {**case, "kind": "age swap", "history": "age swap", "points_to": [swapped[1]],
+                                        "text": swapped[0],
+                                        "group": f"{label} photo drawn as {look}, the age of {swapped[1]}'s stage",
+                                        "answers": {}})
+    own = list(test["text"])
+    swapped_ages = [ages[i][0] if i in ages else text for i, text in enumerate(own)]
+    answers = [asked(run, rows, texts, range(len(test))), asked(run, rows, swapped_ages, sorted(ages))]
+    photos += [ages[i][1] for i in sorted(ages)]
+    points_to = [[names.index(label) for label in photo["points_to"]] for photo in photos]
+    groups, kinds = [photo["group"] for photo in photos], [photo["kind"] for photo in photos]
+    summary = {}
+    for name in answers[0]:
+        original, changed = (np.concatenate([part[name][k] for part in answers]) for k in (0, 1))
+        for photo, before, after in zip(photos, original, changed):
+            photo["answers"][name] = [names[before], names[after]]
+        summary[name] = comparison.counterfactual_summary(groups, kinds, points_to, original, changed)
+    return {"summary": summary, "photos": photos}
+
+
+def asked(run: RunContext, rows: list[Result], texts: list[str], indices) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{row name: (its answers to the test photos `indices` with their own input, with `texts` (one per test
+    photo))}: every row of `rows` with a trained model that reads photo and history, and every registered reference
+    that reads the photo."""
+    test, indices = run.dataset["test"], np.asarray(list(indices), dtype=int)
     answers = {}
-    swapped = ProcessedSplit(test.remove_columns("text").add_column("text", texts), run.processor, with_answers=False)
+    chosen = test.select(indices).remove_columns("text").add_column("text", [texts[i] for i in indices])
+    swapped = ProcessedSplit(chosen, run.processor, with_answers=False) if len(indices) else None
     for result in rows:
         if result.model is not None and result.name != comparison.UNET_ALONE:
-            answers[result.name] = (result.predictions, predict(result.model, swapped, run.collator,
-                                                                job.run.eval_batch_size, job.training.bf16).argmax(-1))
+            after = (predict(result.model, swapped, run.collator, run.job.run.eval_batch_size,
+                             run.job.training.bf16).argmax(-1) if swapped else np.zeros(0, dtype=int))
+            answers[result.name] = (result.predictions[indices], after)
     by_name = {result.name: result for result in rows}
     for ref in comparison.REFERENCES.values():
         if ref.reads_photo and all(name in by_name for name in ref.needs):
-            answers[ref.name] = tuple(ref.probabilities(run, by_name, given).argmax(-1)
+            answers[ref.name] = tuple(ref.probabilities(run, by_name, given).argmax(-1)[indices]
                                       for given in (test["text"], texts))
-    points_to = [[names.index(label) for label in photo["points_to"]] for photo in photos]
-    groups, kinds = [photo["group"] for photo in photos], [photo["kind"] for photo in photos]
-    for name, (original, changed) in answers.items():
-        for photo, before, after in zip(photos, original, changed):
-            photo["answers"][name] = [names[before], names[after]]
-    return {"summary": {name: comparison.counterfactual_summary(groups, kinds, points_to, *pair)
-                        for name, pair in answers.items()}, "photos": photos}
+    return answers

@@ -1,8 +1,12 @@
 """Markdown tables: a report, its misclassified items, a comparison of models and the 11B memory estimate (the
 ablation's table is `mdf_mllm.ablation.markdown`)."""
 
-from mdf_mllm.comparison import Result
+from mdf_mllm import calibration
+from mdf_mllm.comparison import SUBSETS, Result
 from mdf_mllm.metrics import LEVELS
+
+SUBSET_NAMES = {"all": "All photos", "with_history": "With a history", "without_history": "Without",
+                "age_dependent": "Age-dependent"}
 
 
 def _fmt(value: float | None) -> str:
@@ -75,17 +79,19 @@ def _accuracy(value: float | None) -> str:
 
 def comparison_table(results: list[Result]) -> str:
     """Markdown comparison of models and references scored on the same photos: one row per `Result`, accuracy over
-    all photos (95% CI), over the photos with a clinical history and those without, macro F1 and type accuracy (95%
-    CIs), parameters and training seconds where known; then per-class sensitivity side by side."""
+    all photos (95% CI), over the photos with a clinical history, those without and the age-dependent ones, macro F1
+    and type accuracy (95% CIs), parameters and training seconds where known; then per-class sensitivity side by
+    side."""
     reports = [result.report for result in results]
     subsets = reports[0]["subsets"]
-    columns = ["Model", "Accuracy, all (95% CI)", f"With a history (n={subsets['with_history']['n']})",
-               f"Without (n={subsets['without_history']['n']})", "Macro F1 (95% CI)", "Type accuracy (95% CI)",
-               "Parameters", "Train s"]
-    lines = ["| " + " | ".join(columns) + " |", "|---|---|---:|---:|---|---|---:|---:|"]
+    columns = ["Model", "Accuracy, all (95% CI)", *(f"{SUBSET_NAMES[name]} (n={subsets[name]['n']})"
+                                                    for name in SUBSETS if name != "all"),
+               "Macro F1 (95% CI)", "Type accuracy (95% CI)", "Parameters", "Train s"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(SUBSETS) - 1) + "---|---|---:|---:|"]
     for result, report in zip(results, reports):
-        cells = [_with_ci(report["disease"], "accuracy"), _accuracy(result.accuracy("with_history")),
-                 _accuracy(result.accuracy("without_history")), _with_ci(report["disease"], "macro_f1"),
+        cells = [_with_ci(report["disease"], "accuracy"),
+                 *(_accuracy(result.accuracy(name)) for name in SUBSETS if name != "all"),
+                 _with_ci(report["disease"], "macro_f1"),
                  _with_ci(report["type"], "accuracy"),
                  "–" if result.parameters is None else f"{result.parameters:,}",
                  "–" if result.train_seconds is None else f"{result.train_seconds:.0f}"]
@@ -108,10 +114,10 @@ def _difference(entry: dict) -> str:
 
 def paired_table(ours: str, differences: dict[str, dict]) -> str:
     """Markdown table of `comparison.paired_differences`: our accuracy minus each other row's, with the paired 95%
-    bootstrap interval, over all photos and over the photos with a history."""
-    lines = [f"| {ours} minus | All photos: difference (95% CI) | Photos with a history: difference (95% CI) |",
-             "|---|---|---|"]
-    lines += [f"| {name} | {_difference(d['all'])} | {_difference(d['with_history'])} |"
+    bootstrap interval, on each subset of photos (`comparison.SUBSETS`)."""
+    lines = [f"| {ours} minus | " + " | ".join(f"{SUBSET_NAMES[name]}: difference (95% CI)" for name in SUBSETS) + " |",
+             "|---|" + "---|" * len(SUBSETS)]
+    lines += [f"| {name} | " + " | ".join(_difference(d[subset]) for subset in SUBSETS) + " |"
               for name, d in differences.items()]
     return "\n".join(lines) + "\n"
 
@@ -129,18 +135,34 @@ def counterfactual_table(table: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_markdown(results: list[Result], differences: dict[str, dict],
-                        counterfactual: dict | None = None) -> str:
+def calibration_markdown(results: list[Result], calibrated: Result | None = None) -> str:
+    """Every row's calibration (`calibration.markdown_table`), ours raw and, where there is one, after its
+    temperature (`stages.calibrate`) beside it."""
+    rows = [results[0], *([calibrated] if calibrated else []), *results[1:]]
+    lead = "Calibration on all test photos"
+    if calibrated:
+        lead += (f"; \"{calibrated.name}\": {results[0].name}'s probabilities after one temperature, T = "
+                 f"{calibrated.temperature:.3f}, fitted on the validation photos (the exported model answers with it)")
+    return f"{lead}:\n\n" + calibration.markdown_table({r.name: r.report["calibration"] for r in rows})
+
+
+def comparison_markdown(results: list[Result], differences: dict[str, dict], counterfactual: dict | None = None,
+                        calibrated: Result | None = None) -> str:
     """The comparison as comparison.md and the model card show it: the rows, the paired differences of the first
-    row against the others and, where there is one, the counterfactual-history table."""
+    row against the others, the rows' calibration and, where there is one, the counterfactual-history table."""
     parts = [comparison_table(results), f"Paired differences (the same resampled test photos for both models, "
              f"{results[0].report['bootstrap']['n_resamples']} resamples):", "", paired_table(results[0].name, differences)]
+    if all("calibration" in r.report for r in results):
+        parts.append(calibration_markdown(results, calibrated))
     if counterfactual:
         parts += ["Counterfactual histories: each test photo whose look another class draws too gets that class's "
                   "own history (phenocopy: the answer should follow the history), each photo that only its class "
                   "draws gets a history that no class of its look writes (photo decides: the answer should not "
-                  "move). Follows: share of answers that are a class the swapped history is written for; changed: "
-                  "share of answers that differ from the answer to the photo's own input.", "",
+                  "move); each age-dependent photo is asked again with its own history, the age moved to the other "
+                  "class's stage of its look (age swap: the answer should move to that class). Follows: share of "
+                  "answers that are a class the swapped history is written for (or, for an age swap, the class whose "
+                  "stage the photo then fits); changed: share of answers that differ from the answer to the photo's "
+                  "own input.", "",
                   counterfactual_table(counterfactual["summary"])]
     return "\n".join(parts)
 

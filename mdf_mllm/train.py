@@ -239,8 +239,9 @@ def run(job: Job) -> None:
     if arms[0].report is None:  # not the main process
         return
     probe_ladder_stage(context, arms[0], unet_alone)
-    results, differences, counterfactual = stages.compare(context, [*arms, *([unet_alone] if unet_alone else [])])
-    finish(context, results, differences, counterfactual, unet_alone, push)
+    results, differences, counterfactual, calibrated = stages.compare(context,
+                                                                      [*arms, *([unet_alone] if unet_alone else [])])
+    finish(context, results, differences, counterfactual, unet_alone, push, calibrated)
 
 
 def run_context(job: Job) -> RunContext:
@@ -257,13 +258,15 @@ def run_context(job: Job) -> RunContext:
 
 
 def finish(run: RunContext, results: list[Result], differences: dict, counterfactual: dict,
-           unet_alone: Result | None, push: bool) -> None:
+           unet_alone: Result | None, push: bool, calibrated: Result | None = None) -> None:
     """comparison.md / .json, the export (pushed with --push_to_hub), checkpoints removed, the closing summary."""
     job, (ours, *others) = run.job, results
     markdown = export.write_comparison(results, differences, counterfactual, job.output_dir,
-                                       unet_alone.losses if unet_alone else [])
+                                       unet_alone.losses if unet_alone else [], calibrated)
     baseline = next((r for r in others if r.trainer is not None), None)
-    export_dir = export.export(job, ours, run.processor, run.dataset, baseline=baseline, comparison=markdown)
+    rows = [ours, *([calibrated] if calibrated else []), *others]
+    export_dir = export.export(job, ours, run.processor, run.dataset, baseline=baseline, comparison=markdown,
+                               calibration={r.name: r.probabilities for r in rows}, counterfactual=counterfactual)
     if push:
         print(f"export pushed to https://huggingface.co/{push_export(job, export_dir)}")
     trained = [r.trainer.args.output_dir for r in results if r.trainer is not None]

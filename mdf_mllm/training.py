@@ -58,12 +58,15 @@ class ProcessedSplit(torch.utils.data.Dataset):
     `with_answers` appends the verbalizer and returns `labels` (training, validation loss); without it the items are
     prompts for `classify()`, and `label_ids` holds the truth, `cases` each item's case id and file name,
     `has_history` whether the photo has a clinical history in the data (even where `no_text` leaves it out of the
-    prompt). Vessel masks are used when every photo has one (`has_masks`).
+    prompt), `age_dependent` whether it is age-dependent (the data's field; False where a source has none). Vessel
+    masks are used when every photo has one (`has_masks`).
     """
 
     def __init__(self, split, processor: MdfMllmProcessor, with_answers: bool, no_text: bool = False):
         self.label_ids = list(split["label"])
         self.has_history = has_history(split["text"])
+        self.age_dependent = np.array(split["age_dependent"] if "age_dependent" in split.column_names
+                                      else [False] * len(split), dtype=bool)
         self.cases = [{key: example.get(key) for key in ("case_id", "file_name")} for example in
                       split.select_columns([c for c in ("case_id", "file_name") if c in split.column_names])]
         self.has_masks = len(split) > 0 and all(mask is not None for mask in split["vessel_mask"])
@@ -134,7 +137,7 @@ class RunContext:
         test = self.splits["test"]
         return score(name, probabilities, test.label_ids, test.has_history, self.label_names,
                      [kind for _, _, kind in DEFAULT_LABELS], n_bootstrap=self.job.run.n_bootstrap, items=test.cases,
-                     **timings)
+                     age_dependent=test.age_dependent, **timings)
 
 
 class MllamaCollator(MdfMllmDataCollator):

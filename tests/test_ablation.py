@@ -183,7 +183,7 @@ def test_summary_and_table_of_three_seeds():
     assert (baseline["mean"], baseline["std"], *baseline["ci95"]) == pytest.approx((0.4, 0.0, 0.4, 0.4))
     lines = ablation.markdown(summary, 90.0, "python train_hf.py --ablation").splitlines()
     assert lines[2] == (f"| MDF, all depths | 3 | 0.600 ± 0.100 | {0.6 - half:.3f}–{0.6 + half:.3f} | 0.500 ± 0.100 | "
-                        f"{0.5 - half:.3f}–{0.5 + half:.3f} | 0.300 ± 0.050 | "
+                        f"{0.5 - half:.3f}–{0.5 + half:.3f} | – | – | 0.300 ± 0.050 | "
                         f"{0.3 - half / 2:.3f}–{0.3 + half / 2:.3f} | 0.750 ± 0.000 | 0.125 ± 0.000 | 11 |")
     assert lines[-1] == "Command: `python train_hf.py --ablation`; wall time 1.5 min."
 
@@ -195,7 +195,7 @@ def test_a_row_with_one_seed_so_far_has_no_interval():
     assert summary["MDF, all depths"]["accuracy"] == {"mean": 0.5, "std": 0.0, "ci95": None}
     line = ablation.markdown(summary, 60.0, "cmd").splitlines()[2]
     # No test photo with a history: a dash, not a number.
-    assert line == ("| MDF, all depths | 1 | 0.500 ± 0.000 | – | – | – | 0.250 ± 0.000 | – | 0.750 ± 0.000 | "
+    assert line == ("| MDF, all depths | 1 | 0.500 ± 0.000 | – | – | – | – | – | 0.250 ± 0.000 | – | 0.750 ± 0.000 | "
                     "0.125 ± 0.000 | 10 |")
 
 

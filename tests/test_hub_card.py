@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from configuration_mdf_mllm import DEFAULT_LABELS
 from mdf_mllm import comparison, export, model_card, stages, train as job
@@ -41,8 +42,11 @@ def exported(model_folder):
     names = [name for name, _, _ in DEFAULT_LABELS]
     ours = comparison.score("MDF-MLLM", [[0.9] + [0.1 / 7] * 7, [0.0] * 4 + [1.0] + [0.0] * 3], [0, 4],
                             [True, False], names, [kind for _, _, kind in DEFAULT_LABELS], n_bootstrap=10)
-    photo = Image.new("RGB", (32, 32), (150, 60, 20))
-    test = [{"image": photo, "label": 0, "text": "Routine check."}, {"image": photo, "label": 4, "text": ""}]
+    photo = Image.new("RGB", (32, 32))
+    ImageDraw.Draw(photo).ellipse((2, 2, 29, 29), fill=(150, 60, 20))  # a field of view, as a fundus photo has
+    test = datasets.Dataset.from_list([
+        {"image": photo, "label": label, "text": text, "vessel_mask": None, "case_id": case, "file_name": f"{case}.png"}
+        for label, text, case in ((0, "Routine check.", "a"), (4, "", "b"))])
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=[{"train_runtime": 1.0}]), train_dataset=[0, 1, 2],
                               args=SimpleNamespace(num_train_epochs=1, max_steps=-1, per_device_train_batch_size=2,
                                                    learning_rate=1e-3, bf16=False, seed=0))

@@ -359,7 +359,8 @@ def test_ablation_plot_draws_the_one_ablation_summary(tmp_path, monkeypatch):
     bars = [(patch.get_height(), container.get_label()) for container in axes.containers
             if hasattr(container, "patches") for patch in container.patches]
     f1 = np.array([0.50, 0.52, 0.57])
-    assert [label for _, label in bars] == [m for m in ablation.METRICS if m != "accuracy_with_history" for _ in "ab"]
+    assert [label for _, label in bars] == [m for m in ablation.METRICS  # no run has the two subsets' accuracies
+                                            if m not in ("accuracy_with_history", "accuracy_age_dependent") for _ in "ab"]
     assert [height for height, _ in bars] == pytest.approx([0.62, 0.9, f1.mean(), 0.88, 0.7, 0.7, 0.5, 0.5])
     monkeypatch.undo()
     assert_png(plots.plot_ablation(ablation.summarize(runs), ablation.METRICS, tmp_path / "ablation.png"))
@@ -406,11 +407,11 @@ def test_comparison_table_numbers_are_the_results():
         (cells,) = table_rows(table, row.name)
         report = row.report
         right = y_pred == y_true
-        assert cells[1:6] == [with_ci(report["disease"], "accuracy"), f"{right[:50].mean():.3f}",
-                              f"{right[50:].mean():.3f}", with_ci(report["disease"], "macro_f1"),
-                              with_ci(report["type"], "accuracy")]
-    assert table_rows(table, "MDF-MLLM")[0][6:] == ["1,234,567", "20"]
-    assert table_rows(table, "Mllama baseline")[0][6:] == ["–", "–"]  # a row without sizes says so
+        assert cells[1:7] == [with_ci(report["disease"], "accuracy"), f"{right[:50].mean():.3f}",
+                              f"{right[50:].mean():.3f}", "–", with_ci(report["disease"], "macro_f1"),
+                              with_ci(report["type"], "accuracy")]  # "–": no age-dependent photo
+    assert table_rows(table, "MDF-MLLM")[0][7:] == ["1,234,567", "20"]
+    assert table_rows(table, "Mllama baseline")[0][7:] == ["–", "–"]  # a row without sizes says so
     assert "| Model | Accuracy, all (95% CI) | With a history (n=50) | Without (n=100) |" in table
     (amd,) = table_rows(table, "amd")
     amd_id = LABEL_NAMES.index("amd")
@@ -512,8 +513,11 @@ def test_model_card_embeds_the_figures_and_comparison_it_ships(report, results_f
     assert all((tmp_path / link).is_file() for link in links)
     assert "[results.md](results.md)" in body
     assert markdown in body
-    (ours,) = table_rows(body, "MDF-MLLM")
-    baseline, paired = table_rows(body, "Mllama baseline")  # its comparison row, then MDF-MLLM minus it
+    ours, ours_calibration = table_rows(body, "MDF-MLLM")
+    # Its comparison row, then MDF-MLLM minus it, then its calibration.
+    baseline, paired, baseline_calibration = table_rows(body, "Mllama baseline")
+    for row, cells in zip(rows, (ours_calibration, baseline_calibration)):
+        assert cells[1].startswith(f"{row.report['calibration']['ece']:.3f} (")
     assert ours[1] == with_ci(report["disease"], "accuracy")  # the card's row is the exported model's report
     assert baseline[1] == with_ci(rows[1].report["disease"], "accuracy")
 

@@ -86,7 +86,7 @@ def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(m
     assert differences["Mllama baseline"]["all"]["difference"] == pytest.approx(
         mdf["disease"]["accuracy"] - baseline["disease"]["accuracy"])
     counterfactual = saved["counterfactual_histories"]
-    assert set(counterfactual["summary"]) == {"MDF-MLLM", "Mllama baseline", comparison.LATE_FUSION}
+    assert set(counterfactual["summary"]) == {"MDF-MLLM", "Mllama baseline", comparison.LATE_FUSION, comparison.JOINT}
     assert len(counterfactual["photos"]) == 8
     gates = mdf["gate_history"]
     start = math.tanh(ModelArguments().unet_gate_start)  # open over zero value projections
@@ -110,7 +110,8 @@ def test_readme_quotes_the_default_runs_comparison_in_the_format_the_job_writes(
     written = (main_job["out"] / "comparison.md").read_text().split("\n\n")[0].strip().splitlines()
     assert quoted[0].split(" | ")[:2] == written[0].split(" | ")[:2] and quoted[1] == written[1]
     ci = r"(0|1)\.\d{3} \((0|1)\.\d{3}–(0|1)\.\d{3}\)"
-    row = re.compile(rf"\| ([^|]+) \| {ci} \| ((0|1)\.\d{{3}}|–) \| ((0|1)\.\d{{3}}|–) \| {ci} \| {ci} \| ([\d,]+|–) \| "
+    subset = r"((0|1)\.\d{3}|–)"  # with a history, without, age-dependent
+    row = re.compile(rf"\| ([^|]+) \| {ci} \| {subset} \| {subset} \| {subset} \| {ci} \| {ci} \| ([\d,]+|–) \| "
                      r"(\d+|–) \|$")
     names = ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)", *comparison.REFERENCES]
     assert [row.match(line)[1] for line in written[2:]] == [row.match(line)[1] for line in quoted[2:]] == names
@@ -208,6 +209,49 @@ def test_a_failed_export_keeps_the_previous_model_and_leaves_nothing_behind(main
         export.export(job.parse_arguments(["--export_dir", str(folder), "--overwrite_export"]), None, None, None)
     assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
     assert not [name for name in os.listdir(main_job["out"]) if name.startswith(".")]
+
+
+def test_the_exported_temperature_is_fitted_on_the_validation_photos_and_every_row_is_calibrated(main_job, tiny_data):
+    """The export's config carries the temperature that minimises the NLL of the exported model's own raw
+    probabilities on the validation prompts (fitted again here); comparison.json holds every row's ECE, Brier and NLL
+    and MDF-MLLM's after the temperature; the card shows the table and both plots, which the export holds."""
+    from mdf_mllm.calibration import calibration_scores, fit_temperature
+
+    folder = main_job["out"] / "mdf-mllm"
+    config = json.loads((folder / "config.json").read_text())
+    saved = json.loads((main_job["out"] / "comparison.json").read_text())
+    temperature = config["classifier_temperature"]
+    assert saved["temperature_scaled"]["temperature"] == temperature
+    model = model_setup.MdfMllmForConditionalGeneration.from_pretrained(folder).eval()
+    model.config.classifier_temperature = None
+    _, processor, dataset, _ = tiny_data
+    validation = training.ProcessedSplit(dataset["validation"], processor, with_answers=False)
+    raw = training.predict(model, validation, MdfMllmDataCollator(processor), 4)
+    assert temperature == pytest.approx(fit_temperature(validation.label_ids, probabilities=raw), rel=1e-4)
+    for row in saved["models"]:
+        assert set(row["calibration"]) >= {"ece", "brier", "nll", "ci95", "reliability", "risk_coverage"}
+    ours = saved["models"][0]["calibration"]
+    scaled = saved["temperature_scaled"]["calibration"]
+    assert scaled["nll"] != ours["nll"] and saved["temperature_scaled"]["disease"]["accuracy"] == saved["models"][0][
+        "disease"]["accuracy"]  # a temperature moves the probabilities, never the answer
+    results = json.loads((folder / "results.json").read_text())
+    test_labels = dataset["test"]["label"]
+    probabilities = np.asarray(results["probabilities"])
+    assert ours["ece"] == pytest.approx(calibration_scores(probabilities, test_labels, n_bootstrap=1)["ece"])
+    card = (folder / "README.md").read_text()
+    assert "| MDF-MLLM, temperature-scaled | " in card and f"T = {temperature:.3f}" in card
+    for plot in ("reliability.png", "risk_coverage.png"):
+        assert (folder / plot).is_file() and f"]({plot})" in card
+
+
+def test_the_examples_are_test_photos_with_their_own_histories(main_job, tiny_data):
+    folder = main_job["out"] / "mdf-mllm"
+    histories = json.loads((folder / "examples" / "histories.json").read_text())
+    test = tiny_data[2]["test"]
+    card = (folder / "README.md").read_text()
+    assert "## Examples from the test split" in card
+    for name, text in histories.items():
+        assert text in test["text"] and f"`examples/{name}` | {text or '(none)'} |" in card
 
 
 def test_exported_model_reproduces_the_reported_predictions(main_job):
@@ -351,7 +395,8 @@ def test_a_reference_registered_once_reaches_every_report(main_job, tmp_path, mo
     majority = np.bincount(train_labels, minlength=8).argmax()  # argmax of the prior: the first most frequent class
     saved = json.loads((out / "comparison.json").read_text())
     rows = {row["name"]: row for row in saved["models"]}
-    assert list(rows) == ["MDF-MLLM", "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION, TOY_ROW]
+    assert list(rows) == ["MDF-MLLM", "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION,
+                          comparison.JOINT, TOY_ROW]
     assert rows[TOY_ROW]["disease"]["accuracy"] == pytest.approx((test_labels == majority).mean())
     assert TOY_ROW in saved["paired_differences"]["MDF-MLLM"]
     assert TOY_ROW not in saved["counterfactual_histories"]["summary"]  # it does not read the photo
@@ -362,7 +407,7 @@ def test_a_reference_registered_once_reaches_every_report(main_job, tmp_path, mo
     context = training.RunContext(settings, dataset, model_setup.base_processor(settings.model))
     runs = ablation.run_ablation(context, rows=ablation.default_rows(ablation.ROWS[1:2]), command="pytest")
     assert [(r["name"], r["seed"]) for r in runs] == [(name, seed) for seed in (0, 1) for name in (
-        "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION, TOY_ROW)]
+        "U-Net alone (image only)", comparison.TEXT_ONLY, comparison.LATE_FUSION, comparison.JOINT, TOY_ROW)]
     expected = pytest.approx((test_labels == majority).mean())
     assert [r["accuracy"] for r in runs if r["name"] == TOY_ROW] == [expected] * 2
     assert f"| {TOY_ROW} | 2 |" in (tmp_path / "ablation" / "ablation.md").read_text()
@@ -614,7 +659,7 @@ def test_max_steps_bounds_every_training_loop_and_every_phase_still_runs(tmp_pat
                      "stage 2: Mllama baseline": (2, 2)}
     saved = json.loads((out / "comparison.json").read_text())
     assert [row["name"] for row in saved["models"]] == ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)",
-                                                        comparison.TEXT_ONLY, comparison.LATE_FUSION]
+                                                        *comparison.REFERENCES]
     assert all(row["num_items"] == 8 for row in saved["models"])  # every test photo scored
     assert len(saved["counterfactual_histories"]["photos"]) == 8 and (out / "probe_ladder.md").is_file()
     model = AutoModel.from_pretrained(out / "mdf-mllm", trust_remote_code=True)
