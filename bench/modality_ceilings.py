@@ -11,8 +11,9 @@ late fusion is well above both single references, the data asks a model to combi
                the photo at --size px, --epochs epochs, AdamW one-cycle 1e-3, clip 1.0, class-balanced loss, mirror
   text only    mdf_mllm.comparison.TextOnly (TF-IDF + logistic regression), as the main job's row
   late fusion  mdf_mllm.comparison.late_fusion of the two, as the main job's row (there: U-Net alone x text)
-  joint        a logistic regression (C=1) that reads the CNN's class probabilities, their products with the age bins
-               (what a look means may change with the age) and the history's vector (`joint_features`); fitted on
+  joint        a small network (64 hidden units, scikit-learn's MLPClassifier) that reads the CNN's class
+               probabilities, their products with the age bins (what a look means may change with the age) and the
+               history's vector (`joint_features`); fitted on
                the training photos' out-of-fold CNN probabilities (2 folds, the same recipe) so that it meets the
                CNN as it is on unseen photos. The history's vector (`history_vector`): the text-only reference's
                class probabilities (out of fold, 5 folds, on the training split; fitted on all of it for the test
@@ -130,14 +131,35 @@ def joint_features(image_probabilities: np.ndarray, history: np.ndarray) -> np.n
     return np.concatenate([image_probabilities, products, history], 1)
 
 
-def joint_reference(p_image_oof, h_train, y_train, p_image, h_test) -> np.ndarray:
-    """A logistic regression on `joint_features`, fitted on the training photos' out-of-fold image probabilities."""
-    from sklearn.linear_model import LogisticRegression
+def joint_reference(p_image_oof, h_train, y_train, p_image, h_test, seed: int = 0) -> np.ndarray:
+    """A small two-layer network (64 hidden units) on `joint_features`, fitted on the training photos' out-of-fold
+    image probabilities."""
+    from sklearn.neural_network import MLPClassifier
 
-    model = LogisticRegression(C=1.0, max_iter=5000).fit(joint_features(p_image_oof, h_train), y_train)
+    model = MLPClassifier((64,), alpha=1e-3, max_iter=3000, random_state=seed).fit(
+        joint_features(p_image_oof, h_train), y_train)
     probabilities = np.zeros_like(p_image)
     probabilities[:, model.classes_] = model.predict_proba(joint_features(p_image, h_test))
     return probabilities
+
+
+def look_readers(train, test, seed: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """An ideal photo reader, for the design alone: each photo's look (from the generator's plan) read as the
+    training split's label frequencies of that look; (out-of-fold-like training probabilities: the same, as a
+    look's frequencies do not overfit; test probabilities)."""
+    from dataset_builder import synthetic
+
+    looks = {(item.case_id, item.label): item.look or item.label for item in synthetic.plan(None, seed)}
+    names = train.features["label"].names
+
+    def of(split):
+        return [synthetic.LOOKS.index(looks[(case, names[label])]) for case, label in zip(split["case_id"],
+                                                                                        split["label"])]
+
+    counts = np.full((len(synthetic.LOOKS), num_classes), 0.1)
+    np.add.at(counts, (of(train), np.array(train["label"])), 1)
+    frequencies = counts / counts.sum(1, keepdims=True)
+    return frequencies[of(train)], frequencies[of(test)]
 
 
 def main() -> None:
@@ -145,8 +167,10 @@ def main() -> None:
     parser.add_argument("--dataset_seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=256, help="synthetic photo side (the main job's)")
     parser.add_argument("--size", type=int, default=128, help="the CNN's input side (the main job's U-Net's)")
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--looks", action="store_true", help="add the rows of an ideal photo reader (synthetic "
+                        "set): the design's ceilings apart from the CNN's skill")
     args = parser.parse_args()
     start = time.time()
     data = load("synthetic", image_size=args.image_size, seed=args.dataset_seed)
@@ -159,10 +183,16 @@ def main() -> None:
     x_train, x_test, labels = photos(train, args.size), photos(test, args.size), torch.tensor(y_train)
     p_image = train_cnn(x_train, labels, x_test, num_classes, args.epochs, args.seed)
     p_oof = out_of_fold_photos(x_train, labels, num_classes, args.epochs, args.seed)
-    p_joint = joint_reference(p_oof, h_train.numpy(), y_train, p_image, h_test.numpy())
+    p_joint = joint_reference(p_oof, h_train.numpy(), y_train, p_image, h_test.numpy(), args.seed)
     rows = {"CNN (image only)": p_image, "text only": p_text,
             "late fusion, CNN x text": late_fusion(p_image, p_text, class_prior(y_train, num_classes)),
             "joint reference": p_joint}
+    if args.looks:
+        look_train, look_test = look_readers(train, test, args.dataset_seed, num_classes)
+        rows["look known (ideal image reader)"] = look_test
+        rows["late fusion, look x text"] = late_fusion(look_test, p_text, class_prior(y_train, num_classes))
+        rows["joint, look x history"] = joint_reference(look_train, h_train.numpy(), y_train, look_test,
+                                                        h_test.numpy(), args.seed)
     subsets = {"with a history": has_history(test["text"])}
     subsets["without"] = ~subsets["with a history"]
     subsets["age-dependent"] = np.array(test["age_dependent"], dtype=bool)
