@@ -13,12 +13,12 @@ late fusion is well above both single references, the data asks a model to combi
   late fusion  mdf_mllm.comparison.late_fusion of the two, as the main job's row (there: U-Net alone x text)
   joint        a small network (64 hidden units, scikit-learn's MLPClassifier) that reads the CNN's class
                probabilities, their products with the age bins (what a look means may change with the age) and the
-               history's vector (`joint_features`); fitted on
-               the training photos' out-of-fold CNN probabilities (2 folds, the same recipe) so that it meets the
-               CNN as it is on unseen photos. The history's vector (`history_vector`): the text-only reference's
-               class probabilities (out of fold, 5 folds, on the training split; fitted on all of it for the test
-               split), the age parsed from "<age>-year-old" as one of AGE_BINS (or "no age") and whether there is a
-               history at all.
+               history's vector (`joint_features`); fitted on the training photos' out-of-fold CNN probabilities
+               (2 folds, the same recipe) and applied to the test photos' mean probabilities of those two CNNs, so
+               that it meets the CNNs it learnt from. The history's vector (`history_vector`): the text-only
+               reference's class probabilities (out of fold, 5 folds, on the training split; fitted on all of it for
+               the test split), the age parsed from "<age>-year-old" as one of AGE_BINS (or "no age") and whether
+               there is a history at all.
 
 Prints accuracy over all test photos, over those with a history, those without, and the age-dependent subset (the
 `age_dependent` field: a look two labels draw at ages that never overlap, with a history both write or an
@@ -111,16 +111,20 @@ def train_cnn(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int
         return torch.cat([model(x_test[b:b + 64]).softmax(-1) for b in range(0, len(x_test), 64)]).numpy()
 
 
-def out_of_fold_photos(x_train, y_train, num_classes: int, epochs: int, seed: int, folds: int = 2) -> np.ndarray:
-    """The CNN's class probabilities for each training photo from a CNN trained without its fold (the joint
-    reference learns from these, so that it meets the image reference as it is on unseen photos)."""
-    probabilities = np.zeros((len(x_train), num_classes))
+def out_of_fold_photos(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int,
+                       folds: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The CNN's class probabilities for each training photo from a CNN trained without its fold, and for each test
+    photo the mean of those CNNs': the joint reference learns from the first and meets the second, CNNs of one kind
+    (trained on the same share of the photos) on photos they did not see."""
+    train_probabilities, test_probabilities = np.zeros((len(x_train), num_classes)), 0
     order = np.random.default_rng(seed).permutation(len(x_train))
     for fold in np.array_split(order, folds):
         rest = torch.from_numpy(np.setdiff1d(order, fold))
-        probabilities[fold] = train_cnn(x_train[rest], y_train[rest], x_train[torch.from_numpy(fold)], num_classes,
-                                        epochs, seed)
-    return probabilities
+        both = train_cnn(x_train[rest], y_train[rest], torch.cat([x_train[torch.from_numpy(fold)], x_test]),
+                         num_classes, epochs, seed)
+        train_probabilities[fold] = both[:len(fold)]
+        test_probabilities = test_probabilities + both[len(fold):] / folds
+    return train_probabilities, test_probabilities
 
 
 def joint_features(image_probabilities: np.ndarray, history: np.ndarray) -> np.ndarray:
@@ -182,8 +186,8 @@ def main() -> None:
     h_test = history_vector(test["text"], p_text)
     x_train, x_test, labels = photos(train, args.size), photos(test, args.size), torch.tensor(y_train)
     p_image = train_cnn(x_train, labels, x_test, num_classes, args.epochs, args.seed)
-    p_oof = out_of_fold_photos(x_train, labels, num_classes, args.epochs, args.seed)
-    p_joint = joint_reference(p_oof, h_train.numpy(), y_train, p_image, h_test.numpy(), args.seed)
+    p_oof, p_folds = out_of_fold_photos(x_train, labels, x_test, num_classes, args.epochs, args.seed)
+    p_joint = joint_reference(p_oof, h_train.numpy(), y_train, p_folds, h_test.numpy(), args.seed)
     rows = {"CNN (image only)": p_image, "text only": p_text,
             "late fusion, CNN x text": late_fusion(p_image, p_text, class_prior(y_train, num_classes)),
             "joint reference": p_joint}

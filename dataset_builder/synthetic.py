@@ -387,11 +387,12 @@ def stage_look(label: str, age: int, presentation: str = "") -> str:
 
 
 # History kinds: what a clinician writes for a case (`clinical_case`): the age (`ages`: ranges drawn with equal
-# weight; `onset`: the range of the age of onset, always below the age; or `years`: a duration), the sex (None: either), a complaint, the
-# family, the tests, and a gene where genetic testing would have found one (share `gene`), never a diagnosis. A kind
-# is written the same way whichever label it is drawn for (the label is not an input), so an overlapping history
-# carries nothing about the label but what its age does; `CLINIC` then adds what each label's patients bring
-# besides (comorbidity, pressure, complaints, negations) at their rates. {Pos}/{pos}: his or her.
+# weight; `onset`: the range of the age of onset, always below the age; or `years`: a duration), the sex (None:
+# either), a complaint, the family, the tests, and a gene where genetic testing would have found one (share `gene`),
+# never a diagnosis. A kind is written the same way whichever label it is drawn for (the label is not an input), so
+# an overlapping history carries nothing about the label but what its age does; `CLINIC` then adds what each
+# label's patients bring besides (comorbidity, pressure, complaints, negations) at their rates. {Pos}/{pos}: his or
+# her.
 HISTORIES = {
     "rod_cone_dystrophy": {
         "ages": [(8, 62)], "onset": (5, 30), "sex": None,
@@ -413,7 +414,8 @@ HISTORIES = {
         "family": [("A maternal uncle has the same condition; the mother has no complaints.", None),
                    ("{Pos} maternal grandfather was affected; parents unaffected.", None),
                    ("No family history of eye disease.", None), ("Adopted; family history unknown.", None),
-                   ("Parents unaffected; no other relatives affected.", None), ("Parents and siblings unaffected.", None)],
+                   ("Parents unaffected; no other relatives affected.", None),
+                   ("Parents and siblings unaffected.", None)],
         "tests": ["ERG reduced in a rod-cone pattern; central acuity preserved.",
                   "Visual fields constricted; genetic testing pending."],
         "gene": 0.0,
@@ -1065,7 +1067,8 @@ def _retinitis_pigmentosa(canvas: _Canvas, macula, disc, stage: str = "bone_spic
     rng, size = canvas.rng, canvas.size
     x, y = _grid(size)
     ring = np.clip((np.sqrt(x**2 + y**2) - 0.18) * 8, 0, 1)
-    canvas.blend(ring, FULL, COLOURS["atrophy"], opacity=0.25 * LESION_COUNTS[stage][1] / LESION_COUNTS["bone_spicule"][1])
+    depigmentation = 0.25 * LESION_COUNTS[stage][1] / LESION_COUNTS["bone_spicule"][1]
+    canvas.blend(ring, FULL, COLOURS["atrophy"], opacity=depigmentation)
     n = _count(rng, stage)
     lengths = _radii(rng, "bone_spicule", n)
     width = max(1, round(canvas.px(0.004)))
