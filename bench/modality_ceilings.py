@@ -11,11 +11,14 @@ late fusion is well above both single references, the data asks a model to combi
                the photo at --size px, --epochs epochs, AdamW one-cycle 1e-3, clip 1.0, class-balanced loss, mirror
   text only    mdf_mllm.comparison.TextOnly (TF-IDF + logistic regression), as the main job's row
   late fusion  mdf_mllm.comparison.late_fusion of the two, as the main job's row (there: U-Net alone x text)
-  joint        the same CNN recipe with its own trunk, whose pooled features are concatenated with the history's
-               vector and read by two layers (64 hidden, SiLU), so that what the photo means may depend on the
-               history. The history's vector (`history_vector`): the text-only reference's class probabilities (out of fold,
-               5 folds, on the training split; fitted on all of it for the test split), the age parsed from
-               "<age>-year-old" as one of AGE_BINS (or "no age") and whether there is a history at all.
+  joint        a small network (64 hidden units, scikit-learn's MLPClassifier) that reads the CNN's class
+               probabilities, their products with the age bins (what a look means may change with the age) and the
+               history's vector (`joint_features`); fitted on the training photos' out-of-fold CNN probabilities
+               (2 folds, the same recipe) and applied to the test photos' mean probabilities of those two CNNs, so
+               that it meets the CNNs it learnt from. The history's vector (`history_vector`): the text-only
+               reference's class probabilities (out of fold, 5 folds, on the training split; fitted on all of it for
+               the test split), the age parsed from "<age>-year-old" as one of AGE_BINS (or "no age") and whether
+               there is a history at all.
 
 Prints accuracy over all test photos, over those with a history, those without, and the age-dependent subset (the
 `age_dependent` field: a look two labels draw at ages that never overlap, with a history both write or an
@@ -79,29 +82,12 @@ def cnn(num_classes: int) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
 
-class Joint(nn.Module):
-    """A CNN trunk whose pooled features and the history's vector are read together by a two-layer head."""
-
-    def __init__(self, num_classes: int, history_size: int, hidden: int = 64):
-        super().__init__()
-        self.trunk = cnn(num_classes)[:-1]
-        self.head = nn.Sequential(nn.Linear(128 + history_size, hidden), nn.SiLU(), nn.Linear(hidden, num_classes))
-
-    def forward(self, x, history):
-        return self.head(torch.cat([self.trunk(x), history], 1))
-
-
-def train_cnn(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int, h_train=None,
-              h_test=None) -> np.ndarray:
-    """The image-only CNN's test probabilities; given the history vectors `h_train` and `h_test`, the joint
-    reference's (the same recipe, its own trunk)."""
+def train_cnn(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int) -> np.ndarray:
+    """The image-only CNN's class probabilities on `x_test`, trained on `x_train`."""
     torch.manual_seed(seed)
     mean, std = x_train.mean((0, 2, 3), keepdim=True), x_train.std((0, 2, 3), keepdim=True)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    if h_train is None:
-        model, read = cnn(num_classes), lambda x, rows, h: model(x)  # noqa: E731
-    else:
-        model, read = Joint(num_classes, h_train.shape[1]), lambda x, rows, h: model(x, h[rows])  # noqa: E731
+    model = cnn(num_classes)
     counts = torch.bincount(y_train, minlength=num_classes).float()
     weight = counts.sum() / (num_classes * counts.clamp(min=1))  # the few inherited photos count as much as the rest
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -114,7 +100,7 @@ def train_cnn(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int
             batch = order[start:start + 32]
             x = x_train[batch]
             x = torch.where((torch.rand(len(batch)) < 0.5)[:, None, None, None], x.flip(3), x)
-            loss = F.cross_entropy(read(x, batch, h_train), y_train[batch], weight=weight)
+            loss = F.cross_entropy(model(x), y_train[batch], weight=weight)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -122,8 +108,62 @@ def train_cnn(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int
             schedule.step()
     model.eval()
     with torch.no_grad():
-        return torch.cat([read(x_test[b:b + 64], slice(b, b + 64), h_test).softmax(-1)
-                          for b in range(0, len(x_test), 64)]).numpy()
+        return torch.cat([model(x_test[b:b + 64]).softmax(-1) for b in range(0, len(x_test), 64)]).numpy()
+
+
+def out_of_fold_photos(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int,
+                       folds: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The CNN's class probabilities for each training photo from a CNN trained without its fold, and for each test
+    photo the mean of those CNNs': the joint reference learns from the first and meets the second, CNNs of one kind
+    (trained on the same share of the photos) on photos they did not see."""
+    train_probabilities, test_probabilities = np.zeros((len(x_train), num_classes)), 0
+    order = np.random.default_rng(seed).permutation(len(x_train))
+    for fold in np.array_split(order, folds):
+        rest = torch.from_numpy(np.setdiff1d(order, fold))
+        both = train_cnn(x_train[rest], y_train[rest], torch.cat([x_train[torch.from_numpy(fold)], x_test]),
+                         num_classes, epochs, seed)
+        train_probabilities[fold] = both[:len(fold)]
+        test_probabilities = test_probabilities + both[len(fold):] / folds
+    return train_probabilities, test_probabilities
+
+
+def joint_features(image_probabilities: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """What the joint reference reads: the image reference's class probabilities, their products with the age bins
+    (so that what a look means may change with the age) and the history's vector."""
+    ages = history[:, image_probabilities.shape[1]:-1]
+    products = (image_probabilities[:, :, None] * ages[:, None, :]).reshape(len(history), -1)
+    return np.concatenate([image_probabilities, products, history], 1)
+
+
+def joint_reference(p_image_oof, h_train, y_train, p_image, h_test, seed: int = 0) -> np.ndarray:
+    """A small two-layer network (64 hidden units) on `joint_features`, fitted on the training photos' out-of-fold
+    image probabilities."""
+    from sklearn.neural_network import MLPClassifier
+
+    model = MLPClassifier((64,), alpha=1e-3, max_iter=3000, random_state=seed).fit(
+        joint_features(p_image_oof, h_train), y_train)
+    probabilities = np.zeros_like(p_image)
+    probabilities[:, model.classes_] = model.predict_proba(joint_features(p_image, h_test))
+    return probabilities
+
+
+def look_readers(train, test, seed: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """An ideal photo reader, for the design alone: each photo's look (from the generator's plan) read as the
+    training split's label frequencies of that look; (out-of-fold-like training probabilities: the same, as a
+    look's frequencies do not overfit; test probabilities)."""
+    from dataset_builder import synthetic
+
+    looks = {(item.case_id, item.label): item.look or item.label for item in synthetic.plan(None, seed)}
+    names = train.features["label"].names
+
+    def of(split):
+        return [synthetic.LOOKS.index(looks[(case, names[label])]) for case, label in zip(split["case_id"],
+                                                                                        split["label"])]
+
+    counts = np.full((len(synthetic.LOOKS), num_classes), 0.1)
+    np.add.at(counts, (of(train), np.array(train["label"])), 1)
+    frequencies = counts / counts.sum(1, keepdims=True)
+    return frequencies[of(train)], frequencies[of(test)]
 
 
 def main() -> None:
@@ -131,8 +171,10 @@ def main() -> None:
     parser.add_argument("--dataset_seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=256, help="synthetic photo side (the main job's)")
     parser.add_argument("--size", type=int, default=128, help="the CNN's input side (the main job's U-Net's)")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--looks", action="store_true", help="add the rows of an ideal photo reader (synthetic "
+                        "set): the design's ceilings apart from the CNN's skill")
     args = parser.parse_args()
     start = time.time()
     data = load("synthetic", image_size=args.image_size, seed=args.dataset_seed)
@@ -142,12 +184,19 @@ def main() -> None:
     p_text = TextOnly(train["text"], y_train, num_classes).probabilities(test["text"])
     h_train = history_vector(train["text"], out_of_fold(train["text"], y_train, num_classes))
     h_test = history_vector(test["text"], p_text)
-    x_train, x_test = photos(train, args.size), photos(test, args.size)
-    p_image = train_cnn(x_train, torch.tensor(y_train), x_test, num_classes, args.epochs, args.seed)
-    p_joint = train_cnn(x_train, torch.tensor(y_train), x_test, num_classes, args.epochs, args.seed, h_train, h_test)
+    x_train, x_test, labels = photos(train, args.size), photos(test, args.size), torch.tensor(y_train)
+    p_image = train_cnn(x_train, labels, x_test, num_classes, args.epochs, args.seed)
+    p_oof, p_folds = out_of_fold_photos(x_train, labels, x_test, num_classes, args.epochs, args.seed)
+    p_joint = joint_reference(p_oof, h_train.numpy(), y_train, p_folds, h_test.numpy(), args.seed)
     rows = {"CNN (image only)": p_image, "text only": p_text,
             "late fusion, CNN x text": late_fusion(p_image, p_text, class_prior(y_train, num_classes)),
             "joint reference": p_joint}
+    if args.looks:
+        look_train, look_test = look_readers(train, test, args.dataset_seed, num_classes)
+        rows["look known (ideal image reader)"] = look_test
+        rows["late fusion, look x text"] = late_fusion(look_test, p_text, class_prior(y_train, num_classes))
+        rows["joint, look x history"] = joint_reference(look_train, h_train.numpy(), y_train, look_test,
+                                                        h_test.numpy(), args.seed)
     subsets = {"with a history": has_history(test["text"])}
     subsets["without"] = ~subsets["with a history"]
     subsets["age-dependent"] = np.array(test["age_dependent"], dtype=bool)

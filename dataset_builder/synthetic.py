@@ -15,14 +15,17 @@ Disease signs:
 - amd: 15-60 soft drusen around the macula (radius 0.004-0.013 S), 2-8 pigment clumps, geographic atrophy
   (0.03-0.06 S) in 35 % of eyes.
 - glaucoma: cup-to-disc ratio 0.65-0.9 (normal 0.2-0.5) with a rim notch, sometimes peripapillary atrophy.
-- retinitis_pigmentosa: 60-180 bone-spicule pigment clusters (arms 0.006-0.018 S) in the mid-periphery, attenuated
-  vessels (0.45 x the width, fewer branches), waxy pale disc.
+- retinitis_pigmentosa (late RP): 90-200 bone-spicule pigment clusters (arms 0.006-0.018 S) in the mid-periphery,
+  attenuated vessels (0.45 x the width, fewer branches), waxy pale disc; rp_moderate 30-70 spicules, vessels 0.62 x,
+  a slightly pale disc; rp_mild 8-25 spicules, vessels 0.82 x; narrow_vessels a normal fundus with vessels 0.66 x.
 - stargardt: macular atrophy (radius 0.035-0.075 S) with 20-70 yellow pisciform flecks (0.012-0.032 S long) over the
-  posterior pole.
+  posterior pole; macular_atrophy an atrophic scar (0.045-0.08 S) with 2-6 pigment clumps and 0-4 faint spots;
+  ga_flecks 2-4 foveal-sparing patches of atrophy with 15-40 yellow flecks and drusen-like dots.
 - choroideremia: scalloped chorioretinal atrophy from the periphery inward, exposing choroidal vessels on white
   sclera, around a spared, lobed central island (radius 0.12-0.26 S plus scallops); vessels 0.8 x the width.
 - best_disease: a yellow egg-yolk vitelliform lesion at the fovea (radius 0.05-0.09 S), intact (60 %), layered
   (pseudohypopyon, 20 %) or scrambled (20 %).
+- chm_carrier: patchy, moth-eaten depigmentation of the periphery with 15-40 fine pigment dots.
 
 Difficulty (fixed module constants, set before any model comparison; ranges are drawn per image):
 
@@ -39,13 +42,18 @@ The vessel mask is exact: vessels are drawn last (nothing occludes them) and the
 clipped to the field of view.
 
 The StoneRounds-like part is where photo and history complete each other (docs/data.md): every case has a
-presentation, a look (which picture is drawn: a label's signs, or "large_cup", a normal fundus with a cup-to-disc
-ratio of 0.6-0.8 and no notch) and a kind of history (`HISTORIES`), with the shares of `PRESENTATIONS`. Phenocopies
-draw another label's look (RP sine pigmento as a normal eye, late-onset Stargardt as AMD, an adult-onset vitelliform
-lesion of AMD as Best disease, a physiological large cup and early glaucoma alike); overlapping histories are one
-kind written for two labels (X-linked night blindness for RP and choroideremia, central blur for Stargardt and Best,
-diabetes for DR and a normal eye, a family history of raised pressure for glaucoma and a normal eye). No case is
-both, so the two together decide. The FIVES- and HRF-like parts draw their label's look and carry no text.
+presentation (`PRESENTATIONS`): a look (which picture is drawn: a label's signs, a look two labels share, or the
+label's stage at the patient's age, `STAGES`) and a kind of history (`HISTORIES`), written as a clinic writes it
+(`case_record`: comorbidity, pressures, negations and complaints at each label's rates, `CLINIC` and `COMORBIDITY`;
+some histories missing, uninformative or misleading). Phenocopies draw another label's look (RP sine pigmento and a
+hypertensive eye share narrowed vessels, late-onset Stargardt and atrophic AMD foveal-sparing atrophy with flecks,
+Best disease and an adult-onset vitelliform lesion the egg yolk, a physiological large cup and early glaucoma the
+cup); overlapping histories are one kind written for two labels. Where both are shared the labels draw that look at
+ages that never overlap (Best disease's atrophic scar after 30, Stargardt's atrophy before 17; choroideremia's
+RP-like clumping before 18, RP's from 18 to 49; late-onset Stargardt's atrophy with flecks before 66, AMD's from 66),
+so only the age read with the photo decides: those photos are `age_dependent`. Cases are numbered in a shuffled
+order (`_label_blind`); a two-photo case shows both eyes. The FIVES- and HRF-like parts draw their label's look and
+carry no text.
 """
 
 from __future__ import annotations
@@ -388,11 +396,12 @@ def stage_look(label: str, age: int, presentation: str = "") -> str:
 
 
 # History kinds: what a clinician writes for a case (`clinical_case`): the age (`ages`: ranges drawn with equal
-# weight; `onset`: the range of the age of onset, always below the age; or `years`: a duration), the sex (None: either), a complaint, the
-# family, the tests, and a gene where genetic testing would have found one (share `gene`), never a diagnosis. A kind
-# is written the same way whichever label it is drawn for (the label is not an input), so an overlapping history
-# carries nothing about the label but what its age does; `CLINIC` then adds what each label's patients bring
-# besides (comorbidity, pressure, complaints, negations) at their rates. {Pos}/{pos}: his or her.
+# weight; `onset`: the range of the age of onset, always below the age; or `years`: a duration), the sex (None:
+# either), a complaint, the family, the tests, and a gene where genetic testing would have found one (share `gene`),
+# never a diagnosis. A kind is written the same way whichever label it is drawn for (the label is not an input), so
+# an overlapping history carries nothing about the label but what its age does; `CLINIC` then adds what each
+# label's patients bring besides (comorbidity, pressure, complaints, negations) at their rates. {Pos}/{pos}: his or
+# her.
 HISTORIES = {
     "rod_cone_dystrophy": {
         "ages": [(8, 62)], "onset": (5, 30), "sex": None,
@@ -414,7 +423,8 @@ HISTORIES = {
         "family": [("A maternal uncle has the same condition; the mother has no complaints.", None),
                    ("{Pos} maternal grandfather was affected; parents unaffected.", None),
                    ("No family history of eye disease.", None), ("Adopted; family history unknown.", None),
-                   ("Parents unaffected; no other relatives affected.", None), ("Parents and siblings unaffected.", None)],
+                   ("Parents unaffected; no other relatives affected.", None),
+                   ("Parents and siblings unaffected.", None)],
         "tests": ["ERG reduced in a rod-cone pattern; central acuity preserved.",
                   "Visual fields constricted; genetic testing pending."],
         "gene": 0.0,
@@ -1066,7 +1076,8 @@ def _retinitis_pigmentosa(canvas: _Canvas, macula, disc, stage: str = "bone_spic
     rng, size = canvas.rng, canvas.size
     x, y = _grid(size)
     ring = np.clip((np.sqrt(x**2 + y**2) - 0.18) * 8, 0, 1)
-    canvas.blend(ring, FULL, COLOURS["atrophy"], opacity=0.25 * LESION_COUNTS[stage][1] / LESION_COUNTS["bone_spicule"][1])
+    depigmentation = 0.25 * LESION_COUNTS[stage][1] / LESION_COUNTS["bone_spicule"][1]
+    canvas.blend(ring, FULL, COLOURS["atrophy"], opacity=depigmentation)
     n = _count(rng, stage)
     lengths = _radii(rng, "bone_spicule", n)
     width = max(1, round(canvas.px(0.004)))
