@@ -151,6 +151,8 @@ def unet_alone_result(run: RunContext, unet, folder: Path, **timings) -> Result:
     head = torch.nn.Linear(sum(unet.widths), len(run.label_names), device=next(unet.parameters()).device)
     head.load_state_dict(load_file(folder / "class_head.safetensors", device=str(head.weight.device)))
     encoder = sum(p.numel() for p in unet.stages.parameters())
-    probabilities = unet_alone_probabilities(unet, head, run.splits["test"], run.collator, run.job.run.eval_batch_size)
+    with run.phases(f"scoring: {UNET_ALONE}"):
+        probabilities = unet_alone_probabilities(unet, head, run.splits["test"], run.collator,
+                                                 run.job.run.eval_batch_size)
     parameters = encoder + sum(p.numel() for p in head.parameters())
     return run.scored(UNET_ALONE, probabilities, parameters=parameters, **timings)
