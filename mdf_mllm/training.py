@@ -100,37 +100,47 @@ clock = time.perf_counter  # what Phases reads (a test replaces it with a counte
 class Phases:
     """The wall seconds of each phase of one run, in the order the phases first ran: `with phases("stage 1"): ...`.
 
-    A phase timed inside another is left out of the outer one's seconds, so the phases never overlap and their sum is
-    at most the wall time since the object was made (`wall_seconds`); a phase timed again adds to its seconds.
-    `scoped(prefix)` times into the same table with names prefixed (the ablation's "seed 0: stage 1").
+    Each moment counts for the innermost phase open then (a phase timed inside another, such as the scoring of a
+    row, is left out of the outer one's seconds), so the phases never overlap and their sum is at most the wall time
+    since the object was made (`wall_seconds`); a phase timed again adds to its seconds. `scoped(prefix)` times into
+    the same table with names prefixed (the ablation's "seed 0: stage 1").
     """
 
-    def __init__(self, prefix: str = "", seconds: dict | None = None, stack: list | None = None, start=None):
+    def __init__(self, prefix: str = "", shared: dict | None = None):
         self.prefix = prefix
-        self.seconds = {} if seconds is None else seconds
-        self.stack = [] if stack is None else stack  # [start, seconds of the phases inside] of each open phase
-        self.start = clock() if start is None else start
+        if shared is None:  # the table, the open phases (innermost last), when time was last handed out: all scopes'
+            now = clock()
+            shared = {"seconds": {}, "open": [], "since": now, "start": now}
+        self.shared = shared
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.shared["seconds"]
 
     def scoped(self, prefix: str) -> "Phases":
-        return Phases(f"{self.prefix}{prefix}: ", self.seconds, self.stack, self.start)
+        return Phases(f"{self.prefix}{prefix}: ", self.shared)
+
+    def _hand_out(self) -> None:
+        """The time since the last hand-out to the innermost open phase (none open: to no phase)."""
+        now, shared = clock(), self.shared
+        if shared["open"]:
+            shared["seconds"][shared["open"][-1]] += now - shared["since"]
+        shared["since"] = now
 
     @contextmanager
     def __call__(self, name: str):
         name = self.prefix + name
-        self.seconds.setdefault(name, 0.0)  # the order they start in, outer before inner
-        frame = [clock(), 0.0]
-        self.stack.append(frame)
+        self._hand_out()
+        self.seconds.setdefault(name, 0.0)
+        self.shared["open"].append(name)
         try:
             yield
         finally:
-            self.stack.pop()
-            elapsed = clock() - frame[0]
-            self.seconds[name] += elapsed - frame[1]
-            if self.stack:
-                self.stack[-1][1] += elapsed
+            self._hand_out()
+            self.shared["open"].pop()
 
     def wall_seconds(self) -> float:
-        return clock() - self.start
+        return clock() - self.shared["start"]
 
     def as_json(self) -> dict:
         wall = self.wall_seconds()

@@ -138,8 +138,7 @@ def test_phases_time_each_phase_once_and_leave_nested_ones_out_of_the_outer(monk
 
 def test_the_phase_table_holds_every_phase_of_the_job_in_order(main_job):
     """comparison.json (as left after the export) and comparison.md: every phase, in the order it ran, each at least
-    one tick of the test's clock (a phase timed is never 0 ticks), adding up with the time outside them to the wall
-    time exactly."""
+    one tick of the test's clock (a phase timed is never 0 ticks), each tick counted once."""
     saved = json.loads((main_job["out"] / "comparison.json").read_text())["phase_seconds"]
     rows = ["MDF-MLLM", "Mllama baseline"]
     assert list(saved["phases"]) == [
@@ -148,8 +147,10 @@ def test_the_phase_table_holds_every_phase_of_the_job_in_order(main_job):
         *(f"scoring: {name}" for name in comparison.REFERENCES), "paired differences", "counterfactual pass",
         "export and plots"]
     assert all(seconds >= 1 for seconds in saved["phases"].values())
+    # Every tick counts once: outside every phase are only the tick before each of the 16 outermost phases entered (a
+    # trained arm's scoring is entered twice, its forward pass and its metrics) and the one after the last.
+    assert saved["other_seconds"] == 17
     assert sum(saved["phases"].values()) + saved["other_seconds"] == saved["wall_seconds"]
-    assert saved["other_seconds"] >= 0
     table = (main_job["out"] / "comparison.md").read_text().split(job.PHASES_HEADING)[1]
     assert [line.split(" | ")[0][2:] for line in table.strip().splitlines()[2:]] == [
         *saved["phases"], "(outside every phase)", "wall"]
