@@ -131,9 +131,9 @@ def test_phases_time_each_phase_once_and_leave_nested_ones_out_of_the_outer(monk
         pass
     assert phases.as_json() == {"phases": {"outer": 4, "inner": 3, "seed 0: inner": 4}, "wall_seconds": 30,
                                 "other_seconds": 19}
-    assert phases.markdown().splitlines()[2:] == ["| outer | 4.0 | 13% |", "| inner | 3.0 | 10% |",
-                                                  "| seed 0: inner | 4.0 | 13% |", "| (outside every phase) | 19.0 | 63% |",
-                                                  "| wall | 30.0 | 100% |"]
+    assert phases.markdown().splitlines()[2:] == [
+        "| outer | 4.0 | 13% |", "| inner | 3.0 | 10% |", "| seed 0: inner | 4.0 | 13% |",
+        "| (outside every phase) | 19.0 | 63% |", "| wall | 30.0 | 100% |"]
 
 
 def test_the_phase_table_holds_every_phase_of_the_job_in_order(main_job):
