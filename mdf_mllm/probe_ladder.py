@@ -15,7 +15,6 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from configuration_mdf_mllm import UNET_DEPTHS
 from modeling_mdf_mllm import last_prompt_token, unet_branches
 
 ACQUIRED_CLASSES = ("normal", "amd", "dr", "glaucoma")
@@ -31,12 +30,6 @@ def ladder_features(model, items: list[dict], collator, batch_size: int = 32) ->
     captured = {}
     hooks = [branch.register_forward_hook(lambda module, args, output, layer=layer: captured.__setitem__(layer, output.hidden_states))
              for layer, branch in branches.items()]
-    # The model's own U-Net pass (FiLM on the prompt) gives the skips and U_k: read there, not run a second time,
-    # where that pass reaches every depth (it stops at the deepest fused one).
-    own_pass = max(model.config.fusion_layers.values()) == UNET_DEPTHS
-    if own_pass:
-        hooks.append(inner.unet_projector.register_forward_hook(
-            lambda module, args, output: captured.update(skips=args[0], tokens=output)))
     features: dict[str, list] = {}
     try:
         for start in range(0, len(items), batch_size):
@@ -48,14 +41,12 @@ def ladder_features(model, items: list[dict], collator, batch_size: int = 32) ->
             prompt = batch["attention_mask"] * (labels == -100) if labels is not None else batch["attention_mask"]
             last = last_prompt_token(prompt)  # the answer position
             rows = torch.arange(len(last))
+            skips = inner.unet.encode(batch["unet_pixel_values"].to(model.dtype),
+                                      inner.text_context(batch["input_ids"], None, prompt))
+            rungs = {f"(a) depth {k + 1} skips": skip.mean((2, 3)) for k, skip in enumerate(skips)}
+            rungs.update({f"(b) U_{depth} tokens": tokens.mean(1) for depth, tokens in inner.unet_projector(skips).items()})
             hidden = model(**batch, prompt_mask=prompt, output_hidden_states=True).hidden_states[-1]
-            if not own_pass:
-                captured["skips"] = inner.unet.encode(batch["unet_pixel_values"].to(model.dtype),
-                                                      inner.text_context(batch["input_ids"], None, prompt))
-                captured["tokens"] = inner.unet_projector(captured["skips"])
-            rungs = {f"(a) depth {k + 1} skips": skip.mean((2, 3)) for k, skip in enumerate(captured["skips"])}
-            rungs.update({f"(b) U_{depth} tokens": tokens.mean(1) for depth, tokens in captured["tokens"].items()})
-            rungs.update({f"(c) layer {layer} branch": captured[layer][rows, last] for layer in branches})
+            rungs.update({f"(c) layer {layer} branch": captured[layer][rows, last] for layer in sorted(captured)})
             rungs["(d) last hidden state"] = hidden[rows, last]
             for name, value in rungs.items():
                 features.setdefault(name, []).append(value.float().cpu())

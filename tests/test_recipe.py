@@ -95,28 +95,6 @@ def test_the_ladder_reads_every_rung_at_the_answer_position_and_never_sees_the_a
     assert np.abs(without["(c) layer 1 branch"]).max() > 0
 
 
-def test_the_ladder_reads_the_skips_and_tokens_of_the_models_own_pass_as_a_second_pass_computes_them(tiny,
-                                                                                                     monkeypatch):
-    """Where the model's pass reaches every U-Net depth, the ladder reads its skips and U_k there: the very numbers
-    of the second U-Net pass it ran before."""
-    from mdf_mllm import probe_ladder
-
-    model, processor, _, prompts = tiny
-    config = copy.deepcopy(model.config)
-    config.fusion_layers = {1: 4, 3: 2}  # the deepest depth fused: the model's pass encodes every depth
-    torch.manual_seed(0)
-    model = MdfMllmForConditionalGeneration(config).eval()
-    move_off_init(model)
-    items = [prompts[i] for i in range(len(prompts))]
-    collator = MdfMllmDataCollator(processor)
-    own = ladder_features(model, items, collator, batch_size=8)
-    monkeypatch.setattr(probe_ladder, "UNET_DEPTHS", 5)  # no pass reaches it: the ladder runs a second one
-    second = ladder_features(model, items, collator, batch_size=8)
-    assert list(own) == list(second) and "(a) depth 4 skips" in own and "(b) U_4 tokens" in own
-    for rung in own:
-        assert np.array_equal(own[rung], second[rung]), rung
-
-
 def test_a_probe_reads_features_built_to_be_separable_and_not_unrelated_labels():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 400)
