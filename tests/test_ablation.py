@@ -143,14 +143,14 @@ def test_table_statistics_match_an_independent_computation(ablation_run):
 
 def test_the_phase_table_holds_each_seeds_stage_1_references_and_rows(ablation_run):
     """ablation.json and ablation.md: per seed, stage 1, the references, then each trained row's training and
-    scoring, in the order they ran, each at least one tick; with the time outside them, the wall time exactly."""
+    scoring, in the order they ran, each at least one tick."""
     saved = json.loads((ablation_run["out"] / "ablation.json").read_text())["phase_seconds"]
     trained = [name for name in dict.fromkeys(c["name"] for c in ablation_run["calls"]) if name != UNET_ALONE]
     assert list(saved["phases"]) == [f"seed {seed}: {phase}" for seed in range(SEEDS) for phase in [
         "stage 1", f"scoring: {UNET_ALONE}", "references", *(f"scoring: {name}" for name in comparison.REFERENCES),
         *(phase for name in trained for phase in (f"stage 2: {name}", f"scoring: {name}"))]]
-    assert all(seconds >= 1 for seconds in saved["phases"].values()) and saved["other_seconds"] >= 0
-    assert sum(saved["phases"].values()) + saved["other_seconds"] == saved["wall_seconds"]
+    # Outside every phase: at least the tick before each seed's stage 1 (each tick counted once, none twice).
+    assert all(seconds >= 1 for seconds in saved["phases"].values()) and saved["other_seconds"] >= SEEDS
     table = (ablation_run["out"] / "ablation.md").read_text().split("Phases so far")[1].strip().splitlines()
     assert [line.split(" | ")[0][2:] for line in table[4:-2]] == list(saved["phases"])
 
