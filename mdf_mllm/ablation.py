@@ -21,7 +21,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from mdf_mllm.comparison import UNET_ALONE, Result
 from mdf_mllm.job import Job
 from mdf_mllm.model_setup import cross_attention_layers
 from mdf_mllm.plots import plot_ablation
-from mdf_mllm.training import RunContext
+from mdf_mllm.training import Phases, RunContext
 
 METRICS = ("accuracy", "accuracy_with_history", "accuracy_age_dependent", "macro_f1", "type_accuracy", "type_macro_f1")
 PAIRED = ("accuracy", "accuracy_with_history", "accuracy_age_dependent")  # the metrics paired by seed
@@ -193,13 +193,16 @@ def run_ablation(run: RunContext, rows: tuple[Row, ...] | None = None, command: 
     results = []
     # Seed-major: a run stopped early still has every row for its first seeds.
     for seed in range(job.run.seeds):
-        seed_run = run.with_job(job.replace(training={"seed": seed, "output_dir": str(out / f"seed-{seed}")}))
-        unet_alone = stage1.run(seed_run)
+        seed_run = replace(run.with_job(job.replace(training={"seed": seed, "output_dir": str(out / f"seed-{seed}")})),
+                           phases=run.phases.scoped(f"seed {seed}"))
+        with seed_run.phases("stage 1"):
+            unet_alone = stage1.run(seed_run)
         unet_path = unet_alone.weights if unet_alone else None
         no_film_path = without_film(unet_path) if unet_path and any(row.no_film for row in rows) else None
         # The references of this seed's U-Net alone (none without stage 1): no model is trained for their rows.
         unet_row = {unet_alone.name: unet_alone} if unet_alone else {}
-        references = {**unet_row, **{r.name: r for r in comparison.references(seed_run, unet_row)}}
+        with seed_run.phases("references"):
+            references = {**unet_row, **{r.name: r for r in comparison.references(seed_run, unet_row)}}
         for row in rows:
             if row.unet_alone or row.reference:
                 scored = references.get(row.name)
@@ -215,7 +218,7 @@ def run_ablation(run: RunContext, rows: tuple[Row, ...] | None = None, command: 
             if scored is None or scored.report is None:  # no stage 1 to read, or not the main process
                 continue
             results.append(result(row.name, seed, scored))
-            write(out, results, time.perf_counter() - start, epochs, command)
+            write(out, results, time.perf_counter() - start, epochs, command, run.phases)
     if results:
         print((out / "ablation.md").read_text())
     return results
@@ -232,15 +235,21 @@ def result(name: str, seed: int, run: Result) -> dict:
             "sensitivity": {label: scores["sensitivity"] for label, scores in report["disease"]["per_class"].items()}}
 
 
-def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, command: str) -> None:
-    """ablation.json (every run, the summary), ablation.md and ablation.png of the runs so far."""
+def write(out: Path, results: list[dict], wall_seconds: float, epochs: float, command: str,
+          phases: Phases | None = None) -> None:
+    """ablation.json (every run, the summary, the phase table so far), ablation.md and ablation.png of the runs so
+    far."""
     summary = summarize(results)
     against = differences(results)
     (out / "ablation.json").write_text(json.dumps({"runs": results, "summary": summary, "differences": against,
-                                                   "wall_seconds": wall_seconds, "epochs": epochs, "command": command},
+                                                   "wall_seconds": wall_seconds, "epochs": epochs, "command": command,
+                                                   "phase_seconds": phases.as_json() if phases else None},
                                                   indent=1, allow_nan=False))
     table = markdown(summary, wall_seconds, command, mean_sensitivities(results))
     if any(r["name"] == REFERENCE_ROW for r in results):
         table += "\n" + differences_markdown(against)
+    if phases:
+        table += "\nPhases so far (wall seconds; a phase inside another is left out of the outer one's):\n\n"
+        table += phases.markdown()
     (out / "ablation.md").write_text(table)
     plot_ablation(summary, METRICS, out / "ablation.png")

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from mdf_mllm import guards, model_card, plots
+from mdf_mllm.calibration import apply_temperature
 from mdf_mllm.comparison import Result
 from mdf_mllm.job import Job
 from mdf_mllm.tables import comparison_markdown, comparison_table
@@ -86,6 +87,17 @@ def export(job: Job, ours: Result, processor, dataset, **card) -> Path:
     return export_dir
 
 
+def exported_results(ours: Result) -> dict:
+    """results.json: the report, and the test photos' probabilities as the exported model gives them: scaled by its
+    temperature when it carries one (`stages.calibrate`), the raw ones beside them."""
+    results, temperature = ours.results_json(), ours.model.config.classifier_temperature
+    if temperature is None:
+        return results
+    calibrated = apply_temperature(temperature, probabilities=results["probabilities"])
+    return {**results, "classifier_temperature": temperature, "probabilities": calibrated.tolist(),
+            "raw_probabilities": results["probabilities"]}
+
+
 def write_repository(job: Job, folder: Path, ours: Result, processor, dataset, baseline: Result | None = None,
                      comparison: str = "", calibration: dict | None = None, counterfactual: dict | None = None) -> None:
     """Weights, code, processor, pipeline registration, Endpoints handler, results, plots and the model card.
@@ -102,7 +114,7 @@ def write_repository(job: Job, folder: Path, ours: Result, processor, dataset, b
     processor.save_pretrained(folder)
     register_pipeline(folder)
     shutil.copyfile(HANDLER_SOURCE, folder / model_card.ENDPOINT_HANDLER_FILE)
-    model_card.write_results(ours.results_json(), folder)
+    model_card.write_results(exported_results(ours), folder)
     histories = {ours.name: trainer.state.log_history}
     if baseline is not None:
         histories[baseline.name] = baseline.trainer.state.log_history

@@ -152,8 +152,9 @@ def unet_alone_result(run: RunContext, unet, folder: Path, **timings) -> Result:
     head = torch.nn.Linear(sum(unet.widths), len(run.label_names), device=next(unet.parameters()).device)
     head.load_state_dict(load_file(folder / "class_head.safetensors", device=str(head.weight.device)))
     encoder = sum(p.numel() for p in unet.stages.parameters())
-    probabilities = {split: unet_alone_probabilities(unet, head, run.splits[split], run.collator,
-                                                     run.job.run.eval_batch_size) for split in ("train", "test")}
+    with run.phases(f"scoring: {UNET_ALONE}"):
+        probabilities = {split: unet_alone_probabilities(unet, head, run.splits[split], run.collator,
+                                                         run.job.run.eval_batch_size) for split in ("train", "test")}
     parameters = encoder + sum(p.numel() for p in head.parameters())
     result = run.scored(UNET_ALONE, probabilities["test"], parameters=parameters, **timings)
     result.train_probabilities = probabilities["train"]  # what the joint reference learns from

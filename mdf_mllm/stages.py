@@ -136,15 +136,17 @@ def run_one(run: RunContext, name: str, resume=None, unet_weights=None) -> Resul
     split. On the processes of a distributed run that do not evaluate, the result has the model and trainer but no
     report."""
     job = run.job
-    set_seed(job.training.seed)
-    model = build_model(job.model, run.processor, bf16=job.training.bf16, checkpoint=resume)
-    if unet_weights and not resume:
-        unwrap_peft(model).model.unet.load_state_dict(load_file(unet_weights))
-    gates = GateLogger()
-    start = time.perf_counter()
-    trainer = train(model, run.splits, run.collator, job.training, resume, [gates], job.model.learning_rates(),
-                    label=f"stage 2: {name}" if job.model.base_model else name)
-    seconds = time.perf_counter() - start
+    label = f"stage 2: {name}" if job.model.base_model else name
+    with run.phases(label):
+        set_seed(job.training.seed)
+        model = build_model(job.model, run.processor, bf16=job.training.bf16, checkpoint=resume)
+        if unet_weights and not resume:
+            unwrap_peft(model).model.unet.load_state_dict(load_file(unet_weights))
+        gates = GateLogger()
+        start = time.perf_counter()
+        trainer = train(model, run.splits, run.collator, job.training, resume, [gates], job.model.learning_rates(),
+                        label=label)
+        seconds = time.perf_counter() - start
     model = unwrap(trainer.model)
     if trainer.is_fsdp_enabled:
         # Sharded over processes: gather one checkpoint (every process takes part) for the main process to reload.
@@ -185,11 +187,16 @@ def stage2(run: RunContext, unet_alone: Result | None) -> list[Result]:
 def compare(run: RunContext, trained: list[Result]) -> tuple[list[Result], dict, dict, Result | None]:
     """Every row (the trained ones, the first ours, then the registered references), the paired differences of ours
     against each other row, the counterfactual-history table and ours temperature-scaled (`calibrate`)."""
-    results = [*trained, *comparison.references(run, {r.name: r for r in trained})]
+    with run.phases("references"):
+        results = [*trained, *comparison.references(run, {r.name: r for r in trained})]
     test = run.splits["test"]
-    differences = comparison.paired_differences(results[0], results[1:], test.label_ids, test.has_history,
-                                                run.job.run.n_bootstrap, age_dependent=test.age_dependent)
-    return results, differences, counterfactual(run, results), calibrate(run, results[0])
+    with run.phases("paired differences"):
+        differences = comparison.paired_differences(results[0], results[1:], test.label_ids, test.has_history,
+                                                    run.job.run.n_bootstrap, age_dependent=test.age_dependent)
+    with run.phases("counterfactual pass"):
+        table = counterfactual(run, results)
+    with run.phases("temperature"):
+        return results, differences, table, calibrate(run, results[0])
 
 
 def calibrate(run: RunContext, ours: Result) -> Result | None:

@@ -22,6 +22,7 @@ With no arguments the whole study runs offline on the synthetic fundus set (ever
 
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -49,7 +50,7 @@ from mdf_mllm.model_setup import (
     parse_fusion_layers,
 )
 from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table, probe_ladder, selected
-from mdf_mllm.training import Diverged, RunContext, checkpoints, load_data, remove_checkpoints
+from mdf_mllm.training import Diverged, Phases, RunContext, checkpoints, load_data, remove_checkpoints
 from pipeline_mdf_mllm import require_safetensors
 from processing_mdf_mllm import MdfMllmDataCollator
 
@@ -222,7 +223,8 @@ def shard_on_cpu_processes() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
-def run(job: Job) -> None:
+def run(job: Job, phases: Phases | None = None) -> None:
+    """The job; `phases` (default: one started now) times each stage for the phase table."""
     # The job pushes its export once at the end; a Trainer pushing each arm's checkpoints would mix them in one repo.
     push, job = job.training.push_to_hub, job.replace(training={"push_to_hub": False})
     if job.run.make_base:
@@ -230,45 +232,55 @@ def run(job: Job) -> None:
         print(f"base written to {folder}: MllamaForConditionalGeneration + MllamaProcessor, plain transformers")
         return
     shard_on_cpu_processes()
-    context = run_context(job)
+    context = run_context(job, phases or Phases())
     if job.run.ablation:
         ablation.run_ablation(context)
         return
-    unet_alone = stage1.run(context)
+    with context.phases("stage 1"):
+        unet_alone = stage1.run(context)
     arms = stages.stage2(context, unet_alone)
     if arms[0].report is None:  # not the main process
         return
-    probe_ladder_stage(context, arms[0], unet_alone)
+    with context.phases("probe ladder"):
+        probe_ladder_stage(context, arms[0], unet_alone)
     results, differences, counterfactual, calibrated = stages.compare(context,
                                                                       [*arms, *([unet_alone] if unet_alone else [])])
     finish(context, results, differences, counterfactual, unet_alone, push, calibrated)
 
 
-def run_context(job: Job) -> RunContext:
-    """The data set and the processor of the job's model: on the cached base (made first where needed) unless the
-    job names one or trains from scratch."""
-    dataset = load_data(job.data)
-    if not job.run.from_scratch and not job.model.base_model:
-        base = stages.cached_base(job, dataset)
-        job = job.replace(model={"base_model": base, "model_size": job.model.model_size or "small"})
-    processor = base_processor(job.model) if job.model.base_model else default_processor(job.model)
-    if job.model.base_model:
-        print(describe_mdf_sizes(job.model))
-    return RunContext(job, dataset, processor)
+def run_context(job: Job, phases: Phases) -> RunContext:
+    """The data set and the processor of the job's model (on the cached base, made first where needed, unless the
+    job names one or trains from scratch), the splits through it."""
+    with phases("data"):
+        dataset = load_data(job.data)
+    with phases("base"):
+        if not job.run.from_scratch and not job.model.base_model:
+            base = stages.cached_base(job, dataset)
+            job = job.replace(model={"base_model": base, "model_size": job.model.model_size or "small"})
+        processor = base_processor(job.model) if job.model.base_model else default_processor(job.model)
+        if job.model.base_model:
+            print(describe_mdf_sizes(job.model))
+    context = RunContext(job, dataset, processor, phases=phases)
+    with phases("preprocessing"):
+        context.splits  # noqa: B018 (processed once here, for every stage to share)
+    return context
 
 
 def finish(run: RunContext, results: list[Result], differences: dict, counterfactual: dict,
            unet_alone: Result | None, push: bool, calibrated: Result | None = None) -> None:
     """comparison.md / .json, the export (pushed with --push_to_hub), checkpoints removed, the closing summary."""
-    job, (ours, *others) = run.job, results
-    markdown = export.write_comparison(results, differences, counterfactual, job.output_dir,
-                                       unet_alone.losses if unet_alone else [], calibrated)
-    baseline = next((r for r in others if r.trainer is not None), None)
-    rows = [ours, *([calibrated] if calibrated else []), *others]
-    export_dir = export.export(job, ours, run.processor, run.dataset, baseline=baseline, comparison=markdown,
-                               calibration={r.name: r.probabilities for r in rows}, counterfactual=counterfactual)
+    job, (ours, *others), phases = run.job, results, run.phases
+    with phases("export and plots"):
+        markdown = export.write_comparison(results, differences, counterfactual, job.output_dir,
+                                           unet_alone.losses if unet_alone else [], calibrated)
+        write_phases(job.output_dir, phases)  # a job stopped during the export still leaves the table so far
+        baseline = next((r for r in others if r.trainer is not None), None)
+        rows = [ours, *([calibrated] if calibrated else []), *others]
+        export_dir = export.export(job, ours, run.processor, run.dataset, baseline=baseline, comparison=markdown,
+                                   calibration={r.name: r.probabilities for r in rows}, counterfactual=counterfactual)
     if push:
-        print(f"export pushed to https://huggingface.co/{push_export(job, export_dir)}")
+        with phases("push to the Hub"):
+            print(f"export pushed to https://huggingface.co/{push_export(job, export_dir)}")
     trained = [r.trainer.args.output_dir for r in results if r.trainer is not None]
     removed = [folder for output_dir in trained for folder in remove_checkpoints(output_dir)]
     if removed:
@@ -278,6 +290,22 @@ def finish(run: RunContext, results: list[Result], differences: dict, counterfac
         print("counterfactual histories (follows / changed):\n" + tables.counterfactual_table(
             {name: [row for row in rows if row["group"].startswith("all ")]
              for name, rows in counterfactual["summary"].items()}))
+    print(f"phases (wall seconds):\n{write_phases(job.output_dir, phases)}")
+
+
+def write_phases(out: Path, phases: Phases) -> str:
+    """The phase table into comparison.json ("phase_seconds") and at the end of comparison.md, each file replaced
+    whole; returns the table."""
+    report = json.loads((out / "comparison.json").read_text())
+    report["phase_seconds"] = phases.as_json()
+    guards.atomic_write_text(out / "comparison.json", json.dumps(report, indent=1, allow_nan=False))
+    table = phases.markdown()
+    markdown = (out / "comparison.md").read_text().split(PHASES_HEADING)[0].rstrip("\n")
+    guards.atomic_write_text(out / "comparison.md", f"{markdown}\n\n{PHASES_HEADING}\n\n{table}")
+    return table
+
+
+PHASES_HEADING = "Phases of this run (wall seconds; a phase inside another is left out of the outer one's):"
 
 
 def end_process_group() -> None:
@@ -291,11 +319,13 @@ def end_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    phases = Phases()
     try:
-        job = parse_arguments(sys.argv[1:] if argv is None else argv)
-        check_arguments(job)
+        with phases("set-up checks"):
+            job = parse_arguments(sys.argv[1:] if argv is None else argv)
+            check_arguments(job)
         with guards.job_folder(job):  # one job per output folder; a full disk is one line
-            run(job)
+            run(job, phases)
         end_process_group()
     except UsageError as error:
         print(f"train_hf.py: error: {error}", file=sys.stderr)

@@ -4,6 +4,8 @@ its own learning rates for the MDF modules and gates, gate logging, checkpoints 
 import math
 import re
 import shutil
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,67 @@ def process_splits(dataset, processor, no_text: bool) -> dict[str, ProcessedSpli
     }
 
 
+clock = time.perf_counter  # what Phases reads (a test replaces it with a counter)
+
+
+class Phases:
+    """The wall seconds of each phase of one run, in the order the phases first ran: `with phases("stage 1"): ...`.
+
+    Each moment counts for the innermost phase open then (a phase timed inside another, such as the scoring of a
+    row, is left out of the outer one's seconds), so the phases never overlap and their sum is at most the wall time
+    since the object was made (`wall_seconds`); a phase timed again adds to its seconds. `scoped(prefix)` times into
+    the same table with names prefixed (the ablation's "seed 0: stage 1").
+    """
+
+    def __init__(self, prefix: str = "", shared: dict | None = None):
+        self.prefix = prefix
+        if shared is None:  # the table, the open phases (innermost last), when time was last handed out: all scopes'
+            now = clock()
+            shared = {"seconds": {}, "open": [], "since": now, "start": now}
+        self.shared = shared
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.shared["seconds"]
+
+    def scoped(self, prefix: str) -> "Phases":
+        return Phases(f"{self.prefix}{prefix}: ", self.shared)
+
+    def _hand_out(self) -> None:
+        """The time since the last hand-out to the innermost open phase (none open: to no phase)."""
+        now, shared = clock(), self.shared
+        if shared["open"]:
+            shared["seconds"][shared["open"][-1]] += now - shared["since"]
+        shared["since"] = now
+
+    @contextmanager
+    def __call__(self, name: str):
+        name = self.prefix + name
+        self._hand_out()
+        self.seconds.setdefault(name, 0.0)
+        self.shared["open"].append(name)
+        try:
+            yield
+        finally:
+            self._hand_out()
+            self.shared["open"].pop()
+
+    def wall_seconds(self) -> float:
+        return clock() - self.shared["start"]
+
+    def as_json(self) -> dict:
+        wall = self.wall_seconds()
+        return {"phases": {name: round(s, 3) for name, s in self.seconds.items()}, "wall_seconds": round(wall, 3),
+                "other_seconds": round(wall - sum(self.seconds.values()), 3)}
+
+    def markdown(self) -> str:
+        """The phase table: each phase's seconds and share of the wall time, then the time outside every phase."""
+        wall = self.wall_seconds()
+        rows = [*self.seconds.items(), ("(outside every phase)", wall - sum(self.seconds.values())), ("wall", wall)]
+        return "\n".join(["| phase | wall s | share |", "|---|---:|---:|",
+                          *(f"| {name} | {s:.1f} | {s / wall if wall else 0:.0%} |" for name, s in rows)]) + "\n"
+
+
 @dataclass
 class RunContext:
     """What every stage of one run reads: the job's settings, the data set and the processor, with the processed
@@ -106,6 +169,7 @@ class RunContext:
     processor: MdfMllmProcessor
     processed: dict[bool, dict[str, "ProcessedSplit"]] = field(default_factory=dict, repr=False)  # by no_text
     fitted: dict = field(default_factory=dict, repr=False)  # what a reference fits once per run, by its key
+    phases: Phases = field(default_factory=Phases, repr=False)  # the run's phase table, shared by every stage
 
     def with_job(self, job: Job) -> "RunContext":
         return replace(self, job=job)
@@ -135,9 +199,10 @@ class RunContext:
     def scored(self, name: str, probabilities, **timings) -> Result:
         """The `Result` of class probabilities (N, K) on the test photos."""
         test = self.splits["test"]
-        return score(name, probabilities, test.label_ids, test.has_history, self.label_names,
-                     [kind for _, _, kind in DEFAULT_LABELS], n_bootstrap=self.job.run.n_bootstrap, items=test.cases,
-                     age_dependent=test.age_dependent, **timings)
+        with self.phases(f"scoring: {name}"):
+            return score(name, probabilities, test.label_ids, test.has_history, self.label_names,
+                         [kind for _, _, kind in DEFAULT_LABELS], n_bootstrap=self.job.run.n_bootstrap,
+                         items=test.cases, age_dependent=test.age_dependent, **timings)
 
 
 class MllamaCollator(MdfMllmDataCollator):
@@ -334,5 +399,7 @@ def predict(model, split: ProcessedSplit, collator, batch_size: int, bf16: bool 
 
 def evaluate_model(run: RunContext, name: str, model, **timings) -> Result:
     """`model.classify()` on the test photos, scored as one row of the comparison."""
-    return run.scored(name, predict(model, run.splits["test"], run.collator, run.job.run.eval_batch_size,
-                                    run.job.training.bf16), **timings)
+    with run.phases(f"scoring: {name}"):
+        probabilities = predict(model, run.splits["test"], run.collator, run.job.run.eval_batch_size,
+                                run.job.training.bf16)
+    return run.scored(name, probabilities, **timings)

@@ -1,6 +1,7 @@
 """ablation.py: every row of the ablation trained from one tiny base with the right settings, and the table's
 statistics checked against numbers computed here."""
 
+import itertools
 import json
 import math
 
@@ -54,6 +55,7 @@ def ablation_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stages, "run_one", recording_run_one)
         patch.setattr(stage1, "run", recording_stage1)
+        patch.setattr(training, "clock", itertools.count().__next__)  # the phase table in ticks: exact sums
         runs = ablation.run_ablation(training.RunContext(settings, dataset, processor), command="pytest")
     return {"out": out, "calls": calls, "runs": runs, "dataset": dataset, "processor": processor,
             "layers": json.loads((base / "config.json").read_text())["text_config"]["cross_attention_layers"]}
@@ -137,6 +139,20 @@ def test_table_statistics_match_an_independent_computation(ablation_run):
         assert f"| {mean:.3f} ± {std:.3f} | {mean - half:.3f}–{mean + half:.3f} |" in line
     assert [line.split(" | ")[0][2:] for line in table[2 : 2 + len(saved["summary"])]] == list(saved["summary"])
     assert (ablation_run["out"] / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_phase_table_holds_each_seeds_stage_1_references_and_rows(ablation_run):
+    """ablation.json and ablation.md: per seed, stage 1, the references, then each trained row's training and
+    scoring, in the order they ran, each at least one tick."""
+    saved = json.loads((ablation_run["out"] / "ablation.json").read_text())["phase_seconds"]
+    trained = [name for name in dict.fromkeys(c["name"] for c in ablation_run["calls"]) if name != UNET_ALONE]
+    assert list(saved["phases"]) == [f"seed {seed}: {phase}" for seed in range(SEEDS) for phase in [
+        "stage 1", f"scoring: {UNET_ALONE}", "references", *(f"scoring: {name}" for name in comparison.REFERENCES),
+        *(phase for name in trained for phase in (f"stage 2: {name}", f"scoring: {name}"))]]
+    # Outside every phase: at least the tick before each seed's stage 1 (each tick counted once, none twice).
+    assert all(seconds >= 1 for seconds in saved["phases"].values()) and saved["other_seconds"] >= SEEDS
+    table = (ablation_run["out"] / "ablation.md").read_text().split("Phases so far")[1].strip().splitlines()
+    assert [line.split(" | ")[0][2:] for line in table[4:-2]] == list(saved["phases"])
 
 
 def test_sensitivity_table_is_the_mean_over_seeds_of_each_runs_report(ablation_run):

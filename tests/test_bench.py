@@ -29,3 +29,19 @@ def test_gpu_script_runs_its_code_path_on_a_tiny_layout():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| MDF-MLLM |", "| Mllama |"))]
     assert len(rows) == 2
+
+
+def test_phase_report_splits_the_training_loops_from_the_rest_and_sets_the_arms_side_by_side():
+    import phase_times
+
+    seconds = {"phases": {"set-up checks": 1.0, "base": 2.0, "stage 1": 40.0, "stage 2: MDF-MLLM": 30.0,
+                          "scoring: MDF-MLLM": 3.0, "stage 2: Mllama baseline": 20.0, "probe ladder": 3.0},
+               "wall_seconds": 100.0, "other_seconds": 1.0}
+    text = phase_times.section(seconds, "`python train_hf.py`", {"wall": 110.0, "peak_gb": 1.5})
+    lines = text.splitlines()
+    assert lines[0] == phase_times.SECTION
+    assert "| stage 1 | 40.0 | 40% |" in lines and "| (outside every phase) | 1.0 | 1% |" in lines
+    assert "- training loops (stage 1, the arms): 90.0 s (90%)" in lines  # 40 + 30 + 20; a cached base is no loop
+    assert "- everything else: 10.0 s (10%)" in lines and "- MDF-MLLM arm ÷ baseline arm: 1.50×" in lines
+    trained = {**seconds, "wall_seconds": 168.0, "phases": {**seconds["phases"], "base": 70.0}}  # minutes: trained
+    assert "- training loops (stage 1, the arms, the base): 160.0 s (95%)" in phase_times.section(trained, "", None)

@@ -248,7 +248,7 @@ def test_the_job_leaves_its_process_group_before_exiting(tmp_path, monkeypatch):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        monkeypatch.setattr(job, "run", lambda settings: None)
+        monkeypatch.setattr(job, "run", lambda settings, phases=None: None)
         job.main(["--output_dir", str(tmp_path / "out")])
         assert not dist.is_initialized()
     finally:

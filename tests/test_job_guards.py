@@ -24,7 +24,7 @@ def no_work(monkeypatch):
     """The job's work replaced: reaching it means the options were accepted. Returns the jobs it was given."""
     started = []
 
-    def run(settings):
+    def run(settings, phases=None):
         started.append(settings)
 
     monkeypatch.setattr(job, "run", run)
@@ -171,7 +171,7 @@ def test_a_read_only_output_or_export_folder_is_refused_before_training(option, 
 def test_disk_full_is_one_line_naming_the_resumable_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
 
-    def run(settings):  # training ends with a complete checkpoint; the next save runs out of space
+    def run(settings, phases=None):  # training ends with a complete checkpoint; the next save runs out of space
         (out / "checkpoint-4").mkdir(parents=True)
         (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
         (out / "checkpoint-8").mkdir()
@@ -254,11 +254,12 @@ def test_a_second_job_on_an_output_folder_is_refused_naming_the_first(tmp_path, 
 
 def test_the_lock_names_the_job_while_it_runs_and_goes_when_it_ends(tmp_path, monkeypatch):
     out, seen = tmp_path / "out", []
-    monkeypatch.setattr(job, "run", lambda settings: seen.append(json.loads((out / guards.LOCK_FILE).read_text())))
+    monkeypatch.setattr(job, "run", lambda settings, phases=None: seen.append(
+        json.loads((out / guards.LOCK_FILE).read_text())))
     job.main(["--output_dir", str(out)])
     assert seen[0]["pid"] == os.getpid() and not (out / guards.LOCK_FILE).exists()
 
-    def fails(settings):
+    def fails(settings, phases=None):
         raise guards.UsageError("a mistake found while running")
 
     monkeypatch.setattr(job, "run", fails)

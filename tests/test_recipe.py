@@ -126,7 +126,8 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
     head = torch.nn.Linear(sum(unet.widths), 8)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp_path / "class_head.safetensors")
     settings = job.parse_arguments(["--n_bootstrap", "20", "--eval_batch_size", "7"])
-    run = training.RunContext(settings, None, processor, processed={False: {"test": prompts}})
+    # The same photos as train and test split: the row keeps the train photos' probabilities for the joint reference.
+    run = training.RunContext(settings, None, processor, processed={False: {"train": prompts, "test": prompts}})
     row = stage1.unet_alone_result(run, unet, tmp_path)
     report = row.report
     # By hand, one photo at a time: pooled skips of the photo alone (no FiLM, whatever the prompt) -> head -> softmax.
@@ -141,6 +142,7 @@ def test_the_unet_alone_row_scores_the_stage_1_head_on_the_photos_alone(tiny, tm
             expected.append(head(torch.cat(skips, 1)).softmax(-1)[0])
     expected = torch.stack(expected).numpy()
     np.testing.assert_allclose(row.probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(row.train_probabilities, expected, atol=1e-5)
     truth, predicted = np.array(prompts.label_ids), expected.argmax(-1)
     assert row.name == "U-Net alone (image only)" and row.gate_history == []
     assert report["disease"]["accuracy"] == pytest.approx((predicted == truth).mean())

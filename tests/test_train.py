@@ -2,6 +2,7 @@
 the real-base path. Resume after a kill and FSDP sharding: tests/test_distributed.py."""
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -49,6 +50,7 @@ def main_job(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stages, "train", recording_train)  # the name make_base and run_one call
+        patch.setattr(training, "clock", itertools.count().__next__)  # the phase table in ticks: exact sums
         patch.chdir(cwd)
         job.main([*TINY_JOB, *TINY_STAGES, "--output_dir", str(out), "--base_cache_dir", str(cache)])
     (base,) = cache.glob("base-*")
@@ -115,6 +117,44 @@ def test_readme_quotes_the_default_runs_comparison_in_the_format_the_job_writes(
                      r"(\d+|–) \|$")
     names = ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)", *comparison.REFERENCES]
     assert [row.match(line)[1] for line in written[2:]] == [row.match(line)[1] for line in quoted[2:]] == names
+
+
+def test_phases_time_each_phase_once_and_leave_nested_ones_out_of_the_outer(monkeypatch):
+    ticks = iter([0, 1, 3, 4, 5, 9, 10, 20, 22, 30, 30])
+    monkeypatch.setattr(training, "clock", ticks.__next__)
+    phases = training.Phases()  # starts at 0
+    with phases("outer"):  # 1..10, less the 1 + 4 of the two inside it
+        with phases("inner"):  # 3..4
+            pass
+        with phases.scoped("seed 0")("inner"):  # 5..9
+            pass
+    with phases("inner"):  # 20..22, added to the first "inner"
+        pass
+    assert phases.as_json() == {"phases": {"outer": 4, "inner": 3, "seed 0: inner": 4}, "wall_seconds": 30,
+                                "other_seconds": 19}
+    assert phases.markdown().splitlines()[2:] == [
+        "| outer | 4.0 | 13% |", "| inner | 3.0 | 10% |", "| seed 0: inner | 4.0 | 13% |",
+        "| (outside every phase) | 19.0 | 63% |", "| wall | 30.0 | 100% |"]
+
+
+def test_the_phase_table_holds_every_phase_of_the_job_in_order(main_job):
+    """comparison.json (as left after the export) and comparison.md: every phase, in the order it ran, each at least
+    one tick of the test's clock (a phase timed is never 0 ticks), each tick counted once."""
+    saved = json.loads((main_job["out"] / "comparison.json").read_text())["phase_seconds"]
+    rows = ["MDF-MLLM", "Mllama baseline"]
+    assert list(saved["phases"]) == [
+        "set-up checks", "data", "base", "preprocessing", "stage 1", f"scoring: {comparison.UNET_ALONE}",
+        *(phase for name in rows for phase in (f"stage 2: {name}", f"scoring: {name}")), "probe ladder", "references",
+        *(f"scoring: {name}" for name in comparison.REFERENCES), "paired differences", "counterfactual pass",
+        "temperature", "scoring: MDF-MLLM, temperature-scaled", "export and plots"]
+    assert all(seconds >= 1 for seconds in saved["phases"].values())
+    # Every tick counts once: outside every phase are only the tick before each of the 17 outermost phases entered (a
+    # trained arm's scoring is entered twice, its forward pass and its metrics) and the one after the last.
+    assert saved["other_seconds"] == 18
+    assert sum(saved["phases"].values()) + saved["other_seconds"] == saved["wall_seconds"]
+    table = (main_job["out"] / "comparison.md").read_text().split(job.PHASES_HEADING)[1]
+    assert [line.split(" | ")[0][2:] for line in table.strip().splitlines()[2:]] == [
+        *saved["phases"], "(outside every phase)", "wall"]
 
 
 def test_both_arms_start_from_bit_identical_base_weights(main_job):
