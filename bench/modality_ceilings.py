@@ -14,7 +14,7 @@ late fusion is well above both single references, the data asks a model to combi
   joint        a small network (64 hidden units, scikit-learn's MLPClassifier) that reads the CNN's class
                probabilities, their products with the age bins (what a look means may change with the age) and the
                history's vector (`joint_features`); fitted on the training photos' out-of-fold CNN probabilities
-               (2 folds, the same recipe) and applied to the test photos' mean probabilities of those two CNNs, so
+               (3 folds, the same recipe) and applied to the test photos' mean probabilities of those three CNNs, so
                that it meets the CNNs it learnt from. The history's vector (`history_vector`): the text-only
                reference's class probabilities (out of fold, 5 folds, on the training split; fitted on all of it for
                the test split), the age parsed from "<age>-year-old" as one of AGE_BINS (or "no age") and whether
@@ -112,7 +112,7 @@ def train_cnn(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int
 
 
 def out_of_fold_photos(x_train, y_train, x_test, num_classes: int, epochs: int, seed: int,
-                       folds: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                       folds: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """The CNN's class probabilities for each training photo from a CNN trained without its fold, and for each test
     photo the mean of those CNNs': the joint reference learns from the first and meets the second, CNNs of one kind
     (trained on the same share of the photos) on photos they did not see."""
