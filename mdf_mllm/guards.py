@@ -385,17 +385,22 @@ def check_writable(job: Job) -> None:
                          "choose another --output_dir")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, renamed over it once complete: a full disk or a kill leaves
-    the earlier file (or none), never a half-written one."""
+def atomic_write(path: Path, write) -> None:
+    """`write(temporary path)` beside `path`, renamed over it once complete: a full disk or a kill leaves the earlier
+    file (or none), never a half-written one."""
     handle, name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
+        write(Path(name))
         os.replace(name, path)
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`text` to `path` (`atomic_write`)."""
+    atomic_write(path, lambda temporary: temporary.write_text(text))
 
 
 # How the writers the job goes through report a full disk: Python's OSError, safetensors' Rust I/O error (a

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import set_seed
 
+from mdf_mllm import guards
 from mdf_mllm.comparison import UNET_ALONE, Result
 from mdf_mllm.job import Job
 from mdf_mllm.model_setup import build_model, parse_fusion_layers
@@ -129,8 +130,9 @@ def train_unet(job: Job, unet, num_classes: int, split: ProcessedSplit, collator
         raise Diverged(f"stage 1: diverged at step {step}: {len(bad)} weight tensors hold NaN or inf "
                        f"(first: {bad[0]}); nothing was exported or cached")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, folder / "unet.safetensors")
-    save_file({k: v.contiguous() for k, v in class_head.state_dict().items()}, folder / "class_head.safetensors")
+    for module, name in ((unet, "unet.safetensors"), (class_head, "class_head.safetensors")):
+        weights = {k: v.contiguous() for k, v in module.state_dict().items()}
+        guards.atomic_write(folder / name, lambda temporary: save_file(weights, temporary))  # noqa: B023 (called now)
     return losses
 
 

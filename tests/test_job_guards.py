@@ -204,28 +204,20 @@ def test_a_full_disk_is_recognised_as_each_writer_reports_it(tmp_path, monkeypat
     assert guards.out_of_space(torch_save, tmp_path / "out")
 
 
-def test_an_atomic_write_that_runs_out_of_space_keeps_the_earlier_file(tmp_path, monkeypatch):
+def test_an_atomic_write_that_runs_out_of_space_keeps_the_earlier_file(tmp_path):
     path = tmp_path / "comparison.md"
     guards.atomic_write_text(path, "earlier\n")
 
-    class Full:
-        def __init__(self, handle, mode):
-            os.close(handle)
+    def full(temporary):
+        temporary.write_text("lat")  # part of it written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def write(self, text):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(guards.os, "fdopen", Full)
     with pytest.raises(OSError) as error:
-        guards.atomic_write_text(path, "later\n")
+        guards.atomic_write(path, full)
     assert guards.out_of_space(error.value)
     assert path.read_text() == "earlier\n" and [p.name for p in tmp_path.iterdir()] == ["comparison.md"]
+    guards.atomic_write_text(path, "later\n")
+    assert path.read_text() == "later\n" and [p.name for p in tmp_path.iterdir()] == ["comparison.md"]
 
 
 def test_the_comparison_is_written_atomically(tmp_path, monkeypatch):

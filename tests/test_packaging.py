@@ -25,7 +25,7 @@ FLOORS = (
     ("mdf_mllm.model_setup", "mdf_mllm.probe_ladder", "mdf_mllm.explain", "mdf_mllm.real_photos"),  # models, processors
     ("mdf_mllm.metrics", "mdf_mllm.calibration", "mdf_mllm.comparison", "mdf_mllm.tables", "mdf_mllm.plots",
      "mdf_mllm.model_card"),  # reporting
-    ("mdf_mllm.training", "mdf_mllm.stage1", "mdf_mllm.guards"),  # data, Trainer, evaluation; stage 1; checks
+    ("mdf_mllm.training", "mdf_mllm.guards", "mdf_mllm.stage1"),  # data, Trainer, evaluation; stage 1; checks
     ("mdf_mllm.stages", "mdf_mllm.export", "mdf_mllm.ablation"),  # the base, stage 2, references; export; ablation
     ("mdf_mllm.train", "mdf_mllm.cli", "mdf_mllm.demo", "mdf_mllm.__main__"),  # entry points
 )

@@ -1,7 +1,10 @@
 """The training recipe's parts on tiny models: the U-Net's initialisation, the U-Net-alone row, the probe ladder."""
 
 import copy
+import errno
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +191,22 @@ def test_stage_1_trains_with_the_optimizer_schedule_and_flips_its_settings_name(
         assert rates[0] == pytest.approx(peak / 25) and max(rates) <= peak and rates[-1] < rates[0]
     # The batches mirrored: none at 0, every one at 1, some at 0.5 (the same draws whatever the probability).
     assert len(flips) == {0.0: 0, 1.0: steps}.get(flip, len(flips)) and (flip != 0.5 or 0 < len(flips) < steps)
+
+
+def test_stage_1_writes_its_weights_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
+    """A disk that runs full while stage 1 saves leaves the files of before, not half of a new one."""
+    model, processor, answered, _ = tiny
+    settings = job.parse_arguments(["--per_device_train_batch_size", "8", "--max_steps", "1"])
+    for name in ("unet.safetensors", "class_head.safetensors"):
+        (tmp_path / name).write_bytes(b"earlier")
+
+    def full(tensors, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(stage1, "save_file", full)
+    unet = copy.deepcopy(model.model.unet).train()
+    with pytest.raises(OSError):
+        stage1.train_unet(settings, unet, 8, answered, MdfMllmDataCollator(processor), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"unet.safetensors": b"earlier",
+                                                                    "class_head.safetensors": b"earlier"}

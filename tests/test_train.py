@@ -276,8 +276,11 @@ def test_the_exported_temperature_is_fitted_on_the_validation_photos_and_every_r
         "disease"]["accuracy"]  # a temperature moves the probabilities, never the answer
     results = json.loads((folder / "results.json").read_text())
     test_labels = dataset["test"]["label"]
-    probabilities = np.asarray(results["probabilities"])
-    assert ours["ece"] == pytest.approx(calibration_scores(probabilities, test_labels, n_bootstrap=1)["ece"])
+    # results.json: the probabilities the exported model gives (its temperature applied), the raw ones beside them.
+    assert results["classifier_temperature"] == temperature
+    for key, row in (("raw_probabilities", ours), ("probabilities", scaled)):
+        probabilities = np.asarray(results[key])
+        assert row["ece"] == pytest.approx(calibration_scores(probabilities, test_labels, n_bootstrap=1)["ece"])
     card = (folder / "README.md").read_text()
     assert "| MDF-MLLM, temperature-scaled | " in card and f"T = {temperature:.3f}" in card
     for plot in ("reliability.png", "risk_coverage.png"):
