@@ -1,7 +1,7 @@
-"""The main job: `python train_hf.py [options]` runs mdf_mllm.train (also `mdf-mllm-train`, `python -m mdf_mllm.train`;
-`python train_hf.py --help` lists the options)."""
+"""The main job: `python train_hf.py [options]` runs mdf_mllm.main_job (also `mdf-mllm-train`,
+`python -m mdf_mllm.main_job`; `python train_hf.py --help` lists the options)."""
 
-from mdf_mllm.train import main
+from mdf_mllm.main_job import main
 
 if __name__ == "__main__":
     main()

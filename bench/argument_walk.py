@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", "--output-dir", default="outputs/bench")
     out = Path(parser.parse_args().output_dir)
-    from mdf_mllm import ablation, train
+    from mdf_mllm import ablation, main_job
 
     rows = [row for row in ablation.ROWS if row.name in ("Mllama baseline", "MDF, all depths")]
     reports = {}
@@ -94,7 +94,7 @@ def main() -> None:
                 if name == "ablation":  # the default `rows` argument was bound at definition: pass ours
                     real = ablation.run_ablation
                     ablation.run_ablation = lambda *a, **k: real(*a, **{**k, "rows": tuple(rows)})
-                reports[name] = walk(trace(lambda: train.main(argv)))
+                reports[name] = walk(trace(lambda: main_job.main(argv)))
         finally:
             ablation.ROWS = saved
     keys = [key for key in next(iter(reports.values())) if key != "path"]

@@ -214,7 +214,7 @@ def run_ablation(run: RunContext, rows: tuple[Row, ...] | None = None, command: 
                     training=dict(num_train_epochs=epochs, resume_from_checkpoint=None, save_strategy="no",
                                   eval_strategy="no", output_dir=str(out / re.sub(r"[^A-Za-z0-9]+", "_",
                                                                                   f"{row.name}-{seed}"))))
-                scored = stages.run_one(seed_run.with_job(row_job), row.name, unet_weights=unet)
+                scored = stages.train_arm(seed_run.with_job(row_job), row.name, unet_weights=unet)
             if scored is None or scored.report is None:  # no stage 1 to read, or not the main process
                 continue
             results.append(result(row.name, seed, scored))

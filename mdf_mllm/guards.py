@@ -1,4 +1,4 @@
-"""What the main job (mdf_mllm.train) checks before it does any work, and how it writes so that nothing is left
+"""What the main job (mdf_mllm.main_job) checks before it does any work, and how it writes so that nothing is left
 half-written: the range of every numeric option (one table, checked where the options are parsed), the options that
 must agree with each other (the U-Net layout, the splits a synthetic set gives), the paths it reads and writes, the
 checkpoint it resumes, and the one job that may use an output folder at a time (a lock file)."""

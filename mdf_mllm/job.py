@@ -1,5 +1,5 @@
 """A job's settings: the command-line arguments in four groups and the `Job` that holds them, built once from the
-parsed arguments (`mdf_mllm.train.parse_arguments`) and handed to every stage as its first argument."""
+parsed arguments (`mdf_mllm.main_job.parse_arguments`) and handed to every stage as its first argument."""
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path

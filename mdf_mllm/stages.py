@@ -1,4 +1,4 @@
-"""What the main job (mdf_mllm.train) and the ablation (mdf_mllm.ablation) share: the base, the stage-2 models
+"""What the main job (mdf_mllm.main_job) and the ablation (mdf_mllm.ablation) share: the base, the stage-2 models
 trained and evaluated, and the comparison of their rows with the references (`comparison.REFERENCES`) and the
 counterfactual histories. Stage 1 is mdf_mllm.stage1; every stage takes the `RunContext` (or, for the base, the
 `Job`) first."""
@@ -45,7 +45,7 @@ from mdf_mllm.training import (
     predict,
     process_splits,
     resolve_checkpoint,
-    train,
+    train_model,
 )
 from configuration_mdf_mllm import LAYOUTS
 from image_processing_mdf_mllm import MdfMllmImageProcessor
@@ -72,7 +72,7 @@ def make_base(job: Job, folder: Path, dataset=None) -> Path:
     scratch = tempfile.mkdtemp(prefix=".training-", dir=folder)  # its own: removing it deletes nothing of the user's
     args = replace(job.training, output_dir=scratch, num_train_epochs=job.run.base_epochs, **BASE_TRAINING)
     try:
-        train(base, splits, MllamaCollator(processor), args, label=f"base: stock Mllama ({size})")
+        train_model(base, splits, MllamaCollator(processor), args, label=f"base: stock Mllama ({size})")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     base.save_pretrained(folder)
@@ -104,7 +104,8 @@ def base_cache_folder(job: Job) -> Path:
     """~/.cache/mdf_mllm/base-<key>: the key hashes every setting (`base_settings`) and the code the base depends
     on."""
     settings = [base_settings(job), LAYOUTS, BASE_CHAT_TEMPLATE,
-                [inspect.getsource(f) for f in (make_base, stock_processor, small_mllama_config, open_gates, train)]]
+                [inspect.getsource(f)
+                 for f in (make_base, stock_processor, small_mllama_config, open_gates, train_model)]]
     # The processing code the base's inputs come from: the processor's file and, since it moved there, the image
     # processor's (a change to either makes another base).
     code = [Path(sys.modules[cls.__module__].__file__).read_bytes()
@@ -131,7 +132,7 @@ def cached_base(job: Job, dataset) -> str:
     return str(folder)
 
 
-def run_one(run: RunContext, name: str, resume=None, unet_weights=None) -> Result:
+def train_arm(run: RunContext, name: str, resume=None, unet_weights=None) -> Result:
     """Train one model of the run's settings (its U-Net from `unet_weights` when given) and evaluate it on the test
     split. On the processes of a distributed run that do not evaluate, the result has the model and trainer but no
     report."""
@@ -144,8 +145,8 @@ def run_one(run: RunContext, name: str, resume=None, unet_weights=None) -> Resul
             unwrap_peft(model).model.unet.load_state_dict(load_file(unet_weights))
         gates = GateLogger()
         start = time.perf_counter()
-        trainer = train(model, run.splits, run.collator, job.training, resume, [gates], job.model.learning_rates(),
-                        label=label)
+        trainer = train_model(model, run.splits, run.collator, job.training, resume, [gates],
+                              job.model.learning_rates(), label=label)
         seconds = time.perf_counter() - start
     model = unwrap(trainer.model)
     if trainer.is_fsdp_enabled:
@@ -172,11 +173,11 @@ def stage2(run: RunContext, unet_alone: Result | None) -> list[Result]:
     resume = resolve_checkpoint(job.training.resume_from_checkpoint, job.training.output_dir)
     if resume:
         print(f"resuming from {resume}")
-    arms = [run_one(run, "MDF-MLLM", resume, unet_alone.weights if unet_alone else None)]
+    arms = [train_arm(run, "MDF-MLLM", resume, unet_alone.weights if unet_alone else None)]
     if job.run.baseline and parse_fusion_layers(job.model.fusion_layers) != {}:
         baseline = job.replace(model={"fusion_layers": "none"}, training={
             "output_dir": str(job.output_dir / "baseline"), "resume_from_checkpoint": None})
-        arms.append(run_one(run.with_job(baseline), "Mllama baseline"))
+        arms.append(train_arm(run.with_job(baseline), "Mllama baseline"))
     return arms
 
 

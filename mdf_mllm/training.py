@@ -1,5 +1,6 @@
-"""Data, training and evaluation for the main job (mdf_mllm.train): the processed splits and collators, the Trainer with
-its own learning rates for the MDF modules and gates, gate logging, checkpoints and test-set classification."""
+"""Data, training and evaluation for the main job (mdf_mllm.main_job): the processed splits and collators, the
+Trainer with its own learning rates for the MDF modules and gates, gate logging, checkpoints and test-set
+classification."""
 
 import math
 import re
@@ -328,7 +329,7 @@ class MdfTrainer(Trainer):
         return optimizer
 
 
-def train(model, splits, collator, training_args: TrainingArguments, resume_from_checkpoint=None, callbacks=None,
+def train_model(model, splits, collator, training_args: TrainingArguments, resume_from_checkpoint=None, callbacks=None,
           learning_rates: dict[str, float] | None = None, label: str | None = None) -> Trainer:
     """Train with the Trainer (`learning_rates`: see MdfTrainer; `label`: the progress bar's description)."""
     trainer = MdfTrainer(model=model, args=training_args, train_dataset=splits["train"],

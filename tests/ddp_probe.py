@@ -3,7 +3,7 @@
     ACCELERATE_USE_CPU=1 python -m torch.distributed.run --nproc_per_node 2 tests/ddp_probe.py OUT
 
 Trains the main job's tiny MDF-MLLM (its own configuration: no vessel loss, so the U-Net decoder does not run) for
-two steps with training.train under DistributedDataParallel with gradient checkpointing and
+two steps with training.train_model under DistributedDataParallel with gradient checkpointing and
 `ddp_find_unused_parameters=False`, which stops at the first trainable parameter that gets no gradient. Writes
 OUT/rank-<r>.json: how the Trainer wrapped the model, the optimizer steps taken, and a checksum of every trainable
 parameter (DDP keeps the replicas equal).
@@ -38,7 +38,7 @@ def main(out: str) -> None:
                                 disable_tqdm=True, seed=0, gradient_checkpointing=True,
                                 ddp_find_unused_parameters=False)
     steps = Steps()
-    trainer = training.train(model, {"train": tiny_split(processor), "validation": []},
+    trainer = training.train_model(model, {"train": tiny_split(processor), "validation": []},
                              MdfMllmDataCollator(processor), args, callbacks=[steps])
     state = trainer.accelerator.state
     wrapped = trainer.model_wrapped

@@ -2,9 +2,9 @@
 
     accelerate launch --config_file configs/fsdp_cpu.yaml --num_processes 2 tests/fsdp_probe.py OUT
 
-Trains the tiny MDF-MLLM for two steps with training.train (after mdf_mllm.train.shard_on_cpu_processes, as the main job
-does) and writes OUT/rank-<r>.json: what this process holds of every parameter once the Trainer has prepared the
-model (a DTensor's local shard, or the whole tensor), and the optimizer steps it took.
+Trains the tiny MDF-MLLM for two steps with training.train_model (after mdf_mllm.main_job.shard_on_cpu_processes, as
+the main job does) and writes OUT/rank-<r>.json: what this process holds of every parameter once the Trainer has
+prepared the model (a DTensor's local shard, or the whole tensor), and the optimizer steps it took.
 """
 
 import json
@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from dataset_builder import render_fundus
-from mdf_mllm import model_setup, train as job, training
+from mdf_mllm import model_setup, main_job as job, training
 from mdf_mllm.job import MdfTrainingArguments, ModelArguments
 from processing_mdf_mllm import MdfMllmDataCollator
 
@@ -51,9 +51,9 @@ def main(out: str) -> None:
     model = model_setup.build_model(model_args, processor)
     args = MdfTrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2, save_strategy="no",
                                 eval_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, seed=0)
-    job.shard_on_cpu_processes()  # after the TrainingArguments, as in mdf_mllm.train.main: they set up the state
+    job.shard_on_cpu_processes()  # after the TrainingArguments, as in mdf_mllm.main_job.main: they set up the state
     holdings = Holdings()
-    trainer = training.train(model, {"train": tiny_split(processor), "validation": []},
+    trainer = training.train_model(model, {"train": tiny_split(processor), "validation": []},
                              MdfMllmDataCollator(processor), args, callbacks=[holdings])
     state = trainer.accelerator.state
     finish(out, {"rank": state.process_index, "world_size": state.num_processes,

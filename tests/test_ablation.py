@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from mdf_mllm import ablation, comparison, model_setup, stage1, stages, train as job, training
+from mdf_mllm import ablation, comparison, model_setup, stage1, stages, main_job as job, training
 from mdf_mllm.job import ModelArguments
 from mdf_mllm.stage1 import UNET_ALONE
 
@@ -30,19 +30,19 @@ T_975 = {1: 12.706204736, 2: 4.302652730}
 
 @pytest.fixture(scope="module")
 def ablation_run(tmp_path_factory):
-    """The whole ablation on a tiny base (1 epoch per run), every run_one call recorded with what it was given."""
+    """The whole ablation on a tiny base (1 epoch per run), every train_arm call recorded with what it was given."""
     out = tmp_path_factory.mktemp("ablation")
     settings = job.parse_arguments([*TINY_ABLATION, "--ablation_epochs", "1", "--output_dir", str(out)])
     dataset = training.load_data(settings.data)
     base = stages.make_base(settings, out / "base", dataset)
     settings = settings.replace(model={"base_model": str(base)})
     processor = model_setup.base_processor(settings.model)
-    calls, real_run_one, real_stage1 = [], stages.run_one, stage1.run
+    calls, real_train_arm, real_stage1 = [], stages.train_arm, stage1.run
 
-    def recording_run_one(row, name, *args, **kwargs):
+    def recording_train_arm(row, name, *args, **kwargs):
         calls.append({"name": name, "model_args": row.job.model, "splits": row.splits, "args": row.job.training,
                       **kwargs})
-        result = real_run_one(row, name, *args, **kwargs)
+        result = real_train_arm(row, name, *args, **kwargs)
         calls[-1]["probabilities"] = result.probabilities
         return result
 
@@ -53,7 +53,7 @@ def ablation_run(tmp_path_factory):
         return result
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stages, "run_one", recording_run_one)
+        patch.setattr(stages, "train_arm", recording_train_arm)
         patch.setattr(stage1, "run", recording_stage1)
         patch.setattr(training, "clock", itertools.count().__next__)  # the phase table in ticks: exact sums
         runs = ablation.run_ablation(training.RunContext(settings, dataset, processor), command="pytest")

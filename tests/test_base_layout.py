@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from configuration_mdf_mllm import LAYOUTS
-from mdf_mllm import model_setup, stage1, stages, train as job
+from mdf_mllm import model_setup, stage1, stages, main_job as job
 from mdf_mllm.job import ModelArguments
 
 

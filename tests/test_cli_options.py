@@ -8,7 +8,7 @@ import pytest
 
 from dataset_builder import __main__ as builder_cli
 from mdf_mllm import cli
-from mdf_mllm import train as job
+from mdf_mllm import main_job as job
 
 
 HYPHENATED = re.compile(r"(?<![\w-])--[a-z0-9]+(?:_[a-z0-9]+)*-[a-z0-9]")

@@ -3,7 +3,7 @@
 Resume: a run is SIGKILLed (just after a checkpoint, or half-way through writing one); `--resume_from_checkpoint latest`
 then starts at the checkpoint's step with the checkpoint's optimizer and scheduler states, runs only the remaining
 steps, and ends with weights bit-identical to a run that was never interrupted. A TrainerCallback passed through
-mdf_mllm.stages.train's `callbacks` counts the steps and snapshots the states the Trainer starts from.
+mdf_mllm.stages.train_model's `callbacks` counts the steps and snapshots the states the Trainer starts from.
 
 FSDP: `accelerate launch --config_file configs/fsdp_cpu.yaml` over two processes; each process writes what it holds
 of every parameter (tests/fsdp_probe.py), and each must hold a disjoint half, not a replica (as DDP would).
@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from conftest import ROOT, launch_two_cpu_processes
-from mdf_mllm import stages, train as job, training
+from mdf_mllm import stages, main_job as job, training
 
 
 STEPS, SAVE_EVERY = 6, 3  # 24 training photos in batches of 8: two epochs of three steps
@@ -57,8 +57,9 @@ class Recorder(TrainerCallback):
 
 
 def run_main(monkeypatch, out: Path, *extra: str) -> Recorder:
-    """mdf_mllm.train.main in this process, with a Recorder added to the callbacks that mdf_mllm.stages.train gets."""
-    recorder, original = Recorder(), stages.train
+    """mdf_mllm.main_job.main in this process, with a Recorder added to the callbacks that mdf_mllm.stages.train_model
+    gets."""
+    recorder, original = Recorder(), stages.train_model
     signature = inspect.signature(original)
 
     def train(*args, **kwargs):
@@ -67,7 +68,7 @@ def run_main(monkeypatch, out: Path, *extra: str) -> Recorder:
         return original(*bound.args, **bound.kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(stages, "train", train)  # the name run_one calls (imported from training)
+        patch.setattr(stages, "train_model", train)  # the name train_arm calls (imported from training)
         job.main([*JOB, "--output_dir", str(out), *extra])
     return recorder
 
@@ -85,7 +86,7 @@ KILL = textwrap.dedent(
     """
     import os, signal, sys
     import transformers
-    from mdf_mllm import train as job
+    from mdf_mllm import main_job as job
 
     step, when = int(os.environ["KILL_AT_STEP"]), os.environ["KILL_WHEN"]
 

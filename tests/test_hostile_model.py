@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from skimage import data as skdata
 
-from mdf_mllm import stages, train as job
+from mdf_mllm import stages, main_job as job
 from mdf_mllm.cli import main as cli
 
 

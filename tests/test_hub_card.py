@@ -14,7 +14,7 @@ from huggingface_hub.utils import validate_repo_id
 from PIL import Image, ImageDraw
 
 from configuration_mdf_mllm import DEFAULT_LABELS
-from mdf_mllm import comparison, export, model_card, stages, train as job
+from mdf_mllm import comparison, export, model_card, stages, main_job as job
 from mdf_mllm.model_setup import BASE_RECORD_FILE
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from processing_mdf_mllm import MdfMllmProcessor

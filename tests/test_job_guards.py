@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from mdf_mllm import export, guards, train as job
+from mdf_mllm import export, guards, main_job as job
 
 
 @pytest.fixture

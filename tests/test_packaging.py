@@ -27,7 +27,7 @@ FLOORS = (
      "mdf_mllm.model_card"),  # reporting
     ("mdf_mllm.training", "mdf_mllm.guards", "mdf_mllm.stage1"),  # data, Trainer, evaluation; stage 1; checks
     ("mdf_mllm.stages", "mdf_mllm.export", "mdf_mllm.ablation"),  # the base, stage 2, references; export; ablation
-    ("mdf_mllm.train", "mdf_mllm.cli", "mdf_mllm.demo", "mdf_mllm.__main__"),  # entry points
+    ("mdf_mllm.main_job", "mdf_mllm.cli", "mdf_mllm.demo", "mdf_mllm.__main__"),  # entry points
 )
 RANK = {name: rank for rank, name in enumerate(name for floor in FLOORS for name in floor)}
 
@@ -100,7 +100,7 @@ def test_the_wheel_adds_only_the_package_dataset_builder_and_the_hub_files(tmp_p
            "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONNOUSERSITE": "1"}
     script = textwrap.dedent("""
         import json
-        import mdf_mllm, mdf_mllm.ablation, mdf_mllm.train
+        import mdf_mllm, mdf_mllm.ablation, mdf_mllm.main_job
         from mdf_mllm import export, metrics
         from dataset_builder import load
         report = metrics.classification_report([0, 1], [0, 1], ["normal", "amd"], ["normal", "acquired"], n_bootstrap=5)

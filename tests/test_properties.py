@@ -22,7 +22,7 @@ from PIL import Image
 
 from configuration_mdf_mllm import DEFAULT_LABELS, DISEASE_TYPES, UNET_DEPTHS, MdfMllmConfig
 from conftest import tiny_mllama_config
-from mdf_mllm import train
+from mdf_mllm import main_job
 from mdf_mllm.guards import OPTION_RANGES
 from mdf_mllm.job import DataArguments, MdfTrainingArguments, ModelArguments, RunArguments
 from processing_mdf_mllm import build_default_processor
@@ -230,18 +230,18 @@ OPTION_VALUES = st.one_of(
 @given(values=st.dictionaries(st.sampled_from(sorted(OPTION_RANGES)), OPTION_VALUES, min_size=1, max_size=3))
 def test_any_numeric_option_values_give_one_line_and_exit_2_or_a_run(values):
     argv = [arg for name, value in values.items() for arg in (f"--{name}", value)]
-    started, original = [], train.run
-    train.run = lambda job, phases=None: started.append(job)
+    started, original = [], main_job.run
+    main_job.run = lambda job, phases=None: started.append(job)
     err = io.StringIO()
     try:
         with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stderr(err):
-            train.main(["--model_size", "tiny", *argv, "--output_dir", os.path.join(folder, "out")])
+            main_job.main(["--model_size", "tiny", *argv, "--output_dir", os.path.join(folder, "out")])
     except SystemExit as stop:
         assert stop.code == 2 and not started, (argv, err.getvalue())
         assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("train_hf.py: error: "), err.getvalue()
         return
     finally:
-        train.run = original
+        main_job.run = original
     (job,) = started
     for name, value in values.items():
         parsed = next(getattr(part, name) for part in (job.model, job.data, job.run, job.training)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from transformers import MllamaForConditionalGeneration
 
 from conftest import TINY_MDF, move_off_init, tiny_mllama_config
-from mdf_mllm import metrics, stage1, train as job, training
+from mdf_mllm import metrics, stage1, main_job as job, training
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration
 from mdf_mllm.probe_ladder import ladder_features, ladder_table, probe_accuracy, selected
 from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor

@@ -26,7 +26,7 @@ from PIL import Image, ImageFile
 
 from conftest import ROOT
 from dataset_builder import build, read_stonerounds, render_fundus
-from mdf_mllm import train as job, training
+from mdf_mllm import main_job as job, training
 from mdf_mllm.cli import main as cli_main
 from mdf_mllm.messages import shown
 from processing_mdf_mllm import IMAGE_TOKEN, build_default_processor
@@ -596,7 +596,8 @@ def audit_imports(root: Path, tmp_path: Path, names: list[str]) -> list[str]:
 def test_import_opens_no_socket_and_writes_no_file(tmp_path):
     names = project_modules(ROOT)
     assert {"configuration_mdf_mllm", "modeling_mdf_mllm", "image_processing_mdf_mllm", "processing_mdf_mllm",
-            "pipeline_mdf_mllm", "train_hf", "dataset_builder", "app", "mdf_mllm.train", "mdf_mllm.demo"} <= set(names)
+            "pipeline_mdf_mllm", "train_hf", "dataset_builder", "app", "mdf_mllm.main_job",
+            "mdf_mllm.demo"} <= set(names)
     root_before = sorted(p.name for p in ROOT.iterdir())
     assert audit_imports(ROOT, tmp_path, names) == []
     assert sorted(p.name for p in ROOT.iterdir()) == root_before

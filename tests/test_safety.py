@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import export_tiny_model
-from mdf_mllm import export, train
+from mdf_mllm import export, main_job
 from pipeline_mdf_mllm import load_pipeline, require_safetensors
 
 TINY = ["--model_size", "tiny", "--num_images", "40", "--image_size", "64"]
@@ -25,7 +25,7 @@ def snapshot(folder):
 def refused(argv, capsys) -> str:
     """The job's one-line error for `argv`, checked to exit 2 before any training."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
+        main_job.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("train_hf.py: error: ")
@@ -76,7 +76,7 @@ def fake_repository(job, folder, *args, **kwargs):
 
 def export_job(folder, *options):
     """A job whose export goes to `folder`."""
-    return train.parse_arguments(["--export_dir", str(folder), *options])
+    return main_job.parse_arguments(["--export_dir", str(folder), *options])
 
 
 def test_overwrite_export_replaces_an_earlier_export_with_the_usual_permissions(tmp_path, monkeypatch):

@@ -466,7 +466,7 @@ def test_counterfactual_table_on_a_tiny_model():
     from conftest import TINY_MDF, move_off_init, tiny_mllama_config
     from configuration_mdf_mllm import MdfMllmConfig
     from dataset_builder import load
-    from mdf_mllm import stages, train, training
+    from mdf_mllm import stages, main_job, training
     from modeling_mdf_mllm import MdfMllmForConditionalGeneration
     from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
@@ -479,7 +479,7 @@ def test_counterfactual_table_on_a_tiny_model():
     model = MdfMllmForConditionalGeneration(config).eval()
     move_off_init(model)
     model.config.verbalizer_token_ids = processor.verbalizer_token_ids
-    settings = train.parse_arguments(["--num_images", "120", "--eval_batch_size", "4"])
+    settings = main_job.parse_arguments(["--num_images", "120", "--eval_batch_size", "4"])
     dataset = load("synthetic", num_images=120, image_size=64, seed=0)  # a phenocopy and an age-dependent photo in test
     collator = MdfMllmDataCollator(processor)
     test = training.ProcessedSplit(dataset["test"], processor, with_answers=False)
@@ -675,12 +675,12 @@ class Oracle(torch.nn.Module):
 
 def test_the_temperature_is_fitted_on_the_validation_prompts_and_saved_in_the_config():
     from dataset_builder import load
-    from mdf_mllm import stages, train, training
+    from mdf_mllm import stages, main_job, training
     from mdf_mllm.calibration import apply_temperature, fit_temperature
     from processing_mdf_mllm import build_default_processor
 
     processor = build_default_processor(image_size=28, unet_image_size=32)
-    settings = train.parse_arguments(["--num_images", "60", "--eval_batch_size", "4", "--n_bootstrap", "20"])
+    settings = main_job.parse_arguments(["--num_images", "60", "--eval_batch_size", "4", "--n_bootstrap", "20"])
     dataset = load("synthetic", num_images=60, image_size=64, seed=0)
     run = training.RunContext(settings, dataset, processor)
     validation = training.ProcessedSplit(dataset["validation"], processor, with_answers=False)

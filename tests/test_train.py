@@ -20,7 +20,7 @@ from transformers import (AutoProcessor, MllamaForConditionalGeneration, MllamaI
                           TrainerCallback, set_seed)
 
 from conftest import tiny_mllama_config
-from mdf_mllm import ablation, comparison, export, guards, model_setup, stage1, stages, train as job, training
+from mdf_mllm import ablation, comparison, export, guards, model_setup, stage1, stages, main_job as job, training
 from mdf_mllm.job import DataArguments, MdfTrainingArguments, ModelArguments, RunArguments
 from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
 
@@ -42,14 +42,14 @@ def main_job(tmp_path_factory):
     64 px photos, run from an empty working directory. Records the weights every train() call starts from."""
     out, cwd = tmp_path_factory.mktemp("job"), tmp_path_factory.mktemp("cwd")
     cache = tmp_path_factory.mktemp("base-cache")
-    starts, original_train = {}, stages.train
+    starts, original_train = {}, stages.train_model
 
     def recording_train(model, *args, label=None, **kwargs):
         starts[label] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return original_train(model, *args, label=label, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stages, "train", recording_train)  # the name make_base and run_one call
+        patch.setattr(stages, "train_model", recording_train)  # the name make_base and train_arm call
         patch.setattr(training, "clock", itertools.count().__next__)  # the phase table in ticks: exact sums
         patch.chdir(cwd)
         job.main([*TINY_JOB, *TINY_STAGES, "--output_dir", str(out), "--base_cache_dir", str(cache)])
@@ -386,7 +386,7 @@ def test_gates_get_gradients_and_open_and_mdf_parameters_have_their_own_learning
     args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
                                 "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"]).training
     recorder = GradientRecorder()
-    trainer = training.train(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder],
+    trainer = training.train_model(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder],
                              learning_rates=rates)
     assert len(recorder.gate_grads) == 3 and all(grad != 0 for step in recorder.gate_grads for grad in step.values())
     assert all(abs(gate) > 1e-3 for gate in training.gate_values(model)["gates"].values())
@@ -413,7 +413,7 @@ def test_open_gates_with_zero_values_train_the_branch_from_the_first_step(made_b
                                 "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"]).training
     recorder = GradientRecorder()
     keys = {k: b.key_projection.weight.clone() for k, b in training.unet_branches(model).items()}
-    training.train(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder])
+    training.train_model(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder])
     assert [set(step.values()) == {0.0} for step in recorder.gate_grads] == [True, False]
     for layer, branch in training.unet_branches(model).items():
         assert branch.value_projection.weight.abs().min() > 0
@@ -643,7 +643,7 @@ def test_the_recipes_optimizer_groups_hold_each_module_at_its_rate(made_base, ti
     film = {k: v.clone() for k, v in model.model.unet.film.state_dict().items()}
     args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
                                 "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"]).training
-    trainer = training.train(model, splits, MdfMllmDataCollator(processor), args,
+    trainer = training.train_model(model, splits, MdfMllmDataCollator(processor), args,
                              learning_rates=model_args.learning_rates())
     names = {id(p): n for n, p in model.named_parameters()}
     seen = {}
@@ -682,7 +682,7 @@ def test_max_steps_bounds_every_training_loop_and_every_phase_still_runs(tmp_pat
     scoring, references, counterfactual pass, probe ladder and export all still run."""
     from transformers import AutoModel
 
-    steps, original_train, original_loss = {}, stages.train, stage1.loss
+    steps, original_train, original_loss = {}, stages.train_model, stage1.loss
 
     def counting_train(model, *args, label=None, **kwargs):
         trainer = original_train(model, *args, label=label, **kwargs)
@@ -694,7 +694,7 @@ def test_max_steps_bounds_every_training_loop_and_every_phase_still_runs(tmp_pat
         steps["stage 1"] = steps.get("stage 1", 0) + 1
         return original_loss(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "train", counting_train)
+    monkeypatch.setattr(stages, "train_model", counting_train)
     monkeypatch.setattr(stage1, "loss", counting_loss)
     out, cache = tmp_path / "smoke", tmp_path / "cache"
     job.main([*TINY_JOB, *TINY_STAGES, "--max_steps", "2", "--output_dir", str(out), "--base_cache_dir", str(cache)])

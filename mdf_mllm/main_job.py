@@ -10,7 +10,7 @@ With no arguments the whole study runs offline on the synthetic fundus set (ever
   then     comparison with 95% CIs, the probe ladder, U-Net gate values per step, plots, and the MDF model exported
            as a Hub repository to <output_dir>/mdf-mllm (--export_dir; --overwrite_export replaces an earlier one)
 
-    python train_hf.py                          # the main job above (or mdf-mllm-train, python -m mdf_mllm.train)
+    python train_hf.py                          # the main job above (or mdf-mllm-train, python -m mdf_mllm.main_job)
     python train_hf.py job.yaml                 # the same arguments from a YAML or JSON file
     python train_hf.py --make_base --output_dir DIR       # only write the stock Mllama base to DIR/base
     python train_hf.py --max_steps 2 --output_dir DIR     # a smoke run: each training loop 2 steps, every phase
