@@ -58,7 +58,7 @@ def bases(tmp_path_factory):
     (any other local Mllama checkpoint)."""
     out = tmp_path_factory.mktemp("make-base")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stages, "train", lambda *args, **kwargs: None)
+        patch.setattr(stages, "train_model", lambda *args, **kwargs: None)
         job.main(["--make_base", "--model_size", "tiny", "--base_epochs", "3", *TINY_DATA, "--output_dir",
                        str(out)])
     other = shutil.copytree(out / "base", out / "other")

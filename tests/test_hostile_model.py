@@ -156,7 +156,7 @@ def test_row_7_predict_on_a_broken_model_folder_is_one_line(broken_models, broke
 
 
 def test_row_13_make_base_keeps_a_users_folder(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(stages, "train", lambda *args, **kwargs: None)
+    monkeypatch.setattr(stages, "train_model", lambda *args, **kwargs: None)
     users = tmp_path / "base" / "training"
     users.mkdir(parents=True)
     (users / "notes.txt").write_text("mine")
@@ -170,7 +170,7 @@ def test_row_13_make_base_keeps_a_users_folder(tmp_path, capsys, monkeypatch):
 def test_row_13_make_base_removes_only_its_own_scratch_folder(tmp_path, monkeypatch):
     """An earlier base (its record present) is replaced, and the training folder the base used is its own."""
     seen = []
-    monkeypatch.setattr(stages, "train", lambda model, splits, collator, args, **kwargs: seen.append(args.output_dir))
+    monkeypatch.setattr(stages, "train_model", lambda model, splits, collator, args, **kwargs: seen.append(args.output_dir))
     job.main(["--make_base", *TINY_JOB, "--output_dir", str(tmp_path)])
     (tmp_path / "base" / "training").mkdir()  # a folder of the user's beside the base, made afterwards
     job.main(["--make_base", *TINY_JOB, "--output_dir", str(tmp_path)])
