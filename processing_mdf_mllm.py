@@ -3,7 +3,7 @@
 * The image processor (`MdfMllmImageProcessor`) and fundus-photo handling live in `image_processing_mdf_mllm.py`.
 * `MdfMllmProcessor`: the chat prompt (image token, instruction, optional clinical history), left-padded token ids,
   Mllama's cross-attention mask, and answer-only `labels` for training.
-* `build_tokenizer()`: a small offline Llama-3-style tokenizer for the default model; `build_default_processor()`.
+* `build_tokenizer()`: a small offline Llama-3-style tokenizer for the default model (numbers of 1-3 digits one token each, as in Llama 3); `build_default_processor()`.
 * `MdfMllmDataCollator`: batches already-processed single examples for the `Trainer`.
 
 This file is copied into every exported model folder and imported by `trust_remote_code`, so it imports only
@@ -116,9 +116,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     words += (DEFAULT_INSTRUCTION + " " + DEFAULT_CLINICAL_TEXT_TEMPLATE).split()
     words += [word.capitalize() for word in words]
     # Each word after a space and at the start of a line ("\n\n" + answer follows the assistant header).
-    lines = [" ".join(words), "\n\n".join(words), "0 1 2 3 4 5 6 7 8 9 10 20 20/20 20/40 20/200 . , : ; ( ) - ? ! ' \""]
+    # Every number of one to three digits is one token, as in Llama 3's vocabulary: an age is then one embedding that
+    # the model can learn to read, not a bag of digits in which 52 and 25 are the same.
+    numbers = " ".join(map(str, range(1000)))
+    lines = [" ".join(words), "\n\n".join(words), numbers + " 20/20 20/40 20/200 . , : ; ( ) - ? ! ' \""]
     trainer = trainers.BpeTrainer(
-        vocab_size=2000, min_frequency=1, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=3000, min_frequency=1, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(lines, trainer)
     tokenizer.add_special_tokens(SPECIAL_TOKENS)

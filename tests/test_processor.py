@@ -304,7 +304,7 @@ def test_tokenizer_layout_and_coverage():
     tokenizer = build_tokenizer()
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert image_id == len(tokenizer) - 1 == max(tokenizer.get_vocab().values())
-    assert 300 <= len(tokenizer) <= 2100
+    assert 300 <= len(tokenizer) <= 3000
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
         "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>")
     for token in ("<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>"):
@@ -314,6 +314,17 @@ def test_tokenizer_layout_and_coverage():
     assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids
     assert len(tokenizer("retinitis pigmentosa", add_special_tokens=False)["input_ids"]) <= 3
     assert build_tokenizer().backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+
+
+def test_every_number_of_up_to_three_digits_is_one_token_as_in_llama_3():
+    """An age is one token (its own embedding), never a bag of digits in which 52 and 25 are the same."""
+    tokenizer = build_tokenizer()
+    ids = {number: tokenizer(str(number), add_special_tokens=False)["input_ids"] for number in range(1000)}
+    assert all(len(one) == 1 for one in ids.values())
+    assert len({one[0] for one in ids.values()}) == 1000
+    assert [tokenizer.decode([i]) for i in tokenizer("A 52-year-old, IOP 130/85", add_special_tokens=False)[
+        "input_ids"]] == ["A", " ", "52", "-", "year", "-", "old", ",", " ", "I", "O", "P", " ", "130", "/", "85"]
+    assert tokenizer("1234", add_special_tokens=False)["input_ids"] == ids[123] + ids[4]  # Llama 3 splits 3 + 1
 
 
 # ---- save / load --------------------------------------------------------------------------------------------------
