@@ -3,7 +3,8 @@
 * The image processor (`MdfMllmImageProcessor`) and fundus-photo handling live in `image_processing_mdf_mllm.py`.
 * `MdfMllmProcessor`: the chat prompt (image token, instruction, optional clinical history), left-padded token ids,
   Mllama's cross-attention mask, and answer-only `labels` for training.
-* `build_tokenizer()`: a small offline Llama-3-style tokenizer for the default model (numbers of 1-3 digits one token each, as in Llama 3); `build_default_processor()`.
+* `build_tokenizer()`: a small offline Llama-3-style tokenizer for the default model (every number of one to three
+  digits one token, as in Llama 3); `build_default_processor()`.
 * `MdfMllmDataCollator`: batches already-processed single examples for the `Trainer`.
 
 This file is copied into every exported model folder and imported by `trust_remote_code`, so it imports only
