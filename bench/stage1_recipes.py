@@ -1,15 +1,17 @@
 """Does stage 1 converge on every seed? Runs stage 1 alone (`mdf_mllm.stage1.run`) for each recipe given on the
 command line on the five runs the results compare (dataset seed 0, 1, 2 with Trainer seed 0; Trainer seed 1 and 2
-with dataset seed 0), on the data, processor and splits the main job builds (`main_job.run_context`), and writes a section of bench/REPORT.md: per run the last epoch's loss, the U-Net alone's accuracy on the
-validation and test photos, and the seconds of stage 1's loop.
+with dataset seed 0), on the data, processor and splits the main job builds (`main_job.run_context`), and writes a
+section of bench/REPORT.md: per run the epochs, the last epoch's loss, the U-Net alone's accuracy on the validation
+and test photos, and the seconds of stage 1's loop.
 
-    python bench/stage1_recipes.py --recipe today="--stage1_epochs 12 --stage1_learning_rate 1e-3" --recipe new=""
-    python bench/stage1_recipes.py --recipe new="" --runs 1:0 0:1   # only dataset seed 1 and Trainer seed 1
+    python bench/stage1_recipes.py --recipe before="--stage1_epochs 12 --no_stage1_standardise" --recipe now=""
+    python bench/stage1_recipes.py --recipe now="" --runs 1:0 0:1   # only dataset seed 1 and Trainer seed 1
 
 A recipe is a name and `train_hf.py` options for stage 1 (an empty string: the defaults). Stage 1 reads the base's
 layout and processor, never its weights (the U-Net trains image only, FiLM stays the identity), so every run uses one
 cached base of the main job's layout (--base; default the newest cached one) and gets the U-Net the main job gets at
-its seeds. Run it with OMP_NUM_THREADS=1 and nothing else on the cores for comparable seconds.
+its seeds and thread count (the figures depend on it). Run it with OMP_NUM_THREADS=1, and nothing else on the cores
+for comparable seconds; --saved keeps the rows measured so far in a JSON file and does not run them again.
 """
 
 import argparse
@@ -91,11 +93,11 @@ def section(results: dict[tuple[int, int], dict[str, dict]], recipes: dict[str, 
            "1 alone on the main job's data, base and splits; validation and test: the U-Net alone's accuracy on "
            "all photos; seconds: stage 1's loop.", "", "Recipes:", "",
            *(f"- {name}: `{options or '(the defaults)'}`" for name, options in recipes.items()), "",
-           "| dataset seed | seed | recipe | last-epoch loss | validation | test | seconds |",
-           "|---:|---:|---|---:|---:|---:|---:|"]
+           "| dataset seed | seed | recipe | epochs | last-epoch loss | validation | test | seconds |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for (dataset_seed, seed), rows in results.items():
-        out += [f"| {dataset_seed} | {seed} | {name} | {r['loss']:.3f} | {r['validation']:.3f} | {r['test']:.3f} | "
-                f"{r['seconds']:.0f} |" for name, r in rows.items()]
+        out += [f"| {dataset_seed} | {seed} | {name} | {r['epochs']} | {r['loss']:.3f} | {r['validation']:.3f} | "
+                f"{r['test']:.3f} | {r['seconds']:.0f} |" for name, r in rows.items()]
     out += ["", "| recipe | worst loss | worst validation | worst test | mean test | mean seconds |",
             "|---|---:|---:|---:|---:|---:|"]
     for name in recipes:

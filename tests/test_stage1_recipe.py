@@ -81,3 +81,24 @@ def test_stage_1_trains_the_head_its_setting_names_and_writes_it_folded(tmp_path
 
 def test_the_main_job_standardises_the_head_by_default():
     assert main_job.parse_arguments([]).run.stage1_standardise is True
+
+
+def test_the_recipe_report_names_each_recipes_worst_run():
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import stage1_recipes
+
+    def row(loss, validation, test, seconds):
+        return {"loss": loss, "validation": validation, "test": test, "seconds": seconds, "epochs": 6}
+
+    results = {(0, 0): {"a": row(0.2, 0.9, 0.8, 10.0), "b": row(1.4, 0.4, 0.3, 30.0)},
+               (1, 0): {"a": row(0.5, 0.7, 0.9, 20.0), "b": row(0.3, 0.8, 0.9, 50.0)}}
+    text = stage1_recipes.section(results, {"a": "--stage1_epochs 6", "b": ""}, "python bench/stage1_recipes.py")
+    assert "| 1 | 0 | b | 6 | 0.300 | 0.800 | 0.900 | 50 |" in text
+    # Worst loss is the highest, worst accuracy the lowest; mean test over the runs.
+    assert "| a | 0.500 | 0.700 | 0.800 | 0.850 | 15 |" in text
+    assert "| b | 1.400 | 0.400 | 0.300 | 0.600 | 40 |" in text
+    assert "- b: `(the defaults)`" in text
