@@ -60,9 +60,10 @@ def validation_accuracy(run, weights: str) -> float:
     return float((probabilities.argmax(1) == np.array(split.label_ids)).mean())
 
 
-def measure(dataset_seed: int, seed: int, recipes: dict[str, str], base: Path, saved: dict) -> dict[str, dict]:
-    """Each recipe's stage 1 on one run's data (a row in `saved` under the same run and options is reused); the data,
-    base and splits are made once for all recipes."""
+def measure(dataset_seed: int, seed: int, recipes: dict[str, str], base: Path, saved: dict,
+            keep=lambda saved: None) -> dict[str, dict]:
+    """Each recipe's stage 1 on one run's data (a row in `saved` under the same run and options is reused; `keep`
+    gets `saved` after each new row); the data, base and splits are made once for all recipes."""
     rows, context = {}, None
     with tempfile.TemporaryDirectory(prefix="stage1-recipes-") as folder:
         for name, options in recipes.items():
@@ -84,6 +85,7 @@ def measure(dataset_seed: int, seed: int, recipes: dict[str, str], base: Path, s
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[name].items()
                 if k != "losses") + f"; losses {[round(x, 3) for x in result.losses]}", flush=True)
             saved[key] = rows[name]
+            keep(saved)
     return rows
 
 
@@ -152,11 +154,8 @@ def main() -> None:
     recipes = dict(args.recipe)
     args.base = args.base or newest_base()
     saved = json.loads(args.saved.read_text()) if args.saved and args.saved.exists() else {}
-    results = {}
-    for run in args.runs:
-        results[run] = measure(*run, recipes, args.base, saved)
-        if args.saved:
-            args.saved.write_text(json.dumps(saved, indent=1))
+    keep = (lambda rows: args.saved.write_text(json.dumps(rows, indent=1))) if args.saved else (lambda rows: None)
+    results = {run: measure(*run, recipes, args.base, saved, keep) for run in args.runs}
     command = "python bench/stage1_recipes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = section(results, recipes, command)
     if not args.no_report:
