@@ -13,9 +13,10 @@ from dataset_builder.sources import SOURCES
 # The recipe (measured in docs/results.md, "The recipe, and how it was found"). Stage 1 teaches the U-Net the classes
 # from the photo alone; stage 2 then keeps it nearly still while the projector and branches learn to carry it into the
 # answer.
-STAGE1_EPOCHS = 12.0
+STAGE1_EPOCHS = 6.0
 STAGE1_LEARNING_RATE = 1e-3
 STAGE1_VESSEL_WEIGHT = 0.0
+STAGE1_STANDARDISE = True
 STAGE1_OPTIMIZERS = ("AdamW", "Adam", "SGD")  # torch.optim classes that take lr and weight_decay
 STAGE1_SCHEDULES = ("one_cycle", "constant")
 UNET_LEARNING_RATE = 0.0
@@ -105,6 +106,9 @@ class RunArguments:
                                   f"{' | '.join(STAGE1_OPTIMIZERS)} (weight decay: --weight_decay)"})
     stage1_schedule: str = field(default="one_cycle", metadata={"help": "Stage 1's learning-rate schedule: "
                                  f"{' | '.join(STAGE1_SCHEDULES)} (one_cycle peaks at --stage1_learning_rate)"})
+    stage1_standardise: bool = field(default=STAGE1_STANDARDISE, metadata={"help": "Standardise the pooled skips "
+                                     "(a batch norm) before stage 1's linear class head, folded into the head once "
+                                     "trained: raw, they differ little between photos and stage 1 learns slowly"})
     stage1_flip: float = field(default=0.5, metadata={"help": "Probability that a stage-1 batch is mirrored left-right "
                                "(as the other eye is photographed)"})
     baseline: bool = field(default=True, metadata={"help": "Also train the baseline (plain Mllama, same base)"})

@@ -78,9 +78,11 @@ def parse_arguments(argv: list[str]) -> Job:
     dataclasses = (ModelArguments, DataArguments, RunArguments, MdfTrainingArguments)
     parser = Parser(dataclasses, prog="train_hf.py", description=__doc__,
                     usage="python train_hf.py [options] | python train_hf.py job.yaml", formatter_class=HelpFormatter)
+    negations = {"--no_baseline": "Train only MDF-MLLM (default: both models)",
+                 "--no_stage1_standardise": "Stage 1's class head on the raw pooled skips (default: standardised)"}
     for action in parser._actions:
-        if "--no_baseline" in action.option_strings:
-            action.help = "Train only MDF-MLLM (default: both models)"
+        for option in set(negations) & set(action.option_strings):
+            action.help = negations[option]
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return Job(*parser.parse_yaml_file(argv[0]))
     if len(argv) == 1 and argv[0].endswith(".json"):
