@@ -69,3 +69,19 @@ def test_the_ladders_skips_are_the_model_pass_own_and_equal_a_second_encoding(pr
     assert [name for name in features if name[:3] in ("(a)", "(b)")] == list(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(features[name], value, err_msg=name)
+
+
+def test_help_does_not_import_what_only_some_phases_use():
+    """`train_hf.py --help` imports what parsing the options needs (transformers' TrainingArguments brings torch),
+    not scikit-learn (the probe ladder) or scipy (the ablation)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    check = ("import runpy, sys\nsys.argv = ['train_hf.py', '--help']\ntry:\n    runpy.run_path('train_hf.py', "
+             "run_name='__main__')\nexcept SystemExit as end:\n    assert end.code == 0, end.code\n"
+             "print(sorted(m for m in ('sklearn', 'scipy.stats', 'matplotlib.pyplot') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "--max_steps" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
