@@ -85,3 +85,18 @@ def test_help_does_not_import_what_only_some_phases_use():
     done = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "--max_steps" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_phase_report_gives_the_jobs_cpu_seconds_beside_its_wall_time():
+    """On a busy machine the wall time says little; the child's CPU seconds (user + system) are what it would take
+    on a core of its own."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import phase_times
+
+    seconds = {"phases": {"stage 1": 4.0, "probe ladder": 5.0}, "wall_seconds": 10.0, "other_seconds": 1.0}
+    process = {"wall": 150.0, "peak_gb": 1.5, "cpu": 61.25}
+    assert ("- the process: 150.0 s wall (Python start-up and imports included), 61.2 s CPU (user + system: about "
+            "the wall time on a core of its own), peak memory 1.50 GB") in phase_times.section(seconds, "", process)
