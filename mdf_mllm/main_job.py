@@ -33,7 +33,7 @@ from transformers import HfArgumentParser
 
 from configuration_mdf_mllm import UNET_DEPTHS
 from dataset_builder.sources import PAPER_SOURCES, SOURCES
-from mdf_mllm import ablation, export, guards, stage1, stages, tables
+from mdf_mllm import export, guards, stage1, stages, tables
 from mdf_mllm.comparison import Result
 from mdf_mllm.job import (STAGE1_OPTIMIZERS, STAGE1_SCHEDULES, DataArguments, Job, MdfTrainingArguments,
                           ModelArguments, RunArguments, dataset_names)
@@ -49,7 +49,6 @@ from mdf_mllm.model_setup import (
     describe_mdf_sizes,
     parse_fusion_layers,
 )
-from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table, probe_ladder, selected
 from mdf_mllm.training import Diverged, Phases, RunContext, checkpoints, load_data, remove_checkpoints
 from pipeline_mdf_mllm import require_safetensors
 from processing_mdf_mllm import MdfMllmDataCollator
@@ -192,6 +191,8 @@ def push_export(job: Job, export_dir: Path) -> str:
 
 def ladder(model, splits) -> dict[str, float]:
     """The probe ladder (probe_ladder.py) of the acquired classes, train photos -> test photos."""
+    from mdf_mllm.probe_ladder import probe_ladder, selected  # scikit-learn: imported when used, not for --help
+
     names = model.config.label_names
     collator = MdfMllmDataCollator(model.config.text_config.pad_token_id)
     return probe_ladder(model, *selected(splits["train"], names), *selected(splits["test"], names), collator)
@@ -202,6 +203,8 @@ def probe_ladder_stage(run: RunContext, ours: Result, unet_alone: Result | None)
     of the trained MDF-MLLM."""
     if not (run.job.run.probe_ladder and unet_alone):
         return
+    from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table
+
     start = build_model(run.job.replace(model={"lora": False}).model, run.processor)
     start.model.unet.load_state_dict(load_file(unet_alone.weights))
     ladders = {"start of stage 2": ladder(start, run.splits), "MDF-MLLM (trained)": ladder(ours.model, run.splits)}
@@ -236,6 +239,8 @@ def run(job: Job, phases: Phases | None = None) -> None:
     shard_on_cpu_processes()
     context = run_context(job, phases or Phases())
     if job.run.ablation:
+        from mdf_mllm import ablation  # scipy: imported when used, not for --help
+
         ablation.run_ablation(context)
         return
     with context.phases("stage 1"):

@@ -15,6 +15,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from configuration_mdf_mllm import UNET_DEPTHS
 from modeling_mdf_mllm import last_prompt_token, unet_branches
 
 ACQUIRED_CLASSES = ("normal", "amd", "dr", "glaucoma")
@@ -30,6 +31,9 @@ def ladder_features(model, items: list[dict], collator, batch_size: int = 32) ->
     captured = {}
     hooks = [branch.register_forward_hook(lambda module, args, output, layer=layer: captured.__setitem__(layer, output.hidden_states))
              for layer, branch in branches.items()]
+    # The model's own pass already encodes the photo and projects its skips: read them there, not a second time.
+    hooks.append(inner.unet_projector.register_forward_hook(
+        lambda module, args, output: captured.__setitem__("unet", (args[0], output))))
     features: dict[str, list] = {}
     try:
         for start in range(0, len(items), batch_size):
@@ -41,11 +45,13 @@ def ladder_features(model, items: list[dict], collator, batch_size: int = 32) ->
             prompt = batch["attention_mask"] * (labels == -100) if labels is not None else batch["attention_mask"]
             last = last_prompt_token(prompt)  # the answer position
             rows = torch.arange(len(last))
-            skips = inner.unet.encode(batch["unet_pixel_values"].to(model.dtype),
-                                      inner.text_context(batch["input_ids"], None, prompt))
-            rungs = {f"(a) depth {k + 1} skips": skip.mean((2, 3)) for k, skip in enumerate(skips)}
-            rungs.update({f"(b) U_{depth} tokens": tokens.mean(1) for depth, tokens in inner.unet_projector(skips).items()})
             hidden = model(**batch, prompt_mask=prompt, output_hidden_states=True).hidden_states[-1]
+            skips, projected = captured.pop("unet")
+            if len(skips) < UNET_DEPTHS:  # the model stops at the deepest depth it fuses; the ladder reads them all
+                skips = inner.unet.encode(batch["unet_pixel_values"].to(model.dtype),
+                                          inner.text_context(batch["input_ids"], None, prompt))
+            rungs = {f"(a) depth {k + 1} skips": skip.mean((2, 3)) for k, skip in enumerate(skips)}
+            rungs.update({f"(b) U_{depth} tokens": tokens.mean(1) for depth, tokens in projected.items()})
             rungs.update({f"(c) layer {layer} branch": captured[layer][rows, last] for layer in sorted(captured)})
             rungs["(d) last hidden state"] = hidden[rows, last]
             for name, value in rungs.items():
