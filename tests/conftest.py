@@ -259,3 +259,65 @@ def classifier(model_folder):
     from pipeline_mdf_mllm import TASK
 
     return pipeline(TASK, model=model_folder, trust_remote_code=True, device="cpu")
+
+
+# The main job on 40 synthetic 64 px photos, and its stages kept short (test_main_job.py and the tests of its parts).
+TINY_JOB = [
+    "--model_size", "tiny",
+    "--num_images", "40",
+    "--image_size", "64",
+    "--per_device_train_batch_size", "8",
+    "--n_bootstrap", "50",
+    "--logging_steps", "1",
+]  # fmt: skip
+TINY_STAGES = ["--num_train_epochs", "1", "--base_epochs", "2", "--stage1_epochs", "12", "--stage1_learning_rate", "1e-2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """The 40-photo set through the MDF processor of the tiny layout (a base's processor has the same settings)."""
+    from mdf_mllm import main_job as job, model_setup, training
+    from mdf_mllm.job import ModelArguments
+
+    model_args = ModelArguments(model_size="tiny")
+    processor = model_setup.mdf_processor(model_setup.stock_processor("tiny"), 32)
+    data_args = job.parse_arguments(TINY_JOB).data
+    dataset = training.load_data(data_args)
+    return model_args, processor, dataset, training.process_splits(dataset, processor, no_text=False)
+
+
+@pytest.fixture(scope="session")
+def made_base(tmp_path_factory):
+    """A base made by `--make_base` (one epoch), under made_base / "base"."""
+    from mdf_mllm import main_job as job
+
+    out = tmp_path_factory.mktemp("make-base")
+    job.main([*TINY_JOB, "--make_base", "--base_epochs", "1", "--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny MDF-MLLM with trained-looking gates, FiLM and value projections, its processor, and the 40-photo
+    synthetic set's train split processed with and without answers."""
+    from configuration_mdf_mllm import MdfMllmConfig
+    from dataset_builder import load
+    from mdf_mllm import training
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+    from processing_mdf_mllm import build_default_processor
+
+    processor = build_default_processor(image_size=28, unet_image_size=32)
+    tokenizer = processor.tokenizer
+    base = tiny_mllama_config(vocab_size=tokenizer.convert_tokens_to_ids("<|image|>"))
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(base.text_config, key, getattr(tokenizer, key))
+    config = MdfMllmConfig.from_mllama_config(base, **TINY_MDF, image_token_index=base.image_token_index)
+    torch.manual_seed(0)
+    model = MdfMllmForConditionalGeneration(config).eval()
+    move_off_init(model)
+    for branch in training.unet_branches(model).values():
+        torch.nn.init.normal_(branch.value_projection.weight, std=0.1)
+    split = load("synthetic", num_images=40, image_size=64, seed=0)["train"]
+    answered = training.ProcessedSplit(split, processor, with_answers=True)
+    prompts = training.ProcessedSplit(split, processor, with_answers=False)
+    return model, processor, answered, prompts
