@@ -9,8 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from skimage import data as skdata
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import MllamaConfig  # noqa: E402
 
 import configuration_mdf_mllm  # noqa: E402
+from dataset_builder import render_fundus, resolve_label  # noqa: E402
 
 
 # The tiny layout is written once, in configuration_mdf_mllm.LAYOUTS (what `--model_size tiny` builds); the tests'
@@ -321,3 +325,113 @@ def tiny():
     answered = training.ProcessedSplit(split, processor, with_answers=True)
     prompts = training.ProcessedSplit(split, processor, with_answers=False)
     return model, processor, answered, prompts
+
+
+# Tiny fake trees of every layout the readers read (test_sources.py, test_builder.py), from real pixels
+# (`skimage.data.retina()` at 64 px) and synthetic ones, with real masks, a corrupt file, a zero-byte file, an unknown
+# suffix and a StoneRounds case with three images.
+SIZE = 64
+
+
+def _retina() -> np.ndarray:
+    return np.asarray(Image.fromarray(skdata.retina()).resize((SIZE, SIZE), Image.BILINEAR))
+
+
+def _synthetic(label: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return render_fundus(label, np.random.default_rng(seed), SIZE)
+
+
+_SEEDS = iter(range(1000, 2000))  # every fake photo its own seed, so the only duplicate is the planted one
+
+
+def _save(path, array, **kwargs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+
+
+def _truncated_png(path):
+    _save(path, _synthetic("dr", 99)[0])
+    with open(path, "rb") as f:
+        head = f.read()[:200]
+    with open(path, "wb") as f:
+        f.write(head)
+
+
+def make_fives(root) -> dict:
+    """FIVES tree: train (Groud-truth spelling) and test (Ground truth); returns expected {case_id: label}."""
+    expected = {}
+    for split, folder, names in (
+        ("train", "Groud truth", ["1_A", "2_D", "3_G", "4_N", "7_A", "8_D", "9_G", "10_N"]),
+        ("test", "Ground truth", ["1_A", "2_N"]),
+    ):
+        for k, stem in enumerate(names):
+            label = {"A": "amd", "D": "dr", "G": "glaucoma", "N": "normal"}[stem[-1]]
+            image, mask = _synthetic(label, next(_SEEDS))
+            if (split, stem) in (("train", "4_N"), ("test", "2_N")):
+                image = _retina()  # the same photo in train and test: a duplicate the report must list
+            _save(os.path.join(root, split, "Original", f"{stem}.png"), image)
+            _save(os.path.join(root, split, folder, f"{stem}.png"), mask)
+            expected[f"fives/{split}/{stem}"] = label
+    _truncated_png(os.path.join(root, "train", "Original", "5_D.png"))
+    open(os.path.join(root, "test", "Original", "3_G.png"), "wb").close()  # zero bytes
+    with open(os.path.join(root, "train", "Original", "notes.txt"), "w") as f:
+        f.write("not an image")
+    _save(os.path.join(root, "train", "Original", "6_X.png"), _retina())  # unknown class letter
+    return expected
+
+
+def make_hrf(root) -> dict:
+    """HRF tree under all/, upper-case .JPG for DR, TIFF vessel masks; 5 patients x (h, dr, g)."""
+    expected = {}
+    for patient in range(1, 6):
+        for suffix, label, ext in (("h", "normal", "jpg"), ("dr", "dr", "JPG"), ("g", "glaucoma", "jpg")):
+            stem = f"{patient:02d}_{suffix}"
+            image, mask = _synthetic(label, next(_SEEDS))
+            _save(os.path.join(root, "all", "images", f"{stem}.{ext}"), image, format="JPEG", quality=95)
+            _save(os.path.join(root, "all", "manual1", f"{stem}.tif"), mask)
+            _save(os.path.join(root, "all", "mask", f"{stem}_mask.tif"), (mask * 0 + 255).astype(np.uint8))
+            expected[stem] = (label, f"hrf/{patient:02d}")
+    return expected
+
+
+STONEROUNDS_CASES = {
+    # case_id: (case.json, number of images)
+    "rp_1": ({"diagnosis": "Retinitis pigmentosa", "age": 34, "sex": "male", "history": "Night blindness.",
+              "gene": "RHO"}, 3),
+    "rp_2": ({"diagnosis": "retinitis_pigmentosa", "history": "Field loss."}, 1),
+    "rp_3": ({"diagnosis": "RETINITIS PIGMENTOSA", "age": 20}, 1),
+    "stgd_1": ({"diagnosis": "Stargardt disease", "age": 12, "sex": "female", "gene": "ABCA4"}, 2),
+    "chm_1": ({"diagnosis": "Choroideremia", "sex": "male"}, 1),
+    "best_1": ({"diagnosis": "Best vitelliform macular dystrophy", "history": "Yolk lesion.", "gene": "BEST1"}, 1),
+    "coats_1": ({"diagnosis": "Coats disease"}, 1),  # unknown: skipped and reported
+}
+
+
+STONEROUNDS_TEXTS = {
+    "rp_1": "34-year-old male. Night blindness. Gene: RHO.",
+    "rp_2": "Field loss.",
+    "rp_3": "Age 20.",
+    "stgd_1": "12-year-old female. Gene: ABCA4.",
+    "chm_1": "Sex: male.",
+    "best_1": "Yolk lesion. Gene: BEST1.",
+}
+
+
+def make_stonerounds(root) -> None:
+    for case_id, (case, num_images) in STONEROUNDS_CASES.items():
+        folder = os.path.join(root, case_id)
+        os.makedirs(folder)
+        with open(os.path.join(folder, "case.json"), "w") as f:
+            json.dump(case, f)
+        label = resolve_label(case["diagnosis"]) or "normal"
+        for eye in range(num_images):
+            _save(os.path.join(folder, f"image_{eye}.png"), _synthetic(label, next(_SEEDS))[0])
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    paths = {name: str(root / name) for name in ("fives", "hrf", "stonerounds")}
+    expected = {"fives": make_fives(paths["fives"]), "hrf": make_hrf(paths["hrf"])}
+    make_stonerounds(paths["stonerounds"])
+    return paths, expected
