@@ -6,7 +6,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from conftest import mdf_config
 from mdf_mllm import model_setup, main_job as job, training
+from modeling_mdf_mllm import (MdfMllmFiLM, MdfMllmForConditionalGeneration, MdfMllmUNet, MdfMllmUnetCrossAttention,
+                               MdfMllmUnetProjector)
 from processing_mdf_mllm import MdfMllmDataCollator
 
 
@@ -130,3 +133,52 @@ def test_the_recipes_optimizer_groups_hold_each_module_at_its_rate(made_base, ti
     assert {expected_kind(n) for n in seen} == {"base", "mdf", "gate", "film"}
     assert all(torch.equal(v, model.model.unet.state_dict()[k]) for k, v in unet.items())
     assert not all(torch.equal(v, model.model.unet.film.state_dict()[k]) for k, v in film.items())
+
+
+def rate_kinds_by_class(model) -> dict[str, str]:
+    """Each parameter's learning-rate kind, read here from the class of the module holding it (not through
+    modeling_mdf_mllm.MDF_KINDS): FiLM, the rest of the U-Net, a branch's gate, the projector and the branches' other
+    weights, the base."""
+    kinds = {}
+    for module in model.modules():
+        if isinstance(module, MdfMllmUNet):
+            film = {id(p) for m in module.modules() if isinstance(m, MdfMllmFiLM) for p in m.parameters()}
+            kinds.update({id(p): "film" if id(p) in film else "unet" for p in module.parameters()})
+        elif isinstance(module, MdfMllmUnetProjector):
+            kinds.update({id(p): "mdf" for p in module.parameters()})
+        elif isinstance(module, MdfMllmUnetCrossAttention):
+            kinds.update({id(p): "gate" if p is module.gate else "mdf" for p in module.parameters()})
+    return {name: kinds.get(id(p), "base") for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("options, unset", [
+    ([], ()),  # the recipe: gates at the MDF modules' rate, the U-Net frozen
+    (["--mdf_learning_rate", "2e-3", "--gate_learning_rate", "5e-2", "--unet_learning_rate", "4e-4",
+      "--film_learning_rate", "7e-4"], ()),  # every kind a rate of its own
+    (["--mdf_learning_rate", "2e-3"], ("unet", "film")),  # gates, FiLM and U-Net at the MDF modules' rate
+    (["--gate_learning_rate", "5e-2"], ("mdf", "unet", "film")),  # no MDF rate: FiLM and U-Net at the base's
+], ids=["recipe", "every-rate-its-own", "mdf-rate-only", "mdf-unset"])
+def test_each_parameter_trains_at_the_rate_its_option_sets(options, unset, tmp_path):
+    settings = job.parse_arguments([*options, "--learning_rate", "1e-3", "--eval_strategy", "no", "--output_dir",
+                                    str(tmp_path)])
+    model_args = replace(settings.model, **{f"{kind}_learning_rate": None for kind in unset})
+    own = {"gate": model_args.gate_learning_rate, "film": model_args.film_learning_rate,
+           "unet": model_args.unet_learning_rate, "mdf": model_args.mdf_learning_rate, "base": None}
+    mdf_rate = 1e-3 if own["mdf"] is None else own["mdf"]
+
+    def expected(kind):  # a kind without a rate: the MDF modules' rate, theirs the base's
+        return own[kind] if own[kind] is not None else 1e-3 if kind in ("mdf", "base") else mdf_rate
+
+    torch.manual_seed(0)
+    model = MdfMllmForConditionalGeneration(mdf_config())
+    kinds = rate_kinds_by_class(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # the idle FiLM is frozen by the model
+    trainer = training.MdfTrainer(model=model, args=settings.training, learning_rates=model_args.learning_rates())
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = trainer.create_optimizer().param_groups
+    rates = {names[id(p)]: group["lr"] for group in groups for p in group["params"]}
+    assert {kinds[n] for n in trainable} == {"base", "mdf", "gate", "unet", "film"}
+    assert rates == {n: expected(kinds[n]) for n in trainable if expected(kinds[n]) != 0}
+    decays = {group["weight_decay"] for group in groups for p in group["params"] if kinds[names[id(p)]] == "gate"}
+    assert decays == {0.0}  # no weight decay pulls a gate shut
+    assert not any(p.requires_grad for n, p in model.named_parameters() if expected(kinds[n]) == 0)
