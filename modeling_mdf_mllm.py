@@ -447,8 +447,9 @@ class MdfMllmCrossAttentionDecoderLayer(MllamaCrossAttentionDecoderLayer):
 
 # Every kind of MDF parameter (what the classes' `parameter_kinds()` return) -> the learning rate it trains at in the
 # recipe (`--<rate>_learning_rate`, mdf_mllm.training.MdfTrainer): the patch projector and the branches' other weights
-# (tau included) train together as "mdf".
-MDF_KINDS = {"unet": "unet", "film": "film", "projector": "mdf", "branch": "mdf", "gate": "gate", "tau": "mdf"}
+# (tau included) train together as "mdf". The rates come in the order of the optimizer's groups, which a checkpoint's
+# optimizer state is indexed by.
+MDF_KINDS = {"gate": "gate", "film": "film", "unet": "unet", "projector": "mdf", "branch": "mdf", "tau": "mdf"}
 MDF_MODULE_CLASSES = (MdfMllmUNet, MdfMllmUnetProjector, MdfMllmUnetCrossAttention)
 
 

@@ -13,12 +13,12 @@ late fusion is well above both single references, the data asks a model to combi
   late fusion  mdf_mllm.comparison.late_fusion of the two, as the main job's row (there: U-Net alone x text)
   joint        a small network (64 hidden units, scikit-learn's MLPClassifier) that reads the CNN's class
                probabilities, their products with the age bins (what a look means may change with the age) and the
-               history's vector (`joint_features`); fitted on the training photos' out-of-fold CNN probabilities
-               (3 folds, the same recipe) and applied to the test photos' mean probabilities of those three CNNs, so
-               that it meets the CNNs it learnt from. The history's vector (`history_vector`): the text-only
-               reference's class probabilities (out of fold, 5 folds, on the training split; fitted on all of it for
-               the test split), the age parsed from "<age>-year-old" as one of AGE_BINS (or "no age") and whether
-               there is a history at all.
+               history's vector (`joint_features`, the main job's joint row's features); fitted on the training
+               photos' out-of-fold CNN probabilities (3 folds, the same recipe) and applied to the test photos' mean
+               probabilities of those three CNNs, so that it meets the CNNs it learnt from. The history's vector
+               (mdf_mllm.comparison.history_vector): the text-only reference's class probabilities (out of fold, 5
+               folds, on the training split; fitted on all of it for the test split), the age parsed from
+               "<age>-year-old" as one of comparison.AGE_BINS (or "no age") and whether there is a history at all.
 
 Prints accuracy over all test photos, over those with a history, those without, and the age-dependent subset (the
 `age_dependent` field: a look two labels draw at ages that never overlap, with a history both write or an
@@ -26,7 +26,6 @@ uninformative one, so that only the age read with the photo decides).
 """
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,33 +38,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset_builder import load  # noqa: E402
-from mdf_mllm.comparison import TextOnly, class_prior, has_history, late_fusion  # noqa: E402
-
-
-AGE_BINS = (17, 30, 50, 66)  # bins start at 0, 17, 30, 50, 66: the stages' ages (dataset_builder.synthetic.STAGES)
-AGE = re.compile(r"\b(\d{1,3})-year-old\b")
-
-
-def history_vector(texts, text_probabilities: np.ndarray) -> torch.Tensor:
-    """(N, K + len(AGE_BINS) + 3) float: the text reference's class probabilities, the age bin one-hot (the last of
-    those columns: no age written) and 1 where there is a history."""
-    ages = np.zeros((len(texts), len(AGE_BINS) + 2))
-    for row, text in enumerate(texts):
-        found = AGE.search(text or "")
-        ages[row, np.searchsorted(AGE_BINS, int(found.group(1)), side="right") if found else -1] = 1
-    present = np.array([[bool(text and text.strip())] for text in texts], dtype=float)
-    return torch.tensor(np.concatenate([text_probabilities, ages, present], 1), dtype=torch.float32)
-
-
-def out_of_fold(texts, labels, num_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """The text reference's class probabilities for each training text from a model fitted without its fold."""
-    probabilities = np.zeros((len(texts), num_classes))
-    order = np.random.default_rng(seed).permutation(len(texts))
-    for fold in np.array_split(order, folds):
-        rest = np.setdiff1d(order, fold)
-        model = TextOnly([texts[i] for i in rest], labels[rest], num_classes)
-        probabilities[fold] = model.probabilities([texts[i] for i in fold])
-    return probabilities
+from mdf_mllm.comparison import (TextOnly, class_prior, has_history, history_vector, joint_features,  # noqa: E402
+                                  late_fusion, out_of_fold_text)
 
 
 def photos(split, size: int) -> torch.Tensor:
@@ -127,14 +101,6 @@ def out_of_fold_photos(x_train, y_train, x_test, num_classes: int, epochs: int, 
     return train_probabilities, test_probabilities
 
 
-def joint_features(image_probabilities: np.ndarray, history: np.ndarray) -> np.ndarray:
-    """What the joint reference reads: the image reference's class probabilities, their products with the age bins
-    (so that what a look means may change with the age) and the history's vector."""
-    ages = history[:, image_probabilities.shape[1]:-1]
-    products = (image_probabilities[:, :, None] * ages[:, None, :]).reshape(len(history), -1)
-    return np.concatenate([image_probabilities, products, history], 1)
-
-
 def joint_reference(p_image_oof, h_train, y_train, p_image, h_test, seed: int = 0) -> np.ndarray:
     """A small two-layer network (64 hidden units) on `joint_features`, fitted on the training photos' out-of-fold
     image probabilities."""
@@ -182,12 +148,12 @@ def main() -> None:
     num_classes = len(train.features["label"].names)
     y_train, y_test = np.array(train["label"]), np.array(test["label"])
     p_text = TextOnly(train["text"], y_train, num_classes).probabilities(test["text"])
-    h_train = history_vector(train["text"], out_of_fold(train["text"], y_train, num_classes))
+    h_train = history_vector(train["text"], out_of_fold_text(train["text"], y_train, num_classes))
     h_test = history_vector(test["text"], p_text)
     x_train, x_test, labels = photos(train, args.size), photos(test, args.size), torch.tensor(y_train)
     p_image = train_cnn(x_train, labels, x_test, num_classes, args.epochs, args.seed)
     p_oof, p_folds = out_of_fold_photos(x_train, labels, x_test, num_classes, args.epochs, args.seed)
-    p_joint = joint_reference(p_oof, h_train.numpy(), y_train, p_folds, h_test.numpy(), args.seed)
+    p_joint = joint_reference(p_oof, h_train, y_train, p_folds, h_test, args.seed)
     rows = {"CNN (image only)": p_image, "text only": p_text,
             "late fusion, CNN x text": late_fusion(p_image, p_text, class_prior(y_train, num_classes)),
             "joint reference": p_joint}
@@ -195,8 +161,7 @@ def main() -> None:
         look_train, look_test = look_readers(train, test, args.dataset_seed, num_classes)
         rows["look known (ideal image reader)"] = look_test
         rows["late fusion, look x text"] = late_fusion(look_test, p_text, class_prior(y_train, num_classes))
-        rows["joint, look x history"] = joint_reference(look_train, h_train.numpy(), y_train, look_test,
-                                                        h_test.numpy(), args.seed)
+        rows["joint, look x history"] = joint_reference(look_train, h_train, y_train, look_test, h_test, args.seed)
     subsets = {"with a history": has_history(test["text"])}
     subsets["without"] = ~subsets["with a history"]
     subsets["age-dependent"] = np.array(test["age_dependent"], dtype=bool)

@@ -89,10 +89,12 @@ def row_model_changes(job: Job, row: Row) -> dict:
     return changes
 
 
-def without_film(unet_path: str) -> str:
-    """The stage-1 U-Net minus its FiLM layers (a U-Net built without FiLM has none), written beside it."""
+def without_film(unet_path: str, unet) -> str:
+    """The stage-1 U-Net minus its FiLM layers (a U-Net built without FiLM has none), written beside it. Which
+    tensors are FiLM's, `unet` (the U-Net the file was saved from) says by class (its `parameter_kinds()`)."""
+    kinds = unet.parameter_kinds()
     path = Path(unet_path).with_name("unet-no-film.safetensors")
-    save_file({k: v for k, v in load_file(unet_path).items() if not k.startswith("film.")}, path)
+    save_file({k: v for k, v in load_file(unet_path).items() if kinds.get(k) != "film"}, path)
     return str(path)
 
 
@@ -198,7 +200,8 @@ def run_ablation(run: RunContext, rows: tuple[Row, ...] | None = None, command: 
         with seed_run.phases("stage 1"):
             unet_alone = stage1.run(seed_run)
         unet_path = unet_alone.weights if unet_alone else None
-        no_film_path = without_film(unet_path) if unet_path and any(row.no_film for row in rows) else None
+        no_film_path = (without_film(unet_path, unet_alone.model) if unet_path and any(row.no_film for row in rows)
+                        else None)
         # The references of this seed's U-Net alone (none without stage 1): no model is trained for their rows.
         unet_row = {unet_alone.name: unet_alone} if unet_alone else {}
         with seed_run.phases("references"):

@@ -8,6 +8,7 @@ from transformers import IntervalStrategy, SchedulerType, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
 from dataset_builder.sources import SOURCES
+from modeling_mdf_mllm import MDF_KINDS
 
 
 # The recipe (measured in docs/results.md, "The recipe, and how it was found"). Stage 1 teaches the U-Net the classes
@@ -21,6 +22,9 @@ STAGE1_OPTIMIZERS = ("AdamW", "Adam", "SGD")  # torch.optim classes that take lr
 STAGE1_SCHEDULES = ("one_cycle", "constant")
 UNET_LEARNING_RATE = 0.0
 FILM_LEARNING_RATE = 3e-4
+# The learning rates of the MDF parameters, one per kind (modeling_mdf_mllm.MDF_KINDS's rates), each set by its option
+# `--<kind>_learning_rate` (ModelArguments).
+LEARNING_RATE_KINDS = tuple(dict.fromkeys(MDF_KINDS.values()))
 
 
 @dataclass
@@ -59,9 +63,9 @@ class ModelArguments:
                                "in full precision"})
 
     def learning_rates(self) -> dict[str, float | None]:
-        """The stage-2 rate of each kind of MDF parameter (training.MdfTrainer; None: the rate of the kind above)."""
-        return {"mdf": self.mdf_learning_rate, "gate": self.gate_learning_rate, "unet": self.unet_learning_rate,
-                "film": self.film_learning_rate}
+        """The stage-2 rate of each kind of MDF parameter (training.MdfTrainer; None: the rate of the kind it falls
+        back to)."""
+        return {kind: getattr(self, f"{kind}_learning_rate") for kind in LEARNING_RATE_KINDS}
 
 
 def dataset_names() -> tuple[str, ...]:

@@ -28,9 +28,9 @@ from pipeline_mdf_mllm import non_finite_parameters
 def run(run: RunContext) -> Result | None:
     """Train the U-Net of the run's model on the training photos and score it with its class head on the test photos.
 
-    Returns the "U-Net alone (image only)" `Result`, whose `weights` is the trained U-Net's file (what stage 2 starts
-    from) and `losses` the loss of each epoch; None where the job has no stage 1 (--from_scratch, --no_stage1, no
-    fused layer)."""
+    Returns the "U-Net alone (image only)" `Result`, whose `model` is the trained U-Net, `weights` its file (what
+    stage 2 starts from) and `losses` the loss of each epoch; None where the job has no stage 1 (--from_scratch,
+    --no_stage1, no fused layer)."""
     job = run.job
     if job.run.from_scratch or job.run.no_stage1 or parse_fusion_layers(job.model.fusion_layers) == {}:
         return None
@@ -47,7 +47,7 @@ def run(run: RunContext) -> Result | None:
     seconds = time.perf_counter() - start
     print(f"stage 1: loss per epoch {[round(loss, 4) for loss in losses]}; U-Net written to {folder}")
     result = unet_alone_result(run, unet, folder, train_seconds=round(seconds, 1))
-    result.weights, result.losses = str(folder / "unet.safetensors"), losses
+    result.model, result.weights, result.losses = unet, str(folder / "unet.safetensors"), losses
     return result
 
 

@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from mdf_mllm.comparison import Result, has_history, score
-from mdf_mllm.job import DataArguments, Job
+from mdf_mllm.job import LEARNING_RATE_KINDS, DataArguments, Job
 from mdf_mllm.messages import shown
 from mdf_mllm.model_setup import UsageError
 from configuration_mdf_mllm import DEFAULT_LABELS
@@ -261,9 +261,10 @@ class LabelledProgress(ProgressCallback):
             self.training_bar.set_description(self.label)
 
 
-# Optimizer groups (an MDF parameter's is its kind's rate, modeling_mdf_mllm.MDF_KINDS): each group without a rate of
-# its own trains at the rate of the group it names here.
-PARAMETER_KINDS = {"gate": "mdf", "film": "mdf", "unet": "mdf", "mdf": "base", "base": None}
+# Optimizer groups (an MDF parameter's is its kind's rate, modeling_mdf_mllm.MDF_KINDS), in that table's order, then
+# the base: each group without a rate of its own trains at the rate of the group it names here (the gates, FiLM and
+# the U-Net at the other MDF modules' rate, those at the base's).
+PARAMETER_KINDS = {**{kind: "mdf" for kind in LEARNING_RATE_KINDS if kind != "mdf"}, "mdf": "base", "base": None}
 
 
 def parameter_kinds(model) -> dict[str, str]:

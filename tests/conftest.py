@@ -9,8 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from skimage import data as skdata
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import MllamaConfig  # noqa: E402
 
 import configuration_mdf_mllm  # noqa: E402
+from dataset_builder import render_fundus, resolve_label  # noqa: E402
 
 
 # The tiny layout is written once, in configuration_mdf_mllm.LAYOUTS (what `--model_size tiny` builds); the tests'
@@ -259,3 +263,175 @@ def classifier(model_folder):
     from pipeline_mdf_mllm import TASK
 
     return pipeline(TASK, model=model_folder, trust_remote_code=True, device="cpu")
+
+
+# The main job on 40 synthetic 64 px photos, and its stages kept short (test_main_job.py and the tests of its parts).
+TINY_JOB = [
+    "--model_size", "tiny",
+    "--num_images", "40",
+    "--image_size", "64",
+    "--per_device_train_batch_size", "8",
+    "--n_bootstrap", "50",
+    "--logging_steps", "1",
+]  # fmt: skip
+TINY_STAGES = ["--num_train_epochs", "1", "--base_epochs", "2", "--stage1_epochs", "12", "--stage1_learning_rate", "1e-2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """The 40-photo set through the MDF processor of the tiny layout (a base's processor has the same settings)."""
+    from mdf_mllm import main_job as job, model_setup, training
+    from mdf_mllm.job import ModelArguments
+
+    model_args = ModelArguments(model_size="tiny")
+    processor = model_setup.mdf_processor(model_setup.stock_processor("tiny"), 32)
+    data_args = job.parse_arguments(TINY_JOB).data
+    dataset = training.load_data(data_args)
+    return model_args, processor, dataset, training.process_splits(dataset, processor, no_text=False)
+
+
+@pytest.fixture(scope="session")
+def made_base(tmp_path_factory):
+    """A base made by `--make_base` (one epoch), under made_base / "base"."""
+    from mdf_mllm import main_job as job
+
+    out = tmp_path_factory.mktemp("make-base")
+    job.main([*TINY_JOB, "--make_base", "--base_epochs", "1", "--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny MDF-MLLM with trained-looking gates, FiLM and value projections, its processor, and the 40-photo
+    synthetic set's train split processed with and without answers."""
+    from configuration_mdf_mllm import MdfMllmConfig
+    from dataset_builder import load
+    from mdf_mllm import training
+    from modeling_mdf_mllm import MdfMllmForConditionalGeneration
+    from processing_mdf_mllm import build_default_processor
+
+    processor = build_default_processor(image_size=28, unet_image_size=32)
+    tokenizer = processor.tokenizer
+    base = tiny_mllama_config(vocab_size=tokenizer.convert_tokens_to_ids("<|image|>"))
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(base.text_config, key, getattr(tokenizer, key))
+    config = MdfMllmConfig.from_mllama_config(base, **TINY_MDF, image_token_index=base.image_token_index)
+    torch.manual_seed(0)
+    model = MdfMllmForConditionalGeneration(config).eval()
+    move_off_init(model)
+    for branch in training.unet_branches(model).values():
+        torch.nn.init.normal_(branch.value_projection.weight, std=0.1)
+    split = load("synthetic", num_images=40, image_size=64, seed=0)["train"]
+    answered = training.ProcessedSplit(split, processor, with_answers=True)
+    prompts = training.ProcessedSplit(split, processor, with_answers=False)
+    return model, processor, answered, prompts
+
+
+# Tiny fake trees of every layout the readers read (test_sources.py, test_builder.py), from real pixels
+# (`skimage.data.retina()` at 64 px) and synthetic ones, with real masks, a corrupt file, a zero-byte file, an unknown
+# suffix and a StoneRounds case with three images.
+SIZE = 64
+
+
+def _retina() -> np.ndarray:
+    return np.asarray(Image.fromarray(skdata.retina()).resize((SIZE, SIZE), Image.BILINEAR))
+
+
+def _synthetic(label: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return render_fundus(label, np.random.default_rng(seed), SIZE)
+
+
+_SEEDS = iter(range(1000, 2000))  # every fake photo its own seed, so the only duplicate is the planted one
+
+
+def _save(path, array, **kwargs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+
+
+def _truncated_png(path):
+    _save(path, _synthetic("dr", 99)[0])
+    with open(path, "rb") as f:
+        head = f.read()[:200]
+    with open(path, "wb") as f:
+        f.write(head)
+
+
+def make_fives(root) -> dict:
+    """FIVES tree: train (Groud-truth spelling) and test (Ground truth); returns expected {case_id: label}."""
+    expected = {}
+    for split, folder, names in (
+        ("train", "Groud truth", ["1_A", "2_D", "3_G", "4_N", "7_A", "8_D", "9_G", "10_N"]),
+        ("test", "Ground truth", ["1_A", "2_N"]),
+    ):
+        for k, stem in enumerate(names):
+            label = {"A": "amd", "D": "dr", "G": "glaucoma", "N": "normal"}[stem[-1]]
+            image, mask = _synthetic(label, next(_SEEDS))
+            if (split, stem) in (("train", "4_N"), ("test", "2_N")):
+                image = _retina()  # the same photo in train and test: a duplicate the report must list
+            _save(os.path.join(root, split, "Original", f"{stem}.png"), image)
+            _save(os.path.join(root, split, folder, f"{stem}.png"), mask)
+            expected[f"fives/{split}/{stem}"] = label
+    _truncated_png(os.path.join(root, "train", "Original", "5_D.png"))
+    open(os.path.join(root, "test", "Original", "3_G.png"), "wb").close()  # zero bytes
+    with open(os.path.join(root, "train", "Original", "notes.txt"), "w") as f:
+        f.write("not an image")
+    _save(os.path.join(root, "train", "Original", "6_X.png"), _retina())  # unknown class letter
+    return expected
+
+
+def make_hrf(root) -> dict:
+    """HRF tree under all/, upper-case .JPG for DR, TIFF vessel masks; 5 patients x (h, dr, g)."""
+    expected = {}
+    for patient in range(1, 6):
+        for suffix, label, ext in (("h", "normal", "jpg"), ("dr", "dr", "JPG"), ("g", "glaucoma", "jpg")):
+            stem = f"{patient:02d}_{suffix}"
+            image, mask = _synthetic(label, next(_SEEDS))
+            _save(os.path.join(root, "all", "images", f"{stem}.{ext}"), image, format="JPEG", quality=95)
+            _save(os.path.join(root, "all", "manual1", f"{stem}.tif"), mask)
+            _save(os.path.join(root, "all", "mask", f"{stem}_mask.tif"), (mask * 0 + 255).astype(np.uint8))
+            expected[stem] = (label, f"hrf/{patient:02d}")
+    return expected
+
+
+STONEROUNDS_CASES = {
+    # case_id: (case.json, number of images)
+    "rp_1": ({"diagnosis": "Retinitis pigmentosa", "age": 34, "sex": "male", "history": "Night blindness.",
+              "gene": "RHO"}, 3),
+    "rp_2": ({"diagnosis": "retinitis_pigmentosa", "history": "Field loss."}, 1),
+    "rp_3": ({"diagnosis": "RETINITIS PIGMENTOSA", "age": 20}, 1),
+    "stgd_1": ({"diagnosis": "Stargardt disease", "age": 12, "sex": "female", "gene": "ABCA4"}, 2),
+    "chm_1": ({"diagnosis": "Choroideremia", "sex": "male"}, 1),
+    "best_1": ({"diagnosis": "Best vitelliform macular dystrophy", "history": "Yolk lesion.", "gene": "BEST1"}, 1),
+    "coats_1": ({"diagnosis": "Coats disease"}, 1),  # unknown: skipped and reported
+}
+
+
+STONEROUNDS_TEXTS = {
+    "rp_1": "34-year-old male. Night blindness. Gene: RHO.",
+    "rp_2": "Field loss.",
+    "rp_3": "Age 20.",
+    "stgd_1": "12-year-old female. Gene: ABCA4.",
+    "chm_1": "Sex: male.",
+    "best_1": "Yolk lesion. Gene: BEST1.",
+}
+
+
+def make_stonerounds(root) -> None:
+    for case_id, (case, num_images) in STONEROUNDS_CASES.items():
+        folder = os.path.join(root, case_id)
+        os.makedirs(folder)
+        with open(os.path.join(folder, "case.json"), "w") as f:
+            json.dump(case, f)
+        label = resolve_label(case["diagnosis"]) or "normal"
+        for eye in range(num_images):
+            _save(os.path.join(folder, f"image_{eye}.png"), _synthetic(label, next(_SEEDS))[0])
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    paths = {name: str(root / name) for name in ("fives", "hrf", "stonerounds")}
+    expected = {"fives": make_fives(paths["fives"]), "hrf": make_hrf(paths["hrf"])}
+    make_stonerounds(paths["stonerounds"])
+    return paths, expected

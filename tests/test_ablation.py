@@ -7,11 +7,15 @@ import math
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
+from conftest import mdf_config
 from mdf_mllm import ablation, comparison, model_setup, stage1, stages, main_job as job, training
 from mdf_mllm.job import ModelArguments
 from mdf_mllm.stage1 import UNET_ALONE
+from modeling_mdf_mllm import MdfMllmFiLM, MdfMllmForConditionalGeneration
+from test_mdf_parameters import rename
 
 SEEDS = 2
 TINY_ABLATION = [
@@ -239,3 +243,19 @@ def test_differences_pair_rows_by_seed():
     assert table["MDF, no FiLM"]["accuracy"]["seeds"] == 2
     line = ablation.differences_markdown(table).splitlines()[-1]
     assert line.startswith(f"| MDF, no FiLM | 2 | {np.mean(values):+.3f} (")
+
+
+@pytest.mark.parametrize("attribute", ["film", "text_modulation"])
+def test_without_film_drops_exactly_the_tensors_of_the_film_modules(attribute, tmp_path):
+    """Whatever attribute FiLM hangs under: the no-FiLM row's U-Net file is the stage-1 file less the tensors of its
+    `MdfMllmFiLM` modules, and holds what a U-Net built without FiLM holds."""
+    unet = MdfMllmForConditionalGeneration(mdf_config()).model.unet
+    rename(unet, "film", attribute)
+    path = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, path)
+    film = [p for module in unet.modules() if isinstance(module, MdfMllmFiLM) for p in module.parameters()]
+    full, kept = load_file(path), load_file(ablation.without_film(str(path), unet))
+    assert len(full) - len(kept) == len(film) > 0
+    assert sum(v.numel() for v in full.values()) - sum(v.numel() for v in kept.values()) == sum(p.numel() for p in film)
+    assert all(torch.equal(kept[k], full[k]) for k in kept)
+    assert sorted(kept) == sorted(MdfMllmForConditionalGeneration(mdf_config(use_film=False)).model.unet.state_dict())

@@ -1,6 +1,7 @@
 """MDF-MLLM model: the fusion's effects, its inputs and their errors, loading, export and configuration."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import LAYOUTS, make_inputs, mdf_config, move_off_init, tiny_mllama_config
+from conftest import LAYOUTS, TINY_MDF, make_inputs, mdf_config, move_off_init, tiny_mllama_config
 from safetensors.torch import load_file, save_file
 from transformers import MllamaForConditionalGeneration
 
@@ -464,3 +465,35 @@ def test_segmentation_loss_leaves_out_zero_padded_views():
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     real = [bce(logits[0, 0], masks[0, 0]), bce(logits[0, 1], masks[0, 1]), bce(logits[1, 0], masks[1, 0])]
     torch.testing.assert_close(output.loss, mdf.config.seg_loss_weight * sum(real) / 3)
+
+
+def unet_convolutions(model):
+    return [m for m in model.model.unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+
+
+def assert_pytorch_default_init(conv):
+    # PyTorch's default: weight ~ U(-b, b) with b = 1/sqrt(fan_in) (Kaiming-uniform, a = sqrt 5), bias likewise.
+    fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(conv.weight)
+    bound = 1 / math.sqrt(fan_in)
+    assert conv.weight.abs().max() <= bound and conv.bias.abs().max() <= bound
+    assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.2)
+
+
+@pytest.mark.parametrize("path", ["from-config", "from-a-mllama-checkpoint"])
+def test_unet_convolutions_start_at_pytorchs_default_not_transformers_normal(path, tmp_path):
+    """transformers' N(0, 0.02) made every stage-1 Adam step move the convolutions four times as far relative to
+    their size, and the class loss stalled; the vision tower keeps its own initialisation."""
+    if path == "from-config":
+        from configuration_mdf_mllm import MdfMllmConfig
+
+        model = MdfMllmForConditionalGeneration(MdfMllmConfig.from_mllama_config(tiny_mllama_config(), **TINY_MDF))
+        assert model.model.vision_model.patch_embedding.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    else:
+        MllamaForConditionalGeneration(tiny_mllama_config()).save_pretrained(tmp_path)
+        model = MdfMllmForConditionalGeneration.from_pretrained(tmp_path, **TINY_MDF)
+    convolutions = unet_convolutions(model)
+    assert len(convolutions) == 2 * 4 + 2 + 4 + 2 * 4 + 1  # encoder, bottleneck, up-sampling, decoder, vessel head
+    big = [conv for conv in convolutions if conv.weight.numel() >= 500]
+    assert big
+    for conv in big:
+        assert_pytorch_default_init(conv)

@@ -1,7 +1,6 @@
-"""train_hf.py: the pretrained-base main job end to end on tiny layouts (base, stage 1, both arms, export), the CLI,
-the real-base path. Resume after a kill and FSDP sharding: tests/test_distributed.py."""
+"""mdf_mllm/main_job.py (train_hf.py): the pretrained-base main job end to end on tiny layouts (base, stage 1, both
+arms, export), its command line. Resume after a kill and FSDP sharding: tests/test_distributed.py."""
 
-import copy
 import itertools
 import json
 import math
@@ -16,24 +15,12 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import (AutoProcessor, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor,
-                          TrainerCallback, set_seed)
+from transformers import AutoProcessor, MllamaForConditionalGeneration, MllamaProcessor, set_seed
 
-from conftest import tiny_mllama_config
+from conftest import TINY_JOB, TINY_STAGES
 from mdf_mllm import ablation, comparison, export, guards, model_setup, stage1, stages, main_job as job, training
 from mdf_mllm.job import DataArguments, MdfTrainingArguments, ModelArguments, RunArguments
-from processing_mdf_mllm import MdfMllmDataCollator, build_default_processor
-
-
-TINY_JOB = [
-    "--model_size", "tiny",
-    "--num_images", "40",
-    "--image_size", "64",
-    "--per_device_train_batch_size", "8",
-    "--n_bootstrap", "50",
-    "--logging_steps", "1",
-]  # fmt: skip
-TINY_STAGES = ["--num_train_epochs", "1", "--base_epochs", "2", "--stage1_epochs", "12", "--stage1_learning_rate", "1e-2"]
+from processing_mdf_mllm import MdfMllmDataCollator
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +42,6 @@ def main_job(tmp_path_factory):
         job.main([*TINY_JOB, *TINY_STAGES, "--output_dir", str(out), "--base_cache_dir", str(cache)])
     (base,) = cache.glob("base-*")
     return {"out": out, "cwd": cwd, "base": base, "starts": starts}
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    """The 40-photo set through the MDF processor of the tiny layout (a base's processor has the same settings)."""
-    model_args = ModelArguments(model_size="tiny")
-    processor = model_setup.mdf_processor(model_setup.stock_processor("tiny"), 32)
-    data_args = job.parse_arguments(TINY_JOB).data
-    dataset = training.load_data(data_args)
-    return model_args, processor, dataset, training.process_splits(dataset, processor, no_text=False)
 
 
 def test_main_job_compares_mdf_with_the_baseline_fine_tuned_from_the_same_base(main_job):
@@ -117,24 +94,6 @@ def test_readme_quotes_the_default_runs_comparison_in_the_format_the_job_writes(
                      r"(\d+|–) \|$")
     names = ["MDF-MLLM", "Mllama baseline", "U-Net alone (image only)", *comparison.REFERENCES]
     assert [row.match(line)[1] for line in written[2:]] == [row.match(line)[1] for line in quoted[2:]] == names
-
-
-def test_phases_time_each_phase_once_and_leave_nested_ones_out_of_the_outer(monkeypatch):
-    ticks = iter([0, 1, 3, 4, 5, 9, 10, 20, 22, 30, 30])
-    monkeypatch.setattr(training, "clock", ticks.__next__)
-    phases = training.Phases()  # starts at 0
-    with phases("outer"):  # 1..10, less the 1 + 4 of the two inside it
-        with phases("inner"):  # 3..4
-            pass
-        with phases.scoped("seed 0")("inner"):  # 5..9
-            pass
-    with phases("inner"):  # 20..22, added to the first "inner"
-        pass
-    assert phases.as_json() == {"phases": {"outer": 4, "inner": 3, "seed 0: inner": 4}, "wall_seconds": 30,
-                                "other_seconds": 19}
-    assert phases.markdown().splitlines()[2:] == [
-        "| outer | 4.0 | 13% |", "| inner | 3.0 | 10% |", "| seed 0: inner | 4.0 | 13% |",
-        "| (outside every phase) | 19.0 | 63% |", "| wall | 30.0 | 100% |"]
 
 
 def test_the_phase_table_holds_every_phase_of_the_job_in_order(main_job):
@@ -314,13 +273,6 @@ def test_exported_model_reproduces_the_reported_predictions(main_job):
         assert abs(reported[label] - score) < 1e-3
 
 
-@pytest.fixture(scope="module")
-def made_base(tmp_path_factory):
-    out = tmp_path_factory.mktemp("make-base")
-    job.main([*TINY_JOB, "--make_base", "--base_epochs", "1", "--output_dir", str(out)])
-    return out
-
-
 def test_make_base_writes_a_stock_mllama_that_plain_transformers_loads(made_base):
     assert sorted(p.name for p in made_base.iterdir()) == ["base"]
     config = json.loads((made_base / "base" / "config.json").read_text())
@@ -334,90 +286,6 @@ def test_make_base_writes_a_stock_mllama_that_plain_transformers_loads(made_base
     # A pretrained base's cross-attention gates are open (ours were started at FROM_SCRATCH_GATE and trained).
     gates = [p.item() for n, p in model.named_parameters() if n.endswith("cross_attn_attn_gate")]
     assert all(abs(gate - model_setup.FROM_SCRATCH_GATE) < 0.1 for gate in gates)
-
-
-@pytest.mark.parametrize("gate_start", [0.0, 0.5], ids=["closed-gates", "open-gates-zero-values"])
-def test_mdf_from_the_base_computes_the_base_at_step_0_for_a_prompt_in_the_base_template(made_base, tiny_data,
-                                                                                         gate_start):
-    _, _, dataset, _ = tiny_data
-    model_args = ModelArguments(base_model=str(made_base / "base"), model_size="tiny", unet_gate_start=gate_start)
-    processor = model_setup.base_processor(model_args)
-    stock = AutoProcessor.from_pretrained(made_base / "base")
-    assert processor.chat_template == stock.chat_template != build_default_processor().chat_template
-    example = next(example for example in dataset["train"] if example["text"])
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": processor.instruction + "\n"
-                 + processor.clinical_text_template.format(clinical_text=example["text"])}]}]
-    prompt = stock.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert processor.build_prompt(example["text"]) == prompt
-    inputs = processor(images=[example["image"]], clinical_text=[example["text"]])
-    stock_inputs = stock(images=[example["image"]], text=[prompt], add_special_tokens=False, return_tensors="pt")
-    assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"])
-    mdf = model_setup.build_model(model_args, processor).eval()
-    base = MllamaForConditionalGeneration.from_pretrained(made_base / "base").eval()
-    base_inputs = {k: v for k, v in inputs.items() if k != "unet_pixel_values"}
-    with torch.no_grad():
-        expected, actual = base(**base_inputs).logits, mdf(**inputs).logits
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
-    branches = training.unet_branches(mdf).values()
-    assert [branch.gate.item() for branch in branches] == [gate_start] * 2
-    with torch.no_grad():  # and the U-Net is really wired in: an open gate and a value projection change the logits
-        for branch in branches:
-            branch.gate.fill_(0.5)
-            torch.nn.init.normal_(branch.value_projection.weight, std=0.1)
-        assert (mdf(**inputs).logits - expected).abs().max() > 1e-3
-
-
-class GradientRecorder(TrainerCallback):
-    def __init__(self):
-        self.gate_grads = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.gate_grads.append({k: b.gate.grad.item() for k, b in training.unet_branches(model).items()})
-
-
-@pytest.mark.parametrize("lora, rates", [(False, {"mdf": 1e-2, "gate": 5e-2}), (True, {"mdf": 1e-2})],
-                         ids=["full-own-gate-rate", "lora"])
-def test_gates_get_gradients_and_open_and_mdf_parameters_have_their_own_learning_rate(made_base, tiny_data, tmp_path,
-                                                                                       lora, rates):
-    model_args, processor, _, splits = tiny_data
-    # Flamingo's closed gates: the gate is the only branch tensor with a gradient at step 1, and must get one.
-    model_args = replace(model_args, base_model=str(made_base / "base"), lora=lora, lora_rank=4, unet_gate_start=0.0)
-    model = model_setup.build_model(model_args, processor)
-    args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
-                                "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"]).training
-    recorder = GradientRecorder()
-    trainer = training.train_model(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder],
-                             learning_rates=rates)
-    assert len(recorder.gate_grads) == 3 and all(grad != 0 for step in recorder.gate_grads for grad in step.values())
-    assert all(abs(gate) > 1e-3 for gate in training.gate_values(model)["gates"].values())
-    names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    by_rate, decay = {}, {}
-    for group in trainer.optimizer.param_groups:
-        by_rate.setdefault(group["initial_lr"], set()).update(names[id(p)] for p in group["params"])
-        decay.update({names[id(p)]: group["weight_decay"] for p in group["params"]})
-    gates = {n for n in names.values() if n.endswith(".gate") and "unet_attn" in n}
-    mdf = {n for n in names.values() if ".unet" in n} - (gates if "gate" in rates else set())
-    assert len(gates) == 2 and len(mdf) > 50
-    assert by_rate == {1e-3: set(names.values()) - mdf - (gates if "gate" in rates else set()), 1e-2: mdf,
-                       **({5e-2: gates} if "gate" in rates else {})}
-    assert all(decay[n] == 0.0 for n in gates)  # weight decay would pull the gates shut
-
-
-def test_open_gates_with_zero_values_train_the_branch_from_the_first_step(made_base, tiny_data, tmp_path):
-    # A closed gate gives every branch tensor a zero gradient; a zero value projection behind an open gate gets one
-    # at once, and the gate's own gradient (the branch's output) follows from the second step.
-    model_args, processor, _, splits = tiny_data
-    model_args = replace(model_args, base_model=str(made_base / "base"), unet_gate_start=0.5)
-    model = model_setup.build_model(model_args, processor)
-    args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size",
-                                "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"]).training
-    recorder = GradientRecorder()
-    keys = {k: b.key_projection.weight.clone() for k, b in training.unet_branches(model).items()}
-    training.train_model(model, splits, MdfMllmDataCollator(processor), args, callbacks=[recorder])
-    assert [set(step.values()) == {0.0} for step in recorder.gate_grads] == [True, False]
-    for layer, branch in training.unet_branches(model).items():
-        assert branch.value_projection.weight.abs().min() > 0
-        assert not torch.equal(branch.key_projection.weight, keys[layer])
 
 
 TOY_ROW = "Toy reference (the training split's class prior)"
@@ -456,22 +324,6 @@ def test_a_reference_registered_once_reaches_every_report(main_job, tmp_path, mo
     assert f"| {TOY_ROW} | 2 |" in (tmp_path / "ablation" / "ablation.md").read_text()
 
 
-def test_the_cached_base_is_made_once_per_setting(tmp_path, monkeypatch):
-    made = []
-
-    def fake_make_base(settings, folder, dataset=None):
-        made.append(folder)
-        (folder / "config.json").write_text("{}")
-
-    monkeypatch.setattr(stages, "make_base", fake_make_base)
-    settings = job.parse_arguments([*TINY_JOB, "--base_cache_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
-    first = stages.cached_base(settings, None)
-    assert stages.cached_base(settings, None) == first and len(made) == 1
-    other = stages.cached_base(settings.replace(run={"base_epochs": 9}), None)
-    assert other != first and len(made) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({Path(first).name, Path(other).name})
-
-
 def read_toy(root):
     """A toy source's reader: `<label>-<n>.png` photos, each its own case, no text."""
     from dataset_builder.sources import Record
@@ -507,33 +359,6 @@ def test_a_source_registered_once_is_built_offered_and_trained_on(tmp_path, monk
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["models"][0]["name"] == "MDF-MLLM" and saved["models"][0]["num_items"] == len(data["test"])
     assert "Trained and evaluated on the toy photos." in (out / "mdf-mllm" / "README.md").read_text()
-
-
-def test_the_base_key_changes_with_every_setting_the_base_trains_with(tmp_path):
-    """Each data setting, each Trainer setting but those that only say where and how a run writes, logs or reports,
-    the layout and the base's epochs: a change to any of them is another base (a stale base is a wrong result)."""
-    settings = job.parse_arguments([*TINY_JOB, "--base_cache_dir", str(tmp_path)])
-    key = stages.base_cache_folder(settings)
-    assert " at 0x" not in repr(stages.base_settings(settings))  # the same key in every process and run
-
-    def changed(part: str, name: str, value=None) -> Path:
-        # The attribute set on a copy, without the dataclass's checks: any value of another repr is "another value".
-        copied = copy.copy(getattr(settings, part))
-        object.__setattr__(copied, name, ("changed", name) if value is None else value)
-        return stages.base_cache_folder(replace(settings, **{part: copied}))
-
-    reporting = {f.name for f in fields(MdfTrainingArguments) if f.name in stages.NOT_TRAINING or
-                 f.name.startswith(stages.NOT_TRAINING_PREFIXES)}
-    assert {"max_grad_norm", "gradient_accumulation_steps", "seed", "learning_rate"}.isdisjoint(reporting)
-    for part, arguments in (("data", DataArguments), ("training", MdfTrainingArguments)):
-        for f in fields(arguments):
-            if f.init and f.name not in reporting:
-                assert changed(part, f.name) != key, f"--{f.name} is not in the base's key"
-    assert changed("model", "model_size", "small") != key and changed("run", "base_epochs", 9.0) != key
-    for name in sorted(reporting):
-        assert changed("training", name) == key, f"--{name} changes the base's key"
-    # What the base does not read: stage 1, stage 2's model settings.
-    assert changed("run", "stage1_learning_rate", 0.5) == changed("model", "fusion_layers", "1:1") == key
 
 
 @pytest.mark.parametrize(
@@ -582,85 +407,6 @@ def test_yaml_config_file_gives_the_same_arguments(tmp_path):
     assert (settings.model.model_size, settings.data.num_images, settings.run.seeds) == ("tiny", 40, 2)
     assert model_setup.parse_fusion_layers(settings.model.fusion_layers) == {1: 2, 3: 4}
     assert settings.training.remove_unused_columns is False
-
-
-def test_latest_checkpoint_skips_a_half_written_one(tmp_path):
-    for step in (3, 6, 9):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    for step in (3, 6):
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert training.resolve_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-6")
-    with pytest.raises(ValueError, match="checkpoint-9 is not a complete checkpoint"):
-        training.resolve_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
-
-
-def test_real_base_path_loads_every_weight_of_a_mllama_checkpoint(tmp_path):
-    """--base_model with a local Llama 3.2 Vision stand-in: its weights, tokenizer and image settings are used."""
-    from processing_mdf_mllm import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
-    config = tiny_mllama_config(vocab_size=image_id)
-    config.text_config.pad_token_id = tokenizer.pad_token_id
-    base = MllamaForConditionalGeneration(config)
-    base.save_pretrained(tmp_path / "base")
-    image_processor = MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=1)
-    MllamaProcessor(image_processor, tokenizer).save_pretrained(tmp_path / "base")
-    model_args = ModelArguments(
-        base_model=str(tmp_path / "base"), unet_image_size=32, fusion_grid=2, lora=True, lora_rank=4
-    )
-    processor = model_setup.base_processor(model_args)
-    assert processor.image_processor.size == {"height": 28, "width": 28}
-    assert processor.image_processor.unet_image_size == 32
-    model = model_setup.build_model(model_args, processor)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert any("lora_A" in name for name in trainable)
-    assert any(".unet." in name for name in trainable) and any("unet_attn" in name for name in trainable)
-    assert not any("vision_model" in name for name in trainable)
-    merged = model_setup.unwrap(model)
-    base_weights = base.state_dict()
-    assert all(torch.equal(base_weights[key], merged.state_dict()[key]) for key in base_weights)
-
-
-def expected_kind(name: str) -> str:
-    """The recipe's optimizer group of a parameter, read off its name here (not through training.parameter_kinds)."""
-    if "unet_attn" in name and name.endswith(".gate"):
-        return "gate"
-    if ".unet.film." in name:
-        return "film"
-    if ".unet." in name:
-        return "unet"
-    return "mdf" if "unet_projector" in name or "unet_attn" in name else "base"
-
-
-def test_the_recipes_optimizer_groups_hold_each_module_at_its_rate(made_base, tiny_data, tmp_path):
-    """Default recipe: base 1e-3, projector and branches 3e-3, gates at that rate without decay, FiLM 3e-4, and the
-    stage-1 U-Net frozen (in no group, bit-identical after training)."""
-    model_args, processor, _, splits = tiny_data
-    model_args = replace(model_args, base_model=str(made_base / "base"))
-    model = model_setup.build_model(model_args, processor)
-    unet = {k: v.clone() for k, v in model.model.unet.state_dict().items() if not k.startswith("film.")}
-    film = {k: v.clone() for k, v in model.model.unet.film.state_dict().items()}
-    args = job.parse_arguments(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size",
-                                "8", "--eval_strategy", "no", "--save_strategy", "no", "--warmup_steps", "0"]).training
-    trainer = training.train_model(model, splits, MdfMllmDataCollator(processor), args,
-                             learning_rates=model_args.learning_rates())
-    names = {id(p): n for n, p in model.named_parameters()}
-    seen = {}
-    for group in trainer.optimizer.param_groups:
-        for param in group["params"]:
-            seen[names[id(param)]] = (group["initial_lr"], group["weight_decay"])
-    rate = {"base": 1e-3, "mdf": 3e-3, "gate": 3e-3, "film": 3e-4}
-    decayed = set(trainer.get_decay_parameter_names(model))  # the Trainer's own rule: no decay on biases and norms
-    # The FiLM of the stages below the deepest fused depth does not run: frozen by the model, in no group.
-    idle = {names[id(p)] for module in model.model.idle_unet_modules() for p in module.parameters()}
-    assert idle and all(expected_kind(n) in ("unet", "film") for n in idle)
-    expected = {n: (rate[expected_kind(n)], 0.01 if n in decayed and expected_kind(n) != "gate" else 0.0)
-                for n in names.values() if expected_kind(n) != "unet" and n not in idle}
-    assert seen == expected
-    assert {expected_kind(n) for n in seen} == {"base", "mdf", "gate", "film"}
-    assert all(torch.equal(v, model.model.unet.state_dict()[k]) for k, v in unet.items())
-    assert not all(torch.equal(v, model.model.unet.film.state_dict()[k]) for k, v in film.items())
 
 
 def test_the_export_holds_no_stage_1_class_head(main_job):

@@ -1,6 +1,6 @@
-"""Command-line options in one style across `train_hf.py`, `mdf-mllm` and `python -m dataset_builder`: help shows
-each long option once, with underscores (as train_hf.py's, from HfArgumentParser); the hyphenated spelling is
-accepted too, with `=value` and abbreviations, and means the same."""
+"""mdf_mllm/cli.py: command-line options in one style across `train_hf.py`, `mdf-mllm` and `python -m
+dataset_builder`: help shows each long option once, with underscores (as train_hf.py's, from HfArgumentParser); the
+hyphenated spelling is accepted too, with `=value` and abbreviations, and means the same."""
 
 import re
 

@@ -1,6 +1,6 @@
-"""train_hf.py as a hostile user tries it (issue 32): every numeric option in its range, options that must agree,
-paths read and written, the checkpoint resumed, one job per output folder, a full disk. Each mistake is one line and
-exit status 2 before any work (the job's `run` is replaced by one that fails the test if reached)."""
+"""mdf_mllm/guards.py: train_hf.py as a hostile user tries it (issue 32): every numeric option in its range, options
+that must agree, paths read and written, the checkpoint resumed, one job per output folder, a full disk. Each mistake
+is one line and exit status 2 before any work (the job's `run` is replaced by one that fails the test if reached)."""
 
 import errno
 import json
