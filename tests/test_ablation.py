@@ -160,7 +160,6 @@ def test_the_phase_table_holds_each_seeds_stage_1_references_and_rows(ablation_r
 
 
 def test_sensitivity_table_is_the_mean_over_seeds_of_each_runs_report(ablation_run):
-    runs = ablation_run["runs"]
     table = (ablation_run["out"] / "ablation.md").read_text().split("Sensitivity per class, mean over seeds:")[1]
     labels = list(ablation_run["dataset"]["test"].features["label"].names)
     assert table.strip().splitlines()[0] == f"| row | {' | '.join(labels)} |"
