@@ -34,7 +34,7 @@ MLLAMA = {
 }
 # What every such Mllama shares: patch, tiles, aspect ratios, intermediate vision layers; the offline tokenizer's
 # vocabulary (`<|image|>` its last id), positions, image, BOS, EOS and pad ids.
-MLLAMA_COMMON = (14, 1, [[1, 1]], [0], 1857, 2048, 1857, 1850, 1854, 1856)
+MLLAMA_COMMON = (14, 1, [[1, 1]], [0], 2843, 2048, 2843, 2836, 2840, 2842)
 
 
 def mllama_shape(config) -> tuple:
