@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: its shared report writer
+from report_sections import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Phases of the main job"
 TRAINING_LOOPS = re.compile(r"^(stage 1|stage 2: .*)$")  # the base's loop too, where it was trained ("base" > 60 s)
@@ -68,13 +71,6 @@ def run_job(options: list[str], output_dir: Path) -> dict:
             "cpu": usage.ru_utime + usage.ru_stime}
 
 
-def write_section(text: str, report: Path) -> None:
-    """Replace this script's section of bench/REPORT.md (or add it at the end)."""
-    old = report.read_text() if report.exists() else "# Benchmarks\n"
-    parts = [p for p in re.split(r"\n(?=## )", old.strip()) if not p.startswith(SECTION)] + [text.strip()]
-    report.write_text("\n\n".join(parts) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--read", type=Path, help="an output folder of a finished run: report its table, run nothing")
@@ -87,7 +83,7 @@ def main() -> None:
         process = run_job(args.options, folder)
     command = f"The run in {folder}" if args.read else f"`{' '.join(['python train_hf.py', *args.options])}`"
     text = section(json.loads((folder / "comparison.json").read_text())["phase_seconds"], command, process)
-    write_section(text, args.report)
+    write_section(args.report, SECTION, text)
     print(text)
 
 

@@ -17,12 +17,16 @@ import datetime
 import os
 import platform
 import re
+import sys
 import statistics
 import subprocess
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: its shared report writer
+from report_sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Set-up on a fresh clone"
@@ -145,14 +149,6 @@ def median_runs(runs: list[dict[str, float]]) -> dict[str, float]:
     return {phase: statistics.median(run.get(phase, 0.0) for run in runs) for phase in set().union(*runs)}
 
 
-def write_section(section: str, report: Path) -> None:
-    """Replace this script's section of bench/REPORT.md (or add it at the end)."""
-    text = report.read_text() if report.exists() else "# Benchmarks\n"
-    parts = re.split(r"\n(?=## )", text.strip())
-    parts = [p for p in parts if not p.startswith(SECTION)] + [section]
-    report.write_text("\n\n".join(parts) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="fe56dd8", help="the commit measured as before (default: %(default)s)")
@@ -206,7 +202,7 @@ def main() -> None:
         "",
         f"_setup_time.py: {time.perf_counter() - started:.0f} s_",
     ])
-    write_section(section, args.report)
+    write_section(args.report, SECTION, section)
     print(section)
     print(f"traces: {log_dir}")
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from mdf_mllm import stage1  # noqa: E402
 from mdf_mllm.main_job import check_arguments, parse_arguments, run_context  # noqa: E402
 from mdf_mllm.model_setup import BASE_RECORD_FILE, build_model  # noqa: E402
 from mdf_mllm.training import Phases  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: its shared report writer
+from report_sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Stage 1 on every seed"
@@ -120,13 +121,6 @@ def newest_base() -> Path:
     return max(bases, key=lambda p: p.stat().st_mtime)
 
 
-def write_section(text: str, report: Path) -> None:
-    """Replace this script's section of bench/REPORT.md (or add it at the end)."""
-    old = report.read_text() if report.exists() else "# Benchmarks\n"
-    parts = [p for p in re.split(r"\n(?=## )", old.strip()) if not p.startswith(SECTION)] + [text.strip()]
-    report.write_text("\n\n".join(parts) + "\n")
-
-
 def recipe(text: str) -> tuple[str, str]:
     name, _, options = text.partition("=")
     if not name:
@@ -159,7 +153,7 @@ def main() -> None:
     command = "python bench/stage1_recipes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = section(results, recipes, command)
     if not args.no_report:
-        write_section(text, args.report)
+        write_section(args.report, SECTION, text)
     print(text)
 
 

@@ -45,3 +45,18 @@ def test_phase_report_splits_the_training_loops_from_the_rest_and_sets_the_arms_
     assert "- everything else: 10.0 s (10%)" in lines and "- MDF-MLLM arm ÷ baseline arm: 1.50×" in lines
     trained = {**seconds, "wall_seconds": 168.0, "phases": {**seconds["phases"], "base": 70.0}}  # minutes: trained
     assert "- training loops (stage 1, the arms, the base): 160.0 s (95%)" in phase_times.section(trained, "", None)
+
+
+def test_a_bench_section_rewritten_twice_leaves_the_report_as_after_once(tmp_path):
+    """Each bench script replaces its own section of bench/REPORT.md; the others keep their text and spacing."""
+    from report_sections import write_section
+
+    report = tmp_path / "REPORT.md"
+    report.write_text("# Benchmarks\n\nheader\n\n\n## A\n\na text\n\n\n\n## B\n\nb text\n")
+    write_section(report, "## A", "## A\n\nnew a\n")
+    once = report.read_text()
+    assert once == "# Benchmarks\n\nheader\n\n## B\n\nb text\n\n## A\n\nnew a\n"
+    write_section(report, "## A", "## A\n\nnew a\n")
+    assert report.read_text() == once
+    write_section(report, "## C", "## C\n\nc\n")
+    assert report.read_text() == once + "\n## C\n\nc\n"
