@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from configuration_mdf_mllm import LAYOUTS, MdfMllmConfig
 from dataset_builder.__main__ import MIN_IMAGE_SIZE
 from dataset_builder.builder import MdfFundusConfig, assign_splits, collect_records
-from mdf_mllm.job import Job
+from mdf_mllm.job import LEARNING_RATE_KINDS, Job
 from mdf_mllm.model_setup import UsageError, cross_attention_layers, mdf_layout, parse_fusion_layers
 from mdf_mllm.training import checkpoints, is_complete_checkpoint, resolve_checkpoint
 
@@ -76,10 +76,7 @@ OPTION_RANGES = {
     "seg_loss_weight": RATE,
     "unet_image_size": Range(int, 16),  # the U-Net halves it 4 times; its divisibility by the grid: check_layout
     "fusion_grid": POSITIVE,
-    "mdf_learning_rate": RATE,
-    "gate_learning_rate": RATE,
-    "unet_learning_rate": RATE,
-    "film_learning_rate": RATE,
+    **{f"{kind}_learning_rate": RATE for kind in LEARNING_RATE_KINDS},  # one option per kind of MDF parameter
     "unet_gate_start": Range(float, -10, 10),  # tanh(±10) is ±1 in float32: beyond that the gate cannot train
     "lora_rank": POSITIVE,
     "lora_alpha": POSITIVE,
