@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset_builder.synthetic import AGE_WRITTEN  # noqa: E402
-from mdf_mllm.comparison import AGE_BINS  # noqa: E402
+from mdf_mllm.comparison import AGE_BINS, age_bin  # noqa: E402
 from mdf_mllm.main_job import parse_arguments  # noqa: E402
 from mdf_mllm.probe_ladder import ladder_features, probe_accuracy  # noqa: E402
 from mdf_mllm.training import ProcessedSplit, load_data  # noqa: E402
@@ -31,10 +30,10 @@ from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor  # noqa: E
 
 
 def age_bins(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The indices of the texts that write an age, and its bin (0 .. len(AGE_BINS))."""
-    ages = [AGE_WRITTEN.search(text or "") for text in texts]
-    rows = np.array([i for i, found in enumerate(ages) if found])
-    return rows, np.searchsorted(AGE_BINS, [int(ages[i].group(1)) for i in rows], side="right")
+    """The indices of the texts that write an age, and its bin (`comparison.age_bin`)."""
+    bins = [age_bin(text) for text in texts]
+    rows = np.array([i for i, written in enumerate(bins) if written is not None])
+    return rows, np.array([bins[i] for i in rows], dtype=int)
 
 
 @torch.no_grad()

@@ -219,13 +219,19 @@ AGE_BINS = (17, 30, 50, 66)  # bins from 0, 17, 30, 50, 66: the ages at which th
 AGE = re.compile(r"\b(\d{1,3})-year-old\b")
 
 
+def age_bin(text: str | None) -> int | None:
+    """The bin (0 .. len(AGE_BINS)) of the age a history writes as "<age>-year-old"; None where it writes none."""
+    found = AGE.search(text or "")
+    return int(np.searchsorted(AGE_BINS, int(found.group(1)), side="right")) if found else None
+
+
 def history_vector(texts, text_probabilities) -> np.ndarray:
     """(N, K + len(AGE_BINS) + 3): the text-only reference's class probabilities, the age bin parsed from
     "<age>-year-old", one-hot (its last column: no age written), and 1 where there is a history."""
     ages = np.zeros((len(texts), len(AGE_BINS) + 2))
     for row, text in enumerate(texts):
-        found = AGE.search(text or "")
-        ages[row, np.searchsorted(AGE_BINS, int(found.group(1)), side="right") if found else -1] = 1
+        written = age_bin(text)
+        ages[row, -1 if written is None else written] = 1
     return np.concatenate([np.asarray(text_probabilities, dtype=np.float64), ages, has_history(texts)[:, None]], 1)
 
 
