@@ -14,10 +14,10 @@ from modeling_mdf_mllm import MDF_KINDS
 # The recipe (measured in docs/results.md, "The recipe, and how it was found"). Stage 1 teaches the U-Net the classes
 # from the photo alone; stage 2 then keeps it nearly still while the projector and branches learn to carry it into the
 # answer.
-STAGE1_EPOCHS = 12.0
+STAGE1_EPOCHS = 6.0
 STAGE1_LEARNING_RATE = 1e-3
 STAGE1_VESSEL_WEIGHT = 0.0
-STAGE1_STANDARDISE = False
+STAGE1_STANDARDISE = True
 STAGE1_OPTIMIZERS = ("AdamW", "Adam", "SGD")  # torch.optim classes that take lr and weight_decay
 STAGE1_SCHEDULES = ("one_cycle", "constant")
 UNET_LEARNING_RATE = 0.0

@@ -142,7 +142,7 @@ def train_arm(run: RunContext, name: str, resume=None, unet_weights=None) -> Res
         set_seed(job.training.seed)
         model = build_model(job.model, run.processor, bf16=job.training.bf16, checkpoint=resume)
         if unet_weights and not resume:
-            unwrap_peft(model).model.unet.load_state_dict(load_file(unet_weights))
+            start_from_stage1(unwrap_peft(model), run, unet_weights)
         gates = GateLogger()
         start = time.perf_counter()
         trainer = train_model(model, run.splits, run.collator, job.training, resume, [gates],
@@ -164,6 +164,21 @@ def train_arm(run: RunContext, name: str, resume=None, unet_weights=None) -> Res
                             parameters=sum(p.numel() for p in model.parameters()), gate_history=gates.history)
     result.model, result.trainer = model, trainer
     return result
+
+
+@torch.no_grad()
+def start_from_stage1(model, run: RunContext, unet_weights: str, photos: int = 256) -> None:
+    """The stage-1 U-Net into `model`, and its projector standardised on the skips of `photos` training photos
+    (`MdfMllmUnetProjector.standardise_inputs`; FiLM is still the identity, so the photo alone gives them)."""
+    inner = model.model
+    inner.unet.load_state_dict(load_file(unet_weights))
+    split = run.splits["train"]
+    chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(run.job.training.seed))[:photos]
+    pixels = run.collator([split[i] for i in chosen.tolist()])["unet_pixel_values"]
+    parameter = next(inner.unet.parameters())
+    projector = inner.unet_projector
+    projector.standardise_inputs(inner.unet.encode(pixels.to(parameter.device, parameter.dtype), None,
+                                                   max(projector.depths)))
 
 
 def stage2(run: RunContext, unet_alone: Result | None) -> list[Result]:

@@ -9,7 +9,9 @@ as given) and compares it with what the model computes in a forward pass:
     gate, row mask  h <- h + rowmask * tanh(g_u) * a_u (tokens that see no image get no U-Net update)
 """
 
+import copy
 import math
+import statistics
 
 import pytest
 import torch
@@ -157,6 +159,34 @@ def test_projector_is_linear_then_layernorm_plus_position_and_depth(projector_di
     for depth in (2, 4):
         assert tokens[depth].shape == (2, 16, model.config.text_config.hidden_size)
         torch.testing.assert_close(tokens[depth], by_hand_projection(projector, depth, skips[depth - 1]), **CLOSE)
+
+
+@pytest.mark.parametrize("projector_dim", [8, None])
+def test_a_standardised_projector_reads_each_channel_minus_its_mean_over_its_spread(projector_dim):
+    """standardise_inputs(skips) folds each channel's statistics over the given photos into the first Linear: the
+    projector then gives on any skips what it gave before on (s - mu_c) / sigma_c, mu_c the channel's mean, sigma_c
+    the spread between photos of its per-photo average, computed here channel by channel."""
+    model = open_model(fusion_layers={1: 2, 3: 4}, fusion_grid=4, projector_dim=projector_dim)
+    projector = model.model.unet_projector
+    # Channels of very different offsets and spreads, as a trained U-Net's are.
+    seen = [skip * torch.rand(1, skip.shape[1], 1, 1) * 10 + torch.randn(1, skip.shape[1], 1, 1) * 5
+            for skip in random_skips(model, batch=6)]
+    seen[1][:, 0] = 0.25  # a dead channel: its spread is held at 0.001, not divided by zero
+    before = copy.deepcopy(projector)
+    projector.standardise_inputs(seen)
+    skips = random_skips(model)
+    by_hand = []
+    for skip, fitted in zip(skips, seen):
+        columns = []
+        for channel in range(skip.shape[1]):
+            values = fitted[:, channel]
+            spread = max(statistics.stdev(values[photo].mean().item() for photo in range(len(values))), 1e-3)
+            columns.append((skip[:, channel] - values.mean()) / spread)
+        by_hand.append(torch.stack(columns, 1))
+    with torch.no_grad():
+        expected, tokens = before(by_hand), projector(skips)
+    for depth in (2, 4):
+        torch.testing.assert_close(tokens[depth], expected[depth], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("depth", [1, 3])
