@@ -222,18 +222,19 @@ class MdfMllmUnetProjector(nn.Module):
         return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, grid * grid, -1)
 
     @torch.no_grad()
-    def standardise_inputs(self, skips: list[torch.Tensor]) -> None:
-        """Fold each fused depth's channel statistics over the photos of `skips` into its first Linear, which then
-        reads (s_k - mu_c) / sigma_c: mu_c the channel's mean, sigma_c the spread of its average over a photo from one
-        photo to the next (what stage 1's standardised class head divides by).
+    def standardise_inputs(self, photo_averages: list[torch.Tensor]) -> None:
+        """Fold each fused depth's channel statistics into its first Linear, which then reads (s_k - mu_c) / sigma_c.
 
-        A data-dependent initialisation for a U-Net trained before the fusion: its channels' averages differ between
-        photos by a few hundredths against a size of tenths, and a fresh projection reads the size, not the photo."""
+        photo_averages[k - 1] (N, C_k): each of N photos' skip s_k averaged over its positions. mu_c is their mean
+        (the channel's mean: every photo has as many positions), sigma_c their spread from one photo to the next (what
+        stage 1's standardised class head divides by). A data-dependent initialisation for a U-Net trained before the
+        fusion: its channels' averages differ between photos by a few hundredths against a size of tenths, and a fresh
+        projection reads the size, not the photo."""
         for depth in self.depths:
-            skip = skips[depth - 1].float()
-            mean, spread = skip.mean((0, 2, 3)), skip.mean((2, 3)).std(0).clamp(min=1e-3)  # a dead channel: 1e-3
-            pixels = (skip.shape[-1] // self.grid) ** 2  # a patch flattens (channel, row, column): channel-major
+            averages = photo_averages[depth - 1].float()
+            mean, spread = averages.mean(0), averages.std(0).clamp(min=1e-3)  # a dead channel: 1e-3
             linear = self.projections[str(depth)][0]
+            pixels = linear.in_features // len(mean)  # a patch flattens (channel, row, column): channel-major
             linear.weight.mul_(spread.reciprocal().repeat_interleave(pixels).to(linear.weight.dtype))
             linear.bias.sub_(linear.weight @ mean.repeat_interleave(pixels).to(linear.weight.dtype))
 

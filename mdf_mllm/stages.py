@@ -168,17 +168,18 @@ def train_arm(run: RunContext, name: str, resume=None, unet_weights=None) -> Res
 
 @torch.no_grad()
 def start_from_stage1(model, run: RunContext, unet_weights: str, photos: int = 256) -> None:
-    """The stage-1 U-Net into `model`, and its projector standardised on the skips of `photos` training photos
-    (`MdfMllmUnetProjector.standardise_inputs`; FiLM is still the identity, so the photo alone gives them)."""
+    """The stage-1 U-Net into `model`, and its projector standardised on `photos` training photos
+    (`MdfMllmUnetProjector.standardise_inputs`; FiLM is still the identity, so the photo alone gives the skips)."""
     inner = model.model
     inner.unet.load_state_dict(load_file(unet_weights))
-    split = run.splits["train"]
+    split, projector = run.splits["train"], inner.unet_projector
     chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(run.job.training.seed))[:photos]
-    pixels = run.collator([split[i] for i in chosen.tolist()])["unet_pixel_values"]
-    parameter = next(inner.unet.parameters())
-    projector = inner.unet_projector
-    projector.standardise_inputs(inner.unet.encode(pixels.to(parameter.device, parameter.dtype), None,
-                                                   max(projector.depths)))
+    parameter, averages = next(inner.unet.parameters()), []
+    for indices in chosen.split(run.job.run.eval_batch_size):  # a batch at a time: 256 photos' skips take 1 GB
+        pixels = run.collator([split[i] for i in indices.tolist()])["unet_pixel_values"]
+        skips = inner.unet.encode(pixels.to(parameter.device, parameter.dtype), None, max(projector.depths))
+        averages.append([skip.mean((2, 3)) for skip in skips])
+    projector.standardise_inputs([torch.cat(depth) for depth in zip(*averages)])
 
 
 def stage2(run: RunContext, unet_alone: Result | None) -> list[Result]:

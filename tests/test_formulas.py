@@ -163,7 +163,7 @@ def test_projector_is_linear_then_layernorm_plus_position_and_depth(projector_di
 
 @pytest.mark.parametrize("projector_dim", [8, None])
 def test_a_standardised_projector_reads_each_channel_minus_its_mean_over_its_spread(projector_dim):
-    """standardise_inputs(skips) folds each channel's statistics over the given photos into the first Linear: the
+    """standardise_inputs(photo averages) folds each channel's statistics over the photos into the first Linear: the
     projector then gives on any skips what it gave before on (s - mu_c) / sigma_c, mu_c the channel's mean, sigma_c
     the spread between photos of its per-photo average, computed here channel by channel."""
     model = open_model(fusion_layers={1: 2, 3: 4}, fusion_grid=4, projector_dim=projector_dim)
@@ -173,7 +173,7 @@ def test_a_standardised_projector_reads_each_channel_minus_its_mean_over_its_spr
             for skip in random_skips(model, batch=6)]
     seen[1][:, 0] = 0.25  # a dead channel: its spread is held at 0.001, not divided by zero
     before = copy.deepcopy(projector)
-    projector.standardise_inputs(seen)
+    projector.standardise_inputs([skip.mean((2, 3)) for skip in seen])
     skips = random_skips(model)
     by_hand = []
     for skip, fitted in zip(skips, seen):
