@@ -205,3 +205,39 @@ def test_the_temperature_is_fitted_on_the_validation_prompts_and_saved_in_the_co
     assert model.config.classifier_temperature == calibrated.temperature  # classify() now answers with it
     assert calibrated.probabilities == pytest.approx(apply_temperature(expected, probabilities=ours.probabilities))
     assert calibrated.name == "ours, temperature-scaled" and calibrated.accuracy() == ours.accuracy()
+
+
+def test_stage_2_starts_from_the_stage1_unet_with_its_projector_reading_standardised_skips(tiny_data, tmp_path):
+    """start_from_stage1 loads the stage-1 U-Net and standardises the projector on the training photos, a batch at a
+    time: each fused depth's first Linear then gives what it gave before on (s - mu_c) / sigma_c, with mu_c and
+    sigma_c (the between-photo spread of the channel's per-photo average) computed here from all photos at once."""
+    from safetensors.torch import save_file
+
+    from mdf_mllm import training
+    from mdf_mllm.model_setup import build_model
+
+    model_args, processor, dataset, splits = tiny_data
+    settings = job.parse_arguments([*TINY_JOB, "--eval_batch_size", "3"])  # 28 photos: batches of 3, one short
+    run = training.RunContext(settings, dataset, processor, processed={False: splits})
+    model = build_model(model_args, processor)
+    trained = build_model(model_args, processor).model.unet
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "unet.safetensors")
+    projector = model.model.unet_projector
+    before = copy.deepcopy(projector)
+    photos = len(splits["train"])
+    stages.start_from_stage1(model, run, str(tmp_path / "unet.safetensors"), photos=photos)
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(model.model.unet.state_dict()[name], value, rtol=0, atol=0)
+    pixels = run.collator([splits["train"][i] for i in range(photos)])["unet_pixel_values"]
+    with torch.no_grad():
+        skips = trained.encode(pixels, None)
+        for depth in projector.depths:
+            skip = skips[depth - 1]
+            averages = skip.mean((2, 3))
+            standardised = (skip - averages.mean(0)[:, None, None]) / averages.std(0).clamp(min=1e-3)[:, None, None]
+            first, old_first = projector.projections[str(depth)][0], before.projections[str(depth)][0]
+            torch.testing.assert_close(first(projector.patchify(skip)), old_first(projector.patchify(standardised)),
+                                       atol=1e-3, rtol=1e-4)
