@@ -72,7 +72,7 @@ def make_class_head(width: int, num_classes: int, standardised: bool, device) ->
     """Stage 1's class head on the pooled skips; `standardised` puts each pooled channel through a batch norm (no
     affine: the linear layer scales) first. After GroupNorm the pooled channels differ between photos by about a
     tenth of their size, so a plain linear head starts near blind to them and its rate sets how fast stage 1 learns
-    (it stalled on some seeds at 12 epochs); standardised, every channel starts at unit spread."""
+    (it stalled on some seeds at 12 epochs); standardised, every channel starts at unit spread (the default)."""
     linear = torch.nn.Linear(width, num_classes, device=device)
     if not standardised:
         return linear
