@@ -205,7 +205,7 @@ def probe_ladder_stage(run: RunContext, ours: Result, unet_alone: Result | None)
     from mdf_mllm.probe_ladder import ACQUIRED_CLASSES, ladder_table
 
     start = build_model(run.job.replace(model={"lora": False}).model, run.processor)
-    stages.start_from_stage1(start, run, unet_alone.weights)
+    stages.start_from_stage1(run, start, unet_alone.weights)
     ladders = {"start of stage 2": ladder(start, run.splits), "MDF-MLLM (trained)": ladder(ours.model, run.splits)}
     path = run.job.output_dir / "probe_ladder.md"
     path.write_text(ladder_table(ladders, chance=1 / len(ACQUIRED_CLASSES)) + "\n")

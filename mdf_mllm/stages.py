@@ -142,7 +142,7 @@ def train_arm(run: RunContext, name: str, resume=None, unet_weights=None) -> Res
         set_seed(job.training.seed)
         model = build_model(job.model, run.processor, bf16=job.training.bf16, checkpoint=resume)
         if unet_weights and not resume:
-            start_from_stage1(unwrap_peft(model), run, unet_weights)
+            start_from_stage1(run, unwrap_peft(model), unet_weights)
         gates = GateLogger()
         start = time.perf_counter()
         trainer = train_model(model, run.splits, run.collator, job.training, resume, [gates],
@@ -167,7 +167,7 @@ def train_arm(run: RunContext, name: str, resume=None, unet_weights=None) -> Res
 
 
 @torch.no_grad()
-def start_from_stage1(model, run: RunContext, unet_weights: str, photos: int = 256) -> None:
+def start_from_stage1(run: RunContext, model, unet_weights: str, photos: int = 256) -> None:
     """The stage-1 U-Net into `model`, and its projector standardised on `photos` training photos
     (`MdfMllmUnetProjector.standardise_inputs`; FiLM is still the identity, so the photo alone gives the skips)."""
     inner = model.model

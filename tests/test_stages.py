@@ -228,7 +228,7 @@ def test_stage_2_starts_from_the_stage1_unet_with_its_projector_reading_standard
     projector = model.model.unet_projector
     before = copy.deepcopy(projector)
     photos = len(splits["train"])
-    stages.start_from_stage1(model, run, str(tmp_path / "unet.safetensors"), photos=photos)
+    stages.start_from_stage1(run, model, str(tmp_path / "unet.safetensors"), photos=photos)
     for name, value in trained.state_dict().items():
         torch.testing.assert_close(model.model.unet.state_dict()[name], value, rtol=0, atol=0)
     pixels = run.collator([splits["train"][i] for i in range(photos)])["unet_pixel_values"]
