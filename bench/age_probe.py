@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mdf_mllm.comparison import AGE_BINS, age_bin  # noqa: E402
 from mdf_mllm.main_job import parse_arguments  # noqa: E402
 from mdf_mllm.probe_ladder import ladder_features, probe_accuracy  # noqa: E402
+from mdf_mllm.stage1 import pooled_skips  # noqa: E402
 from mdf_mllm.training import ProcessedSplit, load_data  # noqa: E402
 from modeling_mdf_mllm import MdfMllmForConditionalGeneration  # noqa: E402
 from processing_mdf_mllm import MdfMllmDataCollator, MdfMllmProcessor  # noqa: E402
@@ -44,8 +45,7 @@ def context_features(model, items: list[dict], collator, batch_size: int = 32) -
         batch = collator(items[start:start + batch_size])
         prompt = batch["attention_mask"] * (batch["labels"] == -100)
         context.append(inner.text_context(batch["input_ids"], None, prompt))
-        skips = inner.unet.encode(batch["unet_pixel_values"].to(model.dtype), None)
-        alone.append(torch.cat([skip.mean((2, 3)) for skip in skips], 1))
+        alone.append(pooled_skips(inner.unet, batch["unet_pixel_values"].to(model.dtype))[1])
     return {"FiLM context": torch.cat(context).float().numpy(), "photo alone (no FiLM)": torch.cat(alone).float().numpy()}
 
 

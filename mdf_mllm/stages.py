@@ -35,6 +35,7 @@ from mdf_mllm.model_setup import (
     unwrap,
     unwrap_peft,
 )
+from mdf_mllm.stage1 import pooled_skips
 from mdf_mllm.training import (
     GateLogger,
     MllamaCollator,
@@ -166,20 +167,27 @@ def train_arm(run: RunContext, name: str, resume=None, unet_weights=None) -> Res
     return result
 
 
-@torch.no_grad()
 def start_from_stage1(run: RunContext, model, unet_weights: str, photos: int = 256) -> None:
     """The stage-1 U-Net into `model`, and its projector standardised on `photos` training photos
-    (`MdfMllmUnetProjector.standardise_inputs`; FiLM is still the identity, so the photo alone gives the skips)."""
-    inner = model.model
-    inner.unet.load_state_dict(load_file(unet_weights))
-    split, projector = run.splits["train"], inner.unet_projector
+    (`MdfMllmUnetProjector.standardise_inputs`). Their averages are computed once per run and U-Net: the arm, the
+    probe ladder's start and every ablation row of a seed start from the same ones."""
+    unet = model.model.unet
+    unet.load_state_dict(load_file(unet_weights))
+    key = ("stage-1 photo averages", unet_weights, run.job.training.seed, photos)
+    model.model.unet_projector.standardise_inputs(run.fit(key, lambda: photo_averages(run, unet, photos)))
+
+
+@torch.no_grad()
+def photo_averages(run: RunContext, unet, photos: int) -> list[torch.Tensor]:
+    """Each U-Net depth's skips of `photos` training photos (drawn with the run's seed) averaged over their positions,
+    stage 1's pooled skips: [(photos, C_k) for k = 1..4]. FiLM is still the identity, so the photo alone gives them."""
+    split = run.splits["train"]
     chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(run.job.training.seed))[:photos]
-    parameter, averages = next(inner.unet.parameters()), []
+    parameter, averages = next(unet.parameters()), []
     for indices in chosen.split(run.job.run.eval_batch_size):  # a batch at a time: 256 photos' skips take 1 GB
         pixels = run.collator([split[i] for i in indices.tolist()])["unet_pixel_values"]
-        skips = inner.unet.encode(pixels.to(parameter.device, parameter.dtype), None, max(projector.depths))
-        averages.append([skip.mean((2, 3)) for skip in skips])
-    projector.standardise_inputs([torch.cat(depth) for depth in zip(*averages)])
+        averages.append(pooled_skips(unet, pixels.to(parameter.device, parameter.dtype))[1])
+    return list(torch.cat(averages).split(unet.widths, 1))
 
 
 def stage2(run: RunContext, unet_alone: Result | None) -> list[Result]:

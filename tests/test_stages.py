@@ -207,10 +207,12 @@ def test_the_temperature_is_fitted_on_the_validation_prompts_and_saved_in_the_co
     assert calibrated.name == "ours, temperature-scaled" and calibrated.accuracy() == ours.accuracy()
 
 
-def test_stage_2_starts_from_the_stage1_unet_with_its_projector_reading_standardised_skips(tiny_data, tmp_path):
+def test_stage_2_starts_from_the_stage1_unet_with_its_projector_reading_standardised_skips(tiny_data, tmp_path,
+                                                                                             monkeypatch):
     """start_from_stage1 loads the stage-1 U-Net and standardises the projector on the training photos, a batch at a
     time: each fused depth's first Linear then gives what it gave before on (s - mu_c) / sigma_c, with mu_c and
-    sigma_c (the between-photo spread of the channel's per-photo average) computed here from all photos at once."""
+    sigma_c (the between-photo spread of the channel's per-photo average) computed here from all photos at once. A
+    second model of the same run (the probe ladder's start, an ablation row) reuses the averages: no photo again."""
     from safetensors.torch import save_file
 
     from mdf_mllm import training
@@ -219,25 +221,31 @@ def test_stage_2_starts_from_the_stage1_unet_with_its_projector_reading_standard
     model_args, processor, dataset, splits = tiny_data
     settings = job.parse_arguments([*TINY_JOB, "--eval_batch_size", "3"])  # 28 photos: batches of 3, one short
     run = training.RunContext(settings, dataset, processor, processed={False: splits})
-    model = build_model(model_args, processor)
     trained = build_model(model_args, processor).model.unet
     with torch.no_grad():
         for param in trained.parameters():
             param.add_(torch.randn_like(param) * 0.1)
-    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "unet.safetensors")
-    projector = model.model.unet_projector
-    before = copy.deepcopy(projector)
+    weights = str(tmp_path / "unet.safetensors")
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, weights)
     photos = len(splits["train"])
-    stages.start_from_stage1(run, model, str(tmp_path / "unet.safetensors"), photos=photos)
-    for name, value in trained.state_dict().items():
-        torch.testing.assert_close(model.model.unet.state_dict()[name], value, rtol=0, atol=0)
     pixels = run.collator([splits["train"][i] for i in range(photos)])["unet_pixel_values"]
     with torch.no_grad():
         skips = trained.encode(pixels, None)
-        for depth in projector.depths:
-            skip = skips[depth - 1]
-            averages = skip.mean((2, 3))
-            standardised = (skip - averages.mean(0)[:, None, None]) / averages.std(0).clamp(min=1e-3)[:, None, None]
-            first, old_first = projector.projections[str(depth)][0], before.projections[str(depth)][0]
-            torch.testing.assert_close(first(projector.patchify(skip)), old_first(projector.patchify(standardised)),
-                                       atol=1e-3, rtol=1e-4)
+    for model_number in range(2):
+        model = build_model(model_args, processor)
+        projector = model.model.unet_projector
+        before = copy.deepcopy(projector)
+        stages.start_from_stage1(run.with_job(settings), model, weights, photos=photos)
+        if model_number == 0:  # the second must not read a photo
+            monkeypatch.setattr(stages, "photo_averages", lambda *args: pytest.fail("photo averages computed twice"))
+        for name, value in trained.state_dict().items():
+            torch.testing.assert_close(model.model.unet.state_dict()[name], value, rtol=0, atol=0)
+        with torch.no_grad():
+            for depth in projector.depths:
+                skip = skips[depth - 1]
+                averages = skip.mean((2, 3))
+                standardised = ((skip - averages.mean(0)[:, None, None])
+                                / averages.std(0).clamp(min=1e-3)[:, None, None])
+                first, old_first = projector.projections[str(depth)][0], before.projections[str(depth)][0]
+                torch.testing.assert_close(first(projector.patchify(skip)),
+                                           old_first(projector.patchify(standardised)), atol=1e-3, rtol=1e-4)
